@@ -1,0 +1,286 @@
+"""Configs: dataclass schemas + YAML files that hold only non-defaults + dotted ``a.b=value`` overrides.
+
+Unknown keys fail loudly with the closest valid key ("did you mean ..."); values are checked against the
+field's type. No exec/eval: override values are parsed as YAML scalars/lists.
+
+The schemas for the programs (training, generation) live here so the YAML files under configs/ have one home;
+library functions never take a config object, only flat typed arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override is wrong; the message names the key (and the file)."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Schemas
+
+
+@dataclass
+class ModelConfig:
+    path: str = "toy"
+    """Hub id or local diffusers folder; "toy" is the shipped toy model under assets/toy_model."""
+    family: str = "auto"
+    """Model family (sd, sdxl, toy, ...); "auto" reads model_index.json."""
+    dtype: str = "float32"
+    """Weights dtype of the frozen base (float32, bfloat16, float16); LoRA params stay float32."""
+    vae_path: str = ""
+    """Optional replacement VAE (e.g. madebyollin/sdxl-vae-fp16-fix for SDXL in fp16)."""
+    resolution: int = 0
+    """Training resolution in pixels; 0 = the family's native size."""
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 8
+    """LoRA rank r."""
+    alpha: float = 8.0
+    """LoRA alpha (scale = alpha / rank); saved in the adapter metadata so it survives reloading."""
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    """Module name suffixes that get adapters."""
+    init: str = "gaussian"
+    """peft init_lora_weights (gaussian: B = 0, so the policy equals the reference at step 0)."""
+
+
+@dataclass
+class DataConfig:
+    source: str = "toy"
+    """Parquet file/folder, JSONL file, HF dataset id or local dataset folder; "toy" = the shipped toy pairs."""
+    split: str = "train"
+    """Split for HF datasets."""
+    streaming: bool = False
+    """Stream an HF dataset instead of downloading it (Pick-a-Pic v2 is ~335 GB)."""
+    drop_ties: bool = True
+    """Drop pairs with label_0 == 0.5 (the Diffusion-DPO paper drops them)."""
+    skip_bad_rows: bool = False
+    """Skip and count undecodable rows instead of stopping with an error."""
+    hflip: bool = False
+    """Random horizontal flip of each image."""
+    max_pairs: int = 0
+    """Use at most this many pairs (0 = all)."""
+    empty_prompt_prob: float = 0.0
+    """Probability of replacing the caption by "" (the official DPO code uses 0.2)."""
+    cache_dir: str = ""
+    """Encode VAE latents + text embeddings once to this folder and train from it ("" = no cache)."""
+    num_workers: int = 0
+    """DataLoader workers."""
+
+
+@dataclass
+class ObjectiveConfig:
+    name: str = "dpo"
+    """Key in diffalign.objectives.OBJECTIVES."""
+    beta: float = 5000.0
+    """The paper's beta (Diffusion-DPO: 5000 for SDXL, 2000-5000 for SD1.5)."""
+    sft_weight: float = 0.0
+    """Weight of an extra SFT (winner denoising error) term."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Further objective-specific keyword arguments."""
+
+
+@dataclass
+class EstimatorConfig:
+    timesteps: str = "uniform"
+    """Timestep sampling: uniform or logit_normal (flow models)."""
+    t_min: int = 0
+    """Smallest training timestep index."""
+    t_max: int = 0
+    """Largest training timestep index + 1 (0 = num_train_timesteps)."""
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/toy_dpo"
+    """Where checkpoints, logs, the final LoRA and the run record go."""
+    seed: int = 0
+    """Global seed."""
+    max_steps: int = 300
+    """Optimizer steps."""
+    batch_size: int = 8
+    """Pairs per process per micro-step."""
+    grad_accum: int = 1
+    """Gradient accumulation micro-steps per optimizer step."""
+    lr: float = 1e-4
+    """Peak learning rate (AdamW)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    adam_8bit: bool = False
+    """Use bitsandbytes 8-bit AdamW (GPU, extra `bnb`)."""
+    lr_schedule: str = "constant_with_warmup"
+    """diffusers.optimization schedule name."""
+    warmup_steps: int = 0
+    """Linear warmup steps."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping (0 = off)."""
+    mixed_precision: str = "no"
+    """accelerate mixed precision: no, bf16, fp16."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+    xformers: bool = False
+    """Use xformers attention (GPU only; SDPA is the default)."""
+    checkpoint_every: int = 0
+    """Save a resumable checkpoint every N steps (0 = only at the end)."""
+    keep_checkpoints: int = 2
+    """How many checkpoints to keep."""
+    log_every: int = 10
+    """Log scalars every N steps."""
+    validate_every: int = 0
+    """Generate validation images every N steps (0 = off)."""
+    validation_prompts: list[str] = field(default_factory=list)
+    """Prompts for validation images."""
+    evaluate: bool = True
+    """After training, compare base vs aligned on held-out prompts (toy world: rewards + plot)."""
+    tensorboard: bool = True
+    """Log to tensorboard under output_dir/logs."""
+    wandb: bool = False
+    """Also log to Weights & Biases (if installed)."""
+
+
+@dataclass
+class RunConfig:
+    """Everything `diffalign train` reads."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    estimator: EstimatorConfig = field(default_factory=EstimatorConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _suggest(key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    return f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(sorted(valid))}"
+
+
+def _coerce(value: Any, typ: Any, where: str) -> Any:
+    """Check/convert one value to the annotated type; raise ConfigError naming `where`."""
+    origin = typing.get_origin(typ)
+    if typ is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], where)
+    if origin is list:
+        (inner,) = typing.get_args(typ)
+        if isinstance(value, str):  # "a,b" on the command line
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if typ is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if typ is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{where}: unsupported type {typ}")
+
+
+def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
+    """Build dataclass `cls` from a nested dict, failing on unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
+    types_ = _field_types(cls)
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else key
+        if key not in types_:
+            raise ConfigError(f"unknown config key '{path}'{_suggest(key, list(types_))}")
+        typ = types_[key]
+        if dataclasses.is_dataclass(typ):
+            kwargs[key] = from_dict(typ, value or {}, path)
+        else:
+            kwargs[key] = _coerce(value, typ, path)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str], cls: type) -> dict[str, Any]:
+    """Apply `a.b=value` strings to a nested dict (validated against `cls` afterwards)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        dotted, raw = item.split("=", 1)
+        keys = dotted.split(".")
+        node, typ = data, cls
+        for i, key in enumerate(keys):
+            valid = _field_types(typ) if dataclasses.is_dataclass(typ) else None
+            if valid is not None and key not in valid:
+                prefix = ".".join(keys[:i])
+                name = f"{prefix}.{key}" if prefix else key
+                raise ConfigError(f"unknown config key '{name}'{_suggest(key, list(valid))}")
+            if i == len(keys) - 1:
+                node[key] = yaml.safe_load(raw) if raw != "" else ""
+            else:
+                node = node.setdefault(key, {})
+                typ = valid[key] if valid is not None else None
+                if typ is not None and not dataclasses.is_dataclass(typ):
+                    raise ConfigError(f"config key '{'.'.join(keys[: i + 1])}' has no sub-keys")
+    return data
+
+
+def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | None = None) -> Any:
+    """Read an optional YAML file, apply dotted overrides, validate into `cls`."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+    data = apply_overrides(data, list(overrides or []), cls)
+    try:
+        return from_dict(cls, data)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}" if path else str(err)) from None
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

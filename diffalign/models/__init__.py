@@ -1,0 +1,76 @@
+"""Model families: one file per family, chosen by one dict.
+
+A family object owns the loaded components of one checkpoint and hides every quirk of it (SDXL time ids and
+pooled embeds, VAE scaling, pixel-space toy model) behind the same small surface:
+
+    family = load_family(path, dtype=torch.float32, load_encoders=True)
+    family.name                  # "sd" | "sdxl" | "toy" | ...
+    family.denoiser              # the nn.Module LoRA attaches to (UNet or transformer)
+    family.scheduler             # the *training* noise scheduler (DDPMScheduler / FlowMatchEulerDiscreteScheduler)
+    family.prediction_type       # "epsilon" | "v_prediction" | "flow"
+    family.resolution            # native pixel size (int)
+    family.lora_target_modules   # default LoRA target module names
+    family.encode_images(images) # (N, 3, H, W) in [-1, 1] -> x0 (N, C, h, w), scaled latents, no grad
+    family.decode(x0)            # x0 (N, C, h, w) -> images (N, 3, H, W) in [-1, 1], no grad
+    family.encode_prompts(prompts)  # list[str] (N) -> cond: dict[str, Tensor], each (N, ...), no grad
+    family.denoise(xt, t, cond)  # (N, C, h, w), (N,), cond -> model prediction (N, C, h, w)
+    family.generate(prompts, seeds, steps, guidance, height, width, loras)  # -> list[PIL.Image]
+
+`cond` is a plain dict of tensors so it can be cached to safetensors, repeated and concatenated. It may also carry
+"size_info": (N, 4) long = (original_h, original_w, crop_top, crop_left) of each training image; families that use
+micro-conditioning (SDXL) read it, the others ignore it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from diffalign.models.sd import SDFamily
+from diffalign.models.sdxl import SDXLFamily
+from diffalign.models.toy import ToyFamily
+
+FAMILIES = {"sd": SDFamily, "sdxl": SDXLFamily, "toy": ToyFamily}
+
+# model_index.json `_class_name` -> family key
+PIPELINE_CLASSES = {
+    "StableDiffusionPipeline": "sd",
+    "StableDiffusionXLPipeline": "sdxl",
+    "DiffalignToyPipeline": "toy",
+}
+
+TOY_MODEL = Path(__file__).resolve().parents[2] / "assets" / "toy_model"
+
+
+def resolve_path(path: str) -> str:
+    """"toy" names the shipped toy model; anything else is a local folder or a hub id."""
+    return str(TOY_MODEL) if path == "toy" else path
+
+
+def detect_family(path: str) -> str:
+    """Read `_class_name` from model_index.json (local folder or hub cache) and map it to a family key."""
+    path = resolve_path(path)
+    if os.path.isdir(path):
+        index = Path(path) / "model_index.json"
+        if not index.is_file():
+            raise FileNotFoundError(f"{path}: no model_index.json (not a diffusers pipeline folder)")
+    else:
+        from huggingface_hub import hf_hub_download
+
+        try:
+            index = Path(hf_hub_download(path, "model_index.json"))
+        except Exception as err:  # offline, missing repo, ... : one line naming the id
+            raise FileNotFoundError(f"{path}: cannot fetch model_index.json ({type(err).__name__})") from None
+    class_name = json.loads(index.read_text()).get("_class_name", "")
+    if class_name not in PIPELINE_CLASSES:
+        raise ValueError(f"{path}: unsupported pipeline class '{class_name}' (supported: {', '.join(PIPELINE_CLASSES)})")
+    return PIPELINE_CLASSES[class_name]
+
+
+def load_family(path: str, family: str = "auto", **kwargs):
+    """Load a checkpoint as a family object; kwargs go to the family's `load` (dtype, load_encoders, vae_path)."""
+    key = detect_family(path) if family == "auto" else family
+    if key not in FAMILIES:
+        raise ValueError(f"unknown model family '{key}' (known: {', '.join(FAMILIES)})")
+    return FAMILIES[key].load(resolve_path(path), **kwargs)

@@ -1,0 +1,1 @@
+"""Runnable end-to-end programs built on the diffalign library (train, generate, cache, toy world, ...)."""

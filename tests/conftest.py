@@ -1,0 +1,26 @@
+"""Test-wide settings: offline hub, no telemetry, a private HF cache, few threads."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _hf_cache(tmp_path_factory, monkeypatch):
+    cache = tmp_path_factory.getbasetemp() / "hf_cache"
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(cache / "datasets"))
+    monkeypatch.setenv("HF_HOME", str(cache / "home"))
+    yield
+
+
+@pytest.fixture(autouse=True)
+def _reset_accelerate():
+    yield
+    from accelerate.state import AcceleratorState, PartialState
+
+    AcceleratorState._reset_state(True)
+    PartialState._reset_state()
