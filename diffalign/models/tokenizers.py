@@ -1,0 +1,59 @@
+"""Build a real CLIPTokenizer offline from a word list (for tiny test models and the toy world).
+
+The vocab holds the 256 byte characters, the same with "</w>", one entry per merge result, then the two specials;
+merges are chosen so every listed word becomes a single token. Any other text still tokenizes (byte fallback).
+"""
+
+from __future__ import annotations
+
+from transformers import CLIPTokenizer
+from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+
+def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
+    """GPT-2/CLIP BPE of one word: repeatedly merge every occurrence of the lowest-ranked pair."""
+    pieces = list(word[:-1]) + [word[-1] + "</w>"]
+    while len(pieces) > 1:
+        pairs = [(ranks[p], p) for p in zip(pieces, pieces[1:]) if p in ranks]
+        if not pairs:
+            break
+        _, best = min(pairs)
+        merged, i = [], 0
+        while i < len(pieces):
+            if i + 1 < len(pieces) and (pieces[i], pieces[i + 1]) == best:
+                merged.append(pieces[i] + pieces[i + 1])
+                i += 2
+            else:
+                merged.append(pieces[i])
+                i += 1
+        pieces = merged
+    return pieces
+
+
+def build_clip_tokenizer(words: list[str], model_max_length: int = 77) -> CLIPTokenizer:
+    """A CLIPTokenizer whose vocabulary has each of `words` (lower-case ASCII) as one token."""
+    chars = list(bytes_to_unicode().values())
+    vocab: dict[str, int] = {}
+    for token in chars + [c + "</w>" for c in chars]:
+        vocab.setdefault(token, len(vocab))
+    ranks: dict[tuple[str, str], int] = {}
+    unique = sorted(set(w.lower() for w in words))
+    for word in unique:
+        # Run the merges made so far, then join what is left left-to-right with new, higher-ranked merges.
+        # A new merge ranks above every old one, so words already built still end as single tokens.
+        pieces = _bpe(word, ranks)
+        while len(pieces) > 1:
+            pair = (pieces[0], pieces[1])
+            ranks[pair] = len(ranks)
+            vocab.setdefault(pair[0] + pair[1], len(vocab))
+            pieces = [pair[0] + pair[1]] + pieces[2:]
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    merges = sorted(ranks, key=ranks.get)
+    tok = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
+    if len(tok) != len(vocab):
+        raise RuntimeError(f"tokenizer built with {len(tok)} ids, expected {len(vocab)}")
+    split = [w for w in unique if len(tok.tokenize(w)) != 1]
+    if split:
+        raise RuntimeError(f"words that did not become single tokens: {split}")
+    return tok
