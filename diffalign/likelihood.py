@@ -1,0 +1,170 @@
+"""THE shared denoising-likelihood estimator.
+
+Every offline preference objective scores an image x0 by how well a network denoises it: the per-sample error
+
+    err(x0) = mean_{c,h,w} || target - pred(x_t, t, c) ||^2          (N,)
+
+with x_t and the target from one of the x_t sources below and the target chosen by prediction type:
+
+    epsilon:       target = eps
+    v_prediction:  target = sqrt(abar_t) eps - sqrt(1 - abar_t) x0     (scheduler.get_velocity)
+    flow:          target = eps - x0,  x_t = (1 - sigma) x0 + sigma eps  (rectified flow / SD3)
+
+The error is the *mean* over latent dimensions, as in all official code; that is why β is in the thousands and
+why every objective's β means the paper's β (the ½ and T of Diffusion-DPO are absorbed there, not here).
+
+Pairs share t and eps (`pair_timesteps`, `pair_noise`); the policy and reference errors come from one stacked
+forward each, the reference being the same network with its LoRA adapters disabled (`reference` context).
+
+Seams: x_t sources are looked up in `XT_SOURCES` ("noise" here; DDIM / ReNoise inversion register there too) and
+per-step DDIM log-probs for trajectories live with the sampler.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+
+import torch
+
+Denoise = Callable[[torch.Tensor, torch.Tensor, dict], torch.Tensor]
+
+
+@dataclass
+class Schedule:
+    """The training noise schedule of a model: a diffusers scheduler plus the prediction type."""
+
+    scheduler: object
+    prediction_type: str  # "epsilon" | "v_prediction" | "flow"
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.scheduler.config.num_train_timesteps)
+
+    def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Forward noising q(x_t | x0) with the scheduler's own formula."""
+        if self.prediction_type == "flow":
+            sigma = (t.float() / self.num_train_timesteps).view(-1, *[1] * (x0.ndim - 1))
+            return (1 - sigma) * x0 + sigma * eps
+        return self.scheduler.add_noise(x0, eps, t)
+
+    def target(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.prediction_type == "epsilon":
+            return eps
+        if self.prediction_type == "v_prediction":
+            return self.scheduler.get_velocity(x0, eps, t)
+        if self.prediction_type == "flow":
+            return eps - x0
+        raise ValueError(f"unknown prediction type '{self.prediction_type}'")
+
+    def alpha_bar(self, t: torch.Tensor) -> torch.Tensor:
+        """abar_t (N,) for DDPM-type schedules (used by inversion to back-solve the target noise)."""
+        return self.scheduler.alphas_cumprod.to(t.device)[t]
+
+
+def sample_timesteps(
+    n: int,
+    num_train_timesteps: int,
+    generator: torch.Generator | None = None,
+    distribution: str = "uniform",
+    t_min: int = 0,
+    t_max: int = 0,
+    logit_mean: float = 0.0,
+    logit_std: float = 1.0,
+) -> torch.Tensor:
+    """Draw n integer timesteps in [t_min, t_max) (t_max 0 = num_train_timesteps).
+
+    uniform: t ~ U{t_min..t_max-1} (Diffusion-DPO). logit_normal: t/T = sigmoid(N(mean, std)) (SD3 / flow DPO).
+    """
+    t_max = t_max or num_train_timesteps
+    if not 0 <= t_min < t_max <= num_train_timesteps:
+        raise ValueError(f"bad timestep range [{t_min}, {t_max}) for {num_train_timesteps} train timesteps")
+    if distribution == "uniform":
+        return torch.randint(t_min, t_max, (n,), generator=generator)
+    if distribution == "logit_normal":
+        u = torch.sigmoid(torch.randn(n, generator=generator) * logit_std + logit_mean)
+        return (t_min + u * (t_max - t_min)).long().clamp(t_min, t_max - 1)
+    raise ValueError(f"unknown timestep distribution '{distribution}' (uniform, logit_normal)")
+
+
+def pair_timesteps(b: int, num_train_timesteps: int, generator: torch.Generator | None = None, **kw) -> torch.Tensor:
+    """One t per pair, shared by winner and loser: (B,) -> (2B,) as [t; t]."""
+    return sample_timesteps(b, num_train_timesteps, generator, **kw).repeat(2)
+
+
+def pair_noise(x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One eps per pair, shared by winner and loser. x0 (2B, C, h, w) stacked [w; l] -> eps (2B, C, h, w)."""
+    b = x0.shape[0] // 2
+    eps = torch.randn((b, *x0.shape[1:]), generator=generator, dtype=torch.float32)
+    return eps.repeat(2, 1, 1, 1).to(device=x0.device, dtype=x0.dtype)  # (B,...) -> (2B,...)
+
+
+def per_sample_error(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """mean_{c,h,w} (target - pred)^2 in fp32: (N, C, h, w) -> (N,)."""
+    return (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# x_t sources: (denoise, schedule, x0, cond, t, eps) -> (x_t, target). Inversion sources register here.
+
+
+def forward_noise(denoise: Denoise, schedule: Schedule, x0, cond, t, eps):
+    """x_t ~ q(x_t | x0) with the given eps; target by prediction type."""
+    return schedule.add_noise(x0, eps, t), schedule.target(x0, eps, t)
+
+
+XT_SOURCES: dict[str, Callable] = {"noise": forward_noise}
+
+
+@dataclass
+class Errors:
+    """Per-sample denoising errors of one stacked batch."""
+
+    err: torch.Tensor  # (N,) policy, with grad
+    ref_err: torch.Tensor | None  # (N,) reference, no grad; None when the objective has no reference
+    t: torch.Tensor  # (N,)
+
+
+def denoising_errors(
+    denoise: Denoise,
+    schedule: Schedule,
+    x0: torch.Tensor,
+    cond: dict,
+    t: torch.Tensor,
+    eps: torch.Tensor,
+    reference: Callable[[], AbstractContextManager] | None = None,
+    xt_source: str = "noise",
+) -> Errors:
+    """Policy (and reference) errors at the same x_t: one forward each over the whole stacked batch.
+
+    Args:
+        denoise: `family.denoise(xt, t, cond)`.
+        x0: (N, C, h, w) clean latents, e.g. stacked [w; l] with N = 2B.
+        t, eps: (N,) timesteps and (N, C, h, w) noise, shared within a pair (see pair_timesteps / pair_noise).
+        reference: factory of a context in which `denoise` is the reference model (LoRA adapters off),
+            e.g. `lambda: reference_mode(family.denoiser)`; None skips the reference forward.
+        xt_source: key of XT_SOURCES.
+    """
+    if xt_source not in XT_SOURCES:
+        raise ValueError(f"unknown x_t source '{xt_source}' (known: {', '.join(XT_SOURCES)})")
+    with torch.no_grad():
+        xt, target = XT_SOURCES[xt_source](denoise, schedule, x0, cond, t, eps)
+    ref_err = None
+    if reference is not None:
+        with torch.no_grad(), reference():
+            ref_err = per_sample_error(denoise(xt, t, cond), target)  # (N,)
+    err = per_sample_error(denoise(xt, t, cond), target)  # (N,)
+    return Errors(err=err, ref_err=ref_err, t=t)
+
+
+def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor | float) -> torch.Tensor:
+    """log N(x; mean, std^2 I), averaged (not summed) over non-batch dims: (N, ...) -> (N,).
+
+    The per-dimension mean is the convention of D3PO/SPO code; their β (0.1 / 10) assumes it.
+    """
+    std = torch.as_tensor(std, dtype=torch.float32, device=x.device)
+    var = std.float() ** 2
+    lp = -((x.float() - mean.float()) ** 2) / (2 * var) - torch.log(std.float()) - 0.5 * math.log(2 * math.pi)
+    return lp.flatten(1).mean(1)
