@@ -19,8 +19,10 @@ from typing import Any
 
 import yaml
 
+from diffalign.errors import DiffalignError
 
-class ConfigError(ValueError):
+
+class ConfigError(DiffalignError, ValueError):
     """A config file or override is wrong; the message names the key (and the file)."""
 
 
@@ -102,8 +104,9 @@ class EstimatorConfig:
 
 @dataclass
 class TrainConfig:
-    output_dir: str = "runs/toy_dpo"
-    """Where checkpoints, logs, the final LoRA and the run record go."""
+    output_dir: str = ""
+    """Where checkpoints, logs, the final LoRA and the run record go ("" = runs/<objective>-<model>-<time>);
+    an existing run folder is only reused with --resume."""
     seed: int = 0
     """Global seed."""
     max_steps: int = 300
@@ -140,12 +143,27 @@ class TrainConfig:
     """Generate validation images every N steps (0 = off)."""
     validation_prompts: list[str] = field(default_factory=list)
     """Prompts for validation images."""
-    evaluate: bool = True
-    """After training, compare base vs aligned on held-out prompts (toy world: rewards + plot)."""
     tensorboard: bool = True
     """Log to tensorboard under output_dir/logs."""
     wandb: bool = False
     """Also log to Weights & Biases (if installed)."""
+
+
+@dataclass
+class EvalConfig:
+    prompts: str = "toy"
+    """Held-out prompts for the base-vs-aligned comparison after training: a .txt file (one per line), "toy" for
+    the toy world's held-out set, or "" to skip."""
+    scorers: list[str] = field(default_factory=lambda: ["toy_aesthetic", "toy_fidelity"])
+    """Scorer names (diffalign.rewards.SCORERS); the first is the reward the win rate is reported for."""
+    images_per_prompt: int = 2
+    """Seeds per prompt (seed = prompt index * images_per_prompt + k, same for base and aligned)."""
+    steps: int = 20
+    """Sampling steps."""
+    guidance: float = 4.0
+    """Classifier-free guidance scale."""
+    max_prompts: int = 0
+    """Use at most this many prompts (0 = all)."""
 
 
 @dataclass
@@ -158,6 +176,7 @@ class RunConfig:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     estimator: EstimatorConfig = field(default_factory=EstimatorConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -206,6 +225,11 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return value
     if typ is float:
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)
@@ -284,3 +308,34 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
 
 def save_config(cfg: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+@dataclass
+class GenerateConfig:
+    """Everything `diffalign generate` reads."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loras: list[str] = field(default_factory=list)
+    """LoRA folders or files, each optionally with a scale: "runs/x/lora:0.8"."""
+    fuse: bool = False
+    """Fuse the LoRAs into the base weights before sampling (faster; the fused weights are not saved)."""
+    prompt: str = ""
+    """One prompt (may contain commas)."""
+    prompts_file: str = ""
+    """A text file with one prompt per line (blank lines skipped)."""
+    images_per_prompt: int = 1
+    """Images per prompt; seeds are seed, seed+1, ... in prompt order."""
+    seed: int = 0
+    """First seed."""
+    steps: int = 20
+    """Sampling steps."""
+    guidance: float = 4.0
+    """Classifier-free guidance scale."""
+    height: int = 0
+    """Image height in pixels (0 = the model's native size)."""
+    width: int = 0
+    """Image width in pixels (0 = the model's native size)."""
+    batch_size: int = 8
+    """Images per sampling batch."""
+    output_dir: str = ""
+    """Where images, manifest.jsonl and grid.png go ("" = outputs/generate-<time>)."""

@@ -27,6 +27,8 @@ import json
 import os
 from pathlib import Path
 
+from diffalign.paths import TOY_MODEL
+
 from diffalign.models.sd import SDFamily
 from diffalign.models.sdxl import SDXLFamily
 from diffalign.models.toy import ToyFamily
@@ -40,7 +42,6 @@ PIPELINE_CLASSES = {
     "DiffalignToyPipeline": "toy",
 }
 
-TOY_MODEL = Path(__file__).resolve().parents[2] / "assets" / "toy_model"
 
 
 def resolve_path(path: str) -> str:

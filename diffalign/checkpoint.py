@@ -1,0 +1,164 @@
+"""Resumable training checkpoints: safetensors + JSON only (no pickle), written atomically.
+
+A checkpoint folder `step-000123/` holds
+    trainable.safetensors   the trainable (LoRA) parameters by name
+    optimizer.safetensors   the optimizer's per-parameter state tensors, keyed "<param index>.<name>"
+    rng.safetensors         torch CPU RNG state and every named torch.Generator state
+    state.json              step, optimizer param_groups and scalar state, LR-scheduler state, python/numpy RNG,
+                            data position and anything else the trainer passes; written last = "complete" marker
+
+It is written to `step-000123.tmp-<pid>/`, every file fsynced, then renamed into place, so a kill during a save never
+leaves a half checkpoint under a real name; the previous checkpoints stay until the new one is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from diffalign.errors import DiffalignError
+
+COMPLETE = "state.json"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def _optimizer_parts(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for idx, state in sd["state"].items():
+        for name, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"{idx}.{name}"] = value
+            else:
+                scalars[f"{idx}.{name}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for key, value in list(tensors.items()) + list(meta["scalars"].items()):
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(
+    ckpt_dir: Path,
+    step: int,
+    trainable: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler,
+    generators: dict[str, torch.Generator],
+    extra: dict,
+    keep: int = 2,
+) -> Path:
+    """Write checkpoint `step` atomically under ckpt_dir and prune to the newest `keep` complete ones."""
+    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    final = ckpt_dir / f"step-{step:06d}"
+    tmp = ckpt_dir / f"{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        _save_tensors(trainable, tmp / "trainable.safetensors")
+        opt_tensors, opt_meta = _optimizer_parts(optimizer)
+        _save_tensors(opt_tensors, tmp / "optimizer.safetensors")
+        rng = {"torch_cpu": torch.get_rng_state()}
+        rng.update({f"gen.{name}": g.get_state() for name, g in generators.items()})
+        _save_tensors(rng, tmp / "rng.safetensors")
+        np_state = np.random.get_state()
+        state = {
+            "step": step,
+            "optimizer": opt_meta,
+            "lr_scheduler": lr_scheduler.state_dict(),
+            "python_random": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+            "numpy_random": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+            **extra,
+        }
+        with open(tmp / COMPLETE, "w") as f:
+            json.dump(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        if final.exists():  # re-saving the same step (e.g. after a resume): replace it
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(ckpt_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in list_checkpoints(ckpt_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temp folders and folders without state.json are ignored)."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return []
+    found = [p for p in ckpt_dir.glob("step-*") if p.is_dir() and "." not in p.name and (p / COMPLETE).is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def resolve_resume(resume: str, ckpt_dir: Path) -> Path:
+    """`latest` -> newest complete checkpoint under ckpt_dir; otherwise a checkpoint folder path."""
+    if resume == "latest":
+        found = list_checkpoints(ckpt_dir)
+        if not found:
+            raise DiffalignError(f"--resume latest: no complete checkpoint under {ckpt_dir}")
+        return found[-1]
+    path = Path(resume)
+    if not (path / COMPLETE).is_file():
+        raise DiffalignError(f"--resume {resume}: not a complete checkpoint folder (no {COMPLETE})")
+    return path
+
+
+def load_checkpoint(
+    path: Path,
+    named_params: dict[str, torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler,
+    generators: dict[str, torch.Generator],
+) -> dict:
+    """Restore everything save_checkpoint wrote; returns the state dict (step, extra keys)."""
+    path = Path(path)
+    state = json.loads((path / COMPLETE).read_text())
+    trainable = load_file(str(path / "trainable.safetensors"))
+    missing = set(named_params) ^ set(trainable)
+    if missing:
+        raise DiffalignError(f"{path}: trainable parameters do not match this run ({len(missing)} differ, e.g. {sorted(missing)[0]})")
+    with torch.no_grad():
+        for name, param in named_params.items():
+            param.copy_(trainable[name])
+    optimizer.load_state_dict(_optimizer_state(load_file(str(path / "optimizer.safetensors")), state["optimizer"]))
+    lr_scheduler.load_state_dict(state["lr_scheduler"])
+    rng = load_file(str(path / "rng.safetensors"))
+    torch.set_rng_state(rng["torch_cpu"])
+    for name, g in generators.items():
+        g.set_state(rng[f"gen.{name}"])
+    py = state["python_random"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    npr = state["numpy_random"]
+    np.random.set_state((npr[0], np.array(npr[1], dtype=np.uint32), *npr[2:]))
+    return state
