@@ -84,10 +84,10 @@ class DataConfig:
 class ObjectiveConfig:
     name: str = "dpo"
     """Key in diffalign.objectives.OBJECTIVES."""
-    beta: float = 5000.0
-    """The paper's beta (Diffusion-DPO: 5000 for SDXL, 2000-5000 for SD1.5)."""
-    sft_weight: float = 0.0
-    """Weight of an extra SFT (winner denoising error) term."""
+    beta: float | None = None
+    """The paper's beta (Diffusion-DPO: 5000 for SDXL, 2000-5000 for SD1.5); unset = the objective's default."""
+    sft_weight: float | None = None
+    """Weight of an extra SFT (winner denoising error) term; unset = the objective's default."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Further objective-specific keyword arguments."""
 

@@ -168,3 +168,9 @@ def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor | f
     var = std.float() ** 2
     lp = -((x.float() - mean.float()) ** 2) / (2 * var) - torch.log(std.float()) - 0.5 * math.log(2 * math.pi)
     return lp.flatten(1).mean(1)
+
+
+# Inversion sources live in their own module; registering them here makes `import diffalign.likelihood` enough.
+from diffalign.inversion import ddim_inversion, renoise_inversion  # noqa: E402
+
+XT_SOURCES.update(ddim_inversion=ddim_inversion, renoise_inversion=renoise_inversion)

@@ -7,7 +7,19 @@ sees the model, the config or the accelerator.
 """
 
 from diffalign.objectives.dpo import DiffusionDPO
+from diffalign.objectives.dro import DiffusionDRO
+from diffalign.objectives.inpo import InPO
+from diffalign.objectives.kto import DiffusionKTO
+from diffalign.objectives.mapo import MaPO
+from diffalign.objectives.sft import SFT
+from diffalign.objectives.smpo import SmPO
 
 OBJECTIVES = {
     "dpo": DiffusionDPO,
+    "inpo": InPO,
+    "smpo": SmPO,
+    "kto": DiffusionKTO,
+    "mapo": MaPO,
+    "dro": DiffusionDRO,
+    "sft": SFT,
 }

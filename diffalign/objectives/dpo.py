@@ -31,6 +31,8 @@ class DiffusionDPO:
     """The paper's β (KL strength; larger = stay closer to the reference)."""
     sft_weight: float = 0.0
     """Weight of an added SFT term: the policy's error on the winner."""
+    xt_source: str = "noise"
+    """Where x_t comes from (diffalign.likelihood.XT_SOURCES); "ddim_inversion" gives InPO."""
 
     needs_reference: ClassVar[bool] = True
     paired: ClassVar[bool] = True
