@@ -27,11 +27,10 @@ import json
 import os
 from pathlib import Path
 
-from diffalign.paths import TOY_MODEL
-
 from diffalign.models.sd import SDFamily
 from diffalign.models.sdxl import SDXLFamily
 from diffalign.models.toy import ToyFamily
+from diffalign.paths import TOY_MODEL
 
 FAMILIES = {"sd": SDFamily, "sdxl": SDXLFamily, "toy": ToyFamily}
 
@@ -43,9 +42,8 @@ PIPELINE_CLASSES = {
 }
 
 
-
 def resolve_path(path: str) -> str:
-    """"toy" names the shipped toy model; anything else is a local folder or a hub id."""
+    """ "toy" names the shipped toy model; anything else is a local folder or a hub id."""
     return str(TOY_MODEL) if path == "toy" else path
 
 
@@ -62,10 +60,15 @@ def detect_family(path: str) -> str:
         try:
             index = Path(hf_hub_download(path, "model_index.json"))
         except Exception as err:  # offline, missing repo, ... : one line naming the id
-            raise FileNotFoundError(f"{path}: cannot fetch model_index.json ({type(err).__name__})") from None
+            raise FileNotFoundError(
+                f"{path}: no such local folder, and model_index.json cannot be fetched from the hub "
+                f"({type(err).__name__}{'; HF_HUB_OFFLINE is set' if os.environ.get('HF_HUB_OFFLINE') else ''})"
+            ) from None
     class_name = json.loads(index.read_text()).get("_class_name", "")
     if class_name not in PIPELINE_CLASSES:
-        raise ValueError(f"{path}: unsupported pipeline class '{class_name}' (supported: {', '.join(PIPELINE_CLASSES)})")
+        raise ValueError(
+            f"{path}: unsupported pipeline class '{class_name}' (supported: {', '.join(PIPELINE_CLASSES)})"
+        )
     return PIPELINE_CLASSES[class_name]
 
 

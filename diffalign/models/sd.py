@@ -1,0 +1,202 @@
+"""Stable Diffusion 1.x / 2.x: one CLIP text encoder, a UNet on 4-channel VAE latents, epsilon or v prediction.
+
+The module-level helpers (loading with one-line errors, VAE encode/decode, generation through the real diffusers
+pipeline, attention backends) are shared with the SDXL family, which composes them with its own conditioning.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
+from diffusers.models.attention_processor import AttnProcessor2_0
+
+LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def _one_line(err: Exception) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
+def check_components(path: str, names: list[str]) -> None:
+    """Raise a one-line error if a local pipeline folder lacks one of `names` (hub ids are checked by the load)."""
+    if not os.path.isdir(path):
+        return
+    index_file = Path(path) / "model_index.json"
+    if not index_file.is_file():
+        raise FileNotFoundError(f"{path}: no model_index.json (not a diffusers pipeline folder)")
+    index = json.loads(index_file.read_text())
+    for name in names:
+        entry = index.get(name)
+        if entry is None or entry[0] is None or not (Path(path) / name).is_dir():
+            raise FileNotFoundError(f"{path}: missing component '{name}' (model_index.json entry or {name}/ folder)")
+
+
+def load_pipe(pipeline_class, path: str, components: list[str], dtype, load_encoders, vae_path, **kwargs):
+    """Load `pipeline_class` from a folder or hub id; returns (pipe, vae_config).
+
+    With load_encoders=False the VAE and the text encoders ("text_encoder*" components) are not loaded;
+    only the VAE config is read (for the scale factor). The VAE is loaded in fp32 (SD/SDXL VAEs overflow in fp16)
+    unless `vae_path` names a separate VAE (e.g. the fp16-fix SDXL VAE), which is loaded in `dtype`.
+    """
+    text_encoders = [c for c in components if c.startswith("text_encoder")]
+    check_components(
+        path, [c for c in components if (load_encoders or c not in text_encoders) and not (vae_path and c == "vae")]
+    )
+    vae_source = (
+        dict(pretrained_model_name_or_path=vae_path)
+        if vae_path
+        else dict(pretrained_model_name_or_path=path, subfolder="vae")
+    )
+    try:  # offline hub id, missing weights file, ...: one line naming the source
+        vae_config = AutoencoderKL.load_config(**vae_source)
+        if load_encoders:
+            kwargs["vae"] = AutoencoderKL.from_pretrained(**vae_source, dtype=dtype if vae_path else torch.float32)
+    except (OSError, ValueError) as err:
+        raise OSError(f"{vae_path or path}: cannot load the VAE ({_one_line(err)})") from err
+    if not load_encoders:
+        kwargs.update({c: None for c in ["vae", *text_encoders]})
+    try:
+        pipe = pipeline_class.from_pretrained(path, dtype=dtype, **kwargs)
+    except (OSError, ValueError) as err:
+        raise OSError(f"{path}: cannot load {pipeline_class.__name__} ({_one_line(err)})") from err
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, vae_config
+
+
+@torch.no_grad()
+def vae_encode(vae, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """(N, 3, H, W) in [-1, 1] -> scaled latents (N, C, H/f, W/f), fp32.
+
+    Uses the posterior mean, not a sample: the latent std of SD VAEs is tiny, and a deterministic latent is what a
+    cache should hold.
+    """
+    shift = vae.config.shift_factor
+    parts = []
+    for chunk in images.split(batch_size):
+        latents = vae.encode(chunk.to(vae.device, vae.dtype)).latent_dist.mode()
+        if shift is not None:
+            latents = latents - shift
+        parts.append((latents * vae.config.scaling_factor).float())
+    return torch.cat(parts)
+
+
+@torch.no_grad()
+def vae_decode(vae, x0: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Scaled latents (N, C, h, w) -> images (N, 3, h*f, w*f) in [-1, 1], fp32; the inverse of `vae_encode`."""
+    shift = vae.config.shift_factor
+    parts = []
+    for chunk in x0.split(batch_size):
+        latents = chunk.to(vae.device, vae.dtype) / vae.config.scaling_factor
+        if shift is not None:
+            latents = latents + shift
+        parts.append(vae.decode(latents).sample.float().clamp(-1, 1))
+    return torch.cat(parts)
+
+
+def generate_images(family, prompts: list[str], seeds: list[int], steps: int, guidance: float, height, width):
+    """Sample with the family's diffusers pipeline (its own inference scheduler); one CPU generator per image.
+
+    The pipeline returns latents and the family decodes them, so the VAE may stay fp32 while the UNet is fp16.
+    """
+    if len(prompts) != len(seeds):
+        raise ValueError(f"generate: {len(prompts)} prompts but {len(seeds)} seeds")
+    if family.pipe.vae is None:
+        raise RuntimeError(f"{family.name}: loaded with load_encoders=False, cannot generate")
+    generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds]  # image i depends only on seed i
+    latents = family.pipe(
+        prompt=list(prompts),
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        height=height or family.resolution,
+        width=width or family.resolution,
+        generator=generators,
+        output_type="latent",
+    ).images
+    images = family.decode(latents)  # (N, 3, H, W) in [-1, 1]
+    return family.pipe.image_processor.postprocess(images, output_type="pil")
+
+
+def _use_xformers(unet) -> None:
+    if unet.device.type != "cuda":
+        raise RuntimeError("xformers attention needs the model on a CUDA device (move it first)")
+    unet.enable_xformers_memory_efficient_attention()
+
+
+ATTENTION = {"sdpa": lambda unet: unet.set_attn_processor(AttnProcessor2_0()), "xformers": _use_xformers}
+
+
+def use_attention(unet, backend: str) -> None:
+    """Pick the attention implementation: "sdpa" (torch scaled_dot_product_attention, the default) or "xformers"."""
+    if backend not in ATTENTION:
+        raise ValueError(f"unknown attention backend '{backend}' (known: {', '.join(ATTENTION)})")
+    ATTENTION[backend](unet)
+
+
+class SDFamily:
+    """SD1.x / SD2.x checkpoint (StableDiffusionPipeline folder or hub id)."""
+
+    name = "sd"
+    lora_prefix = "unet"
+    lora_target_modules = LORA_TARGET_MODULES
+    components = ["unet", "scheduler", "vae", "text_encoder", "tokenizer"]
+
+    def __init__(self, pipe: StableDiffusionPipeline, vae_config: dict, dtype: torch.dtype):
+        self.pipe = pipe
+        self.dtype = dtype
+        self.denoiser = pipe.unet
+        # Training noise schedule: DDPM with the checkpoint's betas, timestep settings and prediction type.
+        self.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        self.prediction_type = self.scheduler.config.prediction_type
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"{self.name}: unsupported prediction_type '{self.prediction_type}'")
+        self.vae_scale_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
+        self.latent_channels = vae_config["latent_channels"]
+        self.resolution = pipe.unet.config.sample_size * self.vae_scale_factor
+
+    @classmethod
+    def load(cls, path: str, dtype: torch.dtype = torch.float32, load_encoders: bool = True, vae_path=None):
+        """Load from a local folder or hub id; load_encoders=False skips the VAE and text encoder (latent cache)."""
+        extra = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        pipe, vae_config = load_pipe(
+            StableDiffusionPipeline, path, cls.components, dtype, load_encoders, vae_path, **extra
+        )
+        return cls(pipe, vae_config, dtype)
+
+    def to(self, device) -> SDFamily:
+        self.pipe.to(device)
+        return self
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.pipe.unet.enable_gradient_checkpointing()
+
+    def use_attention(self, backend: str) -> None:
+        use_attention(self.pipe.unet, backend)
+
+    def encode_images(self, images: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+        """(N, 3, H, W) in [-1, 1] -> x0 (N, 4, H/8, W/8) scaled latents, fp32."""
+        return vae_encode(self.pipe.vae, images, batch_size)
+
+    def decode(self, x0: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+        """x0 (N, 4, h, w) -> images (N, 3, 8h, 8w) in [-1, 1], fp32."""
+        return vae_decode(self.pipe.vae, x0, batch_size)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """list[str] (N) -> {"prompt_embeds": (N, 77, D)}: the text encoder's last hidden state, as the pipeline."""
+        embeds, _ = self.pipe.encode_prompt(list(prompts), self.pipe.text_encoder.device, 1, False)
+        return {"prompt_embeds": embeds}
+
+    def denoise(self, xt: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        """xt (N, 4, h, w), t (N,) -> prediction (N, 4, h, w) of type `prediction_type`; "size_info" is ignored."""
+        embeds = cond["prompt_embeds"].to(self.dtype)
+        return self.denoiser(xt.to(self.dtype), t, encoder_hidden_states=embeds).sample
+
+    def generate(self, prompts, seeds, steps: int = 30, guidance: float = 7.5, height=None, width=None):
+        """-> list[PIL.Image], one per prompt; the pipeline runs the same UNet, so attached LoRAs are active."""
+        return generate_images(self, prompts, seeds, steps, guidance, height, width)
