@@ -9,15 +9,25 @@ iterating the data again (peers re-iterate the loader, DiffusionDPO #hard_skip_r
 from __future__ import annotations
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import Dataset, Sampler
 
 
 class ResumableSampler(Sampler[int]):
-    def __init__(self, n: int, seed: int = 0, start: int = 0, rank: int = 0, world_size: int = 1, shuffle: bool = True):
+    def __init__(
+        self,
+        n: int,
+        seed: int = 0,
+        start: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = True,
+        with_epoch: bool = False,
+    ):
+        """with_epoch: yield epoch * n + item instead of item (see EpochView), so per-epoch augmentation is exact."""
         if n <= 0:
             raise ValueError("cannot sample from an empty dataset")
         self.n, self.seed, self.start, self.rank, self.world = n, seed, start, rank, world_size
-        self.shuffle = shuffle
+        self.shuffle, self.with_epoch = shuffle, with_epoch
         self._perm_epoch, self._perm = -1, None
 
     def _permutation(self, epoch: int) -> torch.Tensor:
@@ -37,8 +47,28 @@ class ResumableSampler(Sampler[int]):
     def __iter__(self):
         position = self.start + self.rank
         while True:
-            yield self.item_at(position)
+            item = self.item_at(position)
+            yield (position // self.n) * self.n + item if self.with_epoch else item
             position += self.world
 
     def __len__(self) -> int:  # infinite stream; len is the dataset size for progress reporting
         return self.n
+
+
+class EpochView(Dataset):
+    """Reads keys `epoch * n + index` from ResumableSampler(with_epoch=True): sets the dataset's epoch, then indexes.
+
+    The wrapped dataset draws its flips and caption dropout from (seed, epoch, index), so a resumed run gets the
+    same augmentation as the uninterrupted one (each DataLoader worker holds its own copy of the dataset).
+    """
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: int):
+        epoch, index = divmod(key, len(self.dataset))
+        self.dataset.set_epoch(epoch)
+        return self.dataset[index]
