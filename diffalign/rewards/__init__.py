@@ -17,6 +17,15 @@ import importlib
 SCORERS: dict[str, str] = {
     "toy_aesthetic": "diffalign.rewards.toy:ToyAesthetic",
     "toy_fidelity": "diffalign.rewards.toy:ToyFidelity",
+    "clip_score": "diffalign.rewards.clip_score:ClipScore",
+    "clip_score_openclip": "diffalign.rewards.clip_score:OpenClipScore",
+    "aesthetic": "diffalign.rewards.aesthetic:LaionAesthetic",
+    "pickscore": "diffalign.rewards.pickscore:PickScore",
+    "hpsv2": "diffalign.rewards.hpsv2:HPSv2",
+    "fd_exemplar": "diffalign.rewards.distributional:FDExemplar",
+    "loglik_exemplar": "diffalign.rewards.distributional:LoglikExemplar",
+    "cmmd_exemplar": "diffalign.rewards.distributional:CMMDExemplar",
+    "vendi": "diffalign.rewards.distributional:Vendi",
 }
 
 
