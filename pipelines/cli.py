@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     try:
         module.run(config, overrides, **flags)
-    except (DiffalignError, FileNotFoundError, PermissionError) as err:
+    except (DiffalignError, OSError) as err:
         if os.environ.get("DIFFALIGN_DEBUG"):
             raise
         print(f"diffalign: error: {err}", file=sys.stderr)

@@ -24,3 +24,11 @@ def _reset_accelerate():
 
     AcceleratorState._reset_state(True)
     PartialState._reset_state()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _threads():
+    """Tiny models run fastest single-threaded (and shared CI cores make 2 threads erratic)."""
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("DIFFALIGN_TEST_THREADS", "1")))
