@@ -147,7 +147,9 @@ def load_checkpoint(
     trainable = load_file(str(path / "trainable.safetensors"))
     missing = set(named_params) ^ set(trainable)
     if missing:
-        raise DiffalignError(f"{path}: trainable parameters do not match this run ({len(missing)} differ, e.g. {sorted(missing)[0]})")
+        raise DiffalignError(
+            f"{path}: trainable parameters do not match this run ({len(missing)} differ, e.g. {sorted(missing)[0]})"
+        )
     with torch.no_grad():
         for name, param in named_params.items():
             param.copy_(trainable[name])

@@ -46,7 +46,9 @@ def test_round_trip_continues_exactly(tmp_path):
 
     model2, opt2, sched2 = _setup(seed=99)  # different init: everything must come from the checkpoint
     gen2 = torch.Generator().manual_seed(12345)
-    state = load_checkpoint(resolve_resume("latest", tmp_path), dict(model2.named_parameters()), opt2, sched2, {"noise": gen2})
+    state = load_checkpoint(
+        resolve_resume("latest", tmp_path), dict(model2.named_parameters()), opt2, sched2, {"noise": gen2}
+    )
     assert state["step"] == 3 and state["data_position"] == 24
     assert _train(model2, opt2, sched2, gen2, 4) == expected
     assert random.random() == expected_py and np.random.rand() == expected_np
@@ -97,6 +99,9 @@ def test_sampler_resumes_mid_stream_and_shards_processes():
     assert sorted(first[:10]) == list(range(10)) and first[:10] != first[10:20]
     resumed = iter(ResumableSampler(10, seed=3, start=13))
     assert [next(resumed) for _ in range(12)] == first[13:25]
-    r0, r1 = iter(ResumableSampler(10, seed=3, rank=0, world_size=2)), iter(ResumableSampler(10, seed=3, rank=1, world_size=2))
+    r0, r1 = (
+        iter(ResumableSampler(10, seed=3, rank=0, world_size=2)),
+        iter(ResumableSampler(10, seed=3, rank=1, world_size=2)),
+    )
     both = [x for _ in range(5) for x in (next(r0), next(r1))]
     assert both == first[:10]

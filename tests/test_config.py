@@ -16,7 +16,9 @@ def test_defaults_are_the_toy_world():
 def test_yaml_and_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("objective:\n  beta: 2000\ntrain:\n  lr: 1.0e-5\n")
-    cfg = load_config(RunConfig, path, ["train.lr=3e-4", "lora.target_modules=to_q,to_v", "train.mixed_precision=bf16"])
+    cfg = load_config(
+        RunConfig, path, ["train.lr=3e-4", "lora.target_modules=to_q,to_v", "train.mixed_precision=bf16"]
+    )
     assert cfg.objective.beta == 2000.0 and isinstance(cfg.objective.beta, float)
     assert cfg.train.lr == 3e-4
     assert cfg.lora.target_modules == ["to_q", "to_v"]
