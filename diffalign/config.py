@@ -78,6 +78,14 @@ class DataConfig:
     """Encode VAE latents + text embeddings once to this folder and train from it ("" = no cache)."""
     num_workers: int = 0
     """DataLoader workers."""
+    label_scorer: str = ""
+    """Relabel every pair with this scorer (diffalign.rewards.SCORERS), scored once ("" = the dataset's labels)."""
+    label_mode: str = "argmax"
+    """With label_scorer: "argmax" (AI feedback, Diffusion-DPO Sec. 5.4) or "smpo" (smoothed p for SmPO)."""
+    score_min: float = 0.0
+    """SmPO score normalisation lower bound (score_min == score_max: use the scores' min and max)."""
+    score_max: float = 0.0
+    """SmPO score normalisation upper bound."""
 
 
 @dataclass
@@ -339,3 +347,43 @@ class GenerateConfig:
     """Images per sampling batch."""
     output_dir: str = ""
     """Where images, manifest.jsonl and grid.png go ("" = outputs/generate-<time>)."""
+
+
+@dataclass
+class ScoreConfig:
+    """Everything `diffalign score` reads."""
+
+    images: str = ""
+    """An image folder (with a manifest.jsonl, or with prompt / prompts_file) or a manifest.jsonl file."""
+    prompt: str = ""
+    """One prompt for every image of a folder without a manifest."""
+    prompts_file: str = ""
+    """Prompts for a folder without a manifest: one line per image, in sorted file-name order."""
+    scorers: list[str] = field(default_factory=list)
+    """Scorer names (diffalign.rewards.SCORERS)."""
+    scorer_args: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of each scorer's `load`, by scorer name: {clip_score: {model: PATH, device: cuda}}."""
+    batch_size: int = 32
+    """Images per scorer call (set-level scorers such as vendi score each batch as one set)."""
+    output_dir: str = ""
+    """Where scores.jsonl and summary.json go ("" = runs/score-<time>)."""
+
+
+@dataclass
+class CompareConfig:
+    """Everything `diffalign compare` reads."""
+
+    base: str = ""
+    """The base model's images: a folder with a manifest.jsonl, or the manifest itself."""
+    aligned: str = ""
+    """The aligned model's images, same prompts and seeds as `base` (paired by (prompt, seed))."""
+    scorers: list[str] = field(default_factory=list)
+    """Scorer names (diffalign.rewards.SCORERS)."""
+    scorer_args: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of each scorer's `load`, by scorer name: {clip_score: {model: PATH, device: cuda}}."""
+    batch_size: int = 32
+    """Images per scorer call."""
+    grid_pairs: int = 8
+    """Pairs shown in the side-by-side grid (base row over aligned row)."""
+    output_dir: str = ""
+    """Where report.json, report.png, pairs.png, pairs.jsonl and report.html go ("" = runs/compare-<time>)."""

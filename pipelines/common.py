@@ -21,10 +21,12 @@ from diffalign.data import (
     load_preferences,
     read_index,
 )
+from diffalign.data.relabel import Relabeled, load_or_score, relabel
 from diffalign.errors import DiffalignError
 from diffalign.models import load_family
 from diffalign.objectives import OBJECTIVES
 from diffalign.paths import TOY_TRAIN
+from diffalign.rewards import load_scorer
 
 
 def prepare_output_dir(path: str, resume: bool = False, default_name: str = "run") -> Path:
@@ -105,12 +107,21 @@ def cache_ready(dcfg: DataConfig) -> bool:
     return bool(dcfg.cache_dir) and read_index(dcfg.cache_dir) is not None
 
 
-def open_pairs(dcfg: DataConfig, family, resolution: int, seed: int, cfg_model: ModelConfig, progress: bool = True):
+def open_pairs(
+    dcfg: DataConfig,
+    family,
+    resolution: int,
+    seed: int,
+    cfg_model: ModelConfig,
+    progress: bool = True,
+    work_dir: Path | None = None,
+):
     """The training pairs as a map-style dataset: raw (decoded every step) or from the latent cache.
 
     With data.cache_dir the cache is built first if missing (this needs the encoders), or reused when its key
     (model, resolution, data options) matches; a cache made for something else is an error naming both keys.
     A streamed source can only be trained through the cache (the cache turns it into a map-style dataset).
+    With data.label_scorer every pair is scored once (saved next to the cache, or in work_dir) and relabelled.
     """
     rows = load_preferences(
         data_source(dcfg.source),
@@ -128,6 +139,13 @@ def open_pairs(dcfg: DataConfig, family, resolution: int, seed: int, cfg_model: 
         max_pairs=dcfg.max_pairs,
         seed=seed,
     )
+    labels = None
+    if dcfg.label_scorer:
+        if dcfg.streaming:
+            raise DiffalignError("data.label_scorer needs a map-style source (not data.streaming)")
+        where = Path(dcfg.cache_dir or work_dir or ".") / f"scores-{dcfg.label_scorer}.json"
+        scores = load_or_score(where, pairs, dcfg.label_scorer, lambda: load_scorer(dcfg.label_scorer), progress)
+        labels = relabel(scores, dcfg.label_mode, dcfg.score_min, dcfg.score_max)
     if dcfg.cache_dir:
         build_cache(
             family,
@@ -138,7 +156,7 @@ def open_pairs(dcfg: DataConfig, family, resolution: int, seed: int, cfg_model: 
             num_workers=dcfg.num_workers,
             progress=progress,
         )
-        return CachedPairs(dcfg.cache_dir, hflip=dcfg.hflip, empty_prompt_prob=dcfg.empty_prompt_prob, seed=seed)
-    if dcfg.streaming:
+        pairs = CachedPairs(dcfg.cache_dir, hflip=dcfg.hflip, empty_prompt_prob=dcfg.empty_prompt_prob, seed=seed)
+    elif dcfg.streaming:
         raise DiffalignError("data.streaming=true needs data.cache_dir (stream once into the cache, then train)")
-    return pairs
+    return Relabeled(pairs, labels) if labels is not None else pairs
