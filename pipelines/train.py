@@ -79,7 +79,7 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
     if tc.gradient_checkpointing:
         family.denoiser.enable_gradient_checkpointing()
     if tc.xformers:
-        family.enable_xformers()
+        family.use_attention("xformers")
     params = add_lora(family.denoiser, cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules, cfg.lora.init)
     named_params = {n: p for n, p in family.denoiser.named_parameters() if p.requires_grad}
     objective = build_objective(cfg.objective)
@@ -92,7 +92,7 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
     if main and cache_ready(cfg.data) and not generates:
         print(f"training from the cache {cfg.data.cache_dir}: VAE and text encoders not loaded")
     with accelerator.main_process_first():  # one process builds the cache; the others then reuse it
-        pairs = open_pairs(cfg.data, family, resolution, seed=tc.seed, cfg_model=cfg.model, progress=main)
+        pairs = open_pairs(cfg.data, family, resolution, seed=tc.seed, cfg_model=cfg.model, progress=main, work_dir=out)
     start_step, start_position = 0, 0
     optimizer_cls = torch.optim.AdamW
     if tc.adam_8bit:
@@ -230,6 +230,9 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
     lora_dir = out / "lora"
     if main:
         save_lora(family, lora_dir, metadata={"base_model": cfg.model.path, "objective": cfg.objective.name})
+        summary = {"steps": step, "resumed_at": start_step, "train_seconds": time.time() - t0,
+                   "skipped_steps": skipped, "bad_rows": bad_rows}
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
         print(
             f"saved LoRA to {lora_dir} ({step} steps in {time.time() - t0:.0f}s; {skipped} non-finite steps skipped, "
             f"{bad_rows} bad rows skipped)"
