@@ -15,6 +15,8 @@ COMMANDS = {
     "train": ("pipelines.train", "align a model with a preference objective (no config: the toy world)"),
     "generate": ("pipelines.generate", "generate images with a base model and LoRAs; writes a manifest and a grid"),
     "cache": ("pipelines.cache", "encode a preference dataset once into VAE latents + text embeddings"),
+    "score": ("pipelines.score", "score an image folder or generate manifest with reward models; per-image JSONL"),
+    "compare": ("pipelines.compare", "aligned vs base images paired by prompt and seed: win rates, deltas, report"),
 }
 
 USAGE = "usage: diffalign <command> [CONFIG.yaml] [key=value ...]\n\ncommands:\n" + "\n".join(
