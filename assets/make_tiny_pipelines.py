@@ -1,14 +1,22 @@
 """Write tiny, real diffusers pipeline folders (random weights) that load with `from_pretrained` like real checkpoints.
 
-    python assets/make_tiny_pipelines.py          # writes assets/tiny/{sd15,sd15_v,sdxl}/
+    python assets/make_tiny_pipelines.py          # writes assets/tiny/{sd15,sd15_v,sdxl,sd3,pixart}/
 
 - sd15:    StableDiffusionPipeline, DDIMScheduler with SD1.5's folder settings (steps_offset=1, scaled_linear betas).
 - sd15_v:  the same weights with prediction_type="v_prediction" (SD2-style), so v-prediction code paths are tested.
 - sdxl:    StableDiffusionXLPipeline, two text encoders (CLIPTextModel + CLIPTextModelWithProjection), two tokenizers,
            EulerDiscreteScheduler, UNet with addition_embed_type="text_time".
-Sizes follow reference/feasibility.md section 2: VAE with 4 levels (vae_scale_factor 8 as in real SD), UNet
-sample_size 8 (so the native resolution is 64 px), text encoders with hidden size 32 and 2 layers. Seeded: the same
-torch version writes the same weights.
+- sd3:     StableDiffusion3Pipeline shaped like SD3.5-Medium: SD3Transformer2DModel with qk_norm="rms_norm" and a
+           dual-attention block (attn2), two CLIPTextModelWithProjection (pooled 32 + 32 = pooled_projection_dim),
+           a T5EncoderModel with d_model = joint_attention_dim = 64, FlowMatchEulerDiscreteScheduler(shift=3.0), and a
+           16-channel VAE with SD3's shift_factor / scaling_factor and no quant convs.
+- pixart:  PixArtSigmaPipeline: PixArtTransformer2DModel with out_channels 8 (learned sigma: [eps; variance]),
+           a T5EncoderModel (d_model 32 = caption_channels), the SD VAE, DPMSolverMultistepScheduler with PixArt's
+           linear betas. Both T5 tokenizers are real T5Tokenizers (Unigram) built in code, no sentencepiece file.
+Sizes follow reference/feasibility.md section 2: VAE with 4 levels (vae_scale_factor 8 as in real SD), UNet and
+transformer sample_size 8 (so the native resolution is 64 px), text encoders with hidden size 32 and 2 layers.
+Seeded (every builder seeds itself, so adding one leaves the others' weights unchanged): the same torch version
+writes the same weights.
 """
 
 from __future__ import annotations
@@ -20,14 +28,20 @@ import torch
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
+    DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    PixArtSigmaPipeline,
+    PixArtTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-from diffalign.models.tokenizers import build_clip_tokenizer
+from diffalign.models.tokenizers import build_clip_tokenizer, build_t5_tokenizer
 
 OUT = Path(__file__).resolve().parent / "tiny"
 WORDS = "a an the photo of cat dog red blue green circle square at left right top bottom painting drawing".split()
@@ -100,6 +114,79 @@ def sdxl_unet():
     ).eval()
 
 
+def t5_encoder(tokenizer, d_model: int, seed: int):
+    """T5 v1.1-style encoder (gated-gelu), as PixArt's and SD3's t5-v1_1-xxl; d_model is the consumer's width."""
+    torch.manual_seed(seed)
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=d_model,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        feed_forward_proj="gated-gelu",
+        dropout_rate=0.0,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+    return T5EncoderModel(config).eval()
+
+
+def sd3_vae():
+    torch.manual_seed(6)
+    return AutoencoderKL(
+        block_out_channels=(8, 8, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        latent_channels=16,
+        sample_size=64,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.0609,  # SD3's VAE values
+        scaling_factor=1.5035,
+    ).eval()
+
+
+def sd3_transformer():
+    torch.manual_seed(7)
+    return SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=2 * HIDDEN,  # CLIP-L + CLIP-G states (32 + 32) and the T5 width
+        caption_projection_dim=32,  # = heads * head_dim
+        pooled_projection_dim=2 * HIDDEN,  # both pooled CLIP embeds
+        pos_embed_max_size=16,  # up to 16 x 16 patches = 256 px
+        dual_attention_layers=(0,),  # SD3.5-Medium style extra self-attention (attn2) in block 0
+        qk_norm="rms_norm",
+    ).eval()
+
+
+def pixart_transformer():
+    torch.manual_seed(8)
+    return PixArtTransformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        out_channels=8,  # learned sigma: [eps; variance]
+        num_layers=2,
+        num_attention_heads=4,
+        attention_head_dim=8,
+        cross_attention_dim=32,
+        caption_channels=HIDDEN,  # the T5 width
+        use_additional_conditions=False,  # as PixArt-Σ
+        norm_num_groups=8,
+    ).eval()
+
+
 def save(pipe, name: str) -> None:
     folder = OUT / name
     shutil.rmtree(folder, ignore_errors=True)
@@ -135,6 +222,36 @@ def main() -> None:
         add_watermarker=False,
     )
     save(sdxl, "sdxl")
+
+    t5_tokenizer = build_t5_tokenizer(WORDS)
+    sd3 = StableDiffusion3Pipeline(
+        transformer=sd3_transformer(),
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+        vae=sd3_vae(),
+        text_encoder=text_encoder(tokenizer, with_projection=True),
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder(tokenizer, with_projection=True),
+        tokenizer_2=tokenizer,
+        text_encoder_3=t5_encoder(t5_tokenizer, d_model=2 * HIDDEN, seed=9),
+        tokenizer_3=t5_tokenizer,
+    )
+    save(sd3, "sd3")
+
+    pixart = PixArtSigmaPipeline(
+        tokenizer=t5_tokenizer,
+        text_encoder=t5_encoder(t5_tokenizer, d_model=HIDDEN, seed=10),
+        vae=vae(),
+        transformer=pixart_transformer(),
+        # PixArt-Σ's scheduler_config.json
+        scheduler=DPMSolverMultistepScheduler(
+            num_train_timesteps=1000,
+            beta_start=0.0001,
+            beta_end=0.02,
+            beta_schedule="linear",
+            prediction_type="epsilon",
+        ),
+    )
+    save(pixart, "pixart")
 
 
 if __name__ == "__main__":

@@ -1,24 +1,29 @@
 """Model families: one file per family, chosen by one dict.
 
 A family object owns the loaded components of one checkpoint and hides every quirk of it (SDXL time ids and
-pooled embeds, VAE scaling, pixel-space toy model) behind the same small surface:
+pooled embeds, VAE scaling and shift, SD3's flow timesteps, PixArt's learned-sigma output, pixel-space toy model)
+behind the same small surface:
 
     family = load_family(path, dtype=torch.float32, load_encoders=True)
-    family.name                  # "sd" | "sdxl" | "toy" | ...
+    family.name                  # "sd" | "sdxl" | "sd3" | "pixart" | "toy"
     family.denoiser              # the nn.Module LoRA attaches to (UNet or transformer)
     family.scheduler             # the *training* noise scheduler (DDPMScheduler / FlowMatchEulerDiscreteScheduler)
+    family.lora_prefix           # key prefix of its LoRA files: "unet" | "transformer"
     family.prediction_type       # "epsilon" | "v_prediction" | "flow"
     family.resolution            # native pixel size (int)
     family.lora_target_modules   # default LoRA target module names
     family.encode_images(images) # (N, 3, H, W) in [-1, 1] -> x0 (N, C, h, w), scaled latents, no grad
     family.decode(x0)            # x0 (N, C, h, w) -> images (N, 3, H, W) in [-1, 1], no grad
     family.encode_prompts(prompts)  # list[str] (N) -> cond: dict[str, Tensor], each (N, ...), no grad
-    family.denoise(xt, t, cond)  # (N, C, h, w), (N,), cond -> model prediction (N, C, h, w)
+    family.denoise(xt, t, cond)  # (N, C, h, w), integer t (N,) in [0, T), cond -> model prediction (N, C, h, w)
     family.generate(prompts, seeds, steps, guidance, height, width, loras)  # -> list[PIL.Image]
 
 `cond` is a plain dict of tensors so it can be cached to safetensors, repeated and concatenated. It may also carry
 "size_info": (N, 4) long = (original_h, original_w, crop_top, crop_left) of each training image; families that use
 micro-conditioning (SDXL) read it, the others ignore it.
+
+`t` is always the integer training timestep of the estimator. Flow families (SD3) call their transformer with the
+scheduler's timestep for it, sigma_t * T (`Schedule.model_timestep`), so x_t, target and network input agree.
 """
 
 from __future__ import annotations
@@ -27,17 +32,21 @@ import json
 import os
 from pathlib import Path
 
+from diffalign.models.pixart import PixArtFamily
 from diffalign.models.sd import SDFamily
+from diffalign.models.sd3 import SD3Family
 from diffalign.models.sdxl import SDXLFamily
 from diffalign.models.toy import ToyFamily
 from diffalign.paths import TOY_MODEL
 
-FAMILIES = {"sd": SDFamily, "sdxl": SDXLFamily, "toy": ToyFamily}
+FAMILIES = {"sd": SDFamily, "sdxl": SDXLFamily, "sd3": SD3Family, "pixart": PixArtFamily, "toy": ToyFamily}
 
 # model_index.json `_class_name` -> family key
 PIPELINE_CLASSES = {
     "StableDiffusionPipeline": "sd",
     "StableDiffusionXLPipeline": "sdxl",
+    "StableDiffusion3Pipeline": "sd3",
+    "PixArtSigmaPipeline": "pixart",
     "DiffalignToyPipeline": "toy",
 }
 
@@ -73,7 +82,8 @@ def detect_family(path: str) -> str:
 
 
 def load_family(path: str, family: str = "auto", **kwargs):
-    """Load a checkpoint as a family object; kwargs go to the family's `load` (dtype, load_encoders, vae_path)."""
+    """Load a checkpoint as a family object; kwargs go to the family's `load` (dtype, load_encoders, vae_path;
+    SD3 also t5=False)."""
     key = detect_family(path) if family == "auto" else family
     if key not in FAMILIES:
         raise ValueError(f"unknown model family '{key}' (known: {', '.join(FAMILIES)})")

@@ -99,10 +99,13 @@ def vae_decode(vae, x0: torch.Tensor, batch_size: int) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def generate_images(family, prompts: list[str], seeds: list[int], steps: int, guidance: float, height, width):
+def generate_images(
+    family, prompts: list[str], seeds: list[int], steps: int, guidance: float, height, width, **pipe_kwargs
+):
     """Sample with the family's diffusers pipeline (its own inference scheduler); one CPU generator per image.
 
     The pipeline returns latents and the family decodes them, so the VAE may stay fp32 while the UNet is fp16.
+    `pipe_kwargs` go to the pipeline call as they are (e.g. PixArt's clean_caption, use_resolution_binning).
     """
     if len(prompts) != len(seeds):
         raise ValueError(f"generate: {len(prompts)} prompts but {len(seeds)} seeds")
@@ -117,6 +120,7 @@ def generate_images(family, prompts: list[str], seeds: list[int], steps: int, gu
         width=width or family.resolution,
         generator=generators,
         output_type="latent",
+        **pipe_kwargs,
     ).images
     images = family.decode(latents)  # (N, 3, H, W) in [-1, 1]
     return family.pipe.image_processor.postprocess(images, output_type="pil")

@@ -1,12 +1,18 @@
-"""Build a real CLIPTokenizer offline from a word list (for tiny test models and the toy world).
+"""Build real tokenizers offline from a word list (for tiny test models and the toy world).
 
-The vocab holds the 256 byte characters, the same with "</w>", one entry per merge result, then the two specials;
-merges are chosen so every listed word becomes a single token. Any other text still tokenizes (byte fallback).
+CLIP (BPE): the vocab holds the 256 byte characters, the same with "</w>", one entry per merge result, then the two
+specials; merges are chosen so every listed word becomes a single token. Any other text still tokenizes (byte
+fallback).
+T5 (Unigram, as the real sentencepiece model): <pad>, </s>, <unk>, "▁", one "▁word" piece per listed word, then
+single printable-ASCII characters; built with transformers' own tokenizers-backed `T5Tokenizer(vocab=...)`, so no
+sentencepiece file is needed. Other ASCII text tokenizes character by character; non-ASCII characters become <unk>.
 """
 
 from __future__ import annotations
 
-from transformers import CLIPTokenizer
+import string
+
+from transformers import CLIPTokenizer, T5Tokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 
@@ -53,6 +59,22 @@ def build_clip_tokenizer(words: list[str], model_max_length: int = 77) -> CLIPTo
     tok = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
     if len(tok) != len(vocab):
         raise RuntimeError(f"tokenizer built with {len(tok)} ids, expected {len(vocab)}")
+    split = [w for w in unique if len(tok.tokenize(w)) != 1]
+    if split:
+        raise RuntimeError(f"words that did not become single tokens: {split}")
+    return tok
+
+
+def build_t5_tokenizer(words: list[str]) -> T5Tokenizer:
+    """A T5Tokenizer (Unigram) with each of `words` as one "▁word" piece; pad 0, eos 1, unk 2 as in T5."""
+    unique = sorted(set(w.lower() for w in words))
+    chars = sorted(set(string.ascii_letters + string.digits + string.punctuation))
+    # Unigram picks the segmentation with the highest total score: a word piece (-1) beats its characters (-5 each)
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -3.0)]
+    vocab += [("\u2581" + w, -1.0) for w in unique] + [(c, -5.0) for c in chars]
+    tok = T5Tokenizer(vocab=vocab, extra_ids=0)
+    if (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id) != (0, 1, 2) or len(tok) != len(vocab):
+        raise RuntimeError(f"T5 tokenizer built with {len(tok)} ids and unexpected special ids")
     split = [w for w in unique if len(tok.tokenize(w)) != 1]
     if split:
         raise RuntimeError(f"words that did not become single tokens: {split}")

@@ -1,0 +1,135 @@
+"""PixArt-Σ: a DiT (PixArtTransformer2DModel) on SD-style 4-channel VAE latents, conditioned on T5, epsilon prediction.
+
+Every PixArt quirk lives here:
+- prompts go through the pipeline's `encode_prompt`: T5 last hidden states (N, 300, 4096) plus their attention mask
+  (N, 300), both kept in cond (the transformer's cross-attention masks the padding). clean_caption=False, as the
+  official PixArt-Σ training code tokenizes raw captions (diffusers' caption cleaning also needs bs4 + ftfy);
+- the transformer predicts learned sigma: out_channels = 2 * in_channels = 8 is [eps; variance]; `denoise` keeps
+  the eps half, as the pipeline does before its scheduler step (DPO trains the eps half only);
+- the training schedule is DDPM with the folder's betas (linear 1e-4 .. 2e-2, 1000 steps), "leading" spacing;
+- diffusers 0.42 gives PixArtTransformer2DModel no PeftAdapterMixin, so this family loads the same weights into
+  `PixArtTransformer` = the same class + diffusers' PeftAdapterMixin (add_adapter, disable_adapters,
+  load_lora_adapter, set_adapters, fuse_lora), which diffalign.lora uses for every family;
+- generation runs PixArtSigmaPipeline with use_resolution_binning=False (the size asked for, as the SD pipelines).
+
+Plain diffusers has no PixArt LoRA loader; a saved LoRA ("transformer."-prefixed keys + adapter config in the
+safetensors metadata) loads with peft: `inject_adapter_in_model(LoraConfig(**config), pipe.transformer)` then
+`set_peft_model_state_dict(pipe.transformer, weights)` (see tests/test_dit_families.py).
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import DDPMScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+from diffusers.loaders import PeftAdapterMixin
+
+from diffalign.models.sd import (
+    LORA_TARGET_MODULES,
+    PREDICTION_TYPES,
+    _one_line,
+    check_components,
+    generate_images,
+    load_pipe,
+    use_attention,
+    vae_decode,
+    vae_encode,
+)
+
+MAX_SEQUENCE_LENGTH = 300  # T5 tokens, PixArt-Σ's default (α: 120)
+PIPE_KWARGS = dict(clean_caption=False, use_resolution_binning=False, max_sequence_length=MAX_SEQUENCE_LENGTH)
+
+
+class PixArtTransformer(PixArtTransformer2DModel, PeftAdapterMixin):
+    """PixArtTransformer2DModel with diffusers' LoRA adapter methods; same config, weights and forward."""
+
+
+class PixArtFamily:
+    """PixArt-Σ checkpoint (PixArtSigmaPipeline folder or hub id)."""
+
+    name = "pixart"
+    lora_prefix = "transformer"
+    lora_target_modules = LORA_TARGET_MODULES  # self- (attn1) and cross-attention (attn2) of every block
+    components = ["transformer", "scheduler", "vae", "text_encoder", "tokenizer"]
+
+    def __init__(self, pipe: PixArtSigmaPipeline, vae_config: dict, dtype: torch.dtype):
+        self.pipe = pipe
+        self.dtype = dtype
+        self.denoiser = pipe.transformer
+        # Training noise schedule: DDPM with the checkpoint's betas and prediction type. The folder's DPM-Solver
+        # spacing "linspace" only matters to inversion grids (InPO / SmPO), whose DDIMInverseScheduler takes
+        # "leading" or "trailing"; "leading" as in the SD folders those methods were published on.
+        self.scheduler = DDPMScheduler.from_config(pipe.scheduler.config, timestep_spacing="leading")
+        self.prediction_type = self.scheduler.config.prediction_type
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"{self.name}: unsupported prediction_type '{self.prediction_type}'")
+        self.latent_channels = vae_config["latent_channels"]
+        out_channels = self.denoiser.config.out_channels
+        if out_channels not in (self.latent_channels, 2 * self.latent_channels):
+            raise ValueError(
+                f"{self.name}: transformer out_channels {out_channels} for {self.latent_channels} latents"
+            )
+        self.learned_sigma = out_channels == 2 * self.latent_channels
+        self.vae_scale_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
+        self.resolution = pipe.transformer.config.sample_size * self.vae_scale_factor
+
+    @classmethod
+    def load(cls, path: str, dtype: torch.dtype = torch.float32, load_encoders: bool = True, vae_path=None):
+        """Load from a local folder or hub id; load_encoders=False skips the VAE and the T5 encoder."""
+        check_components(path, ["transformer"])
+        try:
+            transformer = PixArtTransformer.from_pretrained(path, subfolder="transformer", dtype=dtype)
+        except (OSError, ValueError) as err:
+            raise OSError(f"{path}: cannot load the PixArt transformer ({_one_line(err)})") from err
+        pipe, vae_config = load_pipe(
+            PixArtSigmaPipeline, path, cls.components, dtype, load_encoders, vae_path, transformer=transformer
+        )
+        return cls(pipe, vae_config, dtype)
+
+    def to(self, device) -> PixArtFamily:
+        self.pipe.to(device)
+        return self
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.denoiser.enable_gradient_checkpointing()
+
+    def use_attention(self, backend: str) -> None:
+        use_attention(self.denoiser, backend)
+
+    def encode_images(self, images: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+        """(N, 3, H, W) in [-1, 1] -> x0 (N, 4, H/8, W/8) scaled latents, fp32."""
+        return vae_encode(self.pipe.vae, images, batch_size)
+
+    def decode(self, x0: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+        """x0 (N, 4, h, w) -> images (N, 3, 8h, 8w) in [-1, 1], fp32."""
+        return vae_decode(self.pipe.vae, x0, batch_size)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """list[str] (N) -> {"prompt_embeds": (N, 300, D), "prompt_attention_mask": (N, 300) long}, via the pipeline."""
+        embeds, mask, _, _ = self.pipe.encode_prompt(
+            list(prompts),
+            do_classifier_free_guidance=False,
+            device=self.pipe.text_encoder.device,
+            clean_caption=PIPE_KWARGS["clean_caption"],
+            max_sequence_length=MAX_SEQUENCE_LENGTH,
+        )
+        return {"prompt_embeds": embeds, "prompt_attention_mask": mask}
+
+    def denoise(self, xt: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        """xt (N, 4, h, w), t (N,) -> eps prediction (N, 4, h, w); "size_info" is ignored."""
+        pred = self.denoiser(
+            xt.to(self.dtype),
+            encoder_hidden_states=cond["prompt_embeds"].to(self.dtype),
+            encoder_attention_mask=cond["prompt_attention_mask"],
+            timestep=t,
+            added_cond_kwargs={"resolution": None, "aspect_ratio": None},  # as PixArtSigmaPipeline
+            return_dict=False,
+        )[0]
+        if self.learned_sigma:
+            pred = pred.chunk(2, dim=1)[0]  # (N, 2C, h, w) -> (N, C, h, w): eps, dropping the variance half
+        return pred
+
+    def generate(self, prompts, seeds, steps: int = 20, guidance: float = 4.5, height=None, width=None):
+        """-> list[PIL.Image], one per prompt; the pipeline runs the same transformer, so attached LoRAs are active.
+        Defaults are the PixArt-Σ pipeline's (20 DPM-Solver steps, CFG 4.5)."""
+        return generate_images(self, prompts, seeds, steps, guidance, height, width, **PIPE_KWARGS)
