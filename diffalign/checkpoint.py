@@ -8,7 +8,12 @@ A checkpoint folder `step-000123/` holds
                             data position and anything else the trainer passes; written last = "complete" marker
 
 It is written to `step-000123.tmp-<pid>/`, every file fsynced, then renamed into place, so a kill during a save never
-leaves a half checkpoint under a real name; the previous checkpoints stay until the new one is complete.
+leaves a half checkpoint under a real name; the previous checkpoints stay until the new one is complete. Leftover
+`*.tmp-*` folders (a save that was killed) are ignored by `list_checkpoints` and removed by the next save. A failed
+write (disk full, ...) removes its temp folder and raises a one-line DiffalignError naming the checkpoint.
+
+Test hook: DIFFALIGN_TEST_SAVE_PAUSE=<step>:<seconds> sleeps after the first file of checkpoint <step>, so a test
+can kill or signal the process in the middle of that save (tests/test_checkpoint.py). Real runs leave it unset.
 """
 
 from __future__ import annotations
@@ -17,15 +22,18 @@ import json
 import os
 import random
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from diffalign.errors import DiffalignError
 
 COMPLETE = "state.json"
+TEST_PAUSE = "DIFFALIGN_TEST_SAVE_PAUSE"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -40,6 +48,12 @@ def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
+
+
+def _test_pause(step: int) -> None:
+    at, _, seconds = os.environ.get(TEST_PAUSE, "").partition(":")
+    if at and int(at) == step:
+        time.sleep(float(seconds))
 
 
 def _optimizer_parts(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -72,44 +86,60 @@ def save_checkpoint(
     extra: dict,
     keep: int = 2,
 ) -> Path:
-    """Write checkpoint `step` atomically under ckpt_dir and prune to the newest `keep` complete ones."""
+    """Write checkpoint `step` atomically under ckpt_dir and prune to the newest `keep` complete ones.
+
+    Call from one process only (the trainer's main process): leftover temp folders of killed saves are removed here.
+    """
     ckpt_dir = Path(ckpt_dir)
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
     final = ckpt_dir / f"step-{step:06d}"
     tmp = ckpt_dir / f"{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     try:
-        _save_tensors(trainable, tmp / "trainable.safetensors")
-        opt_tensors, opt_meta = _optimizer_parts(optimizer)
-        _save_tensors(opt_tensors, tmp / "optimizer.safetensors")
-        rng = {"torch_cpu": torch.get_rng_state()}
-        rng.update({f"gen.{name}": g.get_state() for name, g in generators.items()})
-        _save_tensors(rng, tmp / "rng.safetensors")
-        np_state = np.random.get_state()
-        state = {
-            "step": step,
-            "optimizer": opt_meta,
-            "lr_scheduler": lr_scheduler.state_dict(),
-            "python_random": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
-            "numpy_random": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-            **extra,
-        }
-        with open(tmp / COMPLETE, "w") as f:
-            json.dump(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_dir(tmp)
-        if final.exists():  # re-saving the same step (e.g. after a resume): replace it
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        _fsync_dir(ckpt_dir)
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        for stale in ckpt_dir.glob("step-*.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+        _write(tmp, final, ckpt_dir, step, trainable, optimizer, lr_scheduler, generators, extra)
+    except OSError as err:  # disk full, quota, read-only file system, ...: one line; older checkpoints untouched
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = ", ".join(p.name for p in list_checkpoints(ckpt_dir)) or "none"
+        raise DiffalignError(
+            f"{final}: checkpoint not written ({err.strerror or err}); complete checkpoints kept: {kept}"
+        ) from err
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     for old in list_checkpoints(ckpt_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _write(tmp: Path, final: Path, ckpt_dir: Path, step, trainable, optimizer, lr_scheduler, generators, extra):
+    """The files of one checkpoint into `tmp`, fsynced, then `tmp` renamed to `final` (state.json last)."""
+    _save_tensors(trainable, tmp / "trainable.safetensors")
+    _test_pause(step)
+    opt_tensors, opt_meta = _optimizer_parts(optimizer)
+    _save_tensors(opt_tensors, tmp / "optimizer.safetensors")
+    rng = {"torch_cpu": torch.get_rng_state()}
+    rng.update({f"gen.{name}": g.get_state() for name, g in generators.items()})
+    _save_tensors(rng, tmp / "rng.safetensors")
+    np_state = np.random.get_state()
+    state = {
+        "step": step,
+        "optimizer": opt_meta,
+        "lr_scheduler": lr_scheduler.state_dict(),
+        "python_random": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "numpy_random": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        **extra,
+    }
+    with open(tmp / COMPLETE, "w") as f:
+        json.dump(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(tmp)
+    if final.exists():  # re-saving the same step (e.g. after a resume): replace it
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync_dir(ckpt_dir)
 
 
 def list_checkpoints(ckpt_dir: Path) -> list[Path]:
@@ -143,8 +173,15 @@ def load_checkpoint(
 ) -> dict:
     """Restore everything save_checkpoint wrote; returns the state dict (step, extra keys)."""
     path = Path(path)
-    state = json.loads((path / COMPLETE).read_text())
-    trainable = load_file(str(path / "trainable.safetensors"))
+    try:
+        state = json.loads((path / COMPLETE).read_text())
+        trainable = load_file(str(path / "trainable.safetensors"))
+        optimizer_tensors = load_file(str(path / "optimizer.safetensors"))
+        rng = load_file(str(path / "rng.safetensors"))
+    except (SafetensorError, json.JSONDecodeError, FileNotFoundError) as err:  # damaged after it was written
+        raise DiffalignError(
+            f"{path}: unreadable checkpoint ({type(err).__name__}: {err}); try an older one"
+        ) from None
     missing = set(named_params) ^ set(trainable)
     if missing:
         raise DiffalignError(
@@ -153,9 +190,8 @@ def load_checkpoint(
     with torch.no_grad():
         for name, param in named_params.items():
             param.copy_(trainable[name])
-    optimizer.load_state_dict(_optimizer_state(load_file(str(path / "optimizer.safetensors")), state["optimizer"]))
+    optimizer.load_state_dict(_optimizer_state(optimizer_tensors, state["optimizer"]))
     lr_scheduler.load_state_dict(state["lr_scheduler"])
-    rng = load_file(str(path / "rng.safetensors"))
     torch.set_rng_state(rng["torch_cpu"])
     for name, g in generators.items():
         g.set_state(rng[f"gen.{name}"])

@@ -8,7 +8,11 @@ with x_t and the target from one of the x_t sources below and the target chosen 
 
     epsilon:       target = eps
     v_prediction:  target = sqrt(abar_t) eps - sqrt(1 - abar_t) x0     (scheduler.get_velocity)
-    flow:          target = eps - x0,  x_t = (1 - sigma) x0 + sigma eps  (rectified flow / SD3)
+    flow:          target = eps - x0,  x_t = (1 - sigma_t) x0 + sigma_t eps  (rectified flow / SD3)
+
+For flow models the integer t in [0, T) indexes the scheduler's own training sigma table (shift included, see
+`Schedule.sigma`); the network must then be fed the matching scheduler timestep sigma_t * T (`Schedule.model_timestep`,
+which flow families apply inside `denoise`), exactly as the diffusers pipeline feeds it at sampling time.
 
 The error is the *mean* over latent dimensions, as in all official code; that is why β is in the thousands and
 why every objective's β means the paper's β (the ½ and T of Diffusion-DPO are absorbed there, not here).
@@ -26,8 +30,10 @@ import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
 
 Denoise = Callable[[torch.Tensor, torch.Tensor, dict], torch.Tensor]
 
@@ -43,10 +49,43 @@ class Schedule:
     def num_train_timesteps(self) -> int:
         return int(self.scheduler.config.num_train_timesteps)
 
-    def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Forward noising q(x_t | x0) with the scheduler's own formula."""
+    @cached_property
+    def _flow_sigmas(self) -> torch.Tensor:
+        """The training sigma table (T,) of a fresh copy of the flow-matching scheduler, ascending in t.
+
+        diffusers builds it at init as sigma_i = shift s_i / (1 + (shift - 1) s_i), s_i = (T, ..., 1) / T, and samples
+        and trains on those values (`scheduler.timesteps = sigmas * T`); a fresh copy ignores any `set_timesteps`.
+        """
+        config = self.scheduler.config
+        if config.use_dynamic_shifting:  # Flux-style: sigma depends on the image size, not on t alone
+            raise ValueError("flow: schedulers with use_dynamic_shifting=True are not supported")
+        sigmas = FlowMatchEulerDiscreteScheduler.from_config(config).sigmas  # (T,) descending, sigma = 1 first
+        return sigmas.flip(0)  # (T,) ascending: sigma(0) < ... < sigma(T-1) = 1
+
+    def sigma(self, t: torch.Tensor) -> torch.Tensor:
+        """flow: sigma_t (N,) fp32 for integer timesteps t (N,) in [0, T).
+
+        A FlowMatchEulerDiscreteScheduler (SD3) gives its own shifted table: sigma_t = shift u / (1 + (shift - 1) u)
+        with u = (t + 1) / T (diffusers' grid runs over 1..T), e.g. shift 3, t = 499: u = 0.5, sigma = 0.75.
+        Other schedulers (DDPM-type configs, as in the estimator's unit tests) give the unshifted path sigma = t / T.
+        """
+        if self.prediction_type != "flow":
+            raise ValueError(f"sigma is defined for flow schedules, not '{self.prediction_type}'")
+        if isinstance(self.scheduler, FlowMatchEulerDiscreteScheduler):
+            return self._flow_sigmas.to(t.device)[t.long()]
+        return t.float() / self.num_train_timesteps
+
+    def model_timestep(self, t: torch.Tensor) -> torch.Tensor:
+        """The timestep value the network is called with for integer t (N,): sigma_t * T for flow (a value of
+        `scheduler.timesteps`, as the pipeline passes it), t itself otherwise."""
         if self.prediction_type == "flow":
-            sigma = (t.float() / self.num_train_timesteps).view(-1, *[1] * (x0.ndim - 1))
+            return self.sigma(t) * self.num_train_timesteps
+        return t
+
+    def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Forward noising q(x_t | x0) with the scheduler's own formula (flow: its `scale_noise` at sigma_t)."""
+        if self.prediction_type == "flow":
+            sigma = self.sigma(t).view(-1, *[1] * (x0.ndim - 1))  # (N,) -> (N, 1, 1, 1)
             return (1 - sigma) * x0 + sigma * eps
         return self.scheduler.add_noise(x0, eps, t)
 

@@ -1,8 +1,16 @@
-"""LoRA on the denoiser: add trainable adapters, run the reference model (adapters off), save, load and combine.
+"""LoRA on the denoiser: add trainable adapters, run the reference model (adapters off), save, load, combine, export.
 
-Files are diffusers-format `pytorch_lora_weights.safetensors` ("unet."-prefixed peft keys) with the adapter config
-(rank, alpha, targets) in the safetensors metadata, so `pipe.load_lora_weights(dir)` in plain diffusers restores the
-same outputs. Without that metadata diffusers reloads alpha as the rank (reference/feasibility.md, section 3).
+Files are diffusers-format `pytorch_lora_weights.safetensors` ("unet." or "transformer."-prefixed keys, the family's
+`lora_prefix`) with the adapter config (rank, alpha, targets) in the safetensors metadata, so
+`pipe.load_lora_weights(dir)` in plain diffusers restores the same outputs. Without that metadata diffusers reloads
+alpha as the rank (reference/feasibility.md, section 3).
+
+Kohya format (UNet families sd / sdxl; what kohya sd-scripts, A1111 and ComfyUI read and write): one file with keys
+`lora_unet_<module path with _>.lora_down.weight` / `.lora_up.weight` and a scalar `.alpha` per module
+(scale = alpha / rank). `export_kohya` writes it with diffusers' `convert_state_dict_to_kohya` plus the real alphas
+(that converter writes alpha = rank); `load_lora` and `import_kohya` read it with diffusers' own kohya converter
+(`lora_state_dict`, as `pipe.load_lora_weights` does), including SDXL files with SGM block names (input_blocks ...).
+Text-encoder parts (lora_te*) are refused: diffalign adapts the denoiser only.
 """
 
 from __future__ import annotations
@@ -12,14 +20,22 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.training_utils import cast_training_params
-from diffusers.utils import convert_state_dict_to_diffusers
+from diffusers.utils import (
+    convert_state_dict_to_diffusers,
+    convert_state_dict_to_kohya,
+    convert_unet_state_dict_to_peft,
+)
+from diffusers.utils.peft_utils import get_peft_kwargs
 from peft import LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
-from safetensors import safe_open
+from peft.utils.other import get_pattern_key
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+from diffalign.errors import DiffalignError
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 # (down, up) key suffixes: diffusers' `convert_state_dict_to_diffusers` writes "lora.down/up"; peft writes "lora_A/B"
@@ -27,7 +43,16 @@ LORA_KEY_PAIRS = [(".lora.down.weight", ".lora.up.weight"), (".lora_A.weight", "
 METADATA_KEY = "diffalign"  # our own metadata (run config, base model, ...) as one JSON string
 # family name -> the diffusers pipeline class whose `save_lora_weights` writes that family's file format.
 # The pixel-space toy UNet uses the SD layout ("unet." prefix), so plain StableDiffusionPipeline code reads it.
-LORA_WRITERS = {"sd": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline, "toy": StableDiffusionPipeline}
+# diffusers has no PixArt LoRA loader; the SD3 writer writes the same "transformer."-prefixed file it would need.
+LORA_WRITERS = {
+    "sd": StableDiffusionPipeline,
+    "sdxl": StableDiffusionXLPipeline,
+    "sd3": StableDiffusion3Pipeline,
+    "pixart": StableDiffusion3Pipeline,
+    "toy": StableDiffusionPipeline,
+}
+ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers' key for the packed adapter config ("unet.r", ...)
+KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")  # diffusers' test for a kohya file
 
 
 def add_lora(denoiser, rank: int, alpha: float, target_modules: list[str], init: str | bool = "gaussian"):
@@ -63,14 +88,12 @@ def save_lora(family, out_dir, metadata: dict | None = None, adapter_name: str =
 
     `metadata` (JSON-serializable) is stored under the "diffalign" safetensors metadata key; see `read_metadata`.
     """
-    writer = LORA_WRITERS[family.name]
     config = family.denoiser.peft_config[adapter_name].to_dict()
-    writer.save_lora_weights(
-        out_dir,
-        unet_lora_layers=lora_state_dict(family.denoiser, adapter_name),
-        unet_lora_adapter_metadata=config,
-    )
-    path = Path(out_dir) / WEIGHT_NAME
+    if family.lora_prefix == "unet":  # diffusers' UNet layout: "lora.down" / "lora.up" keys
+        weights = lora_state_dict(family.denoiser, adapter_name)
+    else:  # transformers: peft keys, as diffusers' SD3 scripts save (its converter would rename only some of them)
+        weights = get_peft_model_state_dict(family.denoiser, adapter_name=adapter_name)
+    path = _write_diffusers(LORA_WRITERS[family.name], family.lora_prefix, weights, config, out_dir)
     if metadata:
         with safe_open(str(path), framework="pt") as f:
             tensors = {key: f.get_tensor(key) for key in f.keys()}
@@ -80,11 +103,33 @@ def save_lora(family, out_dir, metadata: dict | None = None, adapter_name: str =
     return path
 
 
+def _write_diffusers(writer, prefix: str, weights: dict, config: dict, out) -> Path:
+    """`writer.save_lora_weights` into a folder (-> folder/pytorch_lora_weights.safetensors) or a .safetensors file."""
+    out = Path(out)
+    folder, name = (out.parent, out.name) if out.suffix == ".safetensors" else (out, WEIGHT_NAME)
+    kwargs = {f"{prefix}_lora_layers": weights, f"{prefix}_lora_adapter_metadata": config}
+    writer.save_lora_weights(folder, weight_name=name, **kwargs)
+    return folder / name
+
+
+class LoraError(DiffalignError, ValueError):
+    """A LoRA file is unusable or made for another base model; the message names the file."""
+
+
 def _lora_file(path) -> Path:
+    """The .safetensors file of a LoRA folder or path. Pickled LoRAs (.bin/.pt/.ckpt) are refused: a pickle can run
+    code when loaded, and diffusers, peft and kohya all write safetensors."""
     path = Path(path)
     path = path / WEIGHT_NAME if path.is_dir() else path
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no LoRA weights file")
+    if path.suffix != ".safetensors":
+        raise LoraError(f"{path}: LoRAs load only from .safetensors (pickle files can run code); convert it first")
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except SafetensorError as err:
+        raise LoraError(f"{path}: not a readable .safetensors file ({err})") from None
     return path
 
 
@@ -94,14 +139,15 @@ def read_metadata(path) -> dict:
         return json.loads((f.metadata() or {}).get(METADATA_KEY, "{}"))
 
 
-def check_lora_matches(denoiser, path, prefix: str) -> None:
+def check_lora_matches(denoiser, path, prefix: str, shapes: dict | None = None) -> None:
     """Raise a one-line error naming the file unless every LoRA pair targets a module of `denoiser` with matching
-    shapes (a LoRA made for another base model fails here instead of loading partly or with a long traceback)."""
+    shapes (a LoRA made for another base model fails here instead of loading partly or with a long traceback).
+    `shapes` ({key: shape}, diffusers keys) replaces the file's own keys, e.g. for a converted kohya file."""
     file = _lora_file(path)
-    with safe_open(str(file), framework="pt") as f:
-        shapes = {
-            key[len(prefix) + 1 :]: f.get_slice(key).get_shape() for key in f.keys() if key.startswith(prefix + ".")
-        }
+    if shapes is None:
+        with safe_open(str(file), framework="pt") as f:
+            shapes = {key: f.get_slice(key).get_shape() for key in f.keys()}
+    shapes = {key[len(prefix) + 1 :]: list(shape) for key, shape in shapes.items() if key.startswith(prefix + ".")}
     pairs = [
         (key[: -len(down)], key, key[: -len(down)] + up)
         for key in shapes
@@ -109,23 +155,30 @@ def check_lora_matches(denoiser, path, prefix: str) -> None:
         if key.endswith(down)
     ]
     if not pairs:
-        raise ValueError(f"{file}: no '{prefix}.' LoRA keys (not a diffusers-format LoRA for this model)")
+        raise LoraError(f"{file}: no '{prefix}.' LoRA keys (not a diffusers-format LoRA for this model)")
     modules = dict(denoiser.named_modules())
     for name, down, up in pairs:
         module = modules.get(name)
         if module is None:
-            raise ValueError(f"{file}: LoRA targets '{name}', which this base model does not have (another base?)")
+            raise LoraError(f"{file}: LoRA targets '{name}', which this base model does not have (another base?)")
         base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
         out_dim, in_dim = base.weight.shape[:2]
         a, b = shapes[down], shapes[up]
         if a[1] != in_dim or b[0] != out_dim:
-            raise ValueError(
+            raise LoraError(
                 f"{file}: LoRA for '{name}' is {a[1]}->{b[0]} but the base layer is {in_dim}->{out_dim} (another base?)"
             )
 
 
 def _load_adapter(family, path, adapter_name: str) -> None:
     file = _lora_file(path)
+    if is_kohya(file):
+        if family.lora_prefix != "unet":
+            raise LoraError(f"{file}: kohya-format LoRAs load into UNet families (sd, sdxl), not '{family.name}'")
+        weights, alphas = read_kohya(file, family.denoiser.config)
+        check_lora_matches(family.denoiser, file, "unet", {k: v.shape for k, v in weights.items()})
+        family.denoiser.load_lora_adapter(weights, prefix="unet", network_alphas=alphas, adapter_name=adapter_name)
+        return
     check_lora_matches(family.denoiser, file, family.lora_prefix)
     family.denoiser.load_lora_adapter(
         str(file.parent), weight_name=file.name, prefix=family.lora_prefix, adapter_name=adapter_name
@@ -133,7 +186,7 @@ def _load_adapter(family, path, adapter_name: str) -> None:
 
 
 def load_lora(family, path, adapter_name: str = "default", scale: float = 1.0) -> str:
-    """Load a diffusers-format LoRA (file or folder) into `family.denoiser` as the only active adapter, at `scale`."""
+    """Load a LoRA (diffusers folder or file, or a kohya file) into `family.denoiser` as the only active adapter."""
     _load_adapter(family, path, adapter_name)
     family.denoiser.set_adapters([adapter_name], weights=[scale])
     return adapter_name
@@ -153,3 +206,88 @@ def load_lora_many(family, loras: list[tuple[str, float]], fuse: bool = False) -
         family.denoiser.fuse_lora(adapter_names=names)
         family.denoiser.delete_adapters(names)
     return names
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# kohya <-> diffusers
+
+
+def is_kohya(path: str | Path) -> bool:
+    """True when every key of the LoRA file has a kohya prefix (lora_unet_, lora_te*_), as diffusers decides."""
+    with safe_open(str(_lora_file(path)), framework="pt") as f:
+        keys = list(f.keys())
+    return bool(keys) and all(key.startswith(KOHYA_PREFIXES) for key in keys)
+
+
+def read_kohya(path: str | Path, unet_config=None) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """A kohya file -> ({"unet.<module>.lora_A.weight": ...} peft weights, {"unet.<module>.alpha": alpha}), by
+    diffusers' converter. `unet_config` (a UNet's `.config`) maps SGM block names (input_blocks ..., kohya's SDXL
+    files) to diffusers' module paths."""
+    file = _lora_file(path)
+    with safe_open(str(file), framework="pt") as f:
+        keys = list(f.keys())
+    if any(key.startswith("lora_te") for key in keys):
+        raise LoraError(f"{file}: has text-encoder LoRA weights (lora_te*); diffalign loads denoiser LoRAs only")
+    if unet_config is None and any(block in key for key in keys for block in ("input_blocks", "output_blocks")):
+        raise LoraError(f"{file}: SGM block names (input_blocks/output_blocks) need the base model's UNet config")
+    weights, alphas = StableDiffusionPipeline.lora_state_dict(str(file), unet_config=unet_config)
+    # diffusers names both in its old attention-processor layout ("attn1.processor.to_q_lora.down.weight"); its
+    # UNet->peft map turns them into module paths, so alphas also match modules with their own alpha (alpha_pattern)
+    module_alphas = {}
+    for key, alpha in (alphas or {}).items():
+        module = next(iter(convert_unet_state_dict_to_peft({key.removesuffix(".alpha"): None})))
+        module_alphas[module.removesuffix(".lora_A.weight") + ".alpha"] = alpha
+    return convert_unet_state_dict_to_peft(weights), module_alphas
+
+
+def export_kohya(src: str | Path, out: str | Path) -> Path:
+    """A diffusers-format UNet LoRA (folder or file) -> one kohya .safetensors file `out`; returns it.
+
+    Weights are unchanged; each module's `.alpha` is its peft alpha (alpha_pattern, else lora_alpha, from the adapter
+    metadata; rank when there is none, as diffusers then loads it), so kohya's alpha / rank equals peft's scale.
+    """
+    file, out = _lora_file(src), Path(out)
+    if out.suffix != ".safetensors":
+        raise LoraError(f"{out}: a kohya LoRA is one .safetensors file")
+    with safe_open(str(file), framework="pt") as f:
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
+        file_metadata = dict(f.metadata() or {})
+    prefixes = sorted({key.split(".")[0] for key in tensors})
+    if prefixes != ["unet"]:
+        raise LoraError(f"{file}: kohya export supports UNet LoRAs (sd, sdxl), not '{'/'.join(prefixes)}.' keys")
+    packed = json.loads(file_metadata.get(ADAPTER_METADATA_KEY, "{}"))
+    config = {key.removeprefix("unet."): value for key, value in packed.items() if key.startswith("unet.")}
+    if config.get("use_rslora") or config.get("use_dora"):
+        raise LoraError(f"{file}: rsLoRA / DoRA adapters have no kohya equivalent here")
+    peft_weights = convert_unet_state_dict_to_peft(tensors)  # "unet.<module>.lora_A.weight", ...
+    kohya = convert_state_dict_to_kohya(peft_weights)  # "lora_unet_<module>.lora_down.weight", ".alpha" = rank
+    alpha_pattern = config.get("alpha_pattern") or {}
+    for key in [k for k in peft_weights if k.endswith(".lora_A.weight")]:
+        module = key.removeprefix("unet.").removesuffix(".lora_A.weight")
+        rank = peft_weights[key].shape[0]
+        alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), module), config.get("lora_alpha", rank))
+        kohya["lora_unet_" + module.replace(".", "_") + ".alpha"] = torch.tensor(float(alpha))
+    ranks = {int(v.shape[0]) for k, v in kohya.items() if k.endswith("lora_down.weight")}
+    alphas = {float(v) for k, v in kohya.items() if k.endswith(".alpha")}
+    metadata = {"ss_network_module": "networks.lora"}
+    if len(ranks) == 1 and len(alphas) == 1:
+        metadata.update(ss_network_dim=str(ranks.pop()), ss_network_alpha=f"{alphas.pop():g}")
+    if METADATA_KEY in file_metadata:
+        metadata[METADATA_KEY] = file_metadata[METADATA_KEY]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in kohya.items()}, str(out), metadata=metadata)
+    return out
+
+
+def import_kohya(src: str | Path, out: str | Path, unet_config=None) -> Path:
+    """A kohya UNet LoRA file -> diffusers format (folder, or a .safetensors file) with its adapter config built by
+    diffusers' `get_peft_kwargs` (most common r / alpha, per-module rank / alpha patterns); returns it."""
+    file = _lora_file(src)
+    if not is_kohya(file):
+        raise LoraError(f"{file}: not a kohya-format LoRA (keys do not start with {', '.join(KOHYA_PREFIXES)})")
+    weights, alphas = read_kohya(file, unet_config)
+    peft_weights = {k.removeprefix("unet."): v for k, v in weights.items()}
+    ranks = {f"^{k}": v.shape[1] for k, v in peft_weights.items() if "lora_B" in k and v.ndim > 1}
+    module_alphas = {k.removeprefix("unet."): v for k, v in alphas.items()}
+    config = LoraConfig(**get_peft_kwargs(ranks, module_alphas, peft_weights, is_unet=True)).to_dict()
+    return _write_diffusers(StableDiffusionPipeline, "unet", peft_weights, config, out)

@@ -15,8 +15,10 @@ COMMANDS = {
     "train": ("pipelines.train", "align a model with a preference objective (no config: the toy world)"),
     "generate": ("pipelines.generate", "generate images with a base model and LoRAs; writes a manifest and a grid"),
     "cache": ("pipelines.cache", "encode a preference dataset once into VAE latents + text embeddings"),
+    "export": ("pipelines.export", "convert a LoRA: diffusers -> kohya/A1111/ComfyUI (format=kohya) and back"),
     "score": ("pipelines.score", "score an image folder or generate manifest with reward models; per-image JSONL"),
     "compare": ("pipelines.compare", "aligned vs base images paired by prompt and seed: win rates, deltas, report"),
+    "online": ("pipelines.online", "on-policy alignment rounds: sample, score, pair, train (D3PO, DRAGON, DRO)"),
 }
 
 USAGE = "usage: diffalign <command> [CONFIG.yaml] [key=value ...]\n\ncommands:\n" + "\n".join(
@@ -78,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     except (DiffalignError, OSError) as err:
         if os.environ.get("DIFFALIGN_DEBUG"):
             raise
-        print(f"diffalign: error: {err}", file=sys.stderr)
+        message = " ".join(str(err).split())  # one line, even if a library's message had several
+        print(f"diffalign: error: {message}", file=sys.stderr)
         return 2
     return 0
 

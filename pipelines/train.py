@@ -4,23 +4,42 @@ Read top to bottom: resolve the config -> load the model family -> add LoRA -> o
 loop (shared estimator -> objective -> accelerate backward/step) with checkpoints, tensorboard scalars and
 validation images -> save the LoRA (diffusers format), the resolved config and the run record -> compare base vs
 aligned on held-out prompts. With no config it aligns the shipped toy model on the toy preference pairs.
+
+Exact resume: a checkpoint is taken only at an optimizer-step boundary and holds the LoRA, AdamW, LR scheduler,
+global RNGs, the data position and the loop's counters; each pair's t and eps are drawn from a generator keyed on
+(seed, epoch, pair index), like its augmentation, so a resumed run, a run with more processes or with a different
+batch x accumulation split sees the same noise for the same pair. `--resume latest` starts from step 0 when there
+is no checkpoint yet (so a pre-emptible job can always pass it), and drops metrics rows newer than the checkpoint.
+
+Multi-process (accelerate launch / torchrun): the policy forward runs through the DDP wrapper so gradients
+all-reduce; no-grad forwards (reference with adapters off, inversion) use the bare module. Every process reads
+its own share of the global data stream; only the main process writes files.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
-from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate import Accelerator, PartialState
+from accelerate.utils import (
+    DistributedType,
+    ProjectConfiguration,
+    broadcast_object_list,
+    parse_flag_from_env,
+    set_seed,
+)
 from diffusers.optimization import get_scheduler
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from diffalign.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from diffalign.checkpoint import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
 from diffalign.config import RunConfig, load_config, save_config, to_dict
 from diffalign.data import collate
 from diffalign.data.sampler import EpochView, ResumableSampler
@@ -31,6 +50,9 @@ from diffalign.objectives import OBJECTIVES
 from diffalign.runinfo import write_run_record
 from pipelines.common import build_objective, cache_ready, load_model, open_pairs, prepare_output_dir, save_grid
 from pipelines.evaluate import evaluate_base_vs_lora
+
+MAX_BAD_STEPS = 5  # non-finite steps in a row before the run stops (one is noise, five is a diverged run)
+NOISE_STREAM = 0x6E6F69  # separates the noise keys from the augmentation keys (same seed, epoch, index)
 
 
 class StopFlag:
@@ -51,11 +73,12 @@ class StopFlag:
 def run(config: str | None = None, overrides: list[str] | tuple = (), resume: str = "") -> Path:
     cfg: RunConfig = load_config(RunConfig, config, list(overrides))
     tc = cfg.train
-    out = prepare_output_dir(tc.output_dir, resume=bool(resume))
     if cfg.objective.name not in OBJECTIVES:
         raise DiffalignError(f"unknown objective '{cfg.objective.name}' (known: {', '.join(OBJECTIVES)})")
     if tc.mixed_precision not in ("no", "bf16", "fp16"):
         raise DiffalignError(f"train.mixed_precision must be no, bf16 or fp16, not '{tc.mixed_precision}'")
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # as Accelerator() reads it: CPU + gloo
+    out = shared_output_dir(tc.output_dir, bool(resume), state)
 
     trackers = ["tensorboard"] if tc.tensorboard else []
     if tc.wandb:
@@ -66,6 +89,12 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
         log_with=trackers or None,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise DiffalignError(
+            f"train: {accelerator.distributed_type.value} is not supported yet (checkpoints, the LoRA file and the "
+            "adapters-off reference assume replicated parameters and a torch optimizer); launch with DDP, e.g. "
+            "--config_file configs/accelerate/ddp_multi_gpu.yaml"
+        )
     set_seed(tc.seed)
     main = accelerator.is_main_process
 
@@ -79,7 +108,7 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
     if tc.gradient_checkpointing:
         family.denoiser.enable_gradient_checkpointing()
     if tc.xformers:
-        family.use_attention("xformers")
+        family.enable_xformers()
     params = add_lora(family.denoiser, cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules, cfg.lora.init)
     named_params = {n: p for n, p in family.denoiser.named_parameters() if p.requires_grad}
     objective = build_objective(cfg.objective)
@@ -92,8 +121,10 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
     if main and cache_ready(cfg.data) and not generates:
         print(f"training from the cache {cfg.data.cache_dir}: VAE and text encoders not loaded")
     with accelerator.main_process_first():  # one process builds the cache; the others then reuse it
-        pairs = open_pairs(cfg.data, family, resolution, seed=tc.seed, cfg_model=cfg.model, progress=main, work_dir=out)
-    start_step, start_position = 0, 0
+        pairs = open_pairs(cfg.data, family, resolution, seed=tc.seed, cfg_model=cfg.model, progress=main)
+    if main:  # what the source dropped or flagged: ties, bad rows (skip_bad_rows), duplicate ids
+        dropped = ", ".join(f"{k} {v}" for k, v in pairs.counts.items() if k != "kept" and v)
+        print(f"data: {len(pairs)} pairs" + (f" ({dropped})" if dropped else ""))
     optimizer_cls = torch.optim.AdamW
     if tc.adam_8bit:
         import bitsandbytes as bnb  # optional extra `bnb` (GPU)
@@ -103,21 +134,32 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
     lr_scheduler = get_scheduler(
         tc.lr_schedule, optimizer, num_warmup_steps=tc.warmup_steps, num_training_steps=tc.max_steps
     )
-    noise_gen = torch.Generator().manual_seed(tc.seed * 1000 + accelerator.process_index)
-    generators = {"noise": noise_gen}
+
+    # ---- resume -------------------------------------------------------------------------------------------------
     ckpt_dir = out / "checkpoints"
-    if resume:
+    start_step, position = 0, 0
+    counts = {"skipped_steps": 0, "skipped_rows": 0, "bad_in_a_row": 0}  # identical on every process
+    sums: dict[str, float] = {}  # metric sums since the last log line, over every process
+    if resume == "latest" and not list_checkpoints(ckpt_dir):
+        if main:
+            print(f"--resume latest: no checkpoint under {ckpt_dir} yet; starting at step 0")
+    elif resume:
         path = resolve_resume(resume, ckpt_dir)
-        state = load_checkpoint(path, named_params, optimizer, lr_scheduler, generators)
-        start_step, start_position = state["step"], state["data_position"]
+        saved = load_checkpoint(path, named_params, optimizer, lr_scheduler, {})
+        start_step, position, sums = saved["step"], saved["data_position"], saved["log_sums"]
+        counts = {k: saved[k] for k in counts}
+        if accelerator.scaler is not None:  # fp16: the loss scale it had reached
+            accelerator.scaler.load_state_dict(saved["grad_scaler"])
         if main:
             print(f"resumed from {path} at step {start_step}")
+    if resume and main:
+        truncate_metrics(out / "metrics.jsonl", start_step)
 
     batch = tc.batch_size
     sampler = ResumableSampler(
         len(pairs),
         seed=tc.seed,
-        start=start_position,
+        start=position,
         rank=accelerator.process_index,
         world_size=accelerator.num_processes,
         with_epoch=True,
@@ -129,71 +171,86 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
         collate_fn=collate,
         num_workers=cfg.data.num_workers,
         pin_memory=torch.cuda.is_available(),
+        worker_init_fn=_ignore_stop_signals,
+        generator=torch.Generator().manual_seed(tc.seed),  # iter() draws its base seed here, not from the global RNG
     )
     prepared, optimizer = accelerator.prepare(denoiser, optimizer)  # DDP wrapper when multi-process
+    denoise = policy_through(family, prepared)
 
     if main:
         save_config(cfg, out / "config.yaml")
         write_run_record(out, resolved_config=to_dict(cfg), resumed_from=str(resume) or None)
-    accelerator.init_trackers("diffalign", config=_flat_hparams(cfg))
+    tb = {"tensorboard": {"purge_step": start_step + 1}} if start_step else {}  # hide events a killed run logged
+    accelerator.init_trackers("diffalign", config=_flat_hparams(cfg), init_kwargs=tb)
 
     # ---- loop ---------------------------------------------------------------------------------------------------
     stop = StopFlag()
     data_iter = iter(loader)
-    position = start_position
-    bad_in_a_row, skipped, bad_rows = 0, 0, 0
     bar = tqdm(total=tc.max_steps, initial=start_step, desc="train", disable=not main, dynamic_ncols=True)
-    sums: dict[str, float] = {}
     step = start_step
     t0 = time.time()
     try:
         while step < tc.max_steps:
+            step_sums: dict[str, float] = {"n": 0.0, "skipped_rows": 0.0}
+            losses_finite, ids = True, []
             for _ in range(tc.grad_accum):
                 batch_data = next(data_iter)
                 position += batch * accelerator.num_processes
-                bad_rows += batch_data["skipped"]
+                step_sums["skipped_rows"] += batch_data["skipped"]
                 while "label" not in batch_data:  # every pair of the batch was an opted-in skip
                     batch_data = next(data_iter)
                     position += batch * accelerator.num_processes
-                    bad_rows += batch_data["skipped"]
+                    step_sums["skipped_rows"] += batch_data["skipped"]
+                ids += batch_data["index"].tolist()
                 with accelerator.accumulate(prepared):
                     x0, cond, label = family_inputs(family, batch_data, accelerator.device)
-                    t, eps = draw_t_and_eps(objective.paired, x0, schedule, noise_gen, cfg.estimator)
-                    errors = denoising_errors(family.denoise, schedule, x0, cond, t, eps, reference, xt_source)
+                    keys = list(zip(batch_data["epoch"], batch_data["index"].tolist()))
+                    t, eps = keyed_t_and_eps(objective.paired, x0, schedule, tc.seed, keys, cfg.estimator)
+                    errors = denoising_errors(denoise, schedule, x0, cond, t, eps, reference, xt_source)
                     loss, metrics = objective(errors.err, errors.ref_err, label)
                     loss = loss.mean()
-                    finite = bool(torch.isfinite(loss))
+                    finite = on_every_process(accelerator, bool(torch.isfinite(loss)))  # all skip backward together
+                    losses_finite = losses_finite and finite
                     if finite:
                         accelerator.backward(loss)
-                    if accelerator.sync_gradients and finite and tc.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(params, tc.max_grad_norm)
-                    grads_ok = finite and all(p.grad is None or torch.isfinite(p.grad).all() for p in params)
-                    if grads_ok:
-                        optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+                    if accelerator.sync_gradients:  # last micro-step: the gradients are complete (and all-reduced)
+                        if losses_finite and tc.max_grad_norm > 0:
+                            accelerator.clip_grad_norm_(params, tc.max_grad_norm)
+                        grads_finite = all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
+                        if losses_finite and (grads_finite or accelerator.scaler is not None):
+                            optimizer.step()  # fp16: the GradScaler skips an overflowing step and lowers its scale
+                        optimizer.zero_grad(set_to_none=True)
                 for k, v in {"loss": loss.detach(), **metrics}.items():
-                    sums[k] = sums.get(k, 0.0) + float(v.float().mean())
-                sums["n"] = sums.get("n", 0) + 1
-            if not grads_ok:
-                skipped += 1
-                bad_in_a_row += 1
-                if bad_in_a_row >= 5:
-                    ids = batch_data.get("index")
-                    raise DiffalignError(
-                        f"non-finite loss or gradients for {bad_in_a_row} steps in a row at step {step + 1} (batch ids {ids.tolist() if ids is not None else '?'})"
-                    )
-            else:
-                bad_in_a_row = 0
-            lr_scheduler.step()
+                    step_sums[k] = step_sums.get(k, 0.0) + float(v.float().mean())
+                step_sums["n"] += 1
+            if not accelerator.sync_gradients:
+                raise RuntimeError("internal: an optimizer step ended inside gradient accumulation")
+            step_sums["stop"] = float(stop.signal is not None)
+            step_sums = sum_over_processes(accelerator, step_sums)  # one small all-reduce per step
+            stopping = step_sums.pop("stop") > 0  # a signal that reached any process stops them all
+            counts["skipped_rows"] += int(step_sums.pop("skipped_rows"))
+            for k, v in step_sums.items():
+                sums[k] = sums.get(k, 0.0) + v
+
             step += 1
+            lr_scheduler.step()
             bar.update(1)
+            step_ok = losses_finite and grads_finite
+            bad = not losses_finite or (not grads_finite and accelerator.scaler is None)
+            counts["skipped_steps"] += not step_ok
+            counts["bad_in_a_row"] = counts["bad_in_a_row"] + 1 if bad else 0
+            if counts["bad_in_a_row"] >= MAX_BAD_STEPS:
+                raise DiffalignError(
+                    f"non-finite loss or gradients for {counts['bad_in_a_row']} steps in a row, the last at step "
+                    f"{step} (pair indices {ids}); lower train.lr or objective.beta, or check the data"
+                )
             if step % tc.log_every == 0 or step == tc.max_steps:
                 n = sums.pop("n")
                 logs = {k: v / n for k, v in sums.items()}
                 logs.update(
                     lr=lr_scheduler.get_last_lr()[0],
-                    skipped_steps=skipped,
-                    skipped_rows=bad_rows,
+                    skipped_steps=counts["skipped_steps"],
+                    skipped_rows=counts["skipped_rows"],
                     steps_per_s=(step - start_step) / (time.time() - t0),
                 )
                 accelerator.log(logs, step=step)
@@ -204,7 +261,7 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
                 sums = {}
             if tc.validate_every and step % tc.validate_every == 0 and main and tc.validation_prompts:
                 validate(family, tc.validation_prompts, out / "validation" / f"step-{step:06d}.png", accelerator, step)
-            want_ckpt = (tc.checkpoint_every and step % tc.checkpoint_every == 0) or stop.signal
+            want_ckpt = (tc.checkpoint_every and step % tc.checkpoint_every == 0) or stopping
             if want_ckpt and main and step < tc.max_steps:
                 save_checkpoint(
                     ckpt_dir,
@@ -212,15 +269,17 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
                     named_params,
                     optimizer,
                     lr_scheduler,
-                    generators,
-                    {"data_position": position, "skipped_steps": skipped},
+                    {},
+                    {"data_position": position, "log_sums": sums, "grad_scaler": scaler_state(accelerator), **counts},
                     keep=tc.keep_checkpoints,
                 )
-            if stop.signal:
+            if stopping and step < tc.max_steps:  # a signal during the last step: just finish
+                accelerator.wait_for_everyone()  # a launcher kills the others when one process exits
                 bar.close()
+                name = stop.signal or "stop signal on another process"
                 if main:
-                    print(f"{stop.signal}: saved checkpoint at step {step}; resume with --resume latest")
-                raise SystemExit(143 if stop.signal == "SIGTERM" else 130)
+                    print(f"{name}: saved checkpoint at step {step}; resume with --resume latest", flush=True)
+                raise SystemExit(143 if stop.signal != "SIGINT" else 130)
     finally:
         stop.restore()
         bar.close()
@@ -230,17 +289,117 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
     lora_dir = out / "lora"
     if main:
         save_lora(family, lora_dir, metadata={"base_model": cfg.model.path, "objective": cfg.objective.name})
-        summary = {"steps": step, "resumed_at": start_step, "train_seconds": time.time() - t0,
-                   "skipped_steps": skipped, "bad_rows": bad_rows}
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
         print(
-            f"saved LoRA to {lora_dir} ({step} steps in {time.time() - t0:.0f}s; {skipped} non-finite steps skipped, "
-            f"{bad_rows} bad rows skipped)"
+            f"saved LoRA to {lora_dir} ({step} steps in {time.time() - t0:.0f}s; {counts['skipped_steps']} "
+            f"non-finite steps skipped, {counts['skipped_rows']} bad rows skipped)"
         )
     accelerator.end_training()
     if main and cfg.eval.prompts:
         evaluate_base_vs_lora(family, cfg.eval, out / "eval")
     return out
+
+
+def scaler_state(accelerator) -> dict | None:
+    """fp16's GradScaler state (scale, growth tracker: JSON numbers), None without one."""
+    return accelerator.scaler.state_dict() if accelerator.scaler is not None else None
+
+
+def shared_output_dir(path: str, resume: bool, state: PartialState) -> Path:
+    """The main process checks and creates the output folder; the others get its name (a default one is timed)."""
+    reply = [None]
+    if state.is_main_process:
+        try:
+            reply = [("ok", str(prepare_output_dir(path, resume=resume)))]
+        except DiffalignError as err:
+            reply = [("error", str(err))]
+    if state.num_processes > 1:
+        broadcast_object_list(reply)
+    kind, text = reply[0]
+    if kind == "error":
+        raise DiffalignError(text)
+    return Path(text)
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep the metrics rows of steps <= `step` (what the checkpoint saw): a killed run may have logged later steps,
+    or half a line."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            kept.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+
+
+@contextmanager
+def _through(family, module):
+    bare = family.denoiser
+    family.denoiser = module
+    try:
+        yield
+    finally:
+        family.denoiser = bare
+
+
+def policy_through(family, wrapped):
+    """`family.denoise`, running `wrapped` (the DDP module: gradients all-reduce) when gradients are on.
+
+    No-grad forwards (the reference with adapters off on the bare module, inversion) skip the wrapper: nothing to
+    synchronise, and DDP would otherwise prepare a reduction that never comes. With one process `wrapped` is the
+    bare module itself.
+    """
+
+    def denoise(xt, t, cond):
+        if wrapped is family.denoiser or not torch.is_grad_enabled():
+            return family.denoise(xt, t, cond)
+        with _through(family, wrapped):
+            return family.denoise(xt, t, cond)
+
+    return denoise
+
+
+def on_every_process(accelerator, flag: bool) -> bool:
+    """True if `flag` holds on every process, so all of them take the same branch (DDP needs matching backwards)."""
+    if accelerator.num_processes == 1:
+        return flag
+    votes = accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), reduction="sum")
+    return int(votes.item()) == accelerator.num_processes
+
+
+def sum_over_processes(accelerator, values: dict[str, float]) -> dict[str, float]:
+    """{name: float} summed over processes (names in the same order everywhere); float64 keeps sums exact."""
+    if accelerator.num_processes == 1:
+        return values
+    names = list(values)  # built by the same code on every process: the same order
+    vec = torch.tensor([values[k] for k in names], dtype=torch.float64, device=accelerator.device)
+    total = accelerator.reduce(vec, reduction="sum")  # (K,) -> (K,)
+    return dict(zip(names, total.tolist()))
+
+
+def pair_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    """The generator of one pair's t and eps, keyed like its augmentation (`item_draws`): the same pair in the same
+    epoch gets the same noise whichever process, batch slot or resumed run draws it."""
+    words = np.random.SeedSequence([seed, epoch, index, NOISE_STREAM]).generate_state(2, np.uint32)
+    return torch.Generator().manual_seed(int(words[0]) << 32 | int(words[1]))
+
+
+def keyed_t_and_eps(paired: bool, x0, schedule: Schedule, seed: int, keys: list[tuple[int, int]], ecfg):
+    """t (2B,) and eps (2B, C, h, w) for x0 stacked [w; l]; pair i draws only from pair_generator(seed, *keys[i])."""
+    b = x0.shape[0] // 2
+    draws = [
+        draw_t_and_eps(paired, x0[[i, b + i]], schedule, pair_generator(seed, *key), ecfg)
+        for i, key in enumerate(keys)
+    ]  # B x ((2,), (2, C, h, w)) as [w_i; l_i]
+    t = torch.stack([d[0] for d in draws], 1).flatten()  # B x (2,) -> (2, B) -> (2B,) = [t_w; t_l]
+    eps = torch.stack([d[1] for d in draws], 1).flatten(0, 1)  # B x (2, C, h, w) -> (2, B, ...) -> (2B, C, h, w)
+    return t, eps
 
 
 def draw_t_and_eps(paired: bool, x0, schedule: Schedule, gen: torch.Generator, ecfg):
@@ -262,13 +421,17 @@ def family_inputs(family, batch, device):
     return x0.to(device), {k: v.to(device) for k, v in cond.items()}, label.to(device)
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers leave SIGTERM/SIGINT to the main process, which finishes the step and saves."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def validate(family, prompts, path: Path, accelerator, step: int) -> None:
     images = family.generate(prompts, seeds=list(range(len(prompts))))
     save_grid(images, path)
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
-            import numpy as np
-
             tracker.writer.add_images(
                 "validation", np.stack([np.asarray(im) for im in images]), step, dataformats="NHWC"
             )

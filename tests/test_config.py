@@ -61,7 +61,7 @@ def test_save_and_reload_round_trip(tmp_path):
 
 
 def test_every_shipped_yaml_loads():
-    paths = sorted(Path(CONFIGS).rglob("*.yaml"))
+    paths = sorted(p for p in Path(CONFIGS).rglob("*.yaml") if "accelerate" not in p.parts)  # accelerate format
     assert len(paths) >= 4
     for path in paths:
         schema = GenerateConfig if path.name.startswith("generate") else RunConfig

@@ -206,6 +206,11 @@ class CachedPairs(Dataset):
     def key(self) -> str:
         return self.index["key"]
 
+    @property
+    def counts(self) -> dict:
+        """What the source dropped when the cache was built: "kept", "ties", "bad", "bad_images", ..."""
+        return self.index["counts"]
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 

@@ -87,6 +87,10 @@ class Relabeled(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
+    @property
+    def counts(self):
+        return self.dataset.counts
+
     def set_epoch(self, epoch: int) -> None:
         self.dataset.set_epoch(epoch)
 

@@ -59,7 +59,8 @@ class EpochView(Dataset):
     """Reads keys `epoch * n + index` from ResumableSampler(with_epoch=True): sets the dataset's epoch, then indexes.
 
     The wrapped dataset draws its flips and caption dropout from (seed, epoch, index), so a resumed run gets the
-    same augmentation as the uninterrupted one (each DataLoader worker holds its own copy of the dataset).
+    same augmentation as the uninterrupted one (each DataLoader worker holds its own copy of the dataset). Items
+    also get "epoch" (int), so the trainer can key each pair's noise draws on (seed, epoch, index) the same way.
     """
 
     def __init__(self, dataset):
@@ -71,4 +72,7 @@ class EpochView(Dataset):
     def __getitem__(self, key: int):
         epoch, index = divmod(key, len(self.dataset))
         self.dataset.set_epoch(epoch)
-        return self.dataset[index]
+        item = self.dataset[index]
+        if item is not None:  # None: a bad row skipped on request (collate counts it)
+            item["epoch"] = epoch
+        return item

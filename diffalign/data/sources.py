@@ -242,7 +242,27 @@ def _check_table(ds, files, check: _Checker):
             args = [values[c][row] for c in ("caption", "label_0", "label_1")] + [sizes[c][row] for c in sizes]
             if check.keep(f"{file} row {row - start}", *args):
                 keep.append(row)
+    if "ranking_id" in table.column_names:  # Pick-a-Pic's pair id
+        _count_duplicate_ids(table.column("ranking_id").to_pylist(), keep, files, check)
     return np.asarray(keep, dtype=np.int64)
+
+
+def _count_duplicate_ids(ids: list, keep: list[int], files, check: _Checker) -> None:
+    """Kept rows repeating an earlier row's ranking_id are kept (a repeated judgement only weighs that pair more,
+    and the official Diffusion-DPO code trains on Pick-a-Pic as is) but counted in counts["duplicate_ids"] and
+    reported in one warning naming the first repeat."""
+    first: dict = {}
+    starts = [start for _, start in files]
+    for row in keep:
+        if ids[row] in first:
+            if check.counts["duplicate_ids"] == 0:
+                where, dup = _locate(files, starts, first[ids[row]]), _locate(files, starts, row)
+                example = f"ranking_id {ids[row]!r} at {where[0]} row {where[1]} and {dup[0]} row {dup[1]}"
+            check.counts["duplicate_ids"] += 1
+        else:
+            first[ids[row]] = row
+    if check.counts["duplicate_ids"]:
+        logger.warning("%d rows repeat a ranking_id (kept; first: %s)", check.counts["duplicate_ids"], example)
 
 
 def _image_columns_undecoded(ds):
