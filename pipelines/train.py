@@ -121,7 +121,7 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
     if main and cache_ready(cfg.data) and not generates:
         print(f"training from the cache {cfg.data.cache_dir}: VAE and text encoders not loaded")
     with accelerator.main_process_first():  # one process builds the cache; the others then reuse it
-        pairs = open_pairs(cfg.data, family, resolution, seed=tc.seed, cfg_model=cfg.model, progress=main)
+        pairs = open_pairs(cfg.data, family, resolution, seed=tc.seed, cfg_model=cfg.model, progress=main, work_dir=out)
     if main:  # what the source dropped or flagged: ties, bad rows (skip_bad_rows), duplicate ids
         dropped = ", ".join(f"{k} {v}" for k, v in pairs.counts.items() if k != "kept" and v)
         print(f"data: {len(pairs)} pairs" + (f" ({dropped})" if dropped else ""))
