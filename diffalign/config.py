@@ -387,3 +387,99 @@ class CompareConfig:
     """Pairs shown in the side-by-side grid (base row over aligned row)."""
     output_dir: str = ""
     """Where report.json, report.png, pairs.png, pairs.jsonl and report.html go ("" = runs/compare-<time>)."""
+
+
+@dataclass
+class RoundsConfig:
+    """The on-policy loop of `diffalign online`: what to sample, how to score and split it, how much to train."""
+
+    output_dir: str = ""
+    """Where round logs, grids, checkpoints, the LoRA and the eval go ("" = runs/online-<objective>-<time>)."""
+    seed: int = 0
+    """Global seed (prompt order, x_T seeds, sampling noise, training noise)."""
+    rounds: int = 10
+    """Rounds of sample -> score -> pairs -> train."""
+    prompts: str = "toy"
+    """Training prompts: a .txt file (one per line) or "toy" = the toy world's prompts not in the held-out set."""
+    prompts_per_round: int = 16
+    """Prompt groups sampled per round (P)."""
+    images_per_prompt: int = 2
+    """Images per prompt group (G); D3PO's groups share x_T (official: 2 per x_T; 7 for human labels)."""
+    shared_noise: bool = True
+    """All images of a group start from the same x_T (D3PO); DRAGON groups may use independent x_T."""
+    steps: int = 20
+    """Sampling steps for the round's demonstrations (may be fewer than eval.steps: DRAGON Fig. 3)."""
+    guidance: float = 5.0
+    """CFG scale when sampling (and in D3PO's training forward); official D3PO / SPO: 5.0, DRO buffer: 1.0."""
+    eta: float = 1.0
+    """DDIM eta of the demonstrations (> 0 needed for D3PO's log-probs)."""
+    sample_batch: int = 64
+    """Images per sampler call."""
+    reward: str = "toy_aesthetic"
+    """Scorer (diffalign.rewards.SCORERS) that labels the round; distribution-level ones score the round as a set."""
+    reward_args: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of the scorer's `load` (e.g. exemplars: PATH for fd_exemplar / loglik_exemplar)."""
+    exemplars: str = ""
+    """"toy_vivid": exemplar set of high-saturation toy renders scored with the toy colour-statistics encoder."""
+    exemplar_count: int = 256
+    """Images in the toy_vivid exemplar set."""
+    monitor: list[str] = field(default_factory=lambda: ["toy_fidelity"])
+    """Extra scorers logged per round (not trained on): the reward-hacking check."""
+    split: str = "all_pairs"
+    """Pair / set rule (diffalign.online.pairs): all_pairs (D3PO), best_worst (DRAGON-DPO), top_bottom (DRAGON-KTO)."""
+    min_gap: float = 0.0
+    """Pairs need a reward gap above this (smaller gaps count as ties and are skipped)."""
+    fraction: float = 0.25
+    """top_bottom: share of the round that is desirable (and the same share undesirable)."""
+    labels_file: str = ""
+    """Human pair choices (JSON, see diffalign.online.pairs.pairs_from_labels) instead of the reward; ties skipped."""
+    train_steps: int = 4
+    """Optimizer steps per round (K)."""
+    batch_size: int = 8
+    """Pairs (or samples, unpaired) per optimizer step."""
+    trajectory_steps: int = 0
+    """D3PO / DRO: trajectory steps per optimizer step, gradients accumulated (0 = all, as official D3PO)."""
+    lr: float = 3e-4
+    """AdamW learning rate of the LoRA."""
+    weight_decay: float = 1e-4
+    """AdamW weight decay (official D3PO: 1e-4)."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping (0 = off)."""
+    ref_refresh: int = 0
+    """Reference model: 0 = the frozen base (adapters off); N = a copy of the policy taken every N rounds."""
+    experts: str = "toy"
+    """DRO: preference source whose winners are the experts ("toy" = the toy parquet)."""
+    max_experts: int = 500
+    """DRO: use at most this many experts (official K = 500)."""
+    keep_checkpoints: int = 2
+    """Round checkpoints kept."""
+    tensorboard: bool = True
+    """Log scalars and the round grid to tensorboard under output_dir/logs."""
+
+
+@dataclass
+class OnlineConfig:
+    """Everything `diffalign online` reads."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    objective: ObjectiveConfig = field(default_factory=lambda: ObjectiveConfig(name="d3po"))
+    estimator: EstimatorConfig = field(default_factory=EstimatorConfig)
+    online: RoundsConfig = field(default_factory=RoundsConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+@dataclass
+class ExportConfig:
+    """Everything `diffalign export` reads."""
+
+    src: str = ""
+    """The LoRA to convert: a diffusers LoRA folder or file (format=kohya) or a kohya .safetensors file
+    (format=diffusers)."""
+    out: str = ""
+    """Where to write it: a .safetensors file (kohya: required), or a folder for format=diffusers."""
+    format: str = "kohya"
+    """Target format: kohya (lora_unet_*.lora_down/lora_up/alpha keys for kohya tools, A1111, ComfyUI) or diffusers."""
+    model: str = ""
+    """Base model (folder or hub id) whose UNet config maps SGM block names (input_blocks ..., kohya's SDXL files)
+    to diffusers names; only read for format=diffusers, and only needed for such files."""

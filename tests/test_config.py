@@ -3,8 +3,9 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
-from diffalign.config import ConfigError, GenerateConfig, RunConfig, load_config, save_config
+from diffalign.config import ConfigError, OnlineConfig, RunConfig, load_config, save_config
 from diffalign.paths import CONFIGS
 
 
@@ -64,5 +65,5 @@ def test_every_shipped_yaml_loads():
     paths = sorted(p for p in Path(CONFIGS).rglob("*.yaml") if "accelerate" not in p.parts)  # accelerate format
     assert len(paths) >= 4
     for path in paths:
-        schema = GenerateConfig if path.name.startswith("generate") else RunConfig
-        load_config(schema, path)
+        online = "online" in (yaml.safe_load(path.read_text()) or {})
+        load_config(OnlineConfig if online else RunConfig, path)

@@ -10,7 +10,15 @@ from diffalign.config import RunConfig, load_config
 from diffalign.objectives import OBJECTIVES
 from pipelines.common import build_objective
 
-CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml") if "accelerate" not in p.parts)
+
+def _is_offline_run_config(path: Path) -> bool:
+    """configs/accelerate/* are accelerate's format; configs with a top-level `online:` are `diffalign online`'s."""
+    return "accelerate" not in path.parts and "online" not in (yaml.safe_load(path.read_text()) or {})
+
+
+CONFIGS = sorted(
+    p for p in (Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml") if _is_offline_run_config(p)
+)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)

@@ -6,6 +6,7 @@ False) and `label` (B,) = P(w preferred). It returns a per-pair loss (B,) and a 
 sees the model, the config or the accelerator.
 """
 
+from diffalign.objectives.d3po import D3PO
 from diffalign.objectives.dpo import DiffusionDPO
 from diffalign.objectives.dro import DiffusionDRO
 from diffalign.objectives.inpo import InPO
@@ -22,4 +23,5 @@ OBJECTIVES = {
     "mapo": MaPO,
     "dro": DiffusionDRO,
     "sft": SFT,
+    "d3po": D3PO,
 }

@@ -1,0 +1,129 @@
+"""The toy world's model (assets/toy_model, made by pipelines/toy_base.py): a tiny pixel-space text-to-image model.
+
+A UNet2DConditionModel on 32x32 RGB pixels (no VAE: x0 is the image in [-1, 1]; the UNet also gets two
+coordinate channels, see `add_coords`) conditioned on a tiny
+CLIPTextModel, with a DDPMScheduler (cosine schedule, v-prediction: epsilon was ill-posed at
+the first sampling steps, see pipelines/toy_base.py). Each component is loaded with its own `from_pretrained`
+from its subfolder; there is no diffusers pipeline class, so sampling uses diffalign.sampling.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from diffusers import DDPMScheduler, UNet2DConditionModel
+from PIL import Image
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from diffalign.models.sd import LORA_TARGET_MODULES, PREDICTION_TYPES, check_components, use_attention
+from diffalign.sampling import sample
+
+COORD_CHANNELS = 2
+
+
+def add_coords(xt: torch.Tensor) -> torch.Tensor:
+    """CoordConv input (Liu et al. 2018): (N, C, H, W) -> (N, C + 2, H, W), appending x and y in [-1, 1].
+
+    A convolutional UNet has no absolute position except what zero padding leaks; without these channels the toy
+    model learnt colour, shape and size but ignored "top left" / "bottom right" entirely (output identical across
+    the five position words after 1100 steps). The UNet's in_channels is 3 + 2; the family hides this in `denoise`.
+    """
+    n, _, h, w = xt.shape
+    y, x = torch.meshgrid(
+        torch.linspace(-1, 1, h, device=xt.device, dtype=xt.dtype),
+        torch.linspace(-1, 1, w, device=xt.device, dtype=xt.dtype),
+        indexing="ij",
+    )
+    coords = torch.stack([x, y])[None].expand(n, 2, h, w)  # (N, 2, H, W)
+    return torch.cat([xt, coords], dim=1)
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """(N, 3, H, W) in [-1, 1] -> N PIL images."""
+    arrays = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(np.ascontiguousarray(a)) for a in arrays]
+
+
+class ToyFamily:
+    """The toy world's pixel-space model (a DiffalignToyPipeline folder)."""
+
+    name = "toy"
+    lora_prefix = "unet"
+    lora_target_modules = LORA_TARGET_MODULES
+    components = ["unet", "scheduler", "text_encoder", "tokenizer"]
+    vae_scale_factor = 1  # pixel space
+
+    def __init__(self, unet, scheduler, text_encoder, tokenizer, dtype: torch.dtype):
+        self.denoiser = unet
+        self.scheduler = scheduler
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+        self.dtype = dtype
+        self.prediction_type = scheduler.config.prediction_type
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"{self.name}: unsupported prediction_type '{self.prediction_type}'")
+        self.resolution = unet.config.sample_size
+        self.latent_channels = unet.config.out_channels
+        if unet.config.in_channels != self.latent_channels + COORD_CHANNELS:
+            raise ValueError(f"toy: UNet in_channels {unet.config.in_channels} != out_channels + {COORD_CHANNELS}")
+
+    @classmethod
+    def load(cls, path: str, dtype: torch.dtype = torch.float32, load_encoders: bool = True, vae_path=None):
+        """Load from a local folder; load_encoders=False skips the text encoder (for cached embeddings)."""
+        if vae_path is not None:
+            raise ValueError("toy: pixel-space model, it has no VAE (vae_path must be None)")
+        check_components(path, [c for c in cls.components if load_encoders or c != "text_encoder"])
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", dtype=dtype).eval()
+        scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
+        text_encoder = tokenizer = None
+        if load_encoders:
+            text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype).eval()
+            text_encoder.requires_grad_(False)
+            tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
+        return cls(unet, scheduler, text_encoder, tokenizer, dtype)
+
+    def to(self, device) -> ToyFamily:
+        self.denoiser.to(device)
+        if self.text_encoder is not None:
+            self.text_encoder.to(device)
+        return self
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.denoiser.enable_gradient_checkpointing()
+
+    def use_attention(self, backend: str) -> None:
+        use_attention(self.denoiser, backend)
+
+    def encode_images(self, images: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+        """(N, 3, H, W) in [-1, 1] -> x0 = the same pixels, fp32 (pixel space: no encoder)."""
+        return images.float()
+
+    def decode(self, x0: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+        """x0 (N, 3, H, W) -> images (N, 3, H, W) clamped to [-1, 1], fp32."""
+        return x0.float().clamp(-1, 1)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """list[str] (N) -> {"prompt_embeds": (N, 77, D)}: the text encoder's last hidden state."""
+        if self.text_encoder is None:
+            raise RuntimeError("toy: loaded with load_encoders=False, cannot encode prompts")
+        ids = self.tokenizer(
+            list(prompts),
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(self.text_encoder.device)  # (N, 77)
+        return {"prompt_embeds": self.text_encoder(ids).last_hidden_state}
+
+    def denoise(self, xt: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        """xt (N, 3, H, W), t (N,) -> prediction (N, 3, H, W) of type `prediction_type`; "size_info" is ignored.
+
+        The UNet sees xt plus two coordinate channels (`add_coords`): always call the model through here.
+        """
+        embeds = cond["prompt_embeds"].to(self.dtype)
+        return self.denoiser(add_coords(xt.to(self.dtype)), t, encoder_hidden_states=embeds).sample
+
+    def generate(self, prompts, seeds, steps: int = 20, guidance: float = 4.0, height=None, width=None):
+        """-> list[PIL.Image], one per prompt (DDIM through diffalign.sampling; attached LoRAs are active)."""
+        return to_pil(self.decode(sample(self, prompts, seeds, steps, guidance, height, width)))

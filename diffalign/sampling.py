@@ -1,0 +1,225 @@
+"""The explicit denoising loop: x_T ~ N(0, I) per seed -> x0, with classifier-free guidance, for any family.
+
+Written out (instead of calling a diffusers pipeline) so on-line methods can keep the trajectory and the per-step
+log-probs. It only touches the family interface: `encode_prompts`, `denoise`, `scheduler`, `latent_channels`,
+`vae_scale_factor`, `resolution`, `denoiser` (for device and dtype). It returns the model's x0 space (latents, or
+pixels for the toy family); `family.decode` turns that into images.
+
+The DDIM maths is diffusers' `DDIMScheduler.step(..., eta)`; this file adds only what a policy-gradient method
+needs on top (D3PO, SPO; DDPO's `ddim_step_with_logprob` does the same):
+
+    x_{t-1} ~ N(mean, std² I),   mean = step(pred, t, x_t, eta, variance_noise=0),   std = eta · sqrt(var(t, t_prev))
+    log p(x_{t-1} | x_t, c) = gaussian_log_prob(x_{t-1}, mean, std)      (diffalign.likelihood: mean over dims)
+
+`step_log_prob` is that one function; the sampler calls it on the guided prediction it just used, and training
+calls it again on stored (x_t, x_{t-1}, t) with the policy's (or the reference's) guided prediction, so sampling
+and training cannot disagree on the maths.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers import DDIMScheduler
+
+from diffalign.likelihood import gaussian_log_prob
+
+
+def initial_noise(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
+    """One CPU generator per image so image i depends only on seeds[i]: -> (N, *shape) fp32 on CPU.
+
+    Repeating a seed gives several images the same x_T (D3PO pairs, DRAGON groups)."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+
+
+def concat_cond(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Stack two conditioning dicts along the batch: each (N, ...) -> (2N, ...)."""
+    if a.keys() != b.keys():
+        raise ValueError(f"conditioning keys differ: {sorted(a)} vs {sorted(b)}")
+    return {k: torch.cat([a[k], b[k]]) for k in a}
+
+
+def inference_scheduler(family, eta: float = 0.0) -> DDIMScheduler:
+    """DDIM built from the family's training scheduler config (same betas and prediction type).
+
+    With eta > 0 every step must be stochastic, or its log-prob is undefined (std 0): the last step must not land
+    on its own noise level. So `set_alpha_to_one` is False (the last step goes to abar_0, not 1) and, with "leading"
+    spacing, `steps_offset` is at least 1 (the last t is 1, not 0), which is SD1.5's own DDIM config.
+    """
+    extra = {}
+    if eta > 0:
+        extra["set_alpha_to_one"] = False
+        if family.scheduler.config.timestep_spacing == "leading":
+            extra["steps_offset"] = max(1, family.scheduler.config.steps_offset)
+    return DDIMScheduler.from_config(family.scheduler.config, **extra)
+
+
+def encode_guided(family, prompts: list[str], guidance: float) -> dict[str, torch.Tensor]:
+    """cond (N, ...), or [cond; uncond] (2N, ...) when guidance > 1 (the "" prompt is the unconditional one)."""
+    cond = family.encode_prompts(list(prompts))
+    if guidance > 1.0:
+        cond = concat_cond(cond, family.encode_prompts([""] * len(prompts)))
+    return cond
+
+
+def guided_prediction(family, xt: torch.Tensor, t: torch.Tensor, cond: dict, guidance: float) -> torch.Tensor:
+    """CFG model prediction (fp32): pred = uncond + w (cond - uncond); w <= 1 is the plain conditional model.
+
+    xt (N, C, h, w); t scalar or (N,); cond from `encode_guided` ((2N, ...) when w > 1). Differentiable.
+    """
+    n = xt.shape[0]
+    use_cfg = guidance > 1.0
+    x = torch.cat([xt, xt]) if use_cfg else xt  # (2N or N, C, h, w)
+    t_batch = torch.as_tensor(t, device=xt.device).expand(x.shape[0])  # (2N or N,)
+    pred = family.denoise(x.to(family.denoiser.dtype), t_batch, cond).float()
+    if not use_cfg:
+        return pred
+    pred_cond, pred_uncond = pred[:n], pred[n:]  # (2N, ...) -> 2 x (N, ...)
+    return pred_uncond + guidance * (pred_cond - pred_uncond)
+
+
+def step_mean_std(scheduler: DDIMScheduler, pred: torch.Tensor, t, xt: torch.Tensor, eta: float):
+    """Mean (N, C, h, w) and std (scalar tensor) of the DDIM-eta transition p(x_{t-1} | x_t).
+
+    The mean is diffusers' own step with zero variance noise; the std is the one that step adds.
+    `scheduler.set_timesteps` must have been called (the step reads num_inference_steps).
+    """
+    t = int(t)  # the scheduler indexes its CPU alphas_cumprod with it
+    mean = scheduler.step(pred, t, xt, eta=eta, variance_noise=torch.zeros_like(xt)).prev_sample
+    prev_t = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps  # as DDIMScheduler.step
+    std = eta * scheduler._get_variance(t, prev_t) ** 0.5
+    return mean, torch.as_tensor(std, dtype=torch.float32, device=xt.device)
+
+
+def step_log_prob(scheduler: DDIMScheduler, pred, t, xt, x_prev, eta: float) -> torch.Tensor:
+    """log p(x_prev | x_t) under the DDIM-eta step with model prediction `pred`: (N, C, h, w) x 3 -> (N,).
+
+    Mean over latent dims (diffalign.likelihood.gaussian_log_prob). Needs eta > 0 (eta 0 is deterministic).
+    """
+    if eta <= 0:
+        raise ValueError("step_log_prob: eta must be > 0 (a DDIM step with eta 0 has no density)")
+    mean, std = step_mean_std(scheduler, pred, t, xt, eta)
+    if std <= 0:
+        raise ValueError(f"step_log_prob: the step at t={int(t)} is deterministic (std 0); see inference_scheduler")
+    return gaussian_log_prob(x_prev, mean, std)
+
+
+@dataclass
+class Trajectory:
+    """A batch of sampled denoising chains, kept on CPU in fp32.
+
+    latents[k] is the input x_t of step k and latents[k + 1] its output x_{t-1}: latents[0] = x_T, latents[-1] = x0.
+    """
+
+    latents: torch.Tensor  # (S+1, N, C, h, w)
+    timesteps: torch.Tensor  # (S,) long: t of step k
+    log_probs: torch.Tensor | None  # (S, N) log p(latents[k+1] | latents[k]); None when eta == 0
+    eta: float
+    guidance: float
+    predictions: torch.Tensor | None = None  # (S, N, C, h, w) the (guided) model prediction at step k, if kept
+
+    @property
+    def x0(self) -> torch.Tensor:
+        return self.latents[-1]
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.timesteps)
+
+    def select(self, idx: torch.Tensor) -> Trajectory:
+        """The chains `idx` (M,) of the batch."""
+        lp = None if self.log_probs is None else self.log_probs[:, idx]
+        preds = None if self.predictions is None else self.predictions[:, idx]
+        return Trajectory(self.latents[:, idx], self.timesteps, lp, self.eta, self.guidance, preds)
+
+    @staticmethod
+    def cat(parts: list[Trajectory]) -> Trajectory:
+        """Concatenate batches of chains sampled with the same settings along N."""
+        first = parts[0]
+        lps = None if first.log_probs is None else torch.cat([p.log_probs for p in parts], 1)
+        preds = None if first.predictions is None else torch.cat([p.predictions for p in parts], 1)
+        latents = torch.cat([p.latents for p in parts], 1)  # (S+1, N_i, ...) -> (S+1, N, ...)
+        return Trajectory(latents, first.timesteps, lps, first.eta, first.guidance, preds)
+
+
+@torch.no_grad()
+def sample_trajectories(
+    family,
+    prompts: list[str],
+    seeds: list[int],
+    steps: int = 20,
+    guidance: float = 4.0,
+    eta: float = 1.0,
+    noise_seed: int = 0,
+    height: int | None = None,
+    width: int | None = None,
+    scheduler=None,
+    keep_trajectory: bool = True,
+    keep_predictions: bool = False,
+) -> Trajectory:
+    """Sample N chains; keep every latent and the per-step log-probs (eta > 0).
+
+    Args:
+        family: a model family (diffalign.models).
+        prompts: N prompts.
+        seeds: N seeds for x_T (repeat a seed to start several images from the same noise).
+        steps: denoising steps.
+        guidance: CFG scale w (w <= 1: no unconditional branch).
+        eta: DDIM eta; > 0 makes every step stochastic, with noise from one CPU generator seeded by `noise_seed`
+            (so images sharing x_T still differ).
+        height, width: output pixels (default: the family's resolution).
+        scheduler: a DDIM scheduler (default `inference_scheduler(family, eta)`); its `set_timesteps` is called here.
+        keep_trajectory: False keeps only x0 (latents has one entry, no log-probs): plain sampling.
+        keep_predictions: also keep the model prediction of every step (Diffusion-DRO's snapshot targets).
+    """
+    if len(prompts) != len(seeds):
+        raise ValueError(f"sample: {len(prompts)} prompts but {len(seeds)} seeds")
+    scheduler = scheduler or inference_scheduler(family, eta)
+    device = family.denoiser.device
+    h = (height or family.resolution) // family.vae_scale_factor
+    w = (width or family.resolution) // family.vae_scale_factor
+    cond = encode_guided(family, prompts, guidance)
+    scheduler.set_timesteps(steps, device=device)
+    x = initial_noise(seeds, (family.latent_channels, h, w)).to(device) * scheduler.init_noise_sigma  # (N, C, h, w)
+    gen = torch.Generator().manual_seed(int(noise_seed))
+    latents, log_probs, preds = [x.cpu()], [], []
+    for t in scheduler.timesteps:
+        pred = guided_prediction(family, scheduler.scale_model_input(x, t), t, cond, guidance)  # (N, C, h, w)
+        noise = torch.randn(x.shape, generator=gen).to(x) if eta > 0 else None
+        x_prev = scheduler.step(pred, int(t), x, eta=eta, variance_noise=noise).prev_sample
+        if keep_trajectory:
+            latents.append(x_prev.cpu())
+            if eta > 0:
+                log_probs.append(step_log_prob(scheduler, pred, t, x, x_prev, eta).cpu())  # (N,)
+            if keep_predictions:
+                preds.append(pred.cpu())
+        x = x_prev
+    if not keep_trajectory:
+        latents = [x.cpu()]
+    return Trajectory(
+        latents=torch.stack(latents).float(),  # (S+1, N, C, h, w)
+        timesteps=scheduler.timesteps.cpu().long(),
+        log_probs=torch.stack(log_probs) if log_probs else None,  # (S, N)
+        eta=eta,
+        guidance=guidance,
+        predictions=torch.stack(preds) if preds else None,  # (S, N, C, h, w)
+    )
+
+
+@torch.no_grad()
+def sample(
+    family,
+    prompts: list[str],
+    seeds: list[int],
+    steps: int = 20,
+    guidance: float = 4.0,
+    height: int | None = None,
+    width: int | None = None,
+    scheduler=None,
+) -> torch.Tensor:
+    """Sample x0 (N, C, h, w) fp32 on the model's device with DDIM eta 0 (default scheduler: the family's betas)."""
+    traj = sample_trajectories(
+        family, prompts, seeds, steps, guidance, 0.0, 0, height, width, scheduler, keep_trajectory=False
+    )
+    return traj.x0.to(family.denoiser.device)

@@ -1,0 +1,301 @@
+"""On-line alignment: D3PO maths by hand and by invariant, pair / split rules, the round loop on tiny components,
+and (slow, once assets/toy_model exists) learning checks on the toy world."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from diffalign.likelihood import Schedule
+from diffalign.lora import add_lora, reference_mode
+from diffalign.models import load_family
+from diffalign.objectives import OBJECTIVES
+from diffalign.objectives.d3po import D3PO, clipped_log_ratio
+from diffalign.objectives.kto import DiffusionKTO
+from diffalign.online.experts import ToyStatsEncoder, toy_vivid_exemplars
+from diffalign.online.pairs import all_pairs, best_worst, pairs_from_labels, top_bottom
+from diffalign.online.steps import d3po_loss, surrogate_loss
+from diffalign.paths import TOY_HELDOUT, TOY_MODEL
+from diffalign.rewards import load_scorer
+from diffalign.sampling import inference_scheduler, sample_trajectories
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "assets" / "tiny"
+
+
+# ---- D3PO maths -------------------------------------------------------------------------------------------------
+
+
+def test_d3po_registered_with_paper_defaults():
+    assert OBJECTIVES["d3po"] is D3PO
+    assert (D3PO().beta, D3PO().clip) == (0.1, 0.1) and D3PO.needs_reference and D3PO.paired
+
+
+def test_d3po_hand_computed():
+    """β = 1, logp = [0.05, −0.2], ref = [0, 0]: log r_w = 0.05 (inside the clamp), r_l = e^−0.2 = 0.8187 -> 0.9,
+    log r_l = −0.105361; inside = 0.155361; loss = log(1 + e^−0.155361) = 0.618481."""
+    loss, m = D3PO(beta=1.0)(torch.tensor([0.05, -0.2]), torch.zeros(2), torch.ones(1))
+    assert math.isclose(loss.item(), 0.618481, abs_tol=1e-6)
+    assert math.isclose(m["reward_margin"].item(), 0.155361, abs_tol=1e-6)
+    assert m["clip_frac"].item() == 0.5  # the loser's ratio was clipped
+    torch.testing.assert_close(
+        clipped_log_ratio(torch.tensor([1.0, -1.0, 0.01]), torch.zeros(3), 0.1),
+        torch.tensor([math.log(1.1), math.log(0.9), 0.01]),
+    )
+
+
+def test_d3po_ln2_at_init_swap_and_gradient_direction():
+    lp = torch.tensor([-1.3, -0.7], requires_grad=True)
+    loss, _ = D3PO()(lp, lp.detach().clone(), torch.ones(1))  # policy == reference (LoRA init)
+    assert math.isclose(loss.item(), math.log(2), rel_tol=1e-6)
+    loss.sum().backward()
+    assert lp.grad[0] < 0 < lp.grad[1]  # descending raises the winner's log-prob, lowers the loser's
+    a, b = torch.tensor([0.02, -0.03]), torch.zeros(2)
+    _, m = D3PO()(a, b, torch.ones(1))
+    _, m_swapped = D3PO()(a.flip(0), b, torch.ones(1))
+    _, m_label = D3PO()(a, b, torch.zeros(1))
+    assert math.isclose(m["reward_margin"].item(), -m_swapped["reward_margin"].item(), rel_tol=1e-6)
+    assert math.isclose(m_swapped["reward_margin"].item(), m_label["reward_margin"].item(), rel_tol=1e-6)
+    far = torch.tensor([0.5, -0.5], requires_grad=True)  # both ratios outside [0.9, 1.1]: no gradient
+    D3PO()(far, torch.zeros(2), torch.ones(1))[0].sum().backward()
+    assert torch.equal(far.grad, torch.zeros(2))
+
+
+# ---- pair and split rules ---------------------------------------------------------------------------------------
+
+
+def test_pair_rules():
+    r = torch.tensor([[1.0, 3.0, 2.0], [5.0, 5.0, 5.05]])  # (P=2, G=3)
+    iw, il = all_pairs(r, min_gap=0.1)
+    assert sorted(zip(iw.tolist(), il.tolist())) == [(1, 0), (1, 2), (2, 0)]  # group 1: all gaps <= 0.1 -> ties
+    iw, il = best_worst(r)
+    assert iw.tolist() == [1, 5] and il.tolist() == [0, 3]
+    iw, il = best_worst(r, min_gap=0.1)
+    assert iw.tolist() == [1] and il.tolist() == [0]
+
+
+def test_top_bottom_is_relative_to_the_group():
+    r = torch.tensor([[10.0, 11.0], [0.0, 2.0], [5.0, 5.0]])  # advantages: [-.5, .5], [-1, 1], [0, 0]
+    idx, desirable = top_bottom(r, fraction=2 / 6)
+    assert dict(zip(idx.tolist(), desirable.tolist())) == {3: True, 1: True, 2: False, 0: False}
+    idx, _ = top_bottom(torch.ones(2, 2), fraction=0.5)
+    assert len(idx) == 0  # nothing to learn from a flat round
+
+
+def test_human_labels_skip_ties():
+    labels = [
+        {"round": 0, "prompt": 1, "a": 0, "b": 2, "choice": "b"},
+        {"round": 0, "prompt": 0, "a": 1, "b": 0, "choice": "tie"},
+        {"round": 1, "prompt": 0, "a": 0, "b": 1, "choice": "a"},
+    ]
+    iw, il = pairs_from_labels(labels, round_index=0, group_size=3)
+    assert iw.tolist() == [5] and il.tolist() == [3]
+    with pytest.raises(ValueError, match="choice"):
+        pairs_from_labels([{"round": 0, "prompt": 0, "a": 0, "b": 1, "choice": "left"}], 0, 2)
+
+
+def test_fd_exemplar_reward_with_the_toy_encoder():
+    """Vivid exemplars: in a batch of one vivid and three dull squares, the vivid one brings the set's FD down most."""
+    scorer = load_scorer("fd_exemplar", exemplars=toy_vivid_exemplars(64, seed=0), encoder=ToyStatsEncoder())
+    images = torch.full((4, 3, 32, 32), 0.9)  # grey background
+    images[:, :, 10:20, 10:20] = torch.tensor([0.6, 0.45, 0.45])[:, None, None]  # dull red squares
+    images[0, :, 10:20, 10:20] = torch.tensor([0.95, 0.05, 0.05])[:, None, None]  # one vivid red square
+    scores = scorer(images)
+    assert scores[0] > scores[1:].max()
+
+
+# ---- library wiring on the tiny SD1.5 ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_round():
+    family = load_family(str(TINY / "sd15"))
+    torch.manual_seed(0)
+    params = add_lora(family.denoiser, 4, 4, family.lora_target_modules)
+    prompts = ["a photo of a cat"] * 4 + ["red dog"] * 4  # P = 2 groups of G = 4, shared x_T per group
+    traj = sample_trajectories(family, prompts, [1] * 4 + [2] * 4, steps=3, guidance=3.0, eta=1.0, noise_seed=0)
+    return family, params, prompts, traj
+
+
+def test_d3po_loss_is_ln2_at_lora_init_on_real_trajectories(tiny_round):
+    family, _, prompts, traj = tiny_round
+    scheduler = inference_scheduler(family, 1.0)
+    scheduler.set_timesteps(3)
+    iw, il = all_pairs(torch.tensor([[4.0, 3, 2, 1], [1.0, 2, 3, 4]]))
+    loss, m = d3po_loss(family, D3PO(), scheduler, traj, prompts, iw, il, 1, lambda: reference_mode(family.denoiser))
+    torch.testing.assert_close(loss, torch.full_like(loss, math.log(2)))
+    assert m["log_ratio_w"].abs().max() == 0
+
+
+def test_d3po_training_raises_winner_log_prob_ratio(tiny_round):
+    """Fails if the loss sign is flipped: a few steps on fixed pairs make the recomputed margin positive."""
+    family, params, prompts, traj = tiny_round
+    start = {id(p): p.detach().clone() for p in params}
+    scheduler = inference_scheduler(family, 1.0)
+    scheduler.set_timesteps(3)
+    iw, il = best_worst(torch.tensor([[4.0, 3, 2, 1], [1.0, 2, 3, 4]]))
+    ref = lambda: reference_mode(family.denoiser)  # noqa: E731
+    opt = torch.optim.Adam(params, lr=1e-3)
+    obj = D3PO(beta=1.0, clip=1e9)  # no trust region: let the margin move freely
+    for _ in range(5):
+        for k in range(3):
+            loss, _ = d3po_loss(family, obj, scheduler, traj, prompts, iw, il, k, ref)
+            loss.mean().backward()
+        opt.step()
+        opt.zero_grad()
+    with torch.no_grad():  # the log-prob ratios themselves, independent of how the loss combines them
+        metrics = [d3po_loss(family, obj, scheduler, traj, prompts, iw, il, k, ref)[1] for k in range(3)]
+    gap = torch.cat([m["log_ratio_w"] - m["log_ratio_l"] for m in metrics])  # log(p_w/ref_w) - log(p_l/ref_l)
+    assert gap.mean() > 0 and (gap > 0).float().mean() > 0.5
+    with torch.no_grad():
+        for p in params:
+            p.copy_(start[id(p)])
+
+
+def test_dragon_kto_surrogate_runs_unpaired(tiny_round):
+    family, _, prompts, traj = tiny_round
+    idx, desirable = top_bottom(torch.arange(8.0).view(2, 4), 0.25)
+    loss, m = surrogate_loss(
+        family,
+        DiffusionKTO(beta=10.0),
+        Schedule(family.scheduler, family.prediction_type),
+        traj.x0,
+        prompts,
+        idx,
+        desirable,
+        torch.Generator().manual_seed(0),
+        lambda: reference_mode(family.denoiser),
+        {},
+    )
+    assert loss.shape == (len(idx),) and torch.isfinite(loss).all()
+
+
+# ---- the loop end to end on the tiny SD1.5 ----------------------------------------------------------------------
+
+TINY_ONLINE = [
+    "model.path=assets/tiny/sd15",
+    "lora.rank=4",
+    "lora.alpha=4",
+    "online.prompts_per_round=2",
+    "online.images_per_prompt=2",
+    "online.steps=2",
+    "online.guidance=2.0",
+    "online.train_steps=1",
+    "online.batch_size=2",
+    "online.reward=toy_aesthetic",
+    "online.monitor=[]",
+    "online.rounds=2",
+    "eval.prompts=",
+]
+
+
+def _prompts_file(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("a photo of a cat\nred dog\nblue bird\n")
+    return f"online.prompts={path}"
+
+
+@pytest.mark.parametrize("objective,split", [("d3po", "all_pairs"), ("dpo", "best_worst"), ("kto", "top_bottom")])
+def test_online_loop_runs_and_resumes(tmp_path, monkeypatch, objective, split):
+    from pipelines.online import run
+
+    monkeypatch.chdir(REPO)
+    extra = [f"objective.name={objective}", f"online.split={split}", _prompts_file(tmp_path)]
+    if objective == "kto":
+        extra.append("objective.beta=100")
+    if objective == "d3po":
+        extra.append("online.ref_refresh=1")  # exercises the "ref" adapter copy
+    out = tmp_path / "run"
+    run(None, [*TINY_ONLINE, *extra, f"online.output_dir={out}", "online.rounds=1"])
+    rows = [json.loads(x) for x in (out / "rounds.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and (out / "rounds" / "round-0001.png").is_file()
+    run(None, [*TINY_ONLINE, *extra, f"online.output_dir={out}"], resume="latest")  # rounds=2: one more
+    rows = [json.loads(x) for x in (out / "rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2]
+    assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_online_dro_with_parquet_winners_as_experts(tmp_path, monkeypatch):
+    """Diffusion-DRO: experts = winners of a preference parquet, negatives = the round's policy samples."""
+    from data_factory import make_rows, write_parquet
+
+    from pipelines.online import run
+
+    monkeypatch.chdir(REPO)
+    experts = write_parquet(tmp_path / "prefs.parquet", make_rows(6))
+    out = tmp_path / "run"
+    cfg = [*TINY_ONLINE, "objective.name=dro", "online.guidance=1.0", f"online.experts={experts}"]
+    run(None, [*cfg, _prompts_file(tmp_path), f"online.output_dir={out}", "online.rounds=1"])
+    row = json.loads((out / "rounds.jsonl").read_text().splitlines()[0])
+    assert math.isclose(row["train/loss"], 0.001, rel_tol=1e-3)  # policy == reference at init: hinge = -m
+    with pytest.raises(Exception, match="guidance must be <= 1"):
+        run(None, [*cfg, "online.guidance=3.0", f"online.output_dir={tmp_path / 'y'}"])
+
+
+def test_online_rejects_offline_only_objectives(tmp_path):
+    from diffalign.errors import DiffalignError
+    from pipelines.online import run
+
+    with pytest.raises(DiffalignError, match="cannot train on-line"):
+        run(None, [*TINY_ONLINE, "objective.name=smpo", f"online.output_dir={tmp_path / 'x'}"])
+
+
+# ---- learning checks on the toy world ---------------------------------------------------------------------------
+
+needs_toy = pytest.mark.skipif(
+    not (TOY_MODEL / "model_index.json").is_file() or not TOY_HELDOUT.is_file(),
+    reason="assets/toy_model or the held-out prompts are not built yet",
+)
+
+
+def yaml_load(path):
+    return yaml.safe_load(path.read_text())
+
+
+ONLINE_CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml") if "online" in (yaml_load(p) or {}))
+
+
+@pytest.mark.parametrize("path", ONLINE_CONFIGS, ids=lambda p: p.stem)
+def test_online_config_loads_and_fits_its_objective(path):
+    from diffalign.config import OnlineConfig, load_config
+    from pipelines.common import build_objective
+    from pipelines.online import BATCHES
+
+    cfg = load_config(OnlineConfig, path)
+    objective = build_objective(cfg.objective)
+    kind, rules = BATCHES[cfg.objective.name]
+    assert isinstance(objective, OBJECTIVES[cfg.objective.name])
+    assert kind == "dro" or cfg.online.split in rules
+
+
+@needs_toy
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["toy_d3po", "toy_dragon"])
+def test_toy_aesthetic_rises_on_heldout_prompts(tmp_path, monkeypatch, config):
+    """The shipped toy configs, seeded: the aligned model beats the base on held-out prompts (same seeds)."""
+    from pipelines.online import run
+
+    monkeypatch.chdir(REPO)
+    out = run(
+        str(REPO / "configs" / f"{config}.yaml"), [f"online.output_dir={tmp_path / 'run'}", "online.tensorboard=false"]
+    )
+    report = json.loads((out / "summary.json").read_text())["eval"]["scorers"]
+    assert report["toy_aesthetic"]["mean_delta"] > 0 and report["toy_aesthetic"]["win_rate"] > 0.5
+    assert report["toy_fidelity"]["mean_delta"] > -0.05  # no reward hacking beyond 5 points of fidelity
+
+
+@needs_toy
+@pytest.mark.slow
+def test_toy_dragon_fd_to_vivid_exemplars_falls(tmp_path, monkeypatch):
+    from pipelines.online import run
+
+    monkeypatch.chdir(REPO)
+    out = run(
+        str(REPO / "configs" / "toy_dragon_fd.yaml"),
+        [f"online.output_dir={tmp_path / 'run'}", "online.tensorboard=false"],
+    )
+    fd = json.loads((out / "summary.json").read_text())["eval_fd"]
+    assert fd["aligned"] < fd["base"]
