@@ -30,8 +30,13 @@ COMMON = ["train.batch_size=8", "train.lr=1e-4", "train.max_steps=300", "lora.ra
 SETTINGS: dict[str, list[str]] = {
     "dpo": ["objective.name=dpo", "objective.beta=5000"],
     "inpo": ["objective.name=inpo", "objective.beta=5000", "train.max_steps=150"],
-    "smpo": ["objective.name=smpo", "objective.beta=5000", "train.max_steps=150",
-             "data.label_scorer=toy_aesthetic", "data.label_mode=smpo"],
+    "smpo": [
+        "objective.name=smpo",
+        "objective.beta=5000",
+        "train.max_steps=150",
+        "data.label_scorer=toy_aesthetic",
+        "data.label_mode=smpo",
+    ],
     "kto": ["objective.name=kto", "objective.beta=5000"],
     "mapo": ["objective.name=mapo"],
     "sft": ["objective.name=sft"],
@@ -41,7 +46,16 @@ SETTINGS: dict[str, list[str]] = {
 def run_one(name: str, out: Path, extra: list[str]) -> dict:
     """Train + evaluate one objective in a child process; returns the row."""
     run_dir = out / name
-    cmd = [sys.executable, "-m", "pipelines.cli", "train", *COMMON, *SETTINGS[name], *extra, f"train.output_dir={run_dir}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipelines.cli",
+        "train",
+        *COMMON,
+        *SETTINGS[name],
+        *extra,
+        f"train.output_dir={run_dir}",
+    ]
     start = time.time()
     child = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log = child.stdout.read()
@@ -72,8 +86,10 @@ def run_one(name: str, out: Path, extra: list[str]) -> dict:
 
 
 def format_table(rows: list[dict]) -> str:
-    head = (f"{'objective':<10}{'steps':>6}{'win rate [95% CI]':>24}{'reward':>16}{'Δreward':>9}"
-            f"{'fidelity':>15}{'Δfid pts':>9}{'train s':>9}{'s/step':>8}{'RSS GB':>8}")
+    head = (
+        f"{'objective':<10}{'steps':>6}{'win rate [95% CI]':>24}{'reward':>16}{'Δreward':>9}"
+        f"{'fidelity':>15}{'Δfid pts':>9}{'train s':>9}{'s/step':>8}{'RSS GB':>8}"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
@@ -115,7 +131,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--objectives", default=",".join(SETTINGS), help="comma-separated registry names")
     parser.add_argument("--out", default=f"runs/toy_alignment-{time.strftime('%Y%m%d-%H%M%S')}")
-    parser.add_argument("overrides", nargs="*", help="extra key=value overrides for every run (e.g. eval.max_prompts=8)")
+    parser.add_argument(
+        "overrides", nargs="*", help="extra key=value overrides for every run (e.g. eval.max_prompts=8)"
+    )
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -289,6 +289,8 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
     lora_dir = out / "lora"
     if main:
         save_lora(family, lora_dir, metadata={"base_model": cfg.model.path, "objective": cfg.objective.name})
+        summary = {"steps": step, "resumed_at": start_step, "train_seconds": time.time() - t0, **counts}
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
         print(
             f"saved LoRA to {lora_dir} ({step} steps in {time.time() - t0:.0f}s; {counts['skipped_steps']} "
             f"non-finite steps skipped, {counts['skipped_rows']} bad rows skipped)"

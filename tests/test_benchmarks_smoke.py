@@ -1,0 +1,40 @@
+"""The benchmark scripts still run end to end at tiny size (they are scripts, not speed tests: no timing asserts).
+
+Each runs as its own process, as a user runs it (about 10 s each, mostly imports).
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(script: str, *args: str) -> None:
+    cmd = [sys.executable, str(REPO / "benchmarks" / script), "--threads", "1", *args]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+
+
+def test_train_step_tiny(tmp_path):
+    out = tmp_path / "train_step.json"
+    _run("train_step.py", "--size", "tiny", "--steps", "2", "--warmup", "1", "--quiet", "--json", str(out))
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert set(rows) == {"a", "b", "c"}
+    assert all(len(row["times"]) == 2 and row["median_s"] > 0 for row in rows.values())
+    assert set(result["ratios"]) == {"a/b time", "a/b memory", "a/c time"}
+    # (b) holds the reference copy and the encoders on top of what (a) holds; (c) holds no optimizer state
+    assert rows["b"]["held_bytes"] > rows["a"]["held_bytes"] > rows["c"]["held_bytes"]
+    assert result["settings"]["latents"] == [4, 8, 8]
+
+
+def test_sampling_tiny(tmp_path):
+    out = tmp_path / "sampling.json"
+    _run("sampling.py", "--models", "sd15", "--images", "2", "--steps", "2", "--rounds", "1", "--json", str(out))
+    rows = json.loads(out.read_text())["models"]["sd15"]["rows"]
+    assert set(rows) == {"diffusers pipeline", "diffalign sample()", "family.generate"}
+    assert all(row["images_per_s"] > 0 for row in rows.values())
+    # same scheduler, seeds and guidance: diffalign's sampler draws the pipeline's images (up to rounding)
+    assert rows["diffalign sample()"]["max_abs_diff_uint8"] <= 1
