@@ -5,18 +5,17 @@
 What it builds (a few MB):
 - tokenizer/     CLIPTokenizer in which every world word is one token (diffalign.models.tokenizers)
 - text_encoder/  CLIPTextModel, hidden 64, 2 layers, trained jointly with the UNet
-- unet/          UNet2DConditionModel in PIXEL space (3 -> 3 channels, 32x32); cross-attention only at 8x8 (last
-                 down block, mid, first up block) because attention at 16x16 doubled the step time; plus
-                 `addition_embed_type="text"` (attention-pooled prompt added to the time embedding), a strong global
-                 conditioning path that lets every ResNet see the prompt, which is what makes colour / size /
-                 position learnable in minutes rather than hours (the probe without it was at chance after 7 min)
-- scheduler/     DDPMScheduler, squaredcos_cap_v2, epsilon prediction
+- unet/          UNet2DConditionModel in PIXEL space (3 + 2 coordinate channels -> 3, 32x32; the coordinates give
+                 explicit absolute position, see diffalign.models.toy.add_coords); cross-attention only at 8x8
+                 (last down block, mid, first up block) because attention at 16x16 doubled the step time; plus
+                 `addition_embed_type="text"` (attention-pooled prompt added to the time embedding), a global
+                 conditioning path that lets every ResNet see the prompt (colour was right after ~500 steps)
+- scheduler/     DDPMScheduler, squaredcos_cap_v2, v-prediction (why: see build_components), trailing spacing
 - model_index.json with `_class_name: DiffalignToyPipeline` (diffalign.models maps it to ToyFamily)
 
 Training: fresh rendered batches every step (diffalign.toy.shapes; no dataset on disk), 10% empty captions for
-classifier-free guidance, AdamW with linear warm-up and cosine decay, min-SNR-5 loss weighting (Hang et al. 2023,
-"Efficient Diffusion Training via Min-SNR Weighting": same optimum, faster convergence), gradient clipping, and an
-EMA of the weights, which is what gets saved. Every `--checkpoint-minutes` the EMA weights are also saved to
+classifier-free guidance, AdamW with linear warm-up and cosine decay, the plain (unweighted) v-prediction MSE
+(why not min-SNR: see build_components), gradient clipping, and an EMA of the weights, which is what gets saved. Every `--checkpoint-minutes` the EMA weights are also saved to
 `--checkpoint-dir`/step-N so sample quality can be measured while it runs (pipelines/toy_data.py --eval-only).
 The CPU may be shared, so `--max-minutes` stops the run early (and saves) if it is too slow; training_info.json
 records the steps actually done.
@@ -43,6 +42,7 @@ from diffusers import DDPMScheduler, UNet2DConditionModel  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
 from diffalign.models.tokenizers import build_clip_tokenizer  # noqa: E402
+from diffalign.models.toy import COORD_CHANNELS, add_coords  # noqa: E402
 from diffalign.toy import shapes  # noqa: E402
 
 MODEL_INDEX = {
@@ -74,7 +74,7 @@ def build_components(seed: int):
     )
     unet = UNet2DConditionModel(
         sample_size=shapes.RESOLUTION,
-        in_channels=3,
+        in_channels=3 + COORD_CHANNELS,  # xt + (x, y) coordinate channels: see diffalign.models.toy.add_coords
         out_channels=3,
         block_out_channels=(32, 64, 64),
         down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),  # 32x32, 16x16, 8x8
@@ -87,8 +87,21 @@ def build_components(seed: int):
         addition_embed_type="text",
         addition_embed_type_num_heads=4,
     )
+    # Loss: plain v-MSE = (1 + SNR) * x0-MSE, so high-noise steps, where the layout is decided, keep weight >= 1.
+    # Min-SNR-5 weighting (x0 weight min(SNR, 5), ~0 at high noise) learnt colour, shape and size but never position:
+    # after 700-1100 steps the prediction was identical for all five position words; without it, it follows them
+    # (x0 estimate at t=999 centred on the right anchor) after 675 steps.
+    # v-prediction, not epsilon: with the cosine schedule an epsilon model's x0 estimate at the first sampling steps
+    # (alpha_bar 2e-9 at t=999, 6e-3 at t=949) divides its error by sqrt(alpha_bar), and the clipped junk set a
+    # random background colour (the first run, 870 steps: purple/orange backgrounds, position accuracy at chance).
+    # v is well-posed at every t (at t=T it is -x0). "trailing" spacing makes samplers start at t=999; clip_sample
+    # clips x0 estimates to the pixel range. Neither affects training.
     scheduler = DDPMScheduler(
-        num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon", clip_sample=True
+        num_train_timesteps=1000,
+        beta_schedule="squaredcos_cap_v2",
+        prediction_type="v_prediction",
+        clip_sample=True,
+        timestep_spacing="trailing",
     )
     return tokenizer, text_encoder, unet, scheduler
 
@@ -113,12 +126,11 @@ def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="assets/toy_model")
-    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--steps", type=int, default=2400)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--ema", type=float, default=0.995, help="final EMA decay (warmed up as (1+n)/(10+n))")
-    p.add_argument("--snr-gamma", type=float, default=5.0)
     p.add_argument("--empty-fraction", type=float, default=0.1)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--checkpoint-minutes", type=float, default=10.0)
@@ -139,8 +151,6 @@ def main() -> None:
     opt = torch.optim.AdamW(models.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01)
     rng = np.random.default_rng(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
-    alphas_cumprod = scheduler.alphas_cumprod  # (T,)
-    snr = alphas_cumprod / (1 - alphas_cumprod)  # (T,)
     start = last_ckpt = time.time()
     running, last_loss = [], float("nan")
     for step in range(args.steps):
@@ -152,9 +162,9 @@ def main() -> None:
         xt = scheduler.add_noise(x0, eps, t)
 
         cond = text_encoder(ids.input_ids).last_hidden_state  # (B, 77, 64)
-        pred = unet(xt, t, encoder_hidden_states=cond).sample  # (B, 3, H, W)
-        weight = snr[t].clamp(max=args.snr_gamma) / snr[t]  # min-SNR-gamma weight for epsilon prediction, (B,)
-        loss = (weight * (pred - eps).pow(2).mean(dim=(1, 2, 3))).mean()  # (B, 3, H, W) -> (B,) -> ()
+        pred = unet(add_coords(xt), t, encoder_hidden_states=cond).sample  # (B, 3 + 2, H, W) -> (B, 3, H, W)
+        target = scheduler.get_velocity(x0, eps, t)  # v = sqrt(abar) eps - sqrt(1 - abar) x0
+        loss = (pred - target).pow(2).mean()  # (B, 3, H, W) -> ()
 
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)

@@ -24,9 +24,10 @@ COORD_CHANNELS = 2
 def add_coords(xt: torch.Tensor) -> torch.Tensor:
     """CoordConv input (Liu et al. 2018): (N, C, H, W) -> (N, C + 2, H, W), appending x and y in [-1, 1].
 
-    A convolutional UNet has no absolute position except what zero padding leaks; without these channels the toy
-    model learnt colour, shape and size but ignored "top left" / "bottom right" entirely (output identical across
-    the five position words after 1100 steps). The UNet's in_channels is 3 + 2; the family hides this in `denoise`.
+    A convolutional UNet has no absolute position except what zero padding leaks, and the toy prompts ask for one
+    ("top left"); two constant channels make it explicit and cost nothing. (When the toy model ignored position, the
+    cause turned out to be the loss weighting, see pipelines/toy_base.py; these channels are a cheap safeguard, not
+    shown to be necessary.) The UNet's in_channels is 3 + 2; the family hides this in `denoise`.
     """
     n, _, h, w = xt.shape
     y, x = torch.meshgrid(
