@@ -125,6 +125,10 @@ class ToyFamily:
         embeds = cond["prompt_embeds"].to(self.dtype)
         return self.denoiser(add_coords(xt.to(self.dtype)), t, encoder_hidden_states=embeds).sample
 
-    def generate(self, prompts, seeds, steps: int = 20, guidance: float = 4.0, height=None, width=None):
-        """-> list[PIL.Image], one per prompt (DDIM through diffalign.sampling; attached LoRAs are active)."""
+    def generate(self, prompts, seeds, steps: int = 20, guidance: float = 1.5, height=None, width=None):
+        """-> list[PIL.Image], one per prompt (DDIM through diffalign.sampling; attached LoRAs are active).
+
+        Guidance 1.5, not SD's 4-7.5: this pixel-space model follows prompts at 1.5 (20 samples: colour, size and
+        position all right, shape 18/20) while at 4 colours turn muddy (colour accuracy 0.4).
+        """
         return to_pil(self.decode(sample(self, prompts, seeds, steps, guidance, height, width)))

@@ -1,0 +1,144 @@
+"""The toy world: renderer <-> analyser round trip, the two toy rewards, the shipped toy model and dataset."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from diffalign.rewards import load_scorer
+from diffalign.toy import shapes
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+
+
+def scenes(n: int, seed: int = 0) -> list[shapes.Scene]:
+    rng = np.random.default_rng(seed)
+    return [shapes.sample_scene(rng) for _ in range(n)]
+
+
+def test_parse_prompt_names_the_four_attributes():
+    assert shapes.parse_prompt("a small red circle at the top left") == {
+        "shape": "circle",
+        "colour": "red",
+        "size": "small",
+        "position": "top left",
+    }
+    assert shapes.parse_prompt("a large yellow square at the center")["position"] == "center"
+    assert shapes.parse_prompt("a blue square") == {"shape": "square", "colour": "blue"}
+
+
+def test_every_caption_word_is_one_token():
+    from diffalign.models.tokenizers import build_clip_tokenizer
+
+    tok = build_clip_tokenizer(shapes.WORDS)
+    caption = "a small red circle at the top left"
+    assert len(tok.tokenize(caption)) == len(caption.split())
+
+
+def test_analyse_reads_back_every_rendered_attribute():
+    for scene in scenes(40):
+        found = shapes.analyse(shapes.to_pil(shapes.render(scene)))
+        assert found == {"shape": scene.shape, "colour": scene.colour, "size": scene.size, "position": scene.position}
+
+
+def test_analyse_finds_no_shape_on_a_blank_image():
+    assert shapes.analyse(np.full((32, 32, 3), 0.9, dtype=np.float32)) is None
+
+
+def test_fidelity_is_one_on_ground_truth_and_lower_on_mismatched_prompts():
+    fidelity = load_scorer("toy_fidelity")
+    rendered = scenes(40, seed=1)
+    images = [shapes.to_pil(shapes.render(s)) for s in rendered]
+    captions = [s.caption for s in rendered]
+    assert fidelity(images, captions).tolist() == [1.0] * 40
+    assert fidelity(images, captions[1:] + captions[:1]).mean() < 0.7
+    # one attribute changed -> 3 of 4 right; all four changed -> 0
+    red = shapes.render(
+        replace(
+            rendered[0],
+            colour="red",
+            hue=0.0,
+            shape="circle",
+            size="small",
+            position="center",
+            cx=16.0,
+            cy=16.0,
+            half=4.5,
+        )
+    )
+    prompts = [
+        "a small red circle at the center",
+        "a small blue circle at the center",
+        "a large blue square at the top left",
+    ]
+    assert fidelity(torch.from_numpy(red).permute(2, 0, 1)[None].repeat(3, 1, 1, 1), prompts).tolist() == [1, 0.75, 0]
+
+
+def test_aesthetic_prefers_vivid_shapes_and_clean_backgrounds():
+    aesthetic = load_scorer("toy_aesthetic")
+    base = scenes(1, seed=2)[0]
+    vivid = shapes.render(replace(base, saturation=1.0, value=1.0))
+    dull = shapes.render(replace(base, saturation=0.4, value=0.6))
+    noisy = np.clip(vivid + np.random.default_rng(0).normal(0, 0.05, vivid.shape), 0, 1).astype(np.float32)
+    scores = aesthetic([shapes.to_pil(im) for im in (vivid, dull, noisy)])  # (3,)
+    assert scores.shape == (3,)
+    assert 0 <= scores.min() and scores.max() <= 10
+    assert scores[0] > scores[1] + 2 and scores[0] > scores[2]
+    # tensor input in [0, 1] agrees with PIL input (up to uint8 rounding) and is differentiable
+    x = torch.from_numpy(np.stack([vivid, dull])).permute(0, 3, 1, 2).requires_grad_(True)  # (2, 3, H, W)
+    tensor_scores = aesthetic(x)
+    assert torch.allclose(tensor_scores, scores[:2], atol=0.05)
+    tensor_scores.sum().backward()
+    assert x.grad.abs().sum() > 0
+
+
+@pytest.fixture(scope="module")
+def toy_family():
+    from diffalign.models import load_family
+
+    torch.set_num_threads(2)
+    return load_family("toy")
+
+
+def test_shipped_toy_model_generates_deterministically(toy_family):
+    assert toy_family.name == "toy" and toy_family.resolution == 32 and toy_family.prediction_type == "v_prediction"
+    prompts = ["a small red circle at the top left", "a large blue square at the center"]
+    first = toy_family.generate(prompts, seeds=[0, 1], steps=4, guidance=1.5)
+    again = toy_family.generate(prompts, seeds=[0, 1], steps=4, guidance=1.5)
+    alone = toy_family.generate(prompts[:1], seeds=[0], steps=4, guidance=1.5)  # image i depends on seed i only
+    assert [im.size for im in first] == [(32, 32), (32, 32)]
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(first, again))
+    # a different batch may change float summation order, hence the 1/255 tolerance
+    assert np.abs(np.asarray(first[0], dtype=int) - np.asarray(alone[0], dtype=int)).max() <= 1
+    assert not np.array_equal(np.asarray(first[0]), np.asarray(first[1]))
+
+
+def test_shipped_toy_model_follows_prompts_above_chance(toy_family):
+    combos = shapes.all_combinations()[::5]  # 16 of the 80 combinations, every attribute value present
+    prompts = [shapes.caption(**c) for c in combos]
+    images = toy_family.generate(prompts, seeds=list(range(len(prompts))), steps=20, guidance=1.5)
+    fidelity = load_scorer("toy_fidelity")(images, prompts)  # (16,)
+    # chance of the mean over the four attributes: (1/4 + 1/2 + 1/2 + 1/5) / 4 = 0.36
+    assert fidelity.mean() > 0.75  # measured 0.98 on 1024 samples (assets/toy_data/stats.json)
+
+
+def test_shipped_dataset_has_the_pick_a_pic_schema():
+    df = pd.read_parquet(ASSETS / "toy_data" / "train.parquet")
+    assert list(df.columns) == ["caption", "jpg_0", "jpg_1", "label_0", "label_1", "ranking_id", "are_different"]
+    assert str(df.label_0.dtype) == "float64" and str(df.label_1.dtype) == "float64"
+    assert str(df.ranking_id.dtype) == "int64" and str(df.are_different.dtype) == "bool"
+    assert df.ranking_id.is_unique
+    assert set(df.label_0.round(3)) == {0.0, 0.3, 0.5, 0.7, 1.0}
+    assert np.allclose(df.label_0 + df.label_1, 1.0)
+    assert len(df) >= 1500 and df.caption.nunique() >= 50
+    assert Image.open(io.BytesIO(df.jpg_0[0])).size == (32, 32)
+    heldout = (ASSETS / "toy_data" / "heldout_prompts.txt").read_text().split("\n")
+    heldout = {line for line in heldout if line}
+    assert heldout and not heldout & set(df.caption)
