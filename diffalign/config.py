@@ -168,8 +168,8 @@ class EvalConfig:
     """Seeds per prompt (seed = prompt index * images_per_prompt + k, same for base and aligned)."""
     steps: int = 20
     """Sampling steps."""
-    guidance: float = 4.0
-    """Classifier-free guidance scale."""
+    guidance: float = 0.0
+    """Classifier-free guidance scale (0 = the model family's default: toy 1.5, SD 7.5, SDXL 5.0, SD3 7.0)."""
     max_prompts: int = 0
     """Use at most this many prompts (0 = all)."""
 
@@ -337,8 +337,8 @@ class GenerateConfig:
     """First seed."""
     steps: int = 20
     """Sampling steps."""
-    guidance: float = 4.0
-    """Classifier-free guidance scale."""
+    guidance: float = 0.0
+    """Classifier-free guidance scale (0 = the model family's default: toy 1.5, SD 7.5, SDXL 5.0, SD3 7.0)."""
     height: int = 0
     """Image height in pixels (0 = the model's native size)."""
     width: int = 0

@@ -32,12 +32,13 @@ def generate_pair_sets(family, prompts: list[str], ecfg: EvalConfig, batch_size:
     """Base and aligned images for every (prompt, seed), same seeds for both."""
     jobs = [(p, i * ecfg.images_per_prompt + k) for i, p in enumerate(prompts) for k in range(ecfg.images_per_prompt)]
     base, aligned = [], []
+    kw = {"steps": ecfg.steps, **({"guidance": ecfg.guidance} if ecfg.guidance > 0 else {})}  # 0: family default
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start : start + batch_size]
         ps, seeds = [p for p, _ in chunk], [s for _, s in chunk]
         with reference_mode(family.denoiser):
-            base += family.generate(ps, seeds=seeds, steps=ecfg.steps, guidance=ecfg.guidance)
-        aligned += family.generate(ps, seeds=seeds, steps=ecfg.steps, guidance=ecfg.guidance)
+            base += family.generate(ps, seeds=seeds, **kw)
+        aligned += family.generate(ps, seeds=seeds, **kw)
     return [p for p, _ in jobs], base, aligned
 
 

@@ -56,7 +56,9 @@ def run(config: str | None = None, overrides: list[str] | tuple = ()) -> Path:
         for k in range(cfg.images_per_prompt)
     ]
     images, rows = [], []
-    settings = {"steps": cfg.steps, "guidance": cfg.guidance, "height": cfg.height or None, "width": cfg.width or None}
+    settings = {"steps": cfg.steps, "height": cfg.height or None, "width": cfg.width or None}
+    if cfg.guidance > 0:  # else the family's default
+        settings["guidance"] = cfg.guidance
     for start in tqdm(range(0, len(jobs), cfg.batch_size), desc="generate", unit="batch"):
         chunk = jobs[start : start + cfg.batch_size]
         batch = family.generate([p for p, _ in chunk], seeds=[s for _, s in chunk], **settings)
