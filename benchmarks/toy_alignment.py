@@ -5,7 +5,7 @@ objective's toy-scaled settings below, then base vs aligned on the held-out prom
 reward win rate with a Wilson 95% CI, mean reward change, prompt-fidelity change, train wall time, time per step,
 peak RSS. Prints a table and writes results.json + results.png.
 
-    python benchmarks/toy_alignment.py                    # all objectives in SETTINGS
+    python benchmarks/toy_alignment.py                    # every offline (SETTINGS) and on-line (ONLINE) row
     python benchmarks/toy_alignment.py --objectives dpo,mapo --out runs/bench
 
 Targets (issue): Diffusion-DPO win rate >= 75% with the CI's lower bound above 50% and a prompt-fidelity drop of
@@ -21,6 +21,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -41,22 +43,25 @@ SETTINGS: dict[str, list[str]] = {
     "mapo": ["objective.name=mapo"],
     "sft": ["objective.name=sft"],
 }
+# On-line rows: `diffalign online` with the shipped toy config (its own sampling / training budget); "steps" in the
+# table = optimizer steps (rounds x train_steps), the wall time includes the sampling of every round.
+ONLINE: dict[str, str] = {
+    "d3po": "configs/toy_d3po.yaml",
+    "dragon": "configs/toy_dragon.yaml",
+    "dragon_fd": "configs/toy_dragon_fd.yaml",
+    "dro": "configs/toy_dro.yaml",
+}
 
 
 def run_one(name: str, out: Path, extra: list[str]) -> dict:
     """Train + evaluate one objective in a child process; returns the row."""
     run_dir = out / name
-    cmd = [
-        sys.executable,
-        "-m",
-        "pipelines.cli",
-        "train",
-        *COMMON,
-        *SETTINGS[name],
-        *extra,
-        f"train.output_dir={run_dir}",
-    ]
+    if name in ONLINE:
+        args = ["online", ONLINE[name], *extra, "online.tensorboard=false", f"online.output_dir={run_dir}"]
+    else:
+        args = ["train", *COMMON, *SETTINGS[name], *extra, f"train.output_dir={run_dir}"]
     start = time.time()
+    cmd = [sys.executable, "-m", "pipelines.cli", *args]
     child = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log = child.stdout.read()
     _, status, usage = os.wait4(child.pid, 0)
@@ -66,10 +71,15 @@ def run_one(name: str, out: Path, extra: list[str]) -> dict:
         raise SystemExit(f"{name}: training failed (exit {child.returncode}); see {out / f'{name}.log'}")
     summary = json.loads((run_dir / "summary.json").read_text())
     report = json.loads((run_dir / "eval" / "report.json").read_text())
+    if name in ONLINE:
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text())["online"]
+        steps = cfg["rounds"] * cfg["train_steps"]
+    else:
+        steps = summary["steps"]
     reward, fidelity = report["scorers"]["toy_aesthetic"], report["scorers"]["toy_fidelity"]
-    return {
+    row = {
         "objective": name,
-        "steps": summary["steps"],
+        "steps": steps,
         "win_rate": reward["win_rate"],
         "ci": [reward["ci_low"], reward["ci_high"]],
         "reward_base": reward["mean_old"],
@@ -79,10 +89,14 @@ def run_one(name: str, out: Path, extra: list[str]) -> dict:
         "fidelity_aligned": fidelity["mean_new"],
         "fidelity_change_points": 100 * fidelity["mean_delta"],
         "train_seconds": summary["train_seconds"],
-        "seconds_per_step": summary["train_seconds"] / max(summary["steps"], 1),
+        "seconds_per_step": summary["train_seconds"] / max(steps, 1),
         "peak_rss_gb": usage.ru_maxrss / 1024**2,  # KiB -> GiB (Linux)
         "total_seconds": time.time() - start,
+        "comparisons": reward.get("n"),
     }
+    if "eval_fd" in summary:  # distribution-level reward: FD to the exemplar set, base -> aligned
+        row["fd_base"], row["fd_aligned"] = summary["eval_fd"]["base"], summary["eval_fd"]["aligned"]
+    return row
 
 
 def format_table(rows: list[dict]) -> str:
@@ -129,7 +143,9 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--objectives", default=",".join(SETTINGS), help="comma-separated registry names")
+    parser.add_argument(
+        "--objectives", default=",".join([*SETTINGS, *ONLINE]), help="comma-separated rows (SETTINGS, ONLINE)"
+    )
     parser.add_argument("--out", default=f"runs/toy_alignment-{time.strftime('%Y%m%d-%H%M%S')}")
     parser.add_argument(
         "overrides", nargs="*", help="extra key=value overrides for every run (e.g. eval.max_prompts=8)"
@@ -138,15 +154,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     names = [n for n in args.objectives.split(",") if n]
-    unknown = [n for n in names if n not in SETTINGS]
+    unknown = [n for n in names if n not in SETTINGS and n not in ONLINE]
     if unknown:
-        raise SystemExit(f"no toy settings for {unknown} (known: {', '.join(SETTINGS)})")
+        raise SystemExit(f"no toy settings for {unknown} (known: {', '.join([*SETTINGS, *ONLINE])})")
     rows = []
     for name in names:
         rows.append(run_one(name, out, args.overrides))
         print(format_table(rows[-1:]).splitlines()[-1], flush=True)
     print()
     print(format_table(rows))
+    for r in rows:
+        if "fd_base" in r:
+            print(
+                f"{r['objective']}: FD to the exemplar set on held-out prompts {r['fd_base']:.3f} -> {r['fd_aligned']:.3f}"
+            )
     (out / "results.json").write_text(json.dumps(rows, indent=2))
     plot(rows, out / "results.png")
     print(f"\nresults.json and results.png in {out}")

@@ -5,10 +5,10 @@
     python benchmarks/train_step.py --size sdxl --device cuda --precision bf16 --dtype bfloat16   # GPU only
 
 Rows (run interleaved a, b, c, a, b, c, ...; median over --steps rounds after --warmup rounds):
-  (a) diffalign's default path, the body of the `pipelines/train.py` loop: pairs from the latent + text cache
-      (`CachedPairs`, no VAE or text encoder in the step), `family_inputs` / `draw_t_and_eps` from pipelines/train.py,
-      `denoising_errors` with the reference = the same UNet with LoRA off (`reference_mode`), one stacked [w; l]
-      forward each, `DiffusionDPO`, accelerate backward / clipping / AdamW, the loop's finiteness checks and metrics.
+  (a) diffalign's default path: the functions the `pipelines/train.py` loop calls (`micro_step`, `finish_step`,
+      `read_sums` from pipelines/step.py) on pairs from the latent + text cache (`CachedPairs`, no VAE or text
+      encoder in the step): `denoising_errors` with the reference = the same UNet with LoRA off (`reference_mode`),
+      one stacked [w; l] forward each, `DiffusionDPO`, accelerate backward / clipping / AdamW, one host sync.
   (b) the naive research recipe: decode the images, VAE-encode winners and losers and run the text encoder(s)
       every step; the reference is a frozen deep copy of the UNet; winner and loser go through separate forwards.
   (c) the compute floor: policy forward + reference forward (LoRA off) + backward on ready x_t and embeddings;
@@ -70,10 +70,18 @@ from torch.utils.data import DataLoader  # noqa: E402
 from diffalign.config import EstimatorConfig, LoraConfig, ObjectiveConfig, TrainConfig  # noqa: E402
 from diffalign.data import CachedPairs, PreferencePairs, build_cache, collate, load_preferences  # noqa: E402
 from diffalign.data.sampler import EpochView, ResumableSampler  # noqa: E402
-from diffalign.likelihood import Schedule, denoising_errors  # noqa: E402
+from diffalign.likelihood import Schedule  # noqa: E402
 from diffalign.lora import add_lora, reference_mode  # noqa: E402
 from pipelines.common import build_objective  # noqa: E402
-from pipelines.train import draw_t_and_eps, family_inputs  # noqa: E402
+from pipelines.step import (  # noqa: E402
+    StepContext,
+    draw_t_and_eps,
+    family_inputs,
+    finish_step,
+    micro_step,
+    policy_through,
+    read_sums,
+)
 
 GIB = 1024**3
 # size -> (pixel resolution, pairs per step, beta)
@@ -353,6 +361,18 @@ class Bench:
         if self.ref_copy is not None:
             self.ref_copy = accelerator.prepare(self.ref_copy)
         self.reference = lambda: reference_mode(denoiser)
+        self.ctx = StepContext(
+            family=family,
+            denoise=policy_through(family, self.prepared),
+            objective=self.objective,
+            schedule=self.schedule,
+            reference=self.reference,
+            estimator=self.estimator,
+            seed=0,
+            params=self.params,
+            optimizer=self.opt_a,
+            max_grad_norm=tc.max_grad_norm,
+        )
         self.gen = torch.Generator().manual_seed(0)
         self.sums: dict[str, float] = {}
         self._floor_inputs()
@@ -373,32 +393,15 @@ class Bench:
         hook.remove()
         self.floor_call = captured["call"]
 
-    # ---- (a) the pipelines/train.py loop body, grad_accum = 1 --------------------------------------------------
+    # ---- (a) the pipelines/train.py loop body, grad_accum = 1: the same functions (pipelines/step.py) --------
     def step_a(self, amp=nullcontext) -> float:
-        acc, family, tc = self.accelerator, self.family, self.train_cfg
-        batch_data = next(self.iter_a)
-        with acc.accumulate(self.prepared):
-            with amp():
-                x0, cond, label = family_inputs(family, batch_data, self.device)
-                t, eps = draw_t_and_eps(self.objective.paired, x0, self.schedule, self.gen, self.estimator)
-                errors = denoising_errors(
-                    family.denoise, self.schedule, x0, cond, t, eps, self.reference, self.objective.xt_source
-                )
-                loss, metrics = self.objective(errors.err, errors.ref_err, label)
-                loss = loss.mean()
-            finite = bool(torch.isfinite(loss))
-            if finite:
-                acc.backward(loss)
-            if acc.sync_gradients and finite and tc.max_grad_norm > 0:
-                acc.clip_grad_norm_(self.params, tc.max_grad_norm)
-            grads_ok = finite and all(p.grad is None or torch.isfinite(p.grad).all() for p in self.params)
-            if grads_ok:
-                self.opt_a.step()
-            self.opt_a.zero_grad(set_to_none=True)
-        for k, v in {"loss": loss.detach(), **metrics}.items():
-            self.sums[k] = self.sums.get(k, 0.0) + float(v.float().mean())
+        with amp():
+            sums = micro_step(self.accelerator, self.prepared, self.ctx, next(self.iter_a), {})
+        finish_step(self.accelerator, self.ctx, sums)
+        for k, v in read_sums(sums).items():  # the loop's per-step metric read
+            self.sums[k] = self.sums.get(k, 0.0) + v
         self.lr_a.step()
-        return loss.item()
+        return self.sums["loss"]
 
     # ---- (b) the naive recipe ------------------------------------------------------------------------------------
     @contextmanager

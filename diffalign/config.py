@@ -409,8 +409,9 @@ class RoundsConfig:
     """All images of a group start from the same x_T (D3PO); DRAGON groups may use independent x_T."""
     steps: int = 20
     """Sampling steps for the round's demonstrations (may be fewer than eval.steps: DRAGON Fig. 3)."""
-    guidance: float = 5.0
-    """CFG scale when sampling (and in D3PO's training forward); official D3PO / SPO: 5.0, DRO buffer: 1.0."""
+    guidance: float = 0.0
+    """CFG scale when sampling (and in D3PO's training forward); 0 = the family's default (toy 1.5, SDXL 5.0).
+    Official D3PO / SPO: 5.0, DRO buffer: 1.0."""
     eta: float = 1.0
     """DDIM eta of the demonstrations (> 0 needed for D3PO's log-probs)."""
     sample_batch: int = 64
@@ -451,6 +452,9 @@ class RoundsConfig:
     """DRO: preference source whose winners are the experts ("toy" = the toy parquet)."""
     max_experts: int = 500
     """DRO: use at most this many experts (official K = 500)."""
+    expert_scorer: str = ""
+    """DRO: "" = the preferred image of each pair; a scorer name = the max_experts best images of all pairs by it
+    (official: top-K Pick-a-Pic images by PickScore or HPSv2)."""
     keep_checkpoints: int = 2
     """Round checkpoints kept."""
     tensorboard: bool = True

@@ -36,6 +36,7 @@ from diffalign.config import OnlineConfig, load_config, save_config, to_dict
 from diffalign.errors import DiffalignError
 from diffalign.likelihood import Schedule
 from diffalign.lora import add_lora, reference_mode, save_lora
+from diffalign.models import default_guidance
 from diffalign.models.toy import to_pil
 from diffalign.online.experts import ToyStatsEncoder, preference_winners, toy_vivid_exemplars
 from diffalign.online.pairs import PAIR_RULES, SPLIT_RULES, pairs_from_labels, read_labels
@@ -70,10 +71,6 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
         )
     if kind == "trajectory" and rc.eta <= 0:
         raise DiffalignError("online.eta must be > 0 for d3po (per-step log-probs need a stochastic step)")
-    if kind == "dro" and rc.guidance > 1:
-        raise DiffalignError(
-            "online.guidance must be <= 1 for dro: the snapshot's conditional prediction is the target"
-        )
     out = prepare_output_dir(rc.output_dir, resume=bool(resume), default_name=f"online-{name}")
     accelerator = Accelerator(
         log_with=["tensorboard"] if rc.tensorboard else None,
@@ -84,6 +81,13 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
 
     # ---- model, LoRA, reference, objective --------------------------------------------------------------------
     family = load_model(cfg.model).to(device)
+    if rc.guidance <= 0:
+        rc.guidance = default_guidance(family)  # the resolved value is what config.yaml records
+    if kind == "dro" and rc.guidance > 1:
+        raise DiffalignError(
+            f"online.guidance must be <= 1 for dro (the snapshot's conditional prediction is the target), "
+            f"not {rc.guidance:g}"
+        )
     denoiser = family.denoiser
     params = add_lora(denoiser, cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules, cfg.lora.init)
     named_params = {n: p for n, p in denoiser.named_parameters() if p.requires_grad}
@@ -115,7 +119,14 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
     prompts = read_train_prompts(rc.prompts)
     labels = read_labels(rc.labels_file) if rc.labels_file else None
     if kind == "dro":
-        pixels, expert_prompts = preference_winners(data_source(rc.experts), family.resolution, rc.max_experts)
+        expert_scorer = load_scorer(rc.expert_scorer) if rc.expert_scorer else None
+        pixels, expert_prompts = preference_winners(
+            data_source(rc.experts), family.resolution, rc.max_experts, expert_scorer
+        )
+        print(
+            f"dro: {len(expert_prompts)} experts from {rc.experts}"
+            + (f" (top by {rc.expert_scorer})" if expert_scorer else "")
+        )
         expert_x0 = family.encode_images(pixels.to(device)).cpu()  # (M, C, h, w)
 
     optimizer = torch.optim.AdamW(params, lr=rc.lr, weight_decay=rc.weight_decay)

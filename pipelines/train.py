@@ -22,7 +22,6 @@ import json
 import os
 import signal
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -44,15 +43,15 @@ from diffalign.config import RunConfig, load_config, save_config, to_dict
 from diffalign.data import collate
 from diffalign.data.sampler import EpochView, ResumableSampler
 from diffalign.errors import DiffalignError
-from diffalign.likelihood import Schedule, denoising_errors, pair_noise, pair_timesteps, sample_timesteps
+from diffalign.likelihood import Schedule
 from diffalign.lora import add_lora, reference_mode, save_lora
 from diffalign.objectives import OBJECTIVES
 from diffalign.runinfo import write_run_record
 from pipelines.common import build_objective, cache_ready, load_model, open_pairs, prepare_output_dir, save_grid
 from pipelines.evaluate import evaluate_base_vs_lora
+from pipelines.step import StepContext, finish_step, micro_step, policy_through, read_sums
 
 MAX_BAD_STEPS = 5  # non-finite steps in a row before the run stops (one is noise, five is a diverged run)
-NOISE_STREAM = 0x6E6F69  # separates the noise keys from the augmentation keys (same seed, epoch, index)
 
 
 class StopFlag:
@@ -75,6 +74,11 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
     tc = cfg.train
     if cfg.objective.name not in OBJECTIVES:
         raise DiffalignError(f"unknown objective '{cfg.objective.name}' (known: {', '.join(OBJECTIVES)})")
+    if getattr(OBJECTIVES[cfg.objective.name], "on_policy", False):
+        raise DiffalignError(
+            f"objective '{cfg.objective.name}' trains on the model's own samples: run `diffalign online` "
+            f"(e.g. configs/toy_{cfg.objective.name}.yaml)"
+        )
     if tc.mixed_precision not in ("no", "bf16", "fp16"):
         raise DiffalignError(f"train.mixed_precision must be no, bf16 or fp16, not '{tc.mixed_precision}'")
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # as Accelerator() reads it: CPU + gloo
@@ -115,13 +119,14 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
     schedule = Schedule(family.scheduler, family.prediction_type)
     denoiser = family.denoiser  # the unwrapped module: adapters are switched on it
     reference = (lambda: reference_mode(denoiser)) if objective.needs_reference else None
-    xt_source = objective.xt_source
 
     # ---- data ---------------------------------------------------------------------------------------------------
     if main and cache_ready(cfg.data) and not generates:
         print(f"training from the cache {cfg.data.cache_dir}: VAE and text encoders not loaded")
     with accelerator.main_process_first():  # one process builds the cache; the others then reuse it
-        pairs = open_pairs(cfg.data, family, resolution, seed=tc.seed, cfg_model=cfg.model, progress=main, work_dir=out)
+        pairs = open_pairs(
+            cfg.data, family, resolution, seed=tc.seed, cfg_model=cfg.model, progress=main, work_dir=out
+        )
     if main:  # what the source dropped or flagged: ties, bad rows (skip_bad_rows), duplicate ids
         dropped = ", ".join(f"{k} {v}" for k, v in pairs.counts.items() if k != "kept" and v)
         print(f"data: {len(pairs)} pairs" + (f" ({dropped})" if dropped else ""))
@@ -175,7 +180,18 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
         generator=torch.Generator().manual_seed(tc.seed),  # iter() draws its base seed here, not from the global RNG
     )
     prepared, optimizer = accelerator.prepare(denoiser, optimizer)  # DDP wrapper when multi-process
-    denoise = policy_through(family, prepared)
+    ctx = StepContext(
+        family=family,
+        denoise=policy_through(family, prepared),
+        objective=objective,
+        schedule=schedule,
+        reference=reference,
+        estimator=cfg.estimator,
+        seed=tc.seed,
+        params=params,
+        optimizer=optimizer,
+        max_grad_norm=tc.max_grad_norm,
+    )
 
     if main:
         save_config(cfg, out / "config.yaml")
@@ -191,40 +207,20 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
     t0 = time.time()
     try:
         while step < tc.max_steps:
-            step_sums: dict[str, float] = {"n": 0.0, "skipped_rows": 0.0}
-            losses_finite, ids = True, []
+            tensor_sums: dict[str, torch.Tensor] = {}
+            skipped_rows, ids = 0, []
             for _ in range(tc.grad_accum):
                 batch_data = next(data_iter)
                 position += batch * accelerator.num_processes
-                step_sums["skipped_rows"] += batch_data["skipped"]
+                skipped_rows += batch_data["skipped"]
                 while "label" not in batch_data:  # every pair of the batch was an opted-in skip
                     batch_data = next(data_iter)
                     position += batch * accelerator.num_processes
-                    step_sums["skipped_rows"] += batch_data["skipped"]
+                    skipped_rows += batch_data["skipped"]
                 ids += batch_data["index"].tolist()
-                with accelerator.accumulate(prepared):
-                    x0, cond, label = family_inputs(family, batch_data, accelerator.device)
-                    keys = list(zip(batch_data["epoch"], batch_data["index"].tolist()))
-                    t, eps = keyed_t_and_eps(objective.paired, x0, schedule, tc.seed, keys, cfg.estimator)
-                    errors = denoising_errors(denoise, schedule, x0, cond, t, eps, reference, xt_source)
-                    loss, metrics = objective(errors.err, errors.ref_err, label)
-                    loss = loss.mean()
-                    finite = on_every_process(accelerator, bool(torch.isfinite(loss)))  # all skip backward together
-                    losses_finite = losses_finite and finite
-                    if finite:
-                        accelerator.backward(loss)
-                    if accelerator.sync_gradients:  # last micro-step: the gradients are complete (and all-reduced)
-                        if losses_finite and tc.max_grad_norm > 0:
-                            accelerator.clip_grad_norm_(params, tc.max_grad_norm)
-                        grads_finite = all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
-                        if losses_finite and (grads_finite or accelerator.scaler is not None):
-                            optimizer.step()  # fp16: the GradScaler skips an overflowing step and lowers its scale
-                        optimizer.zero_grad(set_to_none=True)
-                for k, v in {"loss": loss.detach(), **metrics}.items():
-                    step_sums[k] = step_sums.get(k, 0.0) + float(v.float().mean())
-                step_sums["n"] += 1
-            if not accelerator.sync_gradients:
-                raise RuntimeError("internal: an optimizer step ended inside gradient accumulation")
+                tensor_sums = micro_step(accelerator, prepared, ctx, batch_data, tensor_sums)
+            losses_finite, grads_finite = finish_step(accelerator, ctx, tensor_sums)
+            step_sums = {**read_sums(tensor_sums), "n": float(tc.grad_accum), "skipped_rows": float(skipped_rows)}
             step_sums["stop"] = float(stop.signal is not None)
             step_sums = sum_over_processes(accelerator, step_sums)  # one small all-reduce per step
             stopping = step_sums.pop("stop") > 0  # a signal that reached any process stops them all
@@ -340,41 +336,6 @@ def truncate_metrics(path: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
-@contextmanager
-def _through(family, module):
-    bare = family.denoiser
-    family.denoiser = module
-    try:
-        yield
-    finally:
-        family.denoiser = bare
-
-
-def policy_through(family, wrapped):
-    """`family.denoise`, running `wrapped` (the DDP module: gradients all-reduce) when gradients are on.
-
-    No-grad forwards (the reference with adapters off on the bare module, inversion) skip the wrapper: nothing to
-    synchronise, and DDP would otherwise prepare a reduction that never comes. With one process `wrapped` is the
-    bare module itself.
-    """
-
-    def denoise(xt, t, cond):
-        if wrapped is family.denoiser or not torch.is_grad_enabled():
-            return family.denoise(xt, t, cond)
-        with _through(family, wrapped):
-            return family.denoise(xt, t, cond)
-
-    return denoise
-
-
-def on_every_process(accelerator, flag: bool) -> bool:
-    """True if `flag` holds on every process, so all of them take the same branch (DDP needs matching backwards)."""
-    if accelerator.num_processes == 1:
-        return flag
-    votes = accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), reduction="sum")
-    return int(votes.item()) == accelerator.num_processes
-
-
 def sum_over_processes(accelerator, values: dict[str, float]) -> dict[str, float]:
     """{name: float} summed over processes (names in the same order everywhere); float64 keeps sums exact."""
     if accelerator.num_processes == 1:
@@ -383,44 +344,6 @@ def sum_over_processes(accelerator, values: dict[str, float]) -> dict[str, float
     vec = torch.tensor([values[k] for k in names], dtype=torch.float64, device=accelerator.device)
     total = accelerator.reduce(vec, reduction="sum")  # (K,) -> (K,)
     return dict(zip(names, total.tolist()))
-
-
-def pair_generator(seed: int, epoch: int, index: int) -> torch.Generator:
-    """The generator of one pair's t and eps, keyed like its augmentation (`item_draws`): the same pair in the same
-    epoch gets the same noise whichever process, batch slot or resumed run draws it."""
-    words = np.random.SeedSequence([seed, epoch, index, NOISE_STREAM]).generate_state(2, np.uint32)
-    return torch.Generator().manual_seed(int(words[0]) << 32 | int(words[1]))
-
-
-def keyed_t_and_eps(paired: bool, x0, schedule: Schedule, seed: int, keys: list[tuple[int, int]], ecfg):
-    """t (2B,) and eps (2B, C, h, w) for x0 stacked [w; l]; pair i draws only from pair_generator(seed, *keys[i])."""
-    b = x0.shape[0] // 2
-    draws = [
-        draw_t_and_eps(paired, x0[[i, b + i]], schedule, pair_generator(seed, *key), ecfg)
-        for i, key in enumerate(keys)
-    ]  # B x ((2,), (2, C, h, w)) as [w_i; l_i]
-    t = torch.stack([d[0] for d in draws], 1).flatten()  # B x (2,) -> (2, B) -> (2B,) = [t_w; t_l]
-    eps = torch.stack([d[1] for d in draws], 1).flatten(0, 1)  # B x (2, C, h, w) -> (2, B, ...) -> (2B, C, h, w)
-    return t, eps
-
-
-def draw_t_and_eps(paired: bool, x0, schedule: Schedule, gen: torch.Generator, ecfg):
-    """Pairs share t and eps (DPO family); unpaired objectives (KTO, DRO) draw them per sample."""
-    kw = {"distribution": ecfg.timesteps, "t_min": ecfg.t_min, "t_max": ecfg.t_max}
-    n = x0.shape[0]
-    if paired:
-        t, eps = pair_timesteps(n // 2, schedule.num_train_timesteps, gen, **kw), pair_noise(x0, gen)
-    else:
-        t = sample_timesteps(n, schedule.num_train_timesteps, gen, **kw)
-        eps = torch.randn(x0.shape, generator=gen).to(x0)
-    return t.to(x0.device), eps
-
-
-def family_inputs(family, batch, device):
-    from diffalign.data.batches import model_inputs
-
-    x0, cond, label = model_inputs(family, batch)
-    return x0.to(device), {k: v.to(device) for k, v in cond.items()}, label.to(device)
 
 
 def _ignore_stop_signals(worker_id: int) -> None:

@@ -37,5 +37,11 @@ def test_config_builds_its_objective(path):
 
 
 def test_every_new_objective_has_an_sdxl_config():
-    names = {load_config(RunConfig, p).objective.name for p in CONFIGS}
-    assert {"inpo", "smpo", "kto", "mapo", "dro", "sft"} <= names
+    """Offline objectives as `diffalign train` configs; on-policy ones (DRO, D3PO) as `diffalign online` configs."""
+    from diffalign.config import OnlineConfig
+
+    sdxl = sorted((Path(__file__).resolve().parents[1] / "configs").glob("sdxl_*.yaml"))
+    names = {
+        (load_config(RunConfig, p) if p in CONFIGS else load_config(OnlineConfig, p)).objective.name for p in sdxl
+    }
+    assert {"inpo", "smpo", "kto", "mapo", "dro", "sft", "d3po"} <= names

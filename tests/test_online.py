@@ -299,3 +299,26 @@ def test_toy_dragon_fd_to_vivid_exemplars_falls(tmp_path, monkeypatch):
     )
     fd = json.loads((out / "summary.json").read_text())["eval_fd"]
     assert fd["aligned"] < fd["base"]
+
+
+def test_dro_experts_are_the_top_k_of_every_image_by_the_scorer(tmp_path):
+    """expert_scorer: all images of all pairs (ties too) are scored and the best `limit` kept, best first."""
+    from data_factory import make_rows, write_parquet
+
+    from diffalign.online.experts import preference_winners
+
+    path = write_parquet(tmp_path / "prefs.parquet", make_rows(6))
+    seen = []
+
+    def brightness(images, prompts):  # (N, 3, H, W) in [0, 1] -> (N,)
+        assert images.min() >= 0 and images.max() <= 1 and len(prompts) == len(images)
+        seen.append(images.mean((1, 2, 3)))
+        return seen[-1]
+
+    pixels, prompts = preference_winners(str(path), 32, limit=3, scorer=brightness, batch_size=5)
+    scores = torch.cat(seen)
+    assert len(scores) == 12  # 6 pairs x 2 images, the tie row included
+    assert torch.allclose(((pixels + 1) / 2).mean((1, 2, 3)), scores.sort(descending=True).values[:3])
+    assert len(prompts) == 3
+    winners, _ = preference_winners(str(path), 32, limit=0)  # no scorer: one winner per non-tie pair
+    assert len(winners) == 5

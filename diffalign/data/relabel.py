@@ -54,7 +54,9 @@ def load_or_score(path: Path, pairs: PreferencePairs, scorer_name: str, scorer_f
     return scores
 
 
-def relabel(scores: dict[int, list[float]], mode: str, lo: float = 0.0, hi: float = 0.0) -> dict[int, tuple[bool, float]]:
+def relabel(
+    scores: dict[int, list[float]], mode: str, lo: float = 0.0, hi: float = 0.0
+) -> dict[int, tuple[bool, float]]:
     """{index: (swap w and l?, label = P(new w preferred))}.
 
     argmax: the higher-scored image wins with label 1 (ties keep the order, label 0.5).

@@ -17,6 +17,7 @@ behind the same small surface:
     family.encode_prompts(prompts)  # list[str] (N) -> cond: dict[str, Tensor], each (N, ...), no grad
     family.denoise(xt, t, cond)  # (N, C, h, w), integer t (N,) in [0, T), cond -> model prediction (N, C, h, w)
     family.generate(prompts, seeds, steps, guidance, height, width, loras)  # -> list[PIL.Image]
+    default_guidance(family)     # the CFG scale generate() uses by default (config value 0 means this)
 
 `cond` is a plain dict of tensors so it can be cached to safetensors, repeated and concatenated. It may also carry
 "size_info": (N, 4) long = (original_h, original_w, crop_top, crop_left) of each training image; families that use
@@ -49,6 +50,13 @@ PIPELINE_CLASSES = {
     "PixArtSigmaPipeline": "pixart",
     "DiffalignToyPipeline": "toy",
 }
+
+
+def default_guidance(family) -> float:
+    """The CFG scale `family.generate` uses when none is given (toy 1.5; SD/SDXL/SD3/PixArt their pipeline's)."""
+    import inspect
+
+    return float(inspect.signature(family.generate).parameters["guidance"].default)
 
 
 def resolve_path(path: str) -> str:

@@ -34,6 +34,7 @@ class DiffusionDRO:
     """m of the hinge max(m, diff); the official −0.001 keeps the hinge open at init."""
 
     needs_reference: ClassVar[bool] = True
+    on_policy: ClassVar[bool] = True  # needs the policy's own samples: `diffalign online`
     xt_source: ClassVar[str] = "noise"
     paired: ClassVar[bool] = False
 

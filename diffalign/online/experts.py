@@ -5,8 +5,9 @@
 - `ToyStatsEncoder`: a fixed, hand-made colour-statistics embedding for 32 px toy images, so FD / log-likelihood
   exemplar rewards run offline on the toy world (CLIP would need hub weights). Same members as the CLIP encoders
   (`name`, `device`, `embed_images`), so it plugs into `load_scorer("fd_exemplar", exemplars=..., encoder=...)`.
-- `preference_winners`: the preferred image of every pair of a preference source (diffalign.data), the expert
-  set of Diffusion-DRO when experts are "winners of the toy parquet" (the paper: top-K Pick-a-Pic pairs by a scorer).
+- `preference_winners`: the expert set of Diffusion-DRO from a preference source (diffalign.data): the preferred
+  image of each pair, or (with a scorer) the top-K images of the whole set by that scorer, as the paper's top-K
+  Pick-a-Pic pairs by PickScore / HPSv2.
 """
 
 from __future__ import annotations
@@ -55,17 +56,40 @@ class ToyStatsEncoder:
         return 10.0 * torch.cat(feats, dim=1)  # (N, 8)
 
 
-def preference_winners(source: str, resolution: int, limit: int = 0) -> tuple[torch.Tensor, list[str]]:
-    """Preferred images of a preference source -> pixels (M, 3, R, R) in [-1, 1] and their prompts."""
+def preference_winners(
+    source: str, resolution: int, limit: int = 0, scorer=None, batch_size: int = 64
+) -> tuple[torch.Tensor, list[str]]:
+    """Expert images of a preference source -> pixels (M, 3, R, R) in [-1, 1] and their prompts.
+
+    scorer None: the preferred image of each pair, in source order, the first `limit` (0 = all).
+    scorer given (`scorer(images in [0, 1], prompts) -> (N,)`): every image of every pair (winners and losers) is
+    scored and the `limit` best (image, prompt) items are kept, as Diffusion-DRO's tools/pickapic.py picks its
+    top-K = 500 Pick-a-Pic pairs by PickScore or HPSv2.
+    """
     from diffalign.data import load_image, load_preferences
 
-    rows = load_preferences(source, drop_ties=True)
+    rows = load_preferences(source, drop_ties=scorer is None)
     pixels, prompts = [], []
     for i in range(len(rows)):
         rec = rows[i]
-        winner = rec.image_0 if rec.label_0 >= 0.5 else rec.image_1
-        pixels.append(load_image(winner, resolution, rec.where)[0])
-        prompts.append(rec.prompt)
-        if limit and len(prompts) >= limit:
+        if scorer is None:
+            images = [rec.image_0 if rec.label_0 >= 0.5 else rec.image_1]
+        else:
+            images = [rec.image_0, rec.image_1]
+        for image in images:
+            pixels.append(load_image(image, resolution, rec.where)[0])
+            prompts.append(rec.prompt)
+        if scorer is None and limit and len(prompts) >= limit:
             break
-    return torch.stack(pixels), prompts
+    pixels = torch.stack(pixels)  # (N, 3, R, R)
+    if scorer is None:
+        return pixels, prompts
+    with torch.no_grad():
+        scores = torch.cat(
+            [
+                scorer((pixels[i : i + batch_size] + 1) / 2, prompts[i : i + batch_size]).float().cpu()
+                for i in range(0, len(prompts), batch_size)
+            ]
+        )  # (N,)
+    keep = scores.argsort(descending=True)[: limit or len(prompts)]
+    return pixels[keep], [prompts[i] for i in keep.tolist()]

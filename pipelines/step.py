@@ -1,0 +1,162 @@
+"""One optimizer step of `diffalign train`, as functions: what the loop runs and what benchmarks/train_step.py times.
+
+    ctx = StepContext(...)                      # model, estimator, objective, optimizer: fixed for the run
+    for batch in micro_batches:                 # grad_accum of them
+        sums = micro_step(accelerator, prepared, ctx, batch, sums)   # forward, backward (no host sync)
+    ok = finish_step(accelerator, ctx, sums)    # clip, ONE host sync, optimizer step or skip
+
+No host syncs inside a micro-step: the loss always goes backward, and finiteness is decided once per optimizer step
+from the summed losses and the gradient norm (one `.item()`-like read). A non-finite loss makes the gradients
+non-finite too (on every process: DDP all-reduces them), so every process skips the same steps; the loop's
+counters see the same flags because the sums are all-reduced with the step's metrics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from diffalign.likelihood import Schedule, denoising_errors, pair_noise, pair_timesteps, sample_timesteps
+
+NOISE_STREAM = 0x6E6F69  # separates the noise keys from the augmentation keys (same seed, epoch, index)
+
+
+@dataclass
+class StepContext:
+    """What every step of a run shares."""
+
+    family: object
+    denoise: Callable  # policy_through(family, prepared): DDP-aware family.denoise
+    objective: object
+    schedule: Schedule
+    reference: Callable | None  # () -> context manager with adapters off; None for reference-free objectives
+    estimator: object  # EstimatorConfig: timestep distribution
+    seed: int  # keys each pair's t and eps with (seed, epoch, index)
+    params: list
+    optimizer: torch.optim.Optimizer
+    max_grad_norm: float
+
+
+def step_loss(ctx: StepContext, batch: dict, device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Mean objective loss (scalar) and its metrics for one collated batch (keys epoch and index give the noise)."""
+    x0, cond, label = family_inputs(ctx.family, batch, device)
+    keys = list(zip(batch["epoch"], batch["index"].tolist()))
+    t, eps = keyed_t_and_eps(ctx.objective.paired, x0, ctx.schedule, ctx.seed, keys, ctx.estimator)
+    errors = denoising_errors(ctx.denoise, ctx.schedule, x0, cond, t, eps, ctx.reference, ctx.objective.xt_source)
+    loss, metrics = ctx.objective(errors.err, errors.ref_err, label)
+    return loss.mean(), metrics
+
+
+def micro_step(accelerator, prepared, ctx: StepContext, batch: dict, sums: dict) -> dict[str, torch.Tensor]:
+    """Forward + backward of one micro-batch inside accelerate's accumulation; adds the detached loss and metric
+    means to `sums` (tensors on the device: read once per step, in finish_step's sync)."""
+    with accelerator.accumulate(prepared):
+        loss, metrics = step_loss(ctx, batch, accelerator.device)
+        accelerator.backward(loss)
+    for k, v in {"loss": loss.detach(), **metrics}.items():
+        v = v.detach().float().mean()
+        sums[k] = sums[k] + v if k in sums else v
+    return sums
+
+
+def finish_step(accelerator, ctx: StepContext, sums: dict[str, torch.Tensor]) -> tuple[bool, bool]:
+    """After the last micro-step: clip, decide finiteness with one host read, step or skip, zero the gradients.
+
+    Returns (losses_finite, grads_finite). With fp16's GradScaler the optimizer step is taken whenever the losses
+    are finite: the scaler itself skips an overflowing step and lowers its scale.
+    """
+    if not accelerator.sync_gradients:
+        raise RuntimeError("internal: an optimizer step ended inside gradient accumulation")
+    grads = [p.grad for p in ctx.params if p.grad is not None]
+    if ctx.max_grad_norm > 0:
+        norm = accelerator.clip_grad_norm_(ctx.params, ctx.max_grad_norm)  # unscales fp16 gradients first
+    else:
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=accelerator.device)
+    bad = torch.stack([~torch.isfinite(sums["loss"]), ~torch.isfinite(norm.float()).to(sums["loss"].device)])
+    if accelerator.num_processes > 1:  # every process takes the same branch (and fp16 scalers stay identical)
+        bad = accelerator.reduce(bad.float(), reduction="sum")
+    losses_finite, grads_finite = (not f for f in bad.tolist())  # the step's one host sync
+    if losses_finite and (grads_finite or accelerator.scaler is not None):
+        ctx.optimizer.step()
+    ctx.optimizer.zero_grad(set_to_none=True)
+    return losses_finite, grads_finite
+
+
+def read_sums(sums: dict[str, torch.Tensor]) -> dict[str, float]:
+    """{name: device scalar} -> {name: float} with one device-to-host copy."""
+    if not sums:
+        return {}
+    return dict(zip(sums, torch.stack([v.float() for v in sums.values()]).tolist()))
+
+
+# ---- pieces ---------------------------------------------------------------------------------------------------
+
+
+def family_inputs(family, batch, device):
+    """(x0 stacked [w; l], conditioning dict, label) on `device` from a collated batch."""
+    from diffalign.data.batches import model_inputs
+
+    x0, cond, label = model_inputs(family, batch)
+    return x0.to(device), {k: v.to(device) for k, v in cond.items()}, label.to(device)
+
+
+def pair_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    """The generator of one pair's t and eps, keyed like its augmentation (`item_draws`): the same pair in the same
+    epoch gets the same noise whichever process, batch slot or resumed run draws it."""
+    words = np.random.SeedSequence([seed, epoch, index, NOISE_STREAM]).generate_state(2, np.uint32)
+    return torch.Generator().manual_seed(int(words[0]) << 32 | int(words[1]))
+
+
+def keyed_t_and_eps(paired: bool, x0, schedule: Schedule, seed: int, keys: list[tuple[int, int]], ecfg):
+    """t (2B,) and eps (2B, C, h, w) for x0 stacked [w; l]; pair i draws only from pair_generator(seed, *keys[i])."""
+    b = x0.shape[0] // 2
+    draws = [
+        draw_t_and_eps(paired, x0[[i, b + i]], schedule, pair_generator(seed, *key), ecfg)
+        for i, key in enumerate(keys)
+    ]  # B x ((2,), (2, C, h, w)) as [w_i; l_i]
+    t = torch.stack([d[0] for d in draws], 1).flatten()  # B x (2,) -> (2, B) -> (2B,) = [t_w; t_l]
+    eps = torch.stack([d[1] for d in draws], 1).flatten(0, 1)  # B x (2, C, h, w) -> (2, B, ...) -> (2B, C, h, w)
+    return t, eps
+
+
+def draw_t_and_eps(paired: bool, x0, schedule: Schedule, gen: torch.Generator, ecfg):
+    """Pairs share t and eps (DPO family); unpaired objectives (KTO, DRO) draw them per sample."""
+    kw = {"distribution": ecfg.timesteps, "t_min": ecfg.t_min, "t_max": ecfg.t_max}
+    n = x0.shape[0]
+    if paired:
+        t, eps = pair_timesteps(n // 2, schedule.num_train_timesteps, gen, **kw), pair_noise(x0, gen)
+    else:
+        t = sample_timesteps(n, schedule.num_train_timesteps, gen, **kw)
+        eps = torch.randn(x0.shape, generator=gen).to(x0)
+    return t.to(x0.device), eps
+
+
+@contextmanager
+def _through(family, module):
+    bare = family.denoiser
+    family.denoiser = module
+    try:
+        yield
+    finally:
+        family.denoiser = bare
+
+
+def policy_through(family, wrapped):
+    """`family.denoise`, running `wrapped` (the DDP module: gradients all-reduce) when gradients are on.
+
+    No-grad forwards (the reference with adapters off on the bare module, inversion) skip the wrapper: nothing to
+    synchronise, and DDP would otherwise prepare a reduction that never comes. With one process `wrapped` is the
+    bare module itself.
+    """
+
+    def denoise(xt, t, cond):
+        if wrapped is family.denoiser or not torch.is_grad_enabled():
+            return family.denoise(xt, t, cond)
+        with _through(family, wrapped):
+            return family.denoise(xt, t, cond)
+
+    return denoise
