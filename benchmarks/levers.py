@@ -12,6 +12,8 @@ both relative to the default row (no autocast, contiguous, no checkpointing, for
   channels_last       UNet weights (and so conv activations) in NHWC
   grad ckpt           diffusers gradient checkpointing (recompute in backward): the time-vs-memory trade
   fused AdamW         torch.optim.AdamW(fused=True) (meant for the GPU; LoRA params are few)
+  MaPO                the MaPO objective instead of Diffusion-DPO: no reference forward at all (its time and
+                      memory saving; same batches, same loop functions)
 With --compile, torch.compile(UNet) runs last (it cannot be switched off again): start-up = first step, then the
 steady median. Compiled graphs are per (adapters on/off, grad/no-grad), so the first step compiles several.
 """
@@ -34,15 +36,19 @@ import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 from train_step import DTYPES, GIB, REPO, SIZES, Bench, MemoryProbe, machine, measure  # noqa: E402
 
-# name -> (autocast bf16, channels_last, gradient checkpointing, fused AdamW)
+from diffalign.config import ObjectiveConfig  # noqa: E402
+from pipelines.common import build_objective  # noqa: E402
+
+# name -> (autocast bf16, channels_last, gradient checkpointing, fused AdamW, objective)
 LEVERS = {
-    "default": (False, False, False, False),
-    "bf16 autocast": (True, False, False, False),
-    "channels_last": (False, True, False, False),
-    "bf16 + channels_last": (True, True, False, False),
-    "grad ckpt": (False, False, True, False),
-    "bf16 + grad ckpt": (True, False, True, False),
-    "fused AdamW": (False, False, False, True),
+    "default": (False, False, False, False, "dpo"),
+    "bf16 autocast": (True, False, False, False, "dpo"),
+    "channels_last": (False, True, False, False, "dpo"),
+    "bf16 + channels_last": (True, True, False, False, "dpo"),
+    "grad ckpt": (False, False, True, False, "dpo"),
+    "bf16 + grad ckpt": (True, False, True, False, "dpo"),
+    "fused AdamW": (False, False, False, True, "dpo"),
+    "MaPO (no reference)": (False, False, False, False, "mapo"),
 }
 
 
@@ -55,18 +61,21 @@ class LeverStep:
         self.adamw = bench.opt_a.optimizer
         tc = bench.train_cfg
         self.fused = torch.optim.AdamW(bench.params, lr=tc.lr, weight_decay=tc.weight_decay, fused=True)
+        self.objectives = {"dpo": bench.objective, "mapo": build_objective(ObjectiveConfig(name="mapo"))}
         self.state = None
 
     def apply(self, setting: tuple) -> None:
         """Switch the shared UNet / optimizer to `setting` (cheap when only autocast or the optimizer change)."""
-        _, channels_last, ckpt, fused = setting
-        old = self.state or (False, False, False, False)
+        _, channels_last, ckpt, fused, objective = setting
+        old = self.state or LEVERS["default"]
         denoiser = self.bench.family.denoiser
         if self.state is None or channels_last != old[1]:
             denoiser.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         if self.state is None or ckpt != old[2]:
             denoiser.enable_gradient_checkpointing() if ckpt else denoiser.disable_gradient_checkpointing()
         self.bench.opt_a.optimizer = self.fused if fused else self.adamw
+        self.bench.ctx.objective = self.objectives[objective]
+        self.bench.ctx.reference = self.bench.reference if self.objectives[objective].needs_reference else None
         self.state = setting
 
     def step(self, setting: tuple) -> float:
@@ -78,7 +87,7 @@ class LeverStep:
 
 def run_compile(bench: Bench, lever: LeverStep, probe: MemoryProbe, steps: int, bf16: bool) -> dict:
     """torch.compile the UNet in place, then time the first step (start-up) and `steps` more."""
-    setting = (bf16, False, False, False)
+    setting = (bf16, False, False, False, "dpo")
     lever.apply(setting)
     bench.family.denoiser.compile()
     times, peaks = [], []

@@ -38,3 +38,11 @@ def test_sampling_tiny(tmp_path):
     assert all(row["images_per_s"] > 0 for row in rows.values())
     # same scheduler, seeds and guidance: diffalign's sampler draws the pipeline's images (up to rounding)
     assert rows["diffalign sample()"]["max_abs_diff_uint8"] <= 1
+
+
+def test_levers_tiny(tmp_path):
+    out = tmp_path / "levers.json"
+    _run("levers.py", "--size", "tiny", "--steps", "1", "--warmup", "1", "--json", str(out))
+    levers = json.loads(out.read_text())["levers"]
+    assert {"default", "bf16 autocast", "grad ckpt", "MaPO (no reference)"} <= set(levers)
+    assert all(row["median_s"] > 0 for row in levers.values())

@@ -273,7 +273,7 @@ def test_online_config_loads_and_fits_its_objective(path):
 
 @needs_toy
 @pytest.mark.slow
-@pytest.mark.parametrize("config", ["toy_d3po", "toy_dragon"])
+@pytest.mark.parametrize("config", ["toy_d3po", "toy_dragon", "toy_dro"])
 def test_toy_aesthetic_rises_on_heldout_prompts(tmp_path, monkeypatch, config):
     """The shipped toy configs, seeded: the aligned model beats the base on held-out prompts (same seeds)."""
     from pipelines.online import run
