@@ -398,10 +398,11 @@ class Bench:
         with amp():
             sums = micro_step(self.accelerator, self.prepared, self.ctx, next(self.iter_a), {})
         finish_step(self.accelerator, self.ctx, sums)
-        for k, v in read_sums(sums).items():  # the loop's per-step metric read
+        metrics = read_sums(sums)  # the loop's per-step metric read
+        for k, v in metrics.items():
             self.sums[k] = self.sums.get(k, 0.0) + v
         self.lr_a.step()
-        return self.sums["loss"]
+        return metrics["loss"]
 
     # ---- (b) the naive recipe ------------------------------------------------------------------------------------
     @contextmanager
