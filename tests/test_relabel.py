@@ -42,9 +42,16 @@ def test_relabeled_swaps_every_w_l_field():
 def test_train_with_scorer_labels_writes_scores_once(tmp_path):
     pairs = write_parquet(tmp_path / "pairs.parquet", make_rows(8, seed=1))
     run = tmp_path / "run"
-    args = ["train", str(REPO / "configs/tiny/sd15_dpo.yaml"), f"model.path={REPO / 'assets/tiny/sd15'}",
-            f"data.source={pairs}", "data.label_scorer=toy_aesthetic", "data.label_mode=smpo",
-            "train.max_steps=2", f"train.output_dir={run}"]
+    args = [
+        "train",
+        str(REPO / "configs/tiny/sd15_dpo.yaml"),
+        f"model.path={REPO / 'assets/tiny/sd15'}",
+        f"data.source={pairs}",
+        "data.label_scorer=toy_aesthetic",
+        "data.label_mode=smpo",
+        "train.max_steps=2",
+        f"train.output_dir={run}",
+    ]
     assert main(args) == 0
     saved = json.loads((run / "scores-toy_aesthetic.json").read_text())
     kept = len(load_preferences(str(pairs)))  # ties dropped

@@ -13,8 +13,13 @@ pytestmark = pytest.mark.skipif(
     not (TOY_MODEL / "model_index.json").is_file() or not TOY_TRAIN.is_file(), reason="toy model or toy data not built"
 )
 
-SHORT = ["train.max_steps=150", "train.batch_size=8", "eval.max_prompts=8", "eval.images_per_prompt=4",
-         "train.log_every=50"]
+SHORT = [
+    "train.max_steps=150",
+    "train.batch_size=8",
+    "eval.max_prompts=8",
+    "eval.images_per_prompt=4",
+    "train.log_every=50",
+]
 
 
 def _report(tmp_path: Path, beta: float) -> dict:

@@ -17,12 +17,25 @@ def test_generate_score_compare_on_the_toy_model(tmp_path):
     prompts.write_text("\n".join(PROMPTS))
     a, b = tmp_path / "a", tmp_path / "b"
     for out in (a, b):
-        assert main(["generate", "model.path=toy", f"prompts_file={prompts}", "images_per_prompt=2", "steps=10",
-                     f"output_dir={out}"]) == 0
+        assert (
+            main(
+                [
+                    "generate",
+                    "model.path=toy",
+                    f"prompts_file={prompts}",
+                    "images_per_prompt=2",
+                    "steps=10",
+                    f"output_dir={out}",
+                ]
+            )
+            == 0
+        )
     assert main(["score", f"images={a}", "scorers=[toy_aesthetic,toy_fidelity]", f"output_dir={tmp_path / 's'}"]) == 0
     rows = [json.loads(line) for line in (tmp_path / "s" / "scores.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and all(0 <= r["toy_fidelity"] <= 1 for r in rows)
-    assert main(["compare", f"base={a}", f"aligned={b}", "scorers=[toy_aesthetic]", f"output_dir={tmp_path / 'c'}"]) == 0
+    assert (
+        main(["compare", f"base={a}", f"aligned={b}", "scorers=[toy_aesthetic]", f"output_dir={tmp_path / 'c'}"]) == 0
+    )
     report = json.loads((tmp_path / "c" / "report.json").read_text())
     assert report["scorers"]["toy_aesthetic"]["win_rate"] == 0.5  # same model, same seeds: all ties
     assert (tmp_path / "c" / "report.html").is_file() and (tmp_path / "c" / "report.png").is_file()
