@@ -21,7 +21,6 @@ steady median. Compiled graphs are per (adapters on/off, grad/no-grad), so the f
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -34,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
-from train_step import DTYPES, GIB, REPO, SIZES, Bench, MemoryProbe, machine, measure  # noqa: E402
+from bench_io import machine, write_results  # noqa: E402
+from train_step import DTYPES, GIB, SIZES, Bench, MemoryProbe, measure  # noqa: E402
 
 from diffalign.config import ObjectiveConfig  # noqa: E402
 from pipelines.common import build_objective  # noqa: E402
@@ -169,11 +169,7 @@ def main(argv=None) -> dict:
         "levers": results,
         "compile": compiled,
     }
-    path = Path(args.json or REPO / "benchmarks/results" / f"levers-{args.size}-{bench.device.type}.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1))
-    print(f"wrote {path}")
-    return out
+    return write_results(out, args.json, f"levers-{args.size}-{bench.device.type}.json")
 
 
 if __name__ == "__main__":

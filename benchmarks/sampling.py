@@ -18,9 +18,7 @@ sample() does, not to use its default zero embeddings).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -38,6 +36,8 @@ from diffusers import DDIMScheduler  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench_io import machine, write_results  # noqa: E402
+
 from diffalign.models import load_family  # noqa: E402
 from diffalign.models.toy import add_coords, to_pil  # noqa: E402
 from diffalign.paths import TOY_MODEL  # noqa: E402
@@ -46,13 +46,6 @@ from diffalign.sampling import sample  # noqa: E402
 MODELS = {"sd15": REPO / "assets/tiny/sd15", "sdxl": REPO / "assets/tiny/sdxl", "toy": TOY_MODEL}
 PROMPTS = ["a photo of a red cat", "a blue square at the left", "a painting of a dog", "a green circle"]
 TARGET = 0.9
-
-
-def machine() -> dict:
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "")
-    info = {"date": time.strftime("%Y-%m-%d %H:%M"), "cpu": cpu or platform.processor(), "cores": os.cpu_count()}
-    info.update(threads=torch.get_num_threads(), load_1min=os.getloadavg()[0], torch=torch.__version__)
-    return info
 
 
 def ddim(family) -> DDIMScheduler:
@@ -176,11 +169,7 @@ def main(argv=None) -> dict:
             continue
         results[name] = bench_model(name, args)
     out = {"machine": machine(), "settings": vars(args), "models": results, "target": TARGET}
-    path = Path(args.json or REPO / "benchmarks/results" / "sampling.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1))
-    print(f"wrote {path}")
-    return out
+    return write_results(out, args.json, "sampling.json")
 
 
 if __name__ == "__main__":

@@ -36,9 +36,7 @@ import copy
 import ctypes
 import gc
 import io
-import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -64,6 +62,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from accelerate import Accelerator  # noqa: E402
+from bench_io import machine, write_results  # noqa: E402
 from diffusers.optimization import get_scheduler  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
@@ -287,24 +286,6 @@ def held_bytes(modules: list, optimizers: list = ()) -> int:
             seen.add(key)
             total += t.untyped_storage().nbytes()
     return total
-
-
-def machine() -> dict:
-    cpu = platform.processor()
-    if Path("/proc/cpuinfo").is_file():
-        cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), cpu)
-    info = {
-        "date": time.strftime("%Y-%m-%d %H:%M"),
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-        "load_1min": os.getloadavg()[0],
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    }
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -584,17 +565,9 @@ def main(argv=None) -> dict:
         probe = MemoryProbe(bench.device)
         results = measure(steps, probe, args.steps, args.warmup, log=(lambda *_: None) if args.quiet else print)
         out = report(bench, results, args, probe.process_peak)
-    path = Path(
-        args.json
-        or REPO
-        / "benchmarks/results"
-        / f"train_step-{args.size}-{bench.device.type}-{args.precision}"
-        f"{'-gc' if args.gradient_checkpointing else ''}.json"
-    )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1))
-    print(f"wrote {path}")
-    return out
+    gc = "-gc" if args.gradient_checkpointing else ""
+    name = f"train_step-{args.size}-{bench.device.type}-{args.precision}{gc}.json"
+    return write_results(out, args.json, name)
 
 
 if __name__ == "__main__":
