@@ -71,10 +71,10 @@ def finish_step(accelerator, ctx: StepContext, sums: dict[str, torch.Tensor]) ->
     """
     if not accelerator.sync_gradients:
         raise RuntimeError("internal: an optimizer step ended inside gradient accumulation")
-    grads = [p.grad for p in ctx.params if p.grad is not None]
     if ctx.max_grad_norm > 0:
         norm = accelerator.clip_grad_norm_(ctx.params, ctx.max_grad_norm)  # unscales fp16 gradients first
     else:
+        grads = [p.grad for p in ctx.params if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=accelerator.device)
     bad = torch.stack([~torch.isfinite(sums["loss"]), ~torch.isfinite(norm.float()).to(sums["loss"].device)])
     if accelerator.num_processes > 1:  # every process takes the same branch (and fp16 scalers stay identical)
