@@ -9,6 +9,7 @@ Below the maths: the registered scorers that apply it to (images, prompts) again
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,11 +89,37 @@ def fd_leave_one_out(x: torch.Tensor, mu_ref: torch.Tensor, cov_ref: torch.Tenso
     return full - torch.cat(out)
 
 
+def oas_covariance(x: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Oracle-Approximating Shrinkage covariance of (N, D) samples -> ((D, D) float64, shrinkage rho in [0, 1]).
+
+    Sigma = (1 - rho) S + rho (tr S / D) I, with S the maximum-likelihood covariance (1/N) and
+    rho = min(1, (tr S² + tr² S) / ((N + 1)(tr S² - tr² S / D)))       (Chen, Wiesel, Eldar & Hero 2010,
+    "Shrinkage algorithms for MMSE covariance estimation", IEEE TSP 58(10), eq. 23; as sklearn.covariance.oas).
+
+    Why: an exemplar set usually has fewer images than embedding dimensions (8 in the tests, 256 toy renders vs
+    768-d CLIP), so S is singular. A tiny ridge leaves directions with near-zero variance, in which a float32
+    rounding change of an embedding (a different MKL/oneDNN kernel, a different batch around the image) moves the
+    log-likelihood by whole nats. OAS picks the shrinkage from the data, is defined for N < D, and bounds the
+    condition number of Sigma, so the likelihood becomes a smooth function of the embedding.
+    """
+    n, d = x.shape
+    if n < 2:
+        raise ValueError(f"need at least 2 samples for a covariance, got {n}")
+    xc = x.double() - x.double().mean(0)
+    s = xc.T @ xc / n  # (D, N) @ (N, D) -> (D, D), MLE
+    mu = s.diagonal().mean()  # tr S / D
+    alpha = s.square().mean()  # tr S² / D²
+    den = (n + 1) * (alpha - mu.square() / d)
+    rho = 1.0 if den <= 0 else min(float((alpha + mu.square()) / den), 1.0)
+    return (1 - rho) * s + rho * mu * torch.eye(d, dtype=s.dtype, device=s.device), rho
+
+
 def gaussian_log_likelihood(x: torch.Tensor, mu: torch.Tensor, cov: torch.Tensor, ridge: float = 1e-4) -> torch.Tensor:
     """log N(x_i; mu, cov + ridge · (tr cov / D) · I) per row: (N, D) -> (N,) float64.
 
-    The ridge is relative to the mean variance, so it means the same for any embedding scale; it is needed
-    whenever there are fewer exemplars than dimensions (singular cov).
+    The ridge is relative to the mean variance, so it means the same for any embedding scale. It only keeps the
+    Cholesky factorisation safe; pass a well-conditioned `cov` (`oas_covariance`) when cov comes from fewer
+    samples than dimensions.
     """
     d = x.shape[-1]
     cov = cov.double()
@@ -256,12 +283,24 @@ class FDExemplar:
 
 @dataclass
 class LoglikExemplar:
-    """Reward_i = log N(e_i; mu_ex, cov_ex + ridge) in nats, per image, independent of the rest of the batch."""
+    """Reward_i = log N(e_i; mu_ex, Sigma_ex) in nats, per image, independent of the rest of the batch.
+
+    Sigma_ex is the Oracle-Approximating Shrinkage covariance of the exemplar embeddings (`oas_covariance`), so the
+    reward is well-conditioned with fewer exemplars than dimensions: an embedding moved at float32 rounding level
+    changes it by far less than rewards differ across images. With fewer exemplars than dimensions, `load` warns.
+    """
 
     encoder: Encoder
     exemplars: ExemplarSet
     normalize: bool = False
-    ridge: float = 1e-4
+    cov: torch.Tensor | None = None
+    """(D, D) float64 shrunk covariance of the exemplars; None = computed from `exemplars.embeddings`."""
+    shrinkage: float = 0.0
+    """The OAS rho that produced `cov` (reported, not an input)."""
+
+    def __post_init__(self):
+        if self.cov is None:
+            self.cov, self.shrinkage = oas_covariance(self.exemplars.embeddings)
 
     @classmethod
     def load(
@@ -271,19 +310,26 @@ class LoglikExemplar:
         processor: str | None = None,
         encoder: Encoder | None = None,
         normalize: bool = False,
-        ridge: float = 1e-4,
         cache_dir: str | Path | None = None,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         batch_size: int = 32,
     ) -> LoglikExemplar:
         enc = _encoder(encoder, clip_model, processor, device, dtype, batch_size)
-        return cls(enc, _exemplar_set(enc, exemplars, normalize, cache_dir), normalize, ridge)
+        ex = _exemplar_set(enc, exemplars, normalize, cache_dir)
+        m, d = ex.embeddings.shape
+        if m <= d:
+            warnings.warn(
+                f"loglik_exemplar: {m} exemplars for {d}-dimensional embeddings; the covariance is shrunk toward "
+                "a scaled identity (OAS), so the reward is mostly a scaled distance to the exemplar mean",
+                stacklevel=2,
+            )
+        return cls(enc, ex, normalize)
 
     @torch.no_grad()
     def __call__(self, images: Images, prompts: Sequence[str] | None = None) -> torch.Tensor:
         emb = _embed(self.encoder, images, self.normalize)
-        return gaussian_log_likelihood(emb, self.exemplars.mu, self.exemplars.cov, self.ridge).float()  # (N,)
+        return gaussian_log_likelihood(emb, self.exemplars.mu, self.cov, ridge=0.0).float()  # (N,)
 
 
 @dataclass
