@@ -46,6 +46,7 @@ def _assert_same_inputs(a, b):
     assert torch.equal(label_a, label_b)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("name", ["sd15", "sdxl"])
 def test_cached_batch_equals_uncached_batch_and_needs_no_encoders(tmp_path, source, name):
     family = load_family(str(TINY / name))

@@ -195,6 +195,7 @@ def test_exemplar_scorers_prefer_the_exemplar_colour(name, clip_dirs, exemplar_d
     assert r[:3].min() > r[3:].max()
 
 
+@pytest.mark.numerics
 def test_loglik_is_per_instance_and_accepts_a_scorers_encoder(encoder, exemplar_dir):
     """Any scorer's encoder (here the tiny CLIP behind clip_score) can embed; loglik ignores the rest of the batch.
 

@@ -71,6 +71,7 @@ def test_reconstruction_tolerance_and_renoise_beats_ddim(schedule):
     assert errs[10, True] < 0.75 * errs[10, False]
 
 
+@pytest.mark.numerics
 def test_per_sample_t_matches_one_by_one_and_t0_is_x0(schedule):
     g = torch.Generator().manual_seed(1)
     mu, s = torch.randn(1, 4, 8, 8, generator=g), 0.7

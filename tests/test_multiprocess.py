@@ -94,6 +94,7 @@ def test_shipped_accelerate_configs_load_with_accelerate(path):
     assert config.mixed_precision == "no"  # precision comes from train.mixed_precision (it wins over this file)
 
 
+@pytest.mark.numerics
 @pytest.mark.slow  # two `accelerate launch` runs of 2 processes: ~45 s on 2 shared cores
 def test_two_processes_equal_one_with_the_doubled_batch_and_resume(tmp_path):
     pairs = write_parquet(tmp_path / "pairs.parquet", make_rows(12, seed=3))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import reward_factory as rf
 import torch
+from numerics import assert_close_to_scale
 from PIL import Image
 
 from diffalign.rewards import SCORERS, load_scorer, scorer_class
@@ -60,6 +61,7 @@ def test_registry_names_resolve():
         assert callable(scorer_class(name).load)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("name", INSTANCE)
 def test_shape_determinism_and_batch_invariance(scorers, name):
     s = scorers[name]
@@ -70,7 +72,7 @@ def test_shape_determinism_and_batch_invariance(scorers, name):
     torch.testing.assert_close(s(images, prompts), a, rtol=0, atol=0)
     s.encoder.batch_size = 3  # 3 + 3 + 2
     try:
-        torch.testing.assert_close(s(images, prompts), a, rtol=1e-5, atol=1e-5)
+        assert_close_to_scale(s(images, prompts), a)  # other batches around each image: equal to float rounding
     finally:
         s.encoder.batch_size = 8
 

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import DDIMScheduler
+from numerics import assert_close_to_scale
 
 from diffalign.lora import add_lora
 from diffalign.models import load_family
@@ -27,6 +28,7 @@ def sd15():
     return load_family(str(TINY / "sd15"))
 
 
+@pytest.mark.numerics
 def test_eta0_matches_the_diffusers_pipeline(sd15):
     """Same seeds, DDIM eta 0, CFG: our latents equal StableDiffusionPipeline(output_type="latent")."""
     scheduler = DDIMScheduler.from_config(sd15.pipe.scheduler.config)
@@ -72,6 +74,7 @@ def test_log_prob_prefers_the_mean_and_is_a_per_dim_mean(sd15):
         step_log_prob(scheduler, pred, t, xt, mean, 0.0)
 
 
+@pytest.mark.numerics
 def test_groups_share_initial_noise_but_not_step_noise(sd15):
     traj = sample_trajectories(sd15, [PROMPTS[0]] * 3, [5, 5, 5], steps=2, guidance=1.0, eta=1.0, noise_seed=0)
     x_T = traj.latents[0]  # (3, 4, 8, 8)
@@ -80,7 +83,10 @@ def test_groups_share_initial_noise_but_not_step_noise(sd15):
     again = sample_trajectories(sd15, [PROMPTS[0]] * 3, [5, 5, 5], steps=2, guidance=1.0, eta=1.0, noise_seed=0)
     assert torch.equal(again.latents, traj.latents)  # seeded: reproducible
     eta0 = sample_trajectories(sd15, [PROMPTS[0]] * 2, [5, 5], steps=2, guidance=1.0, eta=0.0)
-    assert torch.equal(eta0.x0[0], eta0.x0[1]) and eta0.log_probs is None
+    # two rows of one batch may round differently (row position picks the kernel path): equal to the scale
+    assert_close_to_scale(eta0.x0[0], eta0.x0[1])
+    assert eta0.log_probs is None
+    assert (traj.x0[0] - traj.x0[1]).abs().max() > 1e-2 * traj.x0.abs().max()  # step noise: far beyond rounding
 
 
 def test_log_prob_gradient_reaches_lora(sd15):

@@ -98,6 +98,7 @@ def test_resume_continues_step_count_and_losses_exactly(pairs_file, tmp_path):
     assert resumed[4]["reward_margin"] == pytest.approx(full[4]["reward_margin"], abs=1e-5)
 
 
+@pytest.mark.numerics
 def test_cached_and_uncached_paths_give_the_same_loss(pairs_file, tmp_path):
     family = load_family(str(TINY["sdxl"]))
     rows = load_preferences(str(pairs_file))
