@@ -26,6 +26,7 @@ SCORERS: dict[str, str] = {
     "loglik_exemplar": "diffalign.rewards.distributional:LoglikExemplar",
     "cmmd_exemplar": "diffalign.rewards.distributional:CMMDExemplar",
     "vendi": "diffalign.rewards.distributional:Vendi",
+    "geneval": "diffalign.rewards.geneval:GenEvalScore",
 }
 
 

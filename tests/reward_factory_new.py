@@ -1,0 +1,40 @@
+"""Tiny random checkpoints for the detection, OCR and VLM-judge scorers, built offline in about a second each.
+
+Each is the real transformers class at a tiny size, seeded, saved with `save_pretrained` (model and processor in
+one folder, as the hub repos are) and loaded by the scorer with `from_pretrained`:
+- OWLv2 (`Owlv2ForObjectDetection` + `Owlv2Processor`): hidden 32, 1 layer each tower, 32 px images, patch 8;
+- TrOCR (`VisionEncoderDecoderModel`: ViT encoder + `TrOCRForCausalLM` decoder, `TrOCRProcessor`): hidden 32;
+- Qwen2-VL (`Qwen2VLForConditionalGeneration` + `Qwen2VLProcessor`): hidden 32, 1 layer, vision depth 1.
+Tokenizers are built from word lists (diffalign.models.tokenizers and `tokenizers` BPE), no download.
+The weights are random: these check loading, batching and the score arithmetic, not accuracy.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+DETECTOR_WORDS = ["a", "photo", "of", "dog", "cat", "car", "bench", "red", "blue"]
+
+
+def build_owlv2(root: Path, seed: int = 0) -> Path:
+    """-> folder with a tiny `Owlv2ForObjectDetection` and its `Owlv2Processor`."""
+    from transformers import Owlv2Config, Owlv2ForObjectDetection, Owlv2ImageProcessor, Owlv2Processor
+
+    from diffalign.models.tokenizers import build_clip_tokenizer
+
+    tok = build_clip_tokenizer(DETECTOR_WORDS, model_max_length=16)
+    eos = tok.convert_tokens_to_ids("<|endoftext|>")
+    text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                max_position_embeddings=16, bos_token_id=tok.convert_tokens_to_ids("<|startoftext|>"),
+                eos_token_id=eos, pad_token_id=eos)  # fmt: skip
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=32,
+                  patch_size=8)  # fmt: skip
+    torch.manual_seed(seed)
+    model = Owlv2ForObjectDetection(Owlv2Config(text_config=text, vision_config=vision, projection_dim=32)).eval()
+    image_processor = Owlv2ImageProcessor(size={"height": 32, "width": 32})
+    folder = root / "owlv2"
+    model.save_pretrained(folder)
+    Owlv2Processor(image_processor=image_processor, tokenizer=tok).save_pretrained(folder)
+    return folder

@@ -1,0 +1,110 @@
+"""Detection (GenEval-style), OCR and VLM-judge scorers: hand-checked arithmetic on hand-made inputs, and each tiny
+random checkpoint (reward_factory_new.py) loaded with from_pretrained and scoring a batch through the registry."""
+
+from __future__ import annotations
+
+import pytest
+import reward_factory as rf
+import reward_factory_new as rn
+import torch
+
+from diffalign.rewards import load_scorer
+from diffalign.rewards.requirements import Box, Item, check, parse_prompt, relative_position
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ---- GenEval-style requirements ------------------------------------------------------------------------------------
+
+
+def test_parse_geneval_templates():
+    assert parse_prompt("a photo of a dog") == [Item("dog", 1)]
+    assert parse_prompt("a photo of three cats") == [Item("cats", 3)]
+    assert parse_prompt("a photo of a red car and a blue bench") == [Item("car", 1, "red"), Item("bench", 1, "blue")]
+    # GenEval order: the target first, the relation on the second item
+    assert parse_prompt("a photo of a cat left of a dog") == [Item("dog"), Item("cat", 1, None, "left of", 0)]
+    with pytest.raises(ValueError, match="a cat riding"):
+        parse_prompt("a cat riding a bicycle through paris")
+
+
+def _box(noun, x0, y0, x1, y1, colour=None):
+    return Box(noun, 0.9, (x0, y0, x1, y1), colour)
+
+
+def test_count_requirement_met_and_missed():
+    """two dogs: 2 boxes meet it (1.0); 3 boxes miss it: strict 0, partial 1 - |2-3|/2 = 0.5."""
+    items = parse_prompt("a photo of two dogs")
+    two = [_box("dogs", 0, 0, 10, 10), _box("dogs", 20, 0, 30, 10)]
+    assert check(items, two) == (True, 1.0)
+    assert check(items, [*two, _box("dogs", 40, 0, 50, 10)]) == (False, 0.5)
+    assert check(items, []) == (False, 0.0)  # 1 - 2/2
+
+
+def test_colour_requirement():
+    """red car + blue bench; the bench is green: terms car 1, red 1, bench 1, blue 1-|1-0|/1 = 0 -> 3/4."""
+    items = parse_prompt("a photo of a red car and a blue bench")
+    good = [_box("car", 0, 0, 10, 10, "red"), _box("bench", 20, 0, 30, 10, "blue")]
+    assert check(items, good) == (True, 1.0)
+    bad = [good[0], _box("bench", 20, 0, 30, 10, "green")]
+    assert check(items, bad) == (False, 0.75)
+    # no bench at all: its count term 0 and its colour term 0 -> (1 + 1 + 0 + 0) / 4
+    assert check(items, good[:1]) == (False, 0.5)
+
+
+def test_position_requirement_by_hand():
+    """cat (0,0,10,10) vs dog (30,0,40,10): centre offset x = 5 - 35 = -30, shrunk by 0.1·(10+10) = 2 -> -28;
+    dx = -28/30 = -0.93 < -0.5 -> "left of". Swapped: "right of", the position term is 0 -> (1 + 1 + 0)/3."""
+    cat, dog = _box("cat", 0, 0, 10, 10), _box("dog", 30, 0, 40, 10)
+    assert relative_position(cat, dog) == {"left of"}
+    assert relative_position(_box("cat", 0, 0, 10, 10), _box("dog", 1, 0, 11, 10)) == set()  # |offset| 1 < 2
+    assert relative_position(_box("cat", 0, 0, 10, 10), _box("dog", 30, 30, 40, 40)) == {"left of", "above"}
+    items = parse_prompt("a photo of a cat left of a dog")
+    assert check(items, [cat, dog]) == (True, 1.0)
+    strict, partial = check(items, [_box("cat", 30, 0, 40, 10), _box("dog", 0, 0, 10, 10)])
+    assert not strict and partial == pytest.approx(2 / 3)
+    strict, partial = check(items, [cat])  # no target: dog count 0, cat count 1, position 0
+    assert not strict and partial == pytest.approx(1 / 3)
+
+
+def test_toy_fidelity_shares_the_share():
+    from diffalign.rewards.requirements import share_met
+    from diffalign.rewards.toy import fidelity
+    from diffalign.toy import shapes
+
+    scene = shapes.sample_scene(__import__("numpy").random.default_rng(0), {"colour": "red", "shape": "circle"})
+    image = shapes.render(scene)
+    assert fidelity(image, scene.caption) == share_met([1.0] * 4) == 1.0
+    assert fidelity(image, "a blue circle") == share_met([0.0, 1.0]) == 0.5
+
+
+@pytest.fixture(scope="module")
+def geneval_ckpt(tmp_path_factory):
+    root = tmp_path_factory.mktemp("geneval")
+    owl = rn.build_owlv2(root)
+    clip, processor = rf.build_hf_clip(root, steps=5)
+    return dict(model=str(owl), colour_model=str(clip), colour_processor=str(processor))
+
+
+def test_geneval_tiny_owlv2_scores_a_batch(geneval_ckpt):
+    """The tiny random OWLv2 loads from disk; scores equal `check` on the scorer's own detections."""
+    from diffalign.rewards.geneval import to_pil
+
+    scorer = load_scorer("geneval", threshold=0.3, counting_threshold=0.3, batch_size=2, **geneval_ckpt)
+    prompts = ["a photo of a dog", "a photo of two cats", "a photo of a red car left of a blue bench"]
+    images = rf.colour_images(["red", "blue", "green"], size=(40, 48))
+    scores = scorer(images, prompts)
+    assert scores.shape == (3,) and scores.dtype == torch.float32
+    items = [parse_prompt(p) for p in prompts]
+    nouns = [list(dict.fromkeys(i.noun for i in its)) for its in items]
+    boxes = scorer.detect(to_pil(images), nouns, [0.3] * 3)
+    assert sum(len(b) for b in boxes) > 0  # the random detector does fire at 0.3
+    assert all(b.colour is not None for bs in boxes for b in bs)
+    assert scores.tolist() == pytest.approx([check(i, b)[1] for i, b in zip(items, boxes)])
+    strict = load_scorer("geneval", mode="strict", threshold=0.3, counting_threshold=0.3, **geneval_ckpt)
+    assert strict(images, prompts).tolist() == [float(check(i, b)[0]) for i, b in zip(items, boxes)]
