@@ -38,3 +38,44 @@ def build_owlv2(root: Path, seed: int = 0) -> Path:
     model.save_pretrained(folder)
     Owlv2Processor(image_processor=image_processor, tokenizer=tok).save_pretrained(folder)
     return folder
+
+
+def build_byte_roberta_tokenizer():
+    """A RobertaTokenizer (TrOCR's) over the 256 byte characters, no merges: any text, one token per byte."""
+    from transformers import RobertaTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    tokens = ["<s>", "<pad>", "</s>", "<unk>", *bytes_to_unicode().values(), "<mask>"]
+    return RobertaTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=[])
+
+
+def build_trocr(root: Path, seed: int = 0) -> Path:
+    """-> folder with a tiny TrOCR (`VisionEncoderDecoderModel`: ViT + `TrOCRForCausalLM`) and its processor."""
+    from transformers import (
+        TrOCRConfig,
+        TrOCRForCausalLM,
+        TrOCRProcessor,
+        VisionEncoderDecoderModel,
+        ViTConfig,
+        ViTImageProcessor,
+        ViTModel,
+    )
+
+    tok = build_byte_roberta_tokenizer()
+    torch.manual_seed(seed)
+    encoder = ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+                                 image_size=32, patch_size=8))  # fmt: skip
+    decoder = TrOCRForCausalLM(TrOCRConfig(vocab_size=len(tok), d_model=32, decoder_layers=1, decoder_attention_heads=4,
+                                           decoder_ffn_dim=64, max_position_embeddings=64, cross_attention_hidden_size=32,
+                                           pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                                           eos_token_id=tok.eos_token_id, decoder_start_token_id=tok.eos_token_id, tie_word_embeddings=False))  # fmt: skip
+    model = VisionEncoderDecoderModel(encoder=encoder, decoder=decoder).eval()
+    model.config.decoder_start_token_id = tok.eos_token_id  # TrOCR checkpoints start decoding from </s> (id 2)
+    model.config.pad_token_id, model.config.eos_token_id = tok.pad_token_id, tok.eos_token_id
+    model.generation_config.decoder_start_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id, model.generation_config.eos_token_id = tok.pad_token_id, tok.eos_token_id
+    image_processor = ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    folder = root / "trocr"
+    model.save_pretrained(folder)
+    TrOCRProcessor(image_processor=image_processor, tokenizer=tok).save_pretrained(folder)
+    return folder

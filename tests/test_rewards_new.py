@@ -108,3 +108,33 @@ def test_geneval_tiny_owlv2_scores_a_batch(geneval_ckpt):
     assert scores.tolist() == pytest.approx([check(i, b)[1] for i, b in zip(items, boxes)])
     strict = load_scorer("geneval", mode="strict", threshold=0.3, counting_threshold=0.3, **geneval_ckpt)
     assert strict(images, prompts).tolist() == [float(check(i, b)[0]) for i, b in zip(items, boxes)]
+
+
+# ---- OCR ---------------------------------------------------------------------------------------------------------
+
+
+def test_ocr_edit_distance_by_hand():
+    """kitten -> sitting: k->s, e->i, +g = 3 edits; reward 1 - 3/7. Containment scores 1; the distance is capped."""
+    from diffalign.rewards.ocr import levenshtein, ocr_reward, quoted_text
+
+    assert levenshtein("kitten", "sitting") == 3 and levenshtein("", "abc") == 3 and levenshtein("abc", "abc") == 0
+    assert ocr_reward("kitten", "sitting") == pytest.approx(1 - 3 / 7)
+    assert ocr_reward("Open 24 Hours!", "open 24 hours") == 1.0  # case and spaces ignored, contained
+    assert ocr_reward("xxxxxxxxxxxx", "ab") == 0.0  # d = 12 capped at len("ab") = 2
+    assert ocr_reward("", "ab") == 0.0
+    assert quoted_text('a neon sign that says "Hello World" at night') == "Hello World"
+    with pytest.raises(ValueError, match="double quotes"):
+        quoted_text("a neon sign at night")
+
+
+def test_ocr_tiny_trocr_scores_a_batch(tmp_path):
+    from diffalign.rewards.ocr import ocr_reward
+
+    scorer = load_scorer("ocr", model=str(rn.build_trocr(tmp_path)), max_new_tokens=6, batch_size=2)
+    images = rf.colour_images(["red", "blue", "green"], size=(40, 48))
+    reads = scorer.read(images)
+    assert len(reads) == 3 and all(reads)  # the random decoder does emit characters
+    scores = scorer(images, ['a sign that says "OPEN"'] * 3)
+    assert scores.shape == (3,) and scores.tolist() == pytest.approx([ocr_reward(r, "OPEN") for r in reads])
+    target = reads[0].replace(" ", "")[:3]  # text the model does read -> contained -> 1.0
+    assert '"' not in target and scorer(images[:1], [f'a sign that says "{target}"']).item() == 1.0

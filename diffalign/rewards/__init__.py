@@ -27,6 +27,7 @@ SCORERS: dict[str, str] = {
     "cmmd_exemplar": "diffalign.rewards.distributional:CMMDExemplar",
     "vendi": "diffalign.rewards.distributional:Vendi",
     "geneval": "diffalign.rewards.geneval:GenEvalScore",
+    "ocr": "diffalign.rewards.ocr:OcrScore",
 }
 
 
