@@ -79,3 +79,60 @@ def build_trocr(root: Path, seed: int = 0) -> Path:
     model.save_pretrained(folder)
     TrOCRProcessor(image_processor=image_processor, tokenizer=tok).save_pretrained(folder)
     return folder
+
+
+QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                 "<|image_pad|>", "<|video_pad|>"]  # fmt: skip
+# Qwen2-VL's chat template, reduced to what a single-turn judge uses (user turn with images and text)
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% for content in message['content'] %}{% if content['type'] == 'image' %}"
+    "<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ content['text'] }}{% endif %}{% endfor %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_qwen2_tokenizer():
+    """A Qwen2Tokenizer (byte-level BPE) over the byte characters, with "Yes" and "No" merged into single tokens."""
+    from transformers import Qwen2Tokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    merges = [("Y", "e"), ("Ye", "s"), ("N", "o")]
+    tokens = [*bytes_to_unicode().values(), "Ye", "Yes", "No"]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    tok = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token=None, bos_token=None, eos_token="<|im_end|>",
+                         pad_token="<|endoftext|>")  # fmt: skip
+    tok.add_special_tokens({"additional_special_tokens": QWEN_SPECIALS})
+    return tok
+
+
+def build_qwen2_vl(root: Path, seed: int = 0) -> Path:
+    """-> folder with a tiny `Qwen2VLForConditionalGeneration` and its `Qwen2VLProcessor` (16-32 px images)."""
+    from transformers import (
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessor,
+        Qwen2VLProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    tok = build_qwen2_tokenizer()
+    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
+    text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=256, bos_token_id=ids["<|endoftext|>"],
+                eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]})  # fmt: skip
+    vision = dict(depth=1, embed_dim=32, hidden_size=32, num_heads=4, patch_size=4, spatial_merge_size=2,
+                  temporal_patch_size=2)  # fmt: skip
+    config = Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+                           video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                           vision_end_token_id=ids["<|vision_end|>"])  # fmt: skip
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(config).eval()
+    image_processor = Qwen2VLImageProcessor(patch_size=4, merge_size=2, temporal_patch_size=2,
+                                            min_pixels=16 * 16, max_pixels=32 * 32)  # fmt: skip
+    folder = root / "qwen2_vl"
+    model.save_pretrained(folder)
+    video_processor = Qwen2VLVideoProcessor(patch_size=4, merge_size=2, temporal_patch_size=2)
+    Qwen2VLProcessor(image_processor, tok, video_processor, chat_template=QWEN_CHAT_TEMPLATE).save_pretrained(folder)
+    return folder

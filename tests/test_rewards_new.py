@@ -138,3 +138,48 @@ def test_ocr_tiny_trocr_scores_a_batch(tmp_path):
     assert scores.shape == (3,) and scores.tolist() == pytest.approx([ocr_reward(r, "OPEN") for r in reads])
     target = reads[0].replace(" ", "")[:3]  # text the model does read -> contained -> 1.0
     assert '"' not in target and scorer(images[:1], [f'a sign that says "{target}"']).item() == 1.0
+
+
+# ---- VLM judge ---------------------------------------------------------------------------------------------------
+
+
+def test_p_yes_from_set_logits():
+    """logits yes 2, no 0 -> e^2 / (e^2 + 1) = 0.880797; equal -> 0.5; other tokens do not matter."""
+    from diffalign.rewards.vlm_judge import p_yes
+
+    logits = torch.full((3, 5), -1.0)
+    logits[0, 1], logits[0, 3] = 2.0, 0.0  # yes id 1, no id 3
+    logits[1, 1], logits[1, 3] = 0.5, 0.5
+    logits[2, 1], logits[2, 3], logits[2, 0] = -3.0, 1.0, 50.0  # a huge other logit changes nothing
+    torch.testing.assert_close(p_yes(logits, 1, 3), torch.tensor([0.880797, 0.5, 0.017986]), atol=1e-6, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory):
+    return str(rn.build_qwen2_vl(tmp_path_factory.mktemp("qwen")))
+
+
+def test_vlm_judge_tiny_qwen2_vl(qwen):
+    """Loads from disk; P(yes) = sigmoid(l_yes - l_no) of the model's own logits; batch of 3 (left-padded, prompts of
+    different lengths) = one by one; with the yes and no rows of lm_head set equal the judge says exactly 0.5."""
+    judge = load_scorer("vlm_judge", model=qwen, batch_size=3)
+    images = rf.colour_images(["red", "blue", "green"], size=(40, 48))
+    prompts = ["a dog", "a red car left of a blue bench", "two cats"]
+    scores = judge(images, prompts)
+    assert scores.shape == (3,) and ((scores > 0) & (scores < 1)).all()
+    logits = judge.answer_logits(images, prompts)
+    torch.testing.assert_close(scores, torch.sigmoid(logits[:, judge.yes_id] - logits[:, judge.no_id]))
+    one_by_one = torch.cat([judge(images[i : i + 1], prompts[i : i + 1]) for i in range(3)])
+    torch.testing.assert_close(scores, one_by_one, atol=1e-5, rtol=1e-5)
+    assert judge.processor.tokenizer.decode([judge.yes_id]) == "Yes"
+    custom = load_scorer("vlm_judge", model=qwen, template="Is this {prompt}? Answer Yes or No.")
+    assert "Is this a dog? Answer Yes or No." in custom.question("a dog")
+    with torch.no_grad():
+        w = judge.model.lm_head.weight
+        w[judge.yes_id] = w[judge.no_id]
+    torch.testing.assert_close(judge(images, prompts), torch.full((3,), 0.5))
+
+
+def test_vlm_judge_bad_answer_word_names_it(qwen):
+    with pytest.raises(ValueError, match="'Maybe' is 5 tokens"):
+        load_scorer("vlm_judge", model=qwen, yes="Maybe")

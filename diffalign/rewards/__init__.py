@@ -28,6 +28,7 @@ SCORERS: dict[str, str] = {
     "vendi": "diffalign.rewards.distributional:Vendi",
     "geneval": "diffalign.rewards.geneval:GenEvalScore",
     "ocr": "diffalign.rewards.ocr:OcrScore",
+    "vlm_judge": "diffalign.rewards.vlm_judge:VlmJudge",
 }
 
 
