@@ -29,6 +29,7 @@ SCORERS: dict[str, str] = {
     "geneval": "diffalign.rewards.geneval:GenEvalScore",
     "ocr": "diffalign.rewards.ocr:OcrScore",
     "vlm_judge": "diffalign.rewards.vlm_judge:VlmJudge",
+    "remote": "diffalign.rewards.remote:RemoteScore",
 }
 
 
