@@ -136,3 +136,64 @@ def build_qwen2_vl(root: Path, seed: int = 0) -> Path:
     video_processor = Qwen2VLVideoProcessor(patch_size=4, merge_size=2, temporal_patch_size=2)
     Qwen2VLProcessor(image_processor, tok, video_processor, chat_template=QWEN_CHAT_TEMPLATE).save_pretrained(folder)
     return folder
+
+
+IMAGEREWARD_WORDS = ["a", "photo", "of", "red", "blue", "green", "yellow", "square", "dog", "cat"]
+
+
+def build_imagereward(root: Path, seed: int = 0) -> dict:
+    """ImageReward's on-disk format at tiny size: `ImageReward.pt` (torch.save of the state dict with BLIP's key
+    names), a .safetensors copy, `med_config.json` and a BERT tokenizer folder.
+
+    The ViT is timm's `VisionTransformer` (the module BLIP's vit.py copies: same key names, LayerNorm eps 1e-6), so
+    the test checks the key mapping into transformers' BlipVisionModel against an independent implementation. The
+    text encoder is transformers' BlipTextModel with BLIP's med.py key names. Returns the paths and the modules.
+    """
+    import functools
+
+    import timm
+    from safetensors.torch import save_file
+    from transformers import BertTokenizer, BlipTextConfig
+    from transformers.models.blip.modeling_blip_text import BlipTextModel
+
+    from diffalign.rewards.aesthetic import aesthetic_mlp
+
+    folder = root / "imagereward"
+    (folder / "tokenizer").mkdir(parents=True)
+    vocab = folder / "tokenizer" / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *IMAGEREWARD_WORDS]) + "\n")
+    BertTokenizer(str(vocab)).save_pretrained(folder / "tokenizer")
+    med = dict(
+        architectures=["BertModel"],
+        hidden_act="gelu",
+        hidden_size=32,
+        intermediate_size=64,
+        layer_norm_eps=1e-12,
+        max_position_embeddings=40,
+        model_type="bert",
+        num_attention_heads=4,
+        num_hidden_layers=1,
+        pad_token_id=0,
+        vocab_size=len(IMAGEREWARD_WORDS) + 7,
+        encoder_width=32,
+        add_cross_attention=True,
+    )  # fmt: skip  (+5 specials, +[DEC], +[ENC], as upstream's 30522 + 2)
+    (folder / "med_config.json").write_text(__import__("json").dumps(med, indent=2))
+    torch.manual_seed(seed)
+    vit = timm.models.vision_transformer.VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2,
+                                                          num_heads=4, mlp_ratio=2, num_classes=0, global_pool="",
+                                                          norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-6)).eval()  # fmt: skip
+    text = BlipTextModel(BlipTextConfig(vocab_size=med["vocab_size"], hidden_size=32, encoder_hidden_size=32,
+                                        intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                        max_position_embeddings=40, pad_token_id=0, is_decoder=True),
+                         add_pooling_layer=False).eval()  # fmt: skip
+    mlp = aesthetic_mlp(32).eval()
+    state = {f"blip.visual_encoder.{k}": v for k, v in vit.state_dict().items()}
+    state |= {f"blip.text_encoder.{k}": v for k, v in text.state_dict().items()}
+    state |= {f"mlp.layers.{k}": v for k, v in mlp.state_dict().items()}
+    state["blip.vision_proj.weight"] = torch.randn(16, 32)  # in the real file too, unused by the score
+    state = {k: v.detach().clone().contiguous() for k, v in state.items()}
+    torch.save(state, folder / "ImageReward.pt")
+    save_file(state, folder / "ImageReward.safetensors")
+    return dict(pt=folder / "ImageReward.pt", safetensors=folder / "ImageReward.safetensors",
+                med_config=folder / "med_config.json", tokenizer=folder / "tokenizer", vit=vit, text=text, mlp=mlp)  # fmt: skip

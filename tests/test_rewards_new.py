@@ -183,3 +183,45 @@ def test_vlm_judge_tiny_qwen2_vl(qwen):
 def test_vlm_judge_bad_answer_word_names_it(qwen):
     with pytest.raises(ValueError, match="'Maybe' is 5 tokens"):
         load_scorer("vlm_judge", model=qwen, yes="Maybe")
+
+
+# ---- ImageReward -------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def imagereward(tmp_path_factory):
+    return rn.build_imagereward(tmp_path_factory.mktemp("ir"))
+
+
+def test_imagereward_official_format_matches_the_blip_reference(imagereward):
+    """ImageReward.score by hand on the modules the checkpoint was written from (timm ViT = BLIP's ViT, BERT with
+    cross-attention, MLP): tokens padded to 35, [CLS] -> MLP -> (r - 0.16717) / 1.03334."""
+    ir = imagereward
+    scorer = load_scorer("imagereward", checkpoint=ir["safetensors"], med_config=ir["med_config"],
+                         tokenizer=str(ir["tokenizer"]), vision_heads=4, batch_size=2)  # fmt: skip
+    images = rf.colour_images(["red", "blue", "green"], size=(40, 48))
+    prompts = ["a photo of a red square", "a dog", "a blue cat"]
+    got = scorer(images, prompts)
+    with torch.no_grad():
+        pixels = scorer.preprocess(images)
+        embeds = ir["vit"].forward_features(pixels)  # (3, 17, 32)
+        tok = scorer.tokenizer(prompts, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
+        assert tok.input_ids.shape == (3, 35)
+        hidden = ir["text"](input_ids=tok.input_ids, attention_mask=tok.attention_mask, encoder_hidden_states=embeds,
+                            encoder_attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long)).last_hidden_state  # fmt: skip
+        expected = (ir["mlp"](hidden[:, 0]).squeeze(-1) - 0.16717362830052426) / 1.0333394966054072
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert got.shape == (3,) and got.std() > 0
+    pt = load_scorer("imagereward", checkpoint=ir["pt"], med_config=ir["med_config"], tokenizer=str(ir["tokenizer"]),
+                     vision_heads=4, allow_pickle=True)  # fmt: skip
+    torch.testing.assert_close(pt(images, prompts), got, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="allow_pickle"):
+        load_scorer("imagereward", checkpoint=ir["pt"], med_config=ir["med_config"], tokenizer=str(ir["tokenizer"]))
+
+
+def test_imagereward_rejects_another_checkpoint(tmp_path, imagereward):
+    from safetensors.torch import save_file
+
+    save_file({"layers.0.weight": torch.zeros(2, 2)}, tmp_path / "aesthetic.safetensors")
+    with pytest.raises(ValueError, match="not an ImageReward checkpoint"):
+        load_scorer("imagereward", checkpoint=tmp_path / "aesthetic.safetensors", med_config=imagereward["med_config"])

@@ -30,6 +30,7 @@ SCORERS: dict[str, str] = {
     "ocr": "diffalign.rewards.ocr:OcrScore",
     "vlm_judge": "diffalign.rewards.vlm_judge:VlmJudge",
     "remote": "diffalign.rewards.remote:RemoteScore",
+    "imagereward": "diffalign.rewards.imagereward:ImageReward",
 }
 
 
