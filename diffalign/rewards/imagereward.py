@@ -3,8 +3,8 @@ preference rankings; the reward model of ReFL, used by Flow-GRPO and DanceGRPO a
 
 Score, as the image-reward package's `ImageReward.score`: the prompt (BERT tokens, padded/truncated to 35) attends
 to the image's ViT tokens; the [CLS] output goes through the same 768→1024→128→64→16→1 MLP as the LAION aesthetic
-head, then (r − 0.16717) / 1.03334 (the package's mean and std). Unbounded; the paper's SD1.4 images score ≈ 0.1 on
-average (not measured here). Compare images of the same prompt.
+head, then (r − 0.16717) / 1.03334 (the package's mean and std, so scores sit around 0 ± 1; not measured here).
+Unbounded. Compare images of the same prompt.
 
 The official checkpoint is loaded into transformers' BLIP classes, no image-reward package needed:
 - `ImageReward.pt` (HF `THUDM/ImageReward`, a torch pickle of the model state dict; needs `allow_pickle=True`, read
