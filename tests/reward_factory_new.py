@@ -197,3 +197,31 @@ def build_imagereward(root: Path, seed: int = 0) -> dict:
     save_file(state, folder / "ImageReward.safetensors")
     return dict(pt=folder / "ImageReward.pt", safetensors=folder / "ImageReward.safetensors",
                 med_config=folder / "med_config.json", tokenizer=folder / "tokenizer", vit=vit, text=text, mlp=mlp)  # fmt: skip
+
+
+def build_hpsv3(root: Path, seed: int = 0) -> dict:
+    """HPSv3's on-disk format at tiny size: a base Qwen2-VL folder (config + processor, as Qwen2-VL-7B-Instruct) and
+    `HPSv3.safetensors`, the whole reward model's state dict in the key layout of transformers < 4.52 (`model.*`,
+    `visual.*`, `lm_head.*`) plus upstream's default ranknet head `rm_head.{0,3,5}` (h -> 1024 -> 16 -> 2), with the
+    embeddings resized to the tokenizer + <|Reward|>. Returns the paths, the reward model's body and head."""
+    from safetensors.torch import save_file
+    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+
+    base = build_qwen2_vl(root, seed)
+    proc = AutoProcessor.from_pretrained(base)
+    proc.tokenizer.add_special_tokens({"additional_special_tokens": ["<|Reward|>"]})
+    torch.manual_seed(seed + 1)
+    model = Qwen2VLForConditionalGeneration.from_pretrained(base).eval()
+    model.resize_token_embeddings(len(proc.tokenizer))
+    head = torch.nn.Sequential(torch.nn.Linear(32, 1024), torch.nn.ReLU(), torch.nn.Dropout(0.05),
+                               torch.nn.Linear(1024, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2)).eval()  # fmt: skip
+    old = {}
+    for key, value in model.state_dict().items():
+        if key.startswith("model.language_model."):
+            key = "model." + key.removeprefix("model.language_model.")
+        elif key.startswith("model.visual."):
+            key = key.removeprefix("model.")
+        old[key] = value.detach().clone().contiguous()
+    old |= {f"rm_head.{k}": v.detach().clone() for k, v in head.state_dict().items()}
+    save_file(old, root / "HPSv3.safetensors")
+    return dict(base=base, checkpoint=root / "HPSv3.safetensors", model=model, head=head)

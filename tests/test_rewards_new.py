@@ -225,3 +225,50 @@ def test_imagereward_rejects_another_checkpoint(tmp_path, imagereward):
     save_file({"layers.0.weight": torch.zeros(2, 2)}, tmp_path / "aesthetic.safetensors")
     with pytest.raises(ValueError, match="not an ImageReward checkpoint"):
         load_scorer("imagereward", checkpoint=tmp_path / "aesthetic.safetensors", med_config=imagereward["med_config"])
+
+
+# ---- HPSv3 -------------------------------------------------------------------------------------------------------
+
+
+def test_hpsv3_smart_resize_by_hand():
+    """1024x768 to 256·28² = 200704 px: rounded 1036x756 is too big; beta = sqrt(786432/200704) = 1.9795,
+    floor(1024/1.9795/28) = floor(18.47) -> 504, floor(768/1.9795/28) = floor(13.86) -> 364: 504x364 (183456 px)."""
+    from diffalign.rewards.hpsv3 import smart_resize
+
+    assert smart_resize(1024, 768, 28, 256 * 28 * 28) == (504, 364)
+    assert smart_resize(448, 448, 28, 256 * 28 * 28) == (448, 448)
+
+
+def test_hpsv3_official_format_matches_the_reward_model_forward(tmp_path):
+    """Loaded from the old-layout checkpoint + the base's config/processor: μ equals upstream's forward by hand
+    (language model with positions 0..L-1, head on the <|Reward|> hidden state, first output) on the from_pretrained
+    model the checkpoint was written from."""
+    from diffalign.rewards.hpsv3 import INSTRUCTION, RATING
+
+    ckpt = rn.build_hpsv3(tmp_path)
+    scorer = load_scorer("hpsv3", checkpoint=ckpt["checkpoint"], base=str(ckpt["base"]), pixels=24 * 24,
+                         dtype=torch.float32, batch_size=2)  # fmt: skip
+    images = rf.colour_images(["red", "blue", "green"], size=(40, 48))
+    prompts = ["a dog", "a red car left of a blue bench", "two cats"]
+    got = scorer(images, prompts)
+    assert got.shape == (3,) and got.std() > 0
+    proc = scorer.processor
+    from diffalign.rewards.geneval import to_pil
+
+    pils = [im.resize((24, 16), resample=3) for im in to_pil(images)]  # smart_resize(40, 48, 8, 576) = (16, 24)
+    assert [p.size for p in pils] == [scorer.resize(im).size for im in to_pil(images)]
+    expected = []
+    for im, p in zip(pils, prompts):
+        turn = [{"type": "image"}, {"type": "text", "text": INSTRUCTION.format(text_prompt=p) + RATING}]
+        text = proc.apply_chat_template(
+            [{"role": "user", "content": turn}], add_generation_prompt=True, tokenize=False
+        )
+        inputs = proc(text=[text], images=[im], return_tensors="pt")
+        with torch.no_grad():
+            embeds = ckpt["model"].model.get_input_embeddings()(inputs.input_ids)
+            image = ckpt["model"].model.get_image_features(inputs.pixel_values, inputs.image_grid_thw).pooler_output
+            embeds[inputs.input_ids == ckpt["model"].config.image_token_id] = torch.cat(image)
+            hidden = ckpt["model"].model.language_model(inputs_embeds=embeds).last_hidden_state  # positions 0..L-1
+            at = inputs.input_ids[0] == proc.tokenizer.convert_tokens_to_ids("<|Reward|>")
+            expected.append(ckpt["head"](hidden[0, at])[0, 0])
+    torch.testing.assert_close(got, torch.stack(expected), atol=1e-4, rtol=1e-4)

@@ -31,6 +31,7 @@ SCORERS: dict[str, str] = {
     "vlm_judge": "diffalign.rewards.vlm_judge:VlmJudge",
     "remote": "diffalign.rewards.remote:RemoteScore",
     "imagereward": "diffalign.rewards.imagereward:ImageReward",
+    "hpsv3": "diffalign.rewards.hpsv3:HPSv3",
 }
 
 
