@@ -2,8 +2,8 @@
 with an uncertainty-aware ranking loss.
 
 Score = μ, the first of the head's two outputs (μ, σ) at the `<|Reward|>` token, as the official
-`HPSv3RewardInferencer.reward(...)[:, 0]`. The paper's SDXL-class models score roughly 8–11 (not measured here);
-compare images of the same prompt.
+`HPSv3RewardInferencer.reward(...)[:, 0]`. Unbounded; the paper's leaderboard spans roughly 5–11 across models
+(recalled, not measured or re-checked here); compare images of the same prompt.
 
 Input, as the official inferencer: one user turn = the image, then `INSTRUCTION.format(text_prompt=prompt)` +
 "Please provide the overall ratings of this image: <|Reward|> END", with the chat template's generation prompt;
