@@ -272,3 +272,51 @@ def test_hpsv3_official_format_matches_the_reward_model_forward(tmp_path):
             at = inputs.input_ids[0] == proc.tokenizer.convert_tokens_to_ids("<|Reward|>")
             expected.append(ckpt["head"](hidden[0, at])[0, 0])
     torch.testing.assert_close(got, torch.stack(expected), atol=1e-4, rtol=1e-4)
+
+
+# ---- multi-reward ------------------------------------------------------------------------------------------------
+
+
+def test_group_normalisation_by_hand():
+    """prompts a a b b, scores 1 3 2 2: group a mean 2, population std 1 -> -1, +1; group b has std 0 -> 0, 0."""
+    from diffalign.rewards.multi import NORMALIZE
+
+    s, prompts = torch.tensor([1.0, 3.0, 2.0, 2.0]), ["a", "a", "b", "b"]
+    torch.testing.assert_close(NORMALIZE["group"](s, prompts), torch.tensor([-1.0, 1.0, 0.0, 0.0]), atol=1e-5, rtol=0)
+    # batch: mean 2, std sqrt(0.5) -> (-1, 1, 0, 0) / 0.7071
+    torch.testing.assert_close(
+        NORMALIZE["batch"](s, prompts), torch.tensor([-1.4142, 1.4142, 0.0, 0.0]), atol=1e-4, rtol=0
+    )
+
+
+def test_multi_weighted_sum_and_score_cli(tmp_path):
+    import json
+
+    import numpy as np
+
+    from diffalign.toy import shapes
+    from pipelines.cli import main
+
+    arrays, captions = shapes.render_batch(np.random.default_rng(0), 4)
+    images = [shapes.to_pil(a) for a in arrays]
+    components = {"toy_aesthetic": {"weight": 1.0}, "toy_fidelity": {"weight": 2.0}}
+    multi = load_scorer("multi", components=components)
+    expected = load_scorer("toy_aesthetic")(images, captions) + 2 * load_scorer("toy_fidelity")(images, captions)
+    torch.testing.assert_close(multi(images, captions), expected)
+    grouped = load_scorer("multi", components=components, normalize="group")(
+        images, [captions[0]] * 2 + [captions[2]] * 2
+    )
+    assert grouped.shape == (4,) and abs(float(grouped[:2].sum())) < 1e-4  # z-scores of a group sum to 0
+    with pytest.raises(ValueError, match="components.toy_fidelity needs a weight"):
+        load_scorer("multi", components={"toy_fidelity": {}})
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, im in enumerate(images):
+        im.save(folder / f"{i:05d}.png")
+    (tmp_path / "p.txt").write_text("\n".join(captions))
+    args = "scorer_args={multi: {components: {toy_aesthetic: {weight: 1.0}, toy_fidelity: {weight: 2.0}}}}"
+    out = tmp_path / "score"
+    assert main(["score", f"images={folder}", f"prompts_file={tmp_path / 'p.txt'}", "scorers=[multi]", args,
+                 f"output_dir={out}"]) == 0  # fmt: skip
+    rows = [json.loads(x) for x in (out / "scores.jsonl").read_text().splitlines()]
+    assert [r["multi"] for r in rows] == pytest.approx(expected.tolist(), abs=1e-5)

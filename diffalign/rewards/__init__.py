@@ -32,6 +32,7 @@ SCORERS: dict[str, str] = {
     "remote": "diffalign.rewards.remote:RemoteScore",
     "imagereward": "diffalign.rewards.imagereward:ImageReward",
     "hpsv3": "diffalign.rewards.hpsv3:HPSv3",
+    "multi": "diffalign.rewards.multi:MultiReward",
 }
 
 
