@@ -19,6 +19,7 @@ COMMANDS = {
     "score": ("pipelines.score", "score an image folder or generate manifest with reward models; per-image JSONL"),
     "compare": ("pipelines.compare", "aligned vs base images paired by prompt and seed: win rates, deltas, report"),
     "online": ("pipelines.online", "on-policy alignment rounds: sample, score, pair, train (D3PO, DRAGON, DRO)"),
+    "serve-reward": ("pipelines.serve_reward", "serve one scorer over HTTP for the `remote` scorer (POST /score)"),
 }
 
 USAGE = "usage: diffalign <command> [CONFIG.yaml] [key=value ...]\n\ncommands:\n" + "\n".join(

@@ -26,6 +26,13 @@ SCORERS: dict[str, str] = {
     "loglik_exemplar": "diffalign.rewards.distributional:LoglikExemplar",
     "cmmd_exemplar": "diffalign.rewards.distributional:CMMDExemplar",
     "vendi": "diffalign.rewards.distributional:Vendi",
+    "geneval": "diffalign.rewards.geneval:GenEvalScore",
+    "ocr": "diffalign.rewards.ocr:OcrScore",
+    "vlm_judge": "diffalign.rewards.vlm_judge:VlmJudge",
+    "remote": "diffalign.rewards.remote:RemoteScore",
+    "imagereward": "diffalign.rewards.imagereward:ImageReward",
+    "hpsv3": "diffalign.rewards.hpsv3:HPSv3",
+    "multi": "diffalign.rewards.multi:MultiReward",
 }
 
 

@@ -10,7 +10,9 @@ The foreground is a soft mask, sigmoid((|pixel - border median| - 0.15) / 0.03),
 differentiable (reward back-propagation works) and batched.
 
 ToyFidelity = fraction of the prompt's attributes (colour, shape, size, position; those the prompt names) that
-`shapes.analyse` reads back from the image, in [0, 1]; 0 if no shape is found. Not differentiable.
+`shapes.analyse` reads back from the image, in [0, 1]; 0 if no shape is found. Not differentiable. The share is
+the one the GenEval-style `geneval` scorer uses (requirements.share_met); the toy's attributes (absolute position,
+size, fill-ratio shape) have no GenEval counterpart, so only that step is shared.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from diffalign.rewards.preprocess import Images, pil_to_tensor
+from diffalign.rewards.requirements import share_met
 from diffalign.toy import shapes
 
 SOFT_MASK_WIDTH = 0.03
@@ -72,7 +75,7 @@ def fidelity(image, prompt: str) -> float:
     found = shapes.analyse(image)
     if found is None:
         return 0.0
-    return sum(found[k] == v for k, v in wanted.items()) / len(wanted)
+    return share_met([float(found[k] == v) for k, v in wanted.items()])
 
 
 @dataclass
