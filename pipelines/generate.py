@@ -46,7 +46,7 @@ def run(config: str | None = None, overrides: list[str] | tuple = ()) -> Path:
     prompts = read_prompts(cfg)
     loras = [parse_lora(spec) for spec in cfg.loras]
     out = prepare_output_dir(cfg.output_dir, default_name="generate")
-    family = load_model(cfg.model)
+    family = load_model(cfg.model, sizes={"height": cfg.height, "width": cfg.width})
     if loras:
         load_lora_many(family, loras, fuse=cfg.fuse)
 

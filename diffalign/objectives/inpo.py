@@ -20,18 +20,19 @@ Hand-computed check = Diffusion-DPO's: β = 2, err = [0.5, 0.8], ref = [0.6, 0.6
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 import torch
 
 from diffalign.objectives.dpo import DiffusionDPO
+from diffalign.schema import KL_STRENGTH, NON_NEGATIVE
 
 
 @dataclass
 class InPO:
-    beta: float = 5000.0
+    beta: Annotated[float, KL_STRENGTH] = 5000.0
     """The paper's β (SDXL 5000, SD1.5 2000)."""
-    sft_weight: float = 0.0
+    sft_weight: Annotated[float, NON_NEGATIVE] = 0.0
     """Weight of an added SFT term (the policy's error on the winner); 0 in the paper."""
     xt_source: str = "ddim_inversion"
     """Key of diffalign.likelihood.XT_SOURCES the trainer must use for x_t and the target."""

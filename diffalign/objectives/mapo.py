@@ -19,10 +19,12 @@ Hand-computed check (tests/test_objectives_more.py): β = 0.1, s = 0.5, T = 10, 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 import torch
 import torch.nn.functional as F
+
+from diffalign.schema import NON_NEGATIVE, POSITIVE
 
 
 def bounded_link(x: torch.Tensor) -> torch.Tensor:
@@ -34,11 +36,11 @@ def bounded_link(x: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class MaPO:
-    beta: float = 0.1
+    beta: Annotated[float, NON_NEGATIVE] = 0.1
     """The code's beta_mapo: weight of the margin term against the SFT term."""
-    snr_value: float = 0.5
+    snr_value: Annotated[float, POSITIVE] = 0.5
     """s, the scale inside the link f(L) = s·L / (e^{s·L} − 1)."""
-    num_train_timesteps: float = 1000.0
+    num_train_timesteps: Annotated[float, POSITIVE] = 1000.0
     """T, multiplies the margin inside log σ (the code uses the scheduler's num_train_timesteps)."""
 
     needs_reference: ClassVar[bool] = False
