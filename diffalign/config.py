@@ -278,7 +278,7 @@ class CompareConfig:
     """Keyword arguments of each scorer's `load`, by scorer name: {clip_score: {model: PATH, device: cuda}}."""
     batch_size: Annotated[int, AT_LEAST_1] = 32
     """Images per scorer call."""
-    grid_pairs: Annotated[int, NON_NEGATIVE] = 8
+    grid_pairs: Annotated[int, AT_LEAST_1] = 8
     """Pairs shown in the side-by-side grid (base row over aligned row)."""
     output_dir: str = ""
     """Where report.json, report.png, pairs.png, pairs.jsonl and report.html go ("" = runs/compare-<time>)."""

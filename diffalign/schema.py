@@ -278,6 +278,8 @@ def _variant_hint(key: str, name: str, variants: dict[str, type], own: set[str])
     close = difflib.get_close_matches(key, mine, n=1, cutoff=0.6)
     if close:
         return f"; did you mean '{close[0]}'?"
+    if any(key in _variant_fields(variant) for variant in variants.values()):  # set for another objective
+        return f" (its keys: {', '.join(mine) or 'none besides name'})"
     for other, variant in variants.items():
         close = difflib.get_close_matches(key, list(_variant_fields(variant)), n=1, cutoff=0.6)
         if close:
@@ -341,10 +343,13 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], cls: type) -> di
     return data
 
 
-def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | None = None) -> Any:
-    """Read an optional YAML file, apply dotted overrides, validate into `cls`."""
+def load_config(cls: type, path: str | Path | Any = None, overrides: list[str] | None = None) -> Any:
+    """Read an optional YAML file (or take a `cls` object, for scripts), apply dotted overrides, validate into
+    `cls`; the result is always a new, checked object."""
     data: dict[str, Any] = {}
-    if path is not None:
+    if isinstance(path, cls):
+        data, path = to_dict(path), None
+    elif path is not None:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")

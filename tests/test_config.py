@@ -53,7 +53,9 @@ def test_bad_overrides_name_the_key(override, message):
 def test_bad_yaml_names_the_file(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("objective:\n  betta: 10\n")
-    with pytest.raises(ConfigError, match=r"bad.yaml: unknown config key 'objective.betta': dpo has no 'betta'; did you mean 'beta'"):
+    with pytest.raises(
+        ConfigError, match=r"bad.yaml: unknown config key 'objective.betta': dpo has no 'betta'; did you mean 'beta'"
+    ):
         load_config(RunConfig, path)
     path.write_text("train: [1, 2")
     with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
