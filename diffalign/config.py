@@ -19,6 +19,7 @@ from diffalign.objectives import OBJECTIVES
 from diffalign.rewards import SCORERS
 from diffalign.schema import (
     AT_LEAST_1,
+    NON_EMPTY,
     NON_NEGATIVE,
     POSITIVE,
     PROBABILITY,
@@ -188,7 +189,7 @@ class EvalConfig:
     prompts: str = "toy"
     """Held-out prompts for the base-vs-aligned comparison after training: a .txt file (one per line), "toy" for
     the toy world's held-out set, or "" to skip."""
-    scorers: Annotated[list[str], SCORER] = field(default_factory=lambda: ["toy_aesthetic", "toy_fidelity"])
+    scorers: Annotated[list[str], SCORER, NON_EMPTY] = field(default_factory=lambda: ["toy_aesthetic", "toy_fidelity"])
     """Scorer names (diffalign.rewards.SCORERS); the first is the reward the win rate is reported for."""
     images_per_prompt: Annotated[int, AT_LEAST_1] = 2
     """Seeds per prompt (seed = prompt index * images_per_prompt + k, same for base and aligned)."""

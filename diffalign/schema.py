@@ -98,7 +98,16 @@ class KLStrength:
         return "must be > 0 (a KL strength; a negative beta trains toward the rejected images)"
 
 
+@dataclass(frozen=True)
+class NonEmpty:
+    """A list with at least one item."""
+
+    def problem(self, value: Any) -> str | None:
+        return None if value else "must name at least one"
+
+
 KL_STRENGTH = KLStrength()
+NON_EMPTY = NonEmpty()
 POSITIVE = Range(gt=0)
 NON_NEGATIVE = Range(ge=0)
 AT_LEAST_1 = Range(ge=1)
@@ -417,6 +426,8 @@ def _rule(check: Any) -> str:
         return "one of " + ", ".join(check.options) + (', ""' if check.allow_empty else "")
     if isinstance(check, KLStrength):
         return "> 0"
+    if isinstance(check, NonEmpty):
+        return "at least one"
     return " and ".join(f"{op} {bound:g}" for op, bound in check.bounds())
 
 
