@@ -26,7 +26,7 @@ Sizes (random weights, nothing is downloaded):
   sd15: SD1.5 UNet config (860 M), real-size SD VAE (84 M) and CLIP-L text encoder (123 M) configs, random init,
         with the tiny word-list tokenizer; 256 px -> 32x32 latents, 1 pair.
   sdxl: SDXL-base UNet config (2.6 B), SDXL VAE, CLIP-L + OpenCLIP-bigG text encoder configs; 1024 px -> 128x128
-        latents, 1 pair. GPU only (about 100 s/step and 16 GB on a 2-core CPU, reference/feasibility.md section 4).
+        latents, 1 pair. GPU only (measured on a 2-core CPU: about 100 s/step and 16 GB).
 """
 
 from __future__ import annotations

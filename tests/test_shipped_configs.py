@@ -23,7 +23,16 @@ TINY = {"sd15": "sd15", "sdxl": "sdxl", "sd3": "sd3", "pixart": "pixart"}  # fil
 WEIGHTED = {"pickscore", "hpsv2", "aesthetic", "clip_score", "clip_score_openclip"}  # need downloaded weights
 # the slow CI step runs these (each about 3-11 s on 2 shared cores: inversion forwards, T5, fp16 on a CPU, SDXL-size
 # graphs, on-line sampling); the rest of the set takes about 20 s
-SLOW = {"pixart_dpo", "sd15_d3po", "sdxl_d3po", "sdxl_dragon", "sdxl_dro", "sdxl_inpo", "sdxl_smpo", "toy_dro"}
+SLOW = {
+    "pixart_dpo",
+    "sd15_d3po",
+    "sdxl_d3po",
+    "sdxl_dragon",
+    "sdxl_dro",
+    "sdxl_inpo",
+    "sdxl_smpo",
+    "toy_dro",
+}  # top-level stems
 
 
 def _shipped(path: Path) -> dict:
@@ -92,7 +101,7 @@ def inputs(tmp_path_factory):
 
 @pytest.mark.parametrize(
     "path",
-    [pytest.param(p, marks=pytest.mark.slow) if p.stem in SLOW else p for p in CONFIGS],
+    [pytest.param(p, marks=pytest.mark.slow) if p.parent.name == "configs" and p.stem in SLOW else p for p in CONFIGS],
     ids=[str(p.relative_to(REPO / "configs")) for p in CONFIGS],
 )
 def test_shipped_config_runs(path, inputs, tmp_path, capsys):

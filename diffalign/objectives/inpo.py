@@ -10,7 +10,7 @@ grad) and apply the per-timestep DPO loss there, so the optimised latents are ti
 
 Decision: InPO is a *configuration*, not a new loss. The paper derives a per-timestep DPO objective from the joint
 KL over (x0, x_t) and the official train.py computes exactly Diffusion-DPO's `−0.5·β·(Δ_w − Δ_l)`, logsigmoid, on
-the inverted latents with human labels (objectives.md §4.1). So this class only changes `xt_source` and delegates
+the inverted latents with human labels (docs/objectives.md §4.1). So this class only changes `xt_source` and delegates
 the maths to DiffusionDPO (one copy of the loss). β is the paper's β (SD1.5 2000 from an SFT'd UNet, SDXL 5000);
 it absorbs the ½, T and the mean over latent dims exactly as in Diffusion-DPO.
 

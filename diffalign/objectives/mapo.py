@@ -8,7 +8,7 @@ denoising errors, so no reference forward is needed (code form, mapo-t2i/mapo ut
     loss   = err_w − β · log σ(margin)               (hard label; a soft p uses p·logσ(m) + (1−p)·logσ(−m))
 
 β is the code's `beta_mapo` = 0.1 ("ORPO contribution factor"), s = `snr_value` = 0.5, T = 1000; the mapping of
-(s, β) to the paper's β₁ and link scale is unverified (objectives.md §8.1). f is computed as x/expm1(x) with its
+(s, β) to the paper's β₁ and link scale is unverified (docs/objectives.md §8.1). f is computed as x/expm1(x) with its
 Taylor series 1 − x/2 + x²/12 near 0, so value and gradient stay finite at err → 0.
 
 Hand-computed check (tests/test_objectives_more.py): β = 0.1, s = 0.5, T = 10, err = [0.2, 0.6]
