@@ -1,10 +1,10 @@
 """Configs: dataclass schemas + YAML files that hold only non-defaults + dotted ``a.b=value`` overrides.
 
 Each field has a one-line docstring (the help text of `diffalign <command> --help`) and declares what it accepts
-next to its default (`Annotated[float, POSITIVE]`, `OneOf(...)`); the machinery that loads, checks and describes
-them is diffalign.schema. Unknown keys fail loudly with the closest valid key ("did you mean ..."). The objective
-section's keys besides `name` are the fields of the chosen objective's dataclass (`objective: {name: smpo,
-gamma: 10}`), typed and checked like every other field.
+next to its default (`Annotated[float, POSITIVE]`, `OneOf(...)`, from diffalign.checks). diffalign.schema loads
+and checks them; unknown keys fail loudly with the closest valid key ("did you mean ..."). The objective section's
+keys besides `name` are the fields of the chosen objective's dataclass (`objective: {name: smpo, gamma: 10}`),
+typed and checked like every other field.
 
 The schemas for the programs (training, generation) live here so the YAML files under configs/ have one home;
 library functions never take a config object, only flat typed arguments.
@@ -15,24 +15,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Annotated, Any, ClassVar
 
+from diffalign.checks import AT_LEAST_1, NON_EMPTY, NON_NEGATIVE, POSITIVE, PROBABILITY, OneOf, Range
+from diffalign.confighelp import describe
 from diffalign.objectives import OBJECTIVES
 from diffalign.rewards import SCORERS
-from diffalign.schema import (
-    AT_LEAST_1,
-    NON_EMPTY,
-    NON_NEGATIVE,
-    POSITIVE,
-    PROBABILITY,
-    ConfigError,
-    OneOf,
-    Range,
-    apply_overrides,
-    describe,
-    from_dict,
-    load_config,
-    save_config,
-    to_dict,
-)
+from diffalign.schema import ConfigError, apply_overrides, from_dict, load_config, save_config, to_dict
 
 __all__ = ["ConfigError", "apply_overrides", "describe", "from_dict", "load_config", "save_config", "to_dict"]
 

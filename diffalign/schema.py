@@ -1,8 +1,8 @@
-"""The config machinery: typed dataclass fields with declared checks, YAML + dotted overrides, and help text.
+"""The config machinery: typed dataclass fields with declared checks (diffalign.checks), YAML + dotted overrides.
 
 A field declares what it accepts next to its default, with `typing.Annotated`:
 
-    lr: Annotated[float, Range(gt=0)] = 1e-4
+    lr: Annotated[float, POSITIVE] = 1e-4
     mixed_precision: Annotated[str, OneOf("no", "bf16", "fp16")] = "no"
 
 `load_config` reads the YAML, applies `a.b=value` overrides, coerces every value to its field's type and runs the
@@ -17,21 +17,17 @@ command line is taken verbatim. No exec/eval.
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import difflib
-import inspect
-import operator
 import re
 import types
 import typing
-from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from diffalign.checks import Check, KLStrength
 from diffalign.errors import DiffalignError
 
 
@@ -39,85 +35,10 @@ class ConfigError(DiffalignError, ValueError):
     """A config file or override is wrong; the message names the key (and the file)."""
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Checks declared on fields
-
-
-@dataclass(frozen=True)
-class Range:
-    """A number within bounds: Range(gt=0), Range(ge=0, le=1), ..."""
-
-    gt: float | None = None
-    ge: float | None = None
-    lt: float | None = None
-    le: float | None = None
-
-    def bounds(self) -> list[tuple[str, float]]:
-        ops = (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="))
-        return [(op, getattr(self, name)) for name, op in ops if getattr(self, name) is not None]
-
-    def problem(self, value: Any) -> str | None:
-        if all(COMPARE[op](value, bound) for op, bound in self.bounds()):
-            return None
-        return "must be " + " and ".join(f"{op} {bound:g}" for op, bound in self.bounds())
-
-
-COMPARE = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le}
-
-
-class OneOf:
-    """One of fixed options, or of a registry's keys read at check time (OneOf(OBJECTIVES)); a list value is
-    checked item by item. With `allow_empty`, "" (meaning "none" / "the default") is accepted too."""
-
-    def __init__(self, *options: str | Mapping, allow_empty: bool = False):
-        self.source = options[0] if len(options) == 1 and isinstance(options[0], Mapping) else tuple(options)
-        self.allow_empty = allow_empty
-
-    @property
-    def options(self) -> tuple[str, ...]:
-        return tuple(self.source)
-
-    def problem(self, value: Any) -> str | None:
-        bad = [v for v in (value if isinstance(value, list) else [value]) if v not in self.options]
-        if not bad or (self.allow_empty and value == ""):
-            return None
-        what = f"'{bad[0]}' is not known; " if isinstance(value, list) else ""
-        close = difflib.get_close_matches(str(bad[0]), self.options, n=1, cutoff=0.6)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
-        return what + "must be one of " + ", ".join(self.options) + (' (or "")' if self.allow_empty else "") + hint
-
-
-@dataclass(frozen=True)
-class KLStrength:
-    """β as a KL strength: > 0 (a negative β trains toward the rejected images; zero gives no gradient). The
-    section's `allow_negative_beta: true` accepts β < 0, for tests that check the sign of a loss."""
-
-    def problem(self, value: Any, allow_negative: bool = False) -> str | None:
-        if value > 0 or (allow_negative and value < 0):
-            return None
-        return "must be > 0 (a KL strength; a negative beta trains toward the rejected images)"
-
-
-@dataclass(frozen=True)
-class NonEmpty:
-    """A list with at least one item."""
-
-    def problem(self, value: Any) -> str | None:
-        return None if value else "must name at least one"
-
-
-KL_STRENGTH = KLStrength()
-NON_EMPTY = NonEmpty()
-POSITIVE = Range(gt=0)
-NON_NEGATIVE = Range(ge=0)
-AT_LEAST_1 = Range(ge=1)
-PROBABILITY = Range(ge=0, le=1)
-
-
-def checks_of(cls: type) -> dict[str, list]:
-    """field name -> the check objects declared in its Annotated type."""
+def checks_of(cls: type) -> dict[str, list[Check]]:
+    """field name -> the checks declared in its Annotated type."""
     hints = typing.get_type_hints(cls, include_extras=True)
-    return {f.name: [m for m in getattr(hints[f.name], "__metadata__", ()) if hasattr(m, "problem")]
+    return {f.name: [m for m in getattr(hints[f.name], "__metadata__", ()) if isinstance(m, Check)]
             for f in dataclasses.fields(cls)}  # fmt: skip
 
 
@@ -227,7 +148,8 @@ def suggest(key: str, valid: list[str]) -> str:
     return f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(sorted(valid))}"
 
 
-def _variants(cls: type) -> dict[str, type] | None:
+def variants_of(cls: type) -> dict[str, type] | None:
+    """A section's VARIANTS (name -> dataclass whose fields are its further keys), or None."""
     return cls.__dict__.get("VARIANTS")
 
 
@@ -247,12 +169,12 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
         path = f"{where}.{key}" if where else key
         typ = types_[key]
         if dataclasses.is_dataclass(typ):
-            base = _nested_default(cls, key)  # e.g. OnlineConfig's objective defaults to name d3po
+            base = _nesteddefault_of(cls, key)  # e.g. OnlineConfig's objective defaults to name d3po
             kwargs[key] = from_dict(typ, {**base, **value} if isinstance(value, dict) else value or base, path)
         else:
             kwargs[key] = _coerce(value, typ, path)
             _check(kwargs[key], checks[key], path)
-    variants = _variants(cls)
+    variants = variants_of(cls)
     if variants is None:
         for key in rest:
             path = f"{where}.{key}" if where else key
@@ -267,7 +189,7 @@ def _variant_params(cfg: Any, variants: dict[str, type], data: dict[str, Any], w
     """The chosen variant's settings (defaults, then the section's remaining keys), coerced and checked."""
     variant = variants[cfg.name]
     fields, types_, checks = _variant_fields(variant), field_types(variant), checks_of(variant)
-    params = {key: _default(f) for key, f in fields.items()}
+    params = {key: default_of(f) for key, f in fields.items()}
     for key, value in data.items():
         path = f"{where}.{key}"
         if key not in fields:
@@ -296,16 +218,17 @@ def _variant_hint(key: str, name: str, variants: dict[str, type], own: set[str])
     return f"; its keys: {', '.join(mine + sorted(own))}"
 
 
-def _nested_default(cls: type, key: str) -> dict[str, Any]:
+def _nesteddefault_of(cls: type, key: str) -> dict[str, Any]:
     """The non-default values of section `key`'s default in `cls` (a field default_factory may differ from the
     section class's own defaults)."""
     f = next(f for f in dataclasses.fields(cls) if f.name == key)
-    section = _default(f)
+    section = default_of(f)
     plain = type(section)()
     return {k: v for k, v in to_dict(section).items() if to_dict(plain).get(k) != v}
 
 
-def _default(f: dataclasses.Field) -> Any:
+def default_of(f: dataclasses.Field) -> Any:
+    """A dataclass field's default value (default_factory called)."""
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
@@ -316,7 +239,7 @@ def to_dict(cfg: Any) -> dict[str, Any]:
         value = getattr(cfg, f.name)
         if dataclasses.is_dataclass(value):
             out[f.name] = to_dict(value)
-        elif f.name == "params" and _variants(type(cfg)) is not None:
+        elif f.name == "params" and variants_of(type(cfg)) is not None:
             out.update(value)
         else:
             out[f.name] = value
@@ -334,7 +257,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], cls: type) -> di
         for i, key in enumerate(keys):
             name = ".".join(keys[: i + 1])
             valid = field_types(typ) if dataclasses.is_dataclass(typ) else None
-            variants = _variants(typ) if valid is not None else None
+            variants = variants_of(typ) if valid is not None else None
             if valid is not None and key not in valid and variants is None:
                 raise ConfigError(f"unknown config key '{name}'{suggest(key, list(valid))}")
             leaf = valid.get(key) if valid is not None else Any
@@ -346,7 +269,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], cls: type) -> di
             else:
                 if not dataclasses.is_dataclass(leaf):
                     raise ConfigError(f"config key '{name}' has no sub-keys")
-                section_default = _nested_default(typ, key)
+                section_default = _nesteddefault_of(typ, key)
                 node = node.setdefault(key, {})
                 typ = leaf
     return data
@@ -377,71 +300,3 @@ def load_config(cls: type, path: str | Path | Any = None, overrides: list[str] |
 
 def save_config(cfg: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Help text from the dataclass docstrings
-
-
-def field_docs(cls: type) -> dict[str, str]:
-    """field name -> the string literal under it in the class body (its docstring), on one line."""
-    try:
-        tree = ast.parse(inspect.getsource(cls))
-    except (OSError, TypeError):
-        return {}
-    body, docs = tree.body[0].body, {}
-    for node, after in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            if (
-                isinstance(after, ast.Expr)
-                and isinstance(after.value, ast.Constant)
-                and isinstance(after.value.value, str)
-            ):
-                docs[node.target.id] = " ".join(after.value.value.split())
-    return docs
-
-
-def _type_name(typ: Any) -> str:
-    if typing.get_origin(typ) in (typing.Union, types.UnionType):
-        return " | ".join(_type_name(a) for a in typing.get_args(typ))
-    if typing.get_origin(typ) is not None:
-        return str(typ).replace("typing.", "")
-    return "null" if typ is type(None) else typ.__name__
-
-
-def _describe_fields(cls: type, prefix: str) -> list[str]:
-    docs, types_, checks = field_docs(cls), field_types(cls), checks_of(cls)
-    lines = []
-    for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(types_[f.name]) or (f.name == "params" and _variants(cls) is not None):
-            continue
-        rule = "; ".join(_rule(c) for c in checks[f.name])
-        head = f"  {prefix}{f.name} ({_type_name(types_[f.name])}, default {_default(f)!r})"
-        lines.append(f"{head}: {docs.get(f.name, '')}" + (f" [{rule}]" if rule else ""))
-    return lines
-
-
-def _rule(check: Any) -> str:
-    if isinstance(check, OneOf):
-        return "one of " + ", ".join(check.options) + (', ""' if check.allow_empty else "")
-    if isinstance(check, KLStrength):
-        return "> 0"
-    if isinstance(check, NonEmpty):
-        return "at least one"
-    return " and ".join(f"{op} {bound:g}" for op, bound in check.bounds())
-
-
-def describe(cls: type) -> str:
-    """Every key of config class `cls`, grouped by section: `key (type, default): first doc line [allowed]`."""
-    top = _describe_fields(cls, "")
-    lines = ["top level:", *top, ""] if top else []
-    for f in dataclasses.fields(cls):
-        sub = field_types(cls)[f.name]
-        if not dataclasses.is_dataclass(sub):
-            continue
-        lines += [f"{f.name}:", *_describe_fields(sub, f"{f.name}.")]
-        for name, variant in (_variants(sub) or {}).items():
-            keys = _describe_fields(variant, f"{f.name}.")
-            lines += [f"  with {f.name}.name={name}:", *(f"  {line}" for line in keys or ["  (no further keys)"])]
-        lines.append("")
-    return "\n".join(lines).rstrip()

@@ -28,7 +28,7 @@ from typing import Annotated, ClassVar
 import torch
 import torch.nn.functional as F
 
-from diffalign.schema import KL_STRENGTH, Range
+from diffalign.checks import KL_STRENGTH, Range
 
 
 def clipped_log_ratio(log_prob: torch.Tensor, ref_log_prob: torch.Tensor, eps: float) -> torch.Tensor:

@@ -24,7 +24,7 @@ from typing import Annotated, ClassVar
 import torch
 import torch.nn.functional as F
 
-from diffalign.schema import KL_STRENGTH, NON_NEGATIVE
+from diffalign.checks import KL_STRENGTH, NON_NEGATIVE
 
 
 @dataclass

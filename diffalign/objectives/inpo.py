@@ -24,8 +24,8 @@ from typing import Annotated, ClassVar
 
 import torch
 
+from diffalign.checks import KL_STRENGTH, NON_NEGATIVE
 from diffalign.objectives.dpo import DiffusionDPO
-from diffalign.schema import KL_STRENGTH, NON_NEGATIVE
 
 
 @dataclass

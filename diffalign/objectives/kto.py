@@ -29,7 +29,7 @@ from typing import Annotated, ClassVar
 
 import torch
 
-from diffalign.schema import KL_STRENGTH, NON_NEGATIVE
+from diffalign.checks import KL_STRENGTH, NON_NEGATIVE
 
 
 @dataclass

@@ -24,7 +24,7 @@ from typing import Annotated, ClassVar
 import torch
 import torch.nn.functional as F
 
-from diffalign.schema import NON_NEGATIVE, POSITIVE
+from diffalign.checks import NON_NEGATIVE, POSITIVE
 
 
 def bounded_link(x: torch.Tensor) -> torch.Tensor:

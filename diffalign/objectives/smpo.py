@@ -27,7 +27,7 @@ from typing import Annotated, ClassVar
 import torch
 import torch.nn.functional as F
 
-from diffalign.schema import KL_STRENGTH, POSITIVE
+from diffalign.checks import KL_STRENGTH, POSITIVE
 
 
 def smpo_preference(score_w: torch.Tensor, score_l: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
