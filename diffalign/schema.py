@@ -169,7 +169,7 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
         path = f"{where}.{key}" if where else key
         typ = types_[key]
         if dataclasses.is_dataclass(typ):
-            base = _nesteddefault_of(cls, key)  # e.g. OnlineConfig's objective defaults to name d3po
+            base = _section_default(cls, key)  # e.g. OnlineConfig's objective defaults to name d3po
             kwargs[key] = from_dict(typ, {**base, **value} if isinstance(value, dict) else value or base, path)
         else:
             kwargs[key] = _coerce(value, typ, path)
@@ -218,7 +218,7 @@ def _variant_hint(key: str, name: str, variants: dict[str, type], own: set[str])
     return f"; its keys: {', '.join(mine + sorted(own))}"
 
 
-def _nesteddefault_of(cls: type, key: str) -> dict[str, Any]:
+def _section_default(cls: type, key: str) -> dict[str, Any]:
     """The non-default values of section `key`'s default in `cls` (a field default_factory may differ from the
     section class's own defaults)."""
     f = next(f for f in dataclasses.fields(cls) if f.name == key)
@@ -269,7 +269,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], cls: type) -> di
             else:
                 if not dataclasses.is_dataclass(leaf):
                     raise ConfigError(f"config key '{name}' has no sub-keys")
-                section_default = _nesteddefault_of(typ, key)
+                section_default = _section_default(typ, key)
                 node = node.setdefault(key, {})
                 typ = leaf
     return data

@@ -15,6 +15,8 @@ import inspect
 import os
 import sys
 
+from diffalign.errors import DiffalignError
+
 # command -> (program module, config class in diffalign.config, what it does, one runnable example)
 COMMANDS = {
     "train": (
@@ -84,7 +86,7 @@ def split_args(args: list[str]) -> tuple[str | None, list[str], dict[str, str]]:
                 value = "1"
             elif not eq:
                 if i + 1 >= len(args) or args[i + 1].startswith("--"):
-                    raise SystemExit(f"diffalign: error: --{name} needs a value")
+                    raise DiffalignError(f"--{name} needs a value")
                 value = args[i + 1]
                 i += 1
             flags[name] = value
@@ -93,7 +95,7 @@ def split_args(args: list[str]) -> tuple[str | None, list[str], dict[str, str]]:
         elif config is None:
             config = arg
         else:
-            raise SystemExit(f"diffalign: error: unexpected argument '{arg}' (overrides look like key=value)")
+            raise DiffalignError(f"unexpected argument '{arg}' (overrides look like key=value)")
         i += 1
     return config, overrides, flags
 
@@ -140,8 +142,6 @@ def main(argv: list[str] | None = None) -> int:
     if any(arg in HELP_FLAGS for arg in rest):
         print(command_help(command))
         return 0
-    from diffalign.errors import DiffalignError
-
     try:
         config, overrides, flags = split_args(rest)
         if flags.pop("print-config", None):
@@ -153,9 +153,6 @@ def main(argv: list[str] | None = None) -> int:
                 options = ", ".join(f"--{k}" for k in [*known, *SWITCHES])
                 raise DiffalignError(f"{command}: unknown option --{name} (options: {options}, -h)")
         module.run(config, overrides, **flags)
-    except SystemExit as err:
-        print(err, file=sys.stderr)
-        return 2
     except (DiffalignError, OSError) as err:
         if os.environ.get("DIFFALIGN_DEBUG"):
             raise

@@ -72,3 +72,10 @@ def test_print_config_reports_bad_values_like_a_run(capsys):
 def test_unknown_option_lists_the_options(capsys):
     assert main(["generate", "--resume", "latest"]) == 2
     assert "unknown option --resume (options: --print-config, -h)" in capsys.readouterr().err
+
+
+def test_malformed_command_lines_are_one_line_errors(capsys):
+    assert main(["train", "--resume"]) == 2
+    assert capsys.readouterr().err.strip() == "diffalign: error: --resume needs a value"
+    assert main(["train", "a.yaml", "b.yaml"]) == 2
+    assert "unexpected argument 'b.yaml'" in capsys.readouterr().err
