@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import json
 import math
 import os
 import time
@@ -22,7 +23,7 @@ from diffalign.data import (
 )
 from diffalign.data.relabel import Relabeled, load_or_score, relabel
 from diffalign.errors import DiffalignError
-from diffalign.models import load_family
+from diffalign.models import load_family, resolve_path
 from diffalign.objectives import OBJECTIVES
 from diffalign.paths import TOY_TRAIN
 from diffalign.rewards import load_scorer
@@ -50,26 +51,45 @@ def load_model(
     mcfg: ModelConfig, load_encoders: bool = True, lora: LoraConfig | None = None, sizes: dict[str, int] | None = None
 ):
     """The model family of `model.path` in `model.dtype` (with `model.vae_path` if set), checked against the
-    settings that need the loaded model: `lora.target_modules` names layers of its denoiser, and model.resolution
-    (plus `sizes`, e.g. {"height": 768}) are multiples of its latent factor. Nothing has been written yet."""
+    settings that depend on the model: model.resolution (plus `sizes`, e.g. {"height": 768}) must be multiples of
+    its latent factor (read from a local folder's config files before loading, else after), and
+    `lora.target_modules` must name layers of its denoiser (after loading). Nothing has been written yet."""
+    sizes = {"model.resolution": mcfg.resolution, **(sizes or {})}
+    folder = Path(resolve_path(mcfg.path))
+    if (folder / "model_index.json").is_file():
+        check_sizes(sizes, folder_latent_factor(folder), mcfg.path)
     family = load_family(
         mcfg.path, mcfg.family, dtype=DTYPES[mcfg.dtype], vae_path=mcfg.vae_path or None, load_encoders=load_encoders
     )
-    factor = latent_factor(family)
-    for key, value in {"model.resolution": mcfg.resolution, **(sizes or {})}.items():
-        if value % factor:
-            raise DiffalignError(
-                f"{key}={value}: must be a multiple of {factor} for {family.name} (its latent factor; "
-                f"e.g. {max(factor, value // factor * factor)}), or 0 for the model's native size"
-            )
+    check_sizes(sizes, latent_factor(family), family.name)
     if lora is not None:
         check_target_modules(family, lora.target_modules)
     return family
 
 
+def check_sizes(sizes: dict[str, int], factor: int, model: str) -> None:
+    for key, value in sizes.items():
+        if value % factor:
+            raise DiffalignError(
+                f"{key}={value}: must be a multiple of {factor} for {model} (its latent factor; "
+                f"e.g. {max(factor, value // factor * factor)}), or 0 for the model's native size"
+            )
+
+
 def latent_factor(family) -> int:
     """Pixels per denoiser input cell: the VAE's downsampling times the transformer's patch size (1 for UNets)."""
     return family.vae_scale_factor * int(family.denoiser.config.get("patch_size") or 1)
+
+
+def folder_latent_factor(folder: Path) -> int:
+    """latent_factor from a diffusers folder's config files, without loading weights (no VAE: pixel space)."""
+
+    def config(sub: str) -> dict:
+        path = folder / sub / "config.json"
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    levels = len(config("vae").get("block_out_channels", [None]))
+    return 2 ** (levels - 1) * int(config("transformer").get("patch_size") or 1)
 
 
 LORA_LAYERS = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Conv1d, torch.nn.Embedding)  # what peft can adapt

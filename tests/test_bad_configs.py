@@ -45,7 +45,7 @@ CORPUS = [
     pytest.param(
         "train",
         [f"model.path={TINY_SD}", "model.resolution=60"],
-        "model.resolution=60: must be a multiple of 8 for sd",
+        f"model.resolution=60: must be a multiple of 8 for {TINY_SD}",
         id="train-resolution",
     ),
     # online
@@ -63,7 +63,7 @@ CORPUS = [
     pytest.param(
         "generate",
         ["prompt=a cat", f"model.path={TINY_SD}", "height=100"],
-        "height=100: must be a multiple of 8 for sd",
+        f"height=100: must be a multiple of 8 for {TINY_SD}",
         id="generate-height",
     ),
     # score
@@ -105,3 +105,17 @@ def test_bad_config_value(command, overrides, words, tmp_path, capsys):
 def test_the_corpus_covers_every_command():
     commands = {(c.values if hasattr(c, "values") else c)[0] for c in CORPUS}
     assert {"train", "online", "generate", "score", "compare", "export"} <= commands and len(CORPUS) >= 20
+
+
+def test_sizes_are_checked_before_the_weights_load(tmp_path, capsys):
+    """A folder with the config files but no weights: the size error comes first, so nothing is loaded."""
+    import shutil
+
+    folder = tmp_path / "configs_only"
+    for sub in ("", "vae", "transformer"):
+        (folder / sub).mkdir(exist_ok=True)
+    shutil.copy(REPO / "assets/tiny/sd3/model_index.json", folder)
+    for sub in ("vae", "transformer"):
+        shutil.copy(REPO / f"assets/tiny/sd3/{sub}/config.json", folder / sub)
+    assert main(["generate", "prompt=a cat", f"model.path={folder}", "width=72", f"output_dir={tmp_path / 'o'}"]) == 2
+    assert f"width=72: must be a multiple of 16 for {folder} (its latent factor; e.g. 64)" in capsys.readouterr().err
