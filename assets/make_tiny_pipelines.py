@@ -13,7 +13,7 @@
 - pixart:  PixArtSigmaPipeline: PixArtTransformer2DModel with out_channels 8 (learned sigma: [eps; variance]),
            a T5EncoderModel (d_model 32 = caption_channels), the SD VAE, DPMSolverMultistepScheduler with PixArt's
            linear betas. Both T5 tokenizers are real T5Tokenizers (Unigram) built in code, no sentencepiece file.
-Sizes follow reference/feasibility.md section 2: VAE with 4 levels (vae_scale_factor 8 as in real SD), UNet and
+Sizes are the smallest that keep every code path of the real models: VAE with 4 levels (vae_scale_factor 8 as in real SD), UNet and
 transformer sample_size 8 (so the native resolution is 64 px), text encoders with hidden size 32 and 2 layers.
 Seeded (every builder seeds itself, so adding one leaves the others' weights unchanged): the same torch version
 writes the same weights.

@@ -36,7 +36,7 @@ from accelerate import Accelerator  # noqa: E402
 from bench_io import machine, write_results  # noqa: E402
 from train_step import DTYPES, GIB, SIZES, Bench, MemoryProbe, measure  # noqa: E402
 
-from diffalign.config import ObjectiveConfig  # noqa: E402
+from diffalign.config import ObjectiveConfig, from_dict  # noqa: E402
 from pipelines.common import build_objective  # noqa: E402
 
 # name -> (autocast bf16, channels_last, gradient checkpointing, fused AdamW, objective)
@@ -61,7 +61,10 @@ class LeverStep:
         self.adamw = bench.opt_a.optimizer
         tc = bench.train_cfg
         self.fused = torch.optim.AdamW(bench.params, lr=tc.lr, weight_decay=tc.weight_decay, fused=True)
-        self.objectives = {"dpo": bench.objective, "mapo": build_objective(ObjectiveConfig(name="mapo"))}
+        self.objectives = {
+            "dpo": bench.objective,
+            "mapo": build_objective(from_dict(ObjectiveConfig, {"name": "mapo"})),
+        }
         self.state = None
 
     def apply(self, setting: tuple) -> None:

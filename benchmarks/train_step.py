@@ -26,7 +26,7 @@ Sizes (random weights, nothing is downloaded):
   sd15: SD1.5 UNet config (860 M), real-size SD VAE (84 M) and CLIP-L text encoder (123 M) configs, random init,
         with the tiny word-list tokenizer; 256 px -> 32x32 latents, 1 pair.
   sdxl: SDXL-base UNet config (2.6 B), SDXL VAE, CLIP-L + OpenCLIP-bigG text encoder configs; 1024 px -> 128x128
-        latents, 1 pair. GPU only (about 100 s/step and 16 GB on a 2-core CPU, reference/feasibility.md section 4).
+        latents, 1 pair. GPU only (measured on a 2-core CPU: about 100 s/step and 16 GB).
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ from bench_io import machine, write_results  # noqa: E402
 from diffusers.optimization import get_scheduler  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from diffalign.config import EstimatorConfig, LoraConfig, ObjectiveConfig, TrainConfig  # noqa: E402
+from diffalign.config import EstimatorConfig, LoraConfig, ObjectiveConfig, TrainConfig, from_dict  # noqa: E402
 from diffalign.data import CachedPairs, PreferencePairs, build_cache, collate, load_preferences  # noqa: E402
 from diffalign.data.sampler import EpochView, ResumableSampler  # noqa: E402
 from diffalign.likelihood import Schedule  # noqa: E402
@@ -305,7 +305,9 @@ class Bench:
         self.init_s = time.perf_counter() - t0
         self.family = family
         self.schedule = Schedule(family.scheduler, family.prediction_type)
-        self.objective = build_objective(ObjectiveConfig(name="dpo", beta=args.beta or default_beta))
+        self.objective = build_objective(
+            from_dict(ObjectiveConfig, {"name": "dpo", "beta": args.beta or default_beta})
+        )
         self.estimator = EstimatorConfig()
         self.train_cfg = TrainConfig()
 

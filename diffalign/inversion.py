@@ -11,7 +11,7 @@ the latent the *current policy* would have denoised into it, so the optimised la
 `renoise_inversion` (SmPO, one ReNoise iteration) predicts eps at the current latent, takes a tentative step,
 predicts again at the tentative latent (same g) and redoes the step with the average of the two predictions.
 
-Quirk kept on purpose (objectives.md §3.2): the latent ends at the largest grid value below t, yet the target
+Quirk kept on purpose (docs/objectives.md §3.2): the latent ends at the largest grid value below t, yet the target
 and the training forward use t itself, exactly as the official InPO/SmPO code. We reproduce it so results can be
 compared with the papers; t <= first grid value means no step at all (x_t = x0). Other choices, all documented:
 the step is diffusers' `DDIMInverseScheduler.step` (eps model at g on the latent at g - Δ, diffusers' convention);

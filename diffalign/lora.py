@@ -3,7 +3,7 @@
 Files are diffusers-format `pytorch_lora_weights.safetensors` ("unet." or "transformer."-prefixed keys, the family's
 `lora_prefix`) with the adapter config (rank, alpha, targets) in the safetensors metadata, so
 `pipe.load_lora_weights(dir)` in plain diffusers restores the same outputs. Without that metadata diffusers reloads
-alpha as the rank (reference/feasibility.md, section 3).
+alpha as the rank (peft reads a missing lora_alpha as r), so a run with alpha != rank would change scale.
 
 Kohya format (UNet families sd / sdxl; what kohya sd-scripts, A1111 and ComfyUI read and write): one file with keys
 `lora_unet_<module path with _>.lora_down.weight` / `.lora_up.weight` and a scalar `.alpha` per module

@@ -1,43 +1,98 @@
-"""`diffalign <command> [CONFIG.yaml] [a.b=value ...] [--resume latest|PATH]`.
+"""`diffalign <command> [CONFIG.yaml] [a.b=value ...] [--resume latest|PATH] [--print-config] [-h]`.
 
-One literal dict maps a command to the program that runs it. Bad input (a DiffalignError, or a missing/unreadable
-file) prints one line naming the item and exits 2; set DIFFALIGN_DEBUG=1 for the traceback.
+One literal dict maps a command to the program that runs it, its config class and one runnable example.
+`diffalign <command> --help` prints the usage, the example and every config key of the command (grouped by
+section, with type, default and doc, generated from the dataclasses); `--print-config` prints the resolved config
+and exits. Bad input (a DiffalignError, or a missing/unreadable file) prints one line naming the item and exits 2;
+set DIFFALIGN_DEBUG=1 for the traceback.
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import inspect
 import os
 import sys
 
+from diffalign.errors import DiffalignError
+
+# command -> (program module, config class in diffalign.config, what it does, one runnable example)
 COMMANDS = {
-    "train": ("pipelines.train", "align a model with a preference objective (no config: the toy world)"),
-    "generate": ("pipelines.generate", "generate images with a base model and LoRAs; writes a manifest and a grid"),
-    "cache": ("pipelines.cache", "encode a preference dataset once into VAE latents + text embeddings"),
-    "export": ("pipelines.export", "convert a LoRA: diffusers -> kohya/A1111/ComfyUI (format=kohya) and back"),
-    "score": ("pipelines.score", "score an image folder or generate manifest with reward models; per-image JSONL"),
-    "compare": ("pipelines.compare", "aligned vs base images paired by prompt and seed: win rates, deltas, report"),
-    "online": ("pipelines.online", "on-policy alignment rounds: sample, score, pair, train (D3PO, DRAGON, DRO)"),
-    "serve-reward": ("pipelines.serve_reward", "serve one scorer over HTTP for the `remote` scorer (POST /score)"),
+    "train": (
+        "pipelines.train",
+        "RunConfig",
+        "align a model with a preference objective (no config: the toy world)",
+        "diffalign train train.max_steps=20 eval.max_prompts=4 train.output_dir=runs/toy-dpo",
+    ),
+    "generate": (
+        "pipelines.generate",
+        "GenerateConfig",
+        "generate images with a base model and LoRAs; writes a manifest and a grid",
+        'diffalign generate prompt="a small red circle at the top left" images_per_prompt=4 output_dir=outputs/base',
+    ),
+    "cache": (
+        "pipelines.cache",
+        "RunConfig",
+        "encode a preference dataset once into VAE latents + text embeddings",
+        "diffalign cache data.cache_dir=cache/toy",
+    ),
+    "export": (
+        "pipelines.export",
+        "ExportConfig",
+        "convert a LoRA: diffusers -> kohya/A1111/ComfyUI (format=kohya) and back",
+        "diffalign export src=runs/toy-dpo/lora out=toy_dpo_kohya.safetensors format=kohya",
+    ),
+    "score": (
+        "pipelines.score",
+        "ScoreConfig",
+        "score an image folder or generate manifest with reward models; per-image JSONL",
+        "diffalign score images=outputs/base scorers=[toy_aesthetic,toy_fidelity]",
+    ),
+    "compare": (
+        "pipelines.compare",
+        "CompareConfig",
+        "aligned vs base images paired by prompt and seed: win rates, deltas, report",
+        "diffalign compare base=outputs/base aligned=outputs/aligned scorers=[toy_aesthetic,toy_fidelity]",
+    ),
+    "online": (
+        "pipelines.online",
+        "OnlineConfig",
+        "on-policy alignment rounds: sample, score, pair, train (D3PO, DRAGON, DRO)",
+        "diffalign online configs/toy_dragon.yaml online.rounds=2",
+    ),
+    "serve-reward": (
+        "pipelines.serve_reward",
+        "ServeRewardConfig",
+        "serve one scorer over HTTP for the `remote` scorer (POST /score)",
+        "diffalign serve-reward toy_aesthetic port=8765",
+    ),
 }
 
-USAGE = "usage: diffalign <command> [CONFIG.yaml] [key=value ...]\n\ncommands:\n" + "\n".join(
-    f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()
+USAGE = (
+    "usage: diffalign <command> [CONFIG.yaml] [key=value ...] [--print-config] [-h]\n\ncommands:\n"
+    + "\n".join(f"  {name:<12} {spec[2]}" for name, spec in COMMANDS.items())
+    + "\n\n`diffalign <command> --help` lists the command's config keys with their types, defaults and meaning.\n"
+    "example (align the shipped toy model on a CPU, a few minutes):\n  diffalign train"
 )
+HELP_FLAGS = ("-h", "--help")
+SWITCHES = ("print-config",)  # flags without a value
+OPTION_VALUES = {"resume": "latest|PATH"}  # how help shows a --flag's value
 
 
 def split_args(args: list[str]) -> tuple[str | None, list[str], dict[str, str]]:
-    """-> (config path or None, dotted overrides, --flags with values)."""
+    """-> (config path or None, dotted overrides, --flags with values; a switch maps to "1")."""
     config, overrides, flags = None, [], {}
     i = 0
     while i < len(args):
         arg = args[i]
         if arg.startswith("--"):
-            name, _, value = arg[2:].partition("=")
-            if not value:
-                if i + 1 >= len(args):
-                    raise SystemExit(f"diffalign: error: --{name} needs a value")
+            name, eq, value = arg[2:].partition("=")
+            if name in SWITCHES and not eq:
+                value = "1"
+            elif not eq:
+                if i + 1 >= len(args) or args[i + 1].startswith("--"):
+                    raise DiffalignError(f"--{name} needs a value")
                 value = args[i + 1]
                 i += 1
             flags[name] = value
@@ -46,37 +101,63 @@ def split_args(args: list[str]) -> tuple[str | None, list[str], dict[str, str]]:
         elif config is None:
             config = arg
         else:
-            raise SystemExit(f"diffalign: error: unexpected argument '{arg}' (overrides look like key=value)")
+            raise DiffalignError(f"unexpected argument '{arg}' (overrides look like key=value)")
         i += 1
     return config, overrides, flags
+
+
+def config_class(command: str) -> type:
+    import diffalign.config
+
+    return getattr(diffalign.config, COMMANDS[command][1])
+
+
+def options_of(module) -> list[str]:
+    """The --flags a program takes: the keyword parameters of its run() besides config and overrides."""
+    return [p for p in inspect.signature(module.run).parameters if p not in ("config", "overrides")]
+
+
+def command_help(command: str) -> str:
+    from diffalign.config import describe
+
+    module_name, _, what, example = COMMANDS[command]
+    options = "".join(
+        f" [--{name} {OPTION_VALUES.get(name, 'VALUE')}]" for name in options_of(importlib.import_module(module_name))
+    )
+    return (
+        f"usage: diffalign {command} [CONFIG.yaml] [key=value ...]{options} [--print-config] [-h]\n\n{what}\n\n"
+        f"example:\n  {example}\n\n"
+        'config keys (in CONFIG.yaml, or key=value; lists key=[a,b], mappings key="{a: 1}"):\n\n'
+        + describe(config_class(command))
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
         argv = ["train"]  # the embedded default: align the toy model
-    if argv[0] in ("-h", "--help", "help"):
+    if argv[0] in (*HELP_FLAGS, "help"):
         print(USAGE)
         return 0
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
-        import difflib
-
         close = difflib.get_close_matches(command, list(COMMANDS), n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
         print(f"diffalign: error: unknown command '{command}'{hint}\n\n{USAGE}", file=sys.stderr)
         return 2
-    config, overrides, flags = split_args(rest)
-    from diffalign.errors import DiffalignError
-
-    module = importlib.import_module(COMMANDS[command][0])
-    known = [p for p in inspect.signature(module.run).parameters if p not in ("config", "overrides")]
-    for name in flags:
-        if name not in known:
-            options = ", ".join(f"--{k}" for k in known) or "none"
-            print(f"diffalign: error: {command}: unknown option --{name} (options: {options})", file=sys.stderr)
-            return 2
+    if any(arg in HELP_FLAGS for arg in rest):
+        print(command_help(command))
+        return 0
     try:
+        config, overrides, flags = split_args(rest)
+        if flags.pop("print-config", None):
+            return print_config(command, config, overrides)
+        module = importlib.import_module(COMMANDS[command][0])
+        known = options_of(module)
+        for name in flags:
+            if name not in known:
+                options = ", ".join(f"--{k}" for k in [*known, *SWITCHES])
+                raise DiffalignError(f"{command}: unknown option --{name} (options: {options}, -h)")
         module.run(config, overrides, **flags)
     except (DiffalignError, OSError) as err:
         if os.environ.get("DIFFALIGN_DEBUG"):
@@ -84,6 +165,17 @@ def main(argv: list[str] | None = None) -> int:
         message = " ".join(str(err).split())  # one line, even if a library's message had several
         print(f"diffalign: error: {message}", file=sys.stderr)
         return 2
+    return 0
+
+
+def print_config(command: str, config: str | None, overrides: list[str]) -> int:
+    """Print the resolved config (every key, defaults filled in) as YAML, without running anything."""
+    import yaml
+
+    from diffalign.config import load_config, to_dict
+
+    cfg = load_config(config_class(command), config, overrides)
+    print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
     return 0
 
 

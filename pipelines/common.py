@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
+import json
 import math
 import os
 import time
@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from diffalign.config import DataConfig, ModelConfig, ObjectiveConfig
+from diffalign.config import DataConfig, LoraConfig, ModelConfig, ObjectiveConfig
 from diffalign.data import (
     CachedPairs,
     PreferencePairs,
@@ -23,7 +23,7 @@ from diffalign.data import (
 )
 from diffalign.data.relabel import Relabeled, load_or_score, relabel
 from diffalign.errors import DiffalignError
-from diffalign.models import load_family
+from diffalign.models import load_family, resolve_path
 from diffalign.objectives import OBJECTIVES
 from diffalign.paths import TOY_TRAIN
 from diffalign.rewards import load_scorer
@@ -47,37 +47,74 @@ def prepare_output_dir(path: str, resume: bool = False, default_name: str = "run
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_model(mcfg: ModelConfig, load_encoders: bool = True):
-    """The model family of `model.path` in `model.dtype` (with `model.vae_path` if set)."""
-    if mcfg.dtype not in DTYPES:
-        raise DiffalignError(f"model.dtype must be one of {', '.join(DTYPES)}, not '{mcfg.dtype}'")
-    return load_family(
+def load_model(
+    mcfg: ModelConfig, load_encoders: bool = True, lora: LoraConfig | None = None, sizes: dict[str, int] | None = None
+):
+    """The model family of `model.path` in `model.dtype` (with `model.vae_path` if set), checked against the
+    settings that depend on the model: model.resolution (plus `sizes`, e.g. {"height": 768}) must be multiples of
+    its latent factor (read from a local folder's config files before loading, else after), and
+    `lora.target_modules` must name layers of its denoiser (after loading). Nothing has been written yet."""
+    sizes = {"model.resolution": mcfg.resolution, **(sizes or {})}
+    folder = Path(resolve_path(mcfg.path))
+    if (folder / "model_index.json").is_file():
+        check_sizes(sizes, folder_latent_factor(folder), mcfg.path)
+    family = load_family(
         mcfg.path, mcfg.family, dtype=DTYPES[mcfg.dtype], vae_path=mcfg.vae_path or None, load_encoders=load_encoders
     )
+    check_sizes(sizes, latent_factor(family), family.name)
+    if lora is not None:
+        check_target_modules(family, lora.target_modules)
+    return family
+
+
+def check_sizes(sizes: dict[str, int], factor: int, model: str) -> None:
+    for key, value in sizes.items():
+        if value % factor:
+            raise DiffalignError(
+                f"{key}={value}: must be a multiple of {factor} for {model} (its latent factor; "
+                f"e.g. {max(factor, value // factor * factor)}), or 0 for the model's native size"
+            )
+
+
+def latent_factor(family) -> int:
+    """Pixels per denoiser input cell: the VAE's downsampling times the transformer's patch size (1 for UNets)."""
+    return family.vae_scale_factor * int(family.denoiser.config.get("patch_size") or 1)
+
+
+def folder_latent_factor(folder: Path) -> int:
+    """latent_factor from a diffusers folder's config files, without loading weights (no VAE: pixel space)."""
+
+    def config(sub: str) -> dict:
+        path = folder / sub / "config.json"
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    levels = len(config("vae").get("block_out_channels", [None]))
+    return 2 ** (levels - 1) * int(config("transformer").get("patch_size") or 1)
+
+
+LORA_LAYERS = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Conv1d, torch.nn.Embedding)  # what peft can adapt
+
+
+def check_target_modules(family, targets: list[str]) -> None:
+    """Each `lora.target_modules` entry must name (as peft matches: the full name or a dotted suffix) at least one
+    layer of the denoiser that peft can adapt; otherwise one line with the closest names."""
+    layers = [name for name, module in family.denoiser.named_modules() if isinstance(module, LORA_LAYERS)]
+    suffixes = sorted({".".join(name.split(".")[-k:]) for name in layers for k in (1, 2)})
+    for target in targets:
+        if not any(name == target or name.endswith("." + target) for name in layers):
+            close = difflib.get_close_matches(target, suffixes, n=3, cutoff=0.5)
+            hint = (
+                f"; closest names: {', '.join(close)}" if close else f"; e.g. {', '.join(family.lora_target_modules)}"
+            )
+            raise DiffalignError(
+                f"lora.target_modules: '{target}' names no Linear/Conv layer of the {family.name} "
+                f"{type(family.denoiser).__name__}{hint}"
+            )
 
 
 def build_objective(ocfg: ObjectiveConfig):
-    """OBJECTIVES[name](...) with beta/sft_weight where the class has them, plus objective.extra."""
-    if ocfg.name not in OBJECTIVES:
-        close = difflib.get_close_matches(ocfg.name, list(OBJECTIVES), n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else f" (known: {', '.join(OBJECTIVES)})"
-        raise DiffalignError(f"unknown objective '{ocfg.name}'{hint}")
-    cls = OBJECTIVES[ocfg.name]
-    fields = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key in ("beta", "sft_weight"):
-        value = getattr(ocfg, key)
-        if value is not None and key not in fields:
-            raise DiffalignError(f"objective.{key}: '{ocfg.name}' has no {key}")
-        if value is not None:
-            kwargs[key] = value
-    for key, value in ocfg.extra.items():
-        if key not in fields:
-            close = difflib.get_close_matches(key, sorted(fields), n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else f" (options: {', '.join(sorted(fields))})"
-            raise DiffalignError(f"objective.extra.{key}: '{ocfg.name}' has no such option{hint}")
-        kwargs[key] = value
-    return cls(**kwargs)
+    """OBJECTIVES[name] with the section's keys (already typed and checked when the config loaded)."""
+    return OBJECTIVES[ocfg.name](**ocfg.params)
 
 
 def data_source(source: str) -> str:

@@ -135,6 +135,6 @@ def run(config: str | None = None, overrides: list[str] | tuple = ()) -> Path:
     write_html(report, out)
     save_config(cfg, out / "config.yaml")
     write_run_record(out)
-    print(format_report(report))
+    print(format_report(report, prompts="prompts"))
     print(f"wrote report.json, report.png, pairs.png, pairs.jsonl and report.html to {out}")
     return out

@@ -83,9 +83,10 @@ def summarize(new: torch.Tensor, old: torch.Tensor) -> dict:
     }
 
 
-def format_report(report: dict) -> str:
+def format_report(report: dict, prompts: str = "held-out prompts") -> str:
+    """The report as a table; `prompts` says what the prompts were (compare does not know they were held out)."""
     lines = [
-        f"base vs aligned on {report['prompts']} held-out prompts ({report['images']} images, same seeds)",
+        f"base vs aligned on {report['prompts']} {prompts} ({report['images']} images, same seeds)",
         f"{'scorer':<16}{'base':>9}{'aligned':>9}{'change':>9}   win rate [95% CI]",
     ]
     for name, r in report["scorers"].items():

@@ -45,8 +45,8 @@ def run(config: str | None = None, overrides: list[str] | tuple = ()) -> Path:
     cfg: GenerateConfig = load_config(GenerateConfig, config, list(overrides))
     prompts = read_prompts(cfg)
     loras = [parse_lora(spec) for spec in cfg.loras]
+    family = load_model(cfg.model, sizes={"height": cfg.height, "width": cfg.width})  # checked before any write
     out = prepare_output_dir(cfg.output_dir, default_name="generate")
-    family = load_model(cfg.model)
     if loras:
         load_lora_many(family, loras, fuse=cfg.fuse)
 

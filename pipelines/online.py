@@ -80,7 +80,7 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
     device = accelerator.device
 
     # ---- model, LoRA, reference, objective --------------------------------------------------------------------
-    family = load_model(cfg.model).to(device)
+    family = load_model(cfg.model, lora=cfg.lora).to(device)
     if rc.guidance <= 0:
         rc.guidance = default_guidance(family)  # the resolved value is what config.yaml records
     if kind == "dro" and rc.guidance > 1:

@@ -17,31 +17,11 @@ SCORER may also be a YAML file with the keys below.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, HTTPServer
-from typing import Any
 
-from diffalign.config import load_config
+from diffalign.config import ServeRewardConfig, load_config
 from diffalign.rewards.remote import decode_png
 from pipelines.score import load_scorers
-
-
-@dataclass
-class ServeRewardConfig:
-    """Everything `diffalign serve-reward` reads."""
-
-    scorer: str = ""
-    """The scorer to serve (diffalign.rewards.SCORERS)."""
-    scorer_args: dict[str, Any] = field(default_factory=dict)
-    """Keyword arguments of its `load` ({model: PATH, device: cuda})."""
-    host: str = "127.0.0.1"
-    """Interface to listen on (0.0.0.0 = every interface; the server has no authentication)."""
-    port: int = 8765
-    """TCP port (0 = any free port, printed at start)."""
-    max_images: int = 256
-    """Most images one request may carry."""
-    max_request_mb: float = 512.0
-    """Largest request body, in MiB."""
 
 
 class BadRequest(ValueError):

@@ -105,7 +105,7 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
     # ---- model, LoRA, objective -------------------------------------------------------------------------------
     generates = bool(cfg.eval.prompts) or bool(tc.validate_every and tc.validation_prompts)
     family = load_model(
-        cfg.model, load_encoders=generates or not cache_ready(cfg.data)
+        cfg.model, load_encoders=generates or not cache_ready(cfg.data), lora=cfg.lora
     )  # a finished cache trains without them
     resolution = cfg.model.resolution or family.resolution
     family.denoiser.to(accelerator.device)

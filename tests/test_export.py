@@ -143,7 +143,7 @@ def test_export_errors_are_one_line(tmp_path, capsys):
     cases = [
         ([f"src={src}", f"out={tmp_path / 'k.pt'}"], "one .safetensors file"),
         ([f"src={src}", f"out={tmp_path / 'x'}", "format=diffusers"], "not a kohya-format LoRA"),
-        ([f"src={src}", f"out={kohya}", "format=a1111"], "format must be one of kohya, diffusers"),
+        ([f"src={src}", f"out={kohya}", "format=a1111"], "format='a1111': must be one of kohya, diffusers"),
         ([f"src={tmp_path / 'missing'}", f"out={kohya}"], "no LoRA weights file"),
         ([f"out={kohya}"], "set src="),
     ]

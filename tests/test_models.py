@@ -44,7 +44,7 @@ def test_auto_detection_and_attributes(sd15, sdxl):
         assert type(family.scheduler) is DDPMScheduler
         assert family.scheduler.config.beta_schedule == "scaled_linear"
         assert family.scheduler.config.steps_offset == 1
-    assert len(sd15.pipe.tokenizer) > 2  # a degenerate offline tokenizer has 2 ids (feasibility.md gotcha 2)
+    assert len(sd15.pipe.tokenizer) > 2  # a tokenizer built offline without its vocabulary has only 2 ids
 
 
 def test_v_prediction_family():

@@ -211,7 +211,7 @@ def test_score_bad_input_is_one_line_naming_it(image_sets, tmp_path, capsys):
     err = _error(capsys, [*cmd, f"images={broken / 'manifest.jsonl'}"])
     assert "manifest.jsonl:2: image" in err and "00001.png not found" in err
     err = _error(capsys, ["score", f"images={base}", "scorers=[toy_aesthetc]"])
-    assert "unknown scorer 'toy_aesthetc'; did you mean 'toy_aesthetic'?" in err
+    assert "scorers=['toy_aesthetc']: 'toy_aesthetc' is not known" in err and "did you mean 'toy_aesthetic'?" in err
     err = _error(capsys, ["score", f"images={base}", "scorers=[clip_score]", "scorer_args={clip_score: {modle: x}}"])
     assert "scorer_args.clip_score.modle" in err and "did you mean 'model'" in err
     assert "needs scorer_args.aesthetic.weights" in _error(capsys, ["score", f"images={base}", "scorers=[aesthetic]"])

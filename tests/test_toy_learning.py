@@ -24,7 +24,8 @@ SHORT = [
 
 def _report(tmp_path: Path, beta: float) -> dict:
     out = tmp_path / f"beta{beta:+.0f}"
-    assert main(["train", *SHORT, f"objective.beta={beta}", f"train.output_dir={out}"]) == 0
+    sign = ["objective.allow_negative_beta=true"] if beta < 0 else []  # the explicit opt-in for a flipped sign
+    assert main(["train", *SHORT, f"objective.beta={beta}", *sign, f"train.output_dir={out}"]) == 0
     return json.loads((out / "eval" / "report.json").read_text())["scorers"]
 
 

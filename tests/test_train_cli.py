@@ -251,19 +251,14 @@ def test_non_finite_steps_are_skipped_counted_and_five_in_a_row_stop_the_run(
         "train.tensorboard=false",
     ]
     run = tmp_path / "skips"
-    assert (
-        _train("configs/tiny/sd15_dpo.yaml", *common, "objective.extra={nan_calls: [2, 3]}", f"train.output_dir={run}")
-        == 0
-    )
+    assert _train("configs/tiny/sd15_dpo.yaml", *common, "objective.nan_calls=[2, 3]", f"train.output_dir={run}") == 0
     rows = _metrics(run)
     assert [r["skipped_steps"] for r in rows] == [0, 1, 2, 2, 2, 2]
     assert math.isnan(rows[1]["loss"]) and math.isfinite(rows[3]["loss"])
     assert "2 non-finite steps skipped" in capsys.readouterr().out
 
     run = tmp_path / "diverged"
-    assert (
-        _train("configs/tiny/sd15_dpo.yaml", *common, "objective.extra={nan_from: 2}", f"train.output_dir={run}") == 2
-    )
+    assert _train("configs/tiny/sd15_dpo.yaml", *common, "objective.nan_from=2", f"train.output_dir={run}") == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("diffalign: error:")]
     assert len(err) == 1
     assert "non-finite loss or gradients for 5 steps in a row, the last at step 6 (pair indices [" in err[0]
@@ -274,7 +269,7 @@ def test_non_finite_steps_are_skipped_counted_and_five_in_a_row_stop_the_run(
 def test_train_sends_on_policy_objectives_to_online(name, tmp_path, capsys):
     """D3PO and Diffusion-DRO learn from the model's own samples: `diffalign train` refuses them, writing nothing."""
     run = tmp_path / "run"
-    assert _train("configs/tiny/sd15_dpo.yaml", f"objective.name={name}", f"train.output_dir={run}") == 2
+    assert main(["train", f"objective.name={name}", f"train.output_dir={run}"]) == 2  # the YAML's beta: dpo's
     err = capsys.readouterr().err
     assert f"objective '{name}' trains on the model's own samples: run `diffalign online`" in err
     assert not run.exists()

@@ -23,10 +23,12 @@ Hand-computed check (tests/test_online.py): β = 1, logp = [0.05, −0.2], ref =
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 import torch
 import torch.nn.functional as F
+
+from diffalign.checks import KL_STRENGTH, Range
 
 
 def clipped_log_ratio(log_prob: torch.Tensor, ref_log_prob: torch.Tensor, eps: float) -> torch.Tensor:
@@ -36,9 +38,9 @@ def clipped_log_ratio(log_prob: torch.Tensor, ref_log_prob: torch.Tensor, eps: f
 
 @dataclass
 class D3PO:
-    beta: float = 0.1
+    beta: Annotated[float, KL_STRENGTH] = 0.1
     """The paper's β (official config: 0.1)."""
-    clip: float = 0.1
+    clip: Annotated[float, Range(gt=0, lt=1)] = 0.1
     """ε of the ratio clamp [1 − ε, 1 + ε] (official: 0.1)."""
 
     needs_reference: ClassVar[bool] = True

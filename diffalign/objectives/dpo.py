@@ -19,17 +19,19 @@ At LoRA init the policy equals the reference: Δ = 0, inside = 0, loss = ln 2.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 import torch
 import torch.nn.functional as F
 
+from diffalign.checks import KL_STRENGTH, NON_NEGATIVE
+
 
 @dataclass
 class DiffusionDPO:
-    beta: float = 5000.0
+    beta: Annotated[float, KL_STRENGTH] = 5000.0
     """The paper's β (KL strength; larger = stay closer to the reference)."""
-    sft_weight: float = 0.0
+    sft_weight: Annotated[float, NON_NEGATIVE] = 0.0
     """Weight of an added SFT term: the policy's error on the winner."""
     xt_source: str = "noise"
     """Where x_t comes from (diffalign.likelihood.XT_SOURCES); "ddim_inversion" gives InPO."""

@@ -13,7 +13,7 @@ The stacked batch is [expert; policy] (2B,); `label` is ignored (the order carri
                timestep offsets), target = the snapshot's own prediction ε_θpol(x_t, t, c), not fresh noise;
                the snapshot is re-synced to the trained model every M steps (code: 16 micro-steps).
   Both halves use the same reference (frozen base / LoRA off): err_ref under no_grad.
-The trainer therefore needs the sampler's trajectory buffer; this class is only the loss (objectives.md §6.1–6.2).
+The trainer therefore needs the sampler's trajectory buffer; this class is only the loss (docs/objectives.md §6.1–6.2).
 
 Hand-computed check (tests/test_objectives_more.py): err = [0.7, 0.5], ref = [0.6, 0.6]
     diff = (0.7 − 0.6) − (0.5 − 0.6) = 0.2, loss = 0.2 + 0.001 = 0.201. err = [0.5, 0.7]: diff = −0.2, loss 0.

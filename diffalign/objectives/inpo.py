@@ -10,7 +10,7 @@ grad) and apply the per-timestep DPO loss there, so the optimised latents are ti
 
 Decision: InPO is a *configuration*, not a new loss. The paper derives a per-timestep DPO objective from the joint
 KL over (x0, x_t) and the official train.py computes exactly Diffusion-DPO's `−0.5·β·(Δ_w − Δ_l)`, logsigmoid, on
-the inverted latents with human labels (objectives.md §4.1). So this class only changes `xt_source` and delegates
+the inverted latents with human labels (docs/objectives.md §4.1). So this class only changes `xt_source` and delegates
 the maths to DiffusionDPO (one copy of the loss). β is the paper's β (SD1.5 2000 from an SFT'd UNet, SDXL 5000);
 it absorbs the ½, T and the mean over latent dims exactly as in Diffusion-DPO.
 
@@ -20,18 +20,19 @@ Hand-computed check = Diffusion-DPO's: β = 2, err = [0.5, 0.8], ref = [0.6, 0.6
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 import torch
 
+from diffalign.checks import KL_STRENGTH, NON_NEGATIVE
 from diffalign.objectives.dpo import DiffusionDPO
 
 
 @dataclass
 class InPO:
-    beta: float = 5000.0
+    beta: Annotated[float, KL_STRENGTH] = 5000.0
     """The paper's β (SDXL 5000, SD1.5 2000)."""
-    sft_weight: float = 0.0
+    sft_weight: Annotated[float, NON_NEGATIVE] = 0.0
     """Weight of an added SFT term (the policy's error on the winner); 0 in the paper."""
     xt_source: str = "ddim_inversion"
     """Key of diffalign.likelihood.XT_SOURCES the trainer must use for x_t and the target."""

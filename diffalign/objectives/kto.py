@@ -25,18 +25,20 @@ Hand-computed check (tests/test_objectives_more.py): β = 2, err = [0.5, 0.8], r
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 import torch
+
+from diffalign.checks import KL_STRENGTH, NON_NEGATIVE
 
 
 @dataclass
 class DiffusionKTO:
-    beta: float = 5000.0
+    beta: Annotated[float, KL_STRENGTH] = 5000.0
     """The paper's β (official example run: code default 1000)."""
-    desirable_weight: float = 1.0
+    desirable_weight: Annotated[float, NON_NEGATIVE] = 1.0
     """λ_d, weight of desirable samples."""
-    undesirable_weight: float = 1.0
+    undesirable_weight: Annotated[float, NON_NEGATIVE] = 1.0
     """λ_u, weight of undesirable samples."""
 
     needs_reference: ClassVar[bool] = True

@@ -8,7 +8,7 @@ denoising errors, so no reference forward is needed (code form, mapo-t2i/mapo ut
     loss   = err_w − β · log σ(margin)               (hard label; a soft p uses p·logσ(m) + (1−p)·logσ(−m))
 
 β is the code's `beta_mapo` = 0.1 ("ORPO contribution factor"), s = `snr_value` = 0.5, T = 1000; the mapping of
-(s, β) to the paper's β₁ and link scale is unverified (objectives.md §8.1). f is computed as x/expm1(x) with its
+(s, β) to the paper's β₁ and link scale is unverified (docs/objectives.md §8.1). f is computed as x/expm1(x) with its
 Taylor series 1 − x/2 + x²/12 near 0, so value and gradient stay finite at err → 0.
 
 Hand-computed check (tests/test_objectives_more.py): β = 0.1, s = 0.5, T = 10, err = [0.2, 0.6]
@@ -19,10 +19,12 @@ Hand-computed check (tests/test_objectives_more.py): β = 0.1, s = 0.5, T = 10, 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 import torch
 import torch.nn.functional as F
+
+from diffalign.checks import NON_NEGATIVE, POSITIVE
 
 
 def bounded_link(x: torch.Tensor) -> torch.Tensor:
@@ -34,11 +36,11 @@ def bounded_link(x: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class MaPO:
-    beta: float = 0.1
+    beta: Annotated[float, NON_NEGATIVE] = 0.1
     """The code's beta_mapo: weight of the margin term against the SFT term."""
-    snr_value: float = 0.5
+    snr_value: Annotated[float, POSITIVE] = 0.5
     """s, the scale inside the link f(L) = s·L / (e^{s·L} − 1)."""
-    num_train_timesteps: float = 1000.0
+    num_train_timesteps: Annotated[float, POSITIVE] = 1000.0
     """T, multiplies the margin inside log σ (the code uses the scheduler's num_train_timesteps)."""
 
     needs_reference: ClassVar[bool] = False

@@ -22,10 +22,12 @@ Hand-computed check (tests/test_objectives_more.py): β = 2, γ = 10, p = 0.6, e
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 import torch
 import torch.nn.functional as F
+
+from diffalign.checks import KL_STRENGTH, POSITIVE
 
 
 def smpo_preference(score_w: torch.Tensor, score_l: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
@@ -36,9 +38,9 @@ def smpo_preference(score_w: torch.Tensor, score_l: torch.Tensor, lo: float, hi:
 
 @dataclass
 class SmPO:
-    beta: float = 5000.0
+    beta: Annotated[float, KL_STRENGTH] = 5000.0
     """The paper's β (SDXL 5000, SD1.5 2000)."""
-    gamma: float = 10.0
+    gamma: Annotated[float, POSITIVE] = 10.0
     """γ of the smoothed distribution; the logit is scaled by γ(2p − 1)."""
     xt_source: str = "renoise_inversion"
     """Key of diffalign.likelihood.XT_SOURCES the trainer must use for x_t and the target."""

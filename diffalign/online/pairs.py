@@ -5,7 +5,7 @@ share the prompt (and, for D3PO, the initial noise x_T). Rewards come in as (P, 
 indices, so the trainer can gather latents, trajectories and prompts with them.
 
 DRAGON (Bai et al. 2025, arXiv 2504.15217) has no public code and its split rule is unverified
-(reference/objectives.md §5), so these are our choices:
+(docs/objectives.md §5), so these are our choices:
 
 - paired, for the Diffusion-DPO surrogate (`best_worst`): in every group the highest-reward image is the winner
   and the lowest the loser; a group whose best-worst gap is <= min_gap gives no pair.

@@ -10,7 +10,7 @@ objectives; these are only the wiring for the three kinds of on-line batch:
 - DRAGON (`surrogate_loss`): the generated x0 treated as offline data: forward noise at t (shared t and eps within
   a pair for Diffusion-DPO, independent for Diffusion-KTO), the shared estimator, the surrogate objective.
 - Diffusion-DRO (`dro_loss`): stacked [expert; policy]; experts forward-noised at the policy sample's t, policy
-  half at a stored trajectory step with the snapshot's own prediction as target (objectives.md §6.1–6.2).
+  half at a stored trajectory step with the snapshot's own prediction as target (docs/objectives.md §6.1–6.2).
 """
 
 from __future__ import annotations

@@ -83,7 +83,7 @@ class ClipEncoder:
         from transformers import CLIPModel, CLIPProcessor
 
         proc = CLIPProcessor.from_pretrained(processor or model)
-        # transformers 5 returns a 2-token tokenizer instead of raising when the hub is unreachable (feasibility §7).
+        # transformers 5 returns a 2-token tokenizer instead of raising when the hub is unreachable.
         if len(proc.tokenizer) <= 2:
             raise OSError(f"tokenizer of '{processor or model}' has {len(proc.tokenizer)} tokens: not found offline?")
         net = CLIPModel.from_pretrained(model, dtype=dtype).to(device).eval()

@@ -192,7 +192,7 @@ def unknown_config_key(folder: Path) -> Case:
 def wrong_type_in_config(folder: Path) -> Case:
     config = folder / "bad.yaml"
     config.write_text("train:\n  max_steps: many\n")
-    return Case(["train", str(config)], f"{config}: train.max_steps: expected an integer, got 'many'")
+    return Case(["train", str(config)], f"{config}: train.max_steps='many': expected an integer")
 
 
 def output_dir_under_a_file(folder: Path) -> Case:
