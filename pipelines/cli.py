@@ -65,7 +65,7 @@ COMMANDS = {
         "pipelines.serve_reward",
         "ServeRewardConfig",
         "serve one scorer over HTTP for the `remote` scorer (POST /score)",
-        "diffalign serve-reward toy_aesthetic port=8765",
+        "diffalign serve-reward scorer=toy_aesthetic port=8765",
     ),
 }
 
