@@ -67,32 +67,31 @@ def _encode_prompts(family, prompts: list[str], dtype: torch.dtype) -> dict[str,
 
 
 def _map_batches(dataset: PreferencePairs, chunks: list[int], size: int, batch_size: int, workers: int) -> Iterator:
-    """(chunk, collated batch) for the given chunks of a map-style source; batches never straddle a chunk."""
+    """(chunk, collated batch, last of its chunk) for the given chunks of a map-style source.
+
+    Batches never straddle a chunk."""
     n = len(dataset)
     batches, owner = [], []
     for c in chunks:
         members = list(range(c * size, min((c + 1) * size, n)))
         for i in range(0, len(members), batch_size):
             batches.append(members[i : i + batch_size])
-            owner.append(c)
+            owner.append((c, i + batch_size >= len(members)))
     loader = DataLoader(plain_view(dataset), batch_sampler=batches, collate_fn=collate, num_workers=workers)
-    yield from zip(owner, loader)
+    for (c, last), batch in zip(owner, loader):
+        yield c, batch, last
 
 
 def _stream_batches(dataset: PreferencePairStream, mine: Callable[[int], bool], size: int, batch_size: int):
-    """(chunk, collated batch) for the chunks `mine` accepts; other pairs are read but not decoded."""
+    """(chunk, collated batch, last of its chunk) for the chunks `mine` accepts; other pairs are read, not decoded."""
     skip_bad = dataset.stream.options["skip_bad_rows"]
     items, current = [], None
     for index, record in enumerate(dataset.stream):
         if dataset.max_pairs > 0 and index >= dataset.max_pairs:
             break
-        c = index // size
-        if (items and c != current) or len(items) == batch_size:
-            yield current, collate(items)
-            items = []
-        if not mine(c):
+        if not mine(index // size):
             continue
-        current = c
+        current = index // size
         try:
             items.append(load_pair(record, dataset.resolution, index))
         except DataError as err:
@@ -100,8 +99,12 @@ def _stream_batches(dataset: PreferencePairStream, mine: Callable[[int], bool], 
                 raise
             logger.warning("skipping %s", err)
             items.append(None)  # counted by collate
-    if items:
-        yield current, collate(items)
+        last = (index + 1) % size == 0
+        if last or len(items) == batch_size:
+            yield current, collate(items), last
+            items = []
+    if items:  # the stream ended inside this chunk
+        yield current, collate(items), True
 
 
 def _check_folder(out_dir: Path, key: str, info: dict, rank: int) -> bool:
@@ -191,16 +194,14 @@ def build_cache(
         write_shard(tensors, out_dir / name, {"captions": json.dumps(prompts), "skipped": str(skipped)})
         _log(out_dir, name, rank, len(tensors.get("label", ())))
 
-    for chunk, batch in tqdm(batches, desc=desc, disable=not progress, unit="batch"):
-        if chunk != current and current is not None:
-            flush()
-            buffer, skipped = [], 0
+    for chunk, batch, last in tqdm(batches, desc=desc, disable=not progress, unit="batch"):
         current = chunk
         skipped += batch["skipped"]
         if "label" in batch:  # else every item of this batch was a skipped bad image
             buffer.append((_encode_pairs(family, batch, dataset.hflip, dtype), batch["prompt"]))
-    if current is not None:
-        flush()
+        if last:  # the chunk is complete: write it now, before anything later can fail
+            flush()
+            buffer, skipped = [], 0
     wait()
 
     # ---- text: every unique caption once -> text-<j>.safetensors ------------------------------------------------
