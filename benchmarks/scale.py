@@ -11,8 +11,8 @@ does, one process per measurement (assets/tiny/sdxl, configs/tiny/sdxl_dpo.yaml,
   bytes/pair      parquet size / N; cache: pair shards / N, text shards / N (and per caption), and what format 1
                   (cond stored with every pair) would have used for the text
   build s         `diffalign cache` with 1 process and with `accelerate launch --num_processes 2` (CPU, gloo), each
-                  process with one torch thread (one core stands for one GPU), minus the same command's run time on
-                  the finished cache (start-up, model load, key check); ratio 2p / 1p
+                  process with one torch thread (one core stands for one GPU): index.json's build_seconds (from
+                  the first barrier to the index, so without start-up and model loading); ratio 2p / 1p
   steps/s         `diffalign train` (batch 4, --steps steps, DataLoader in the main process) from the cache and from
                   the raw parquet (VAE + text encoders every step), from the run's metrics.jsonl
   peak RSS MB     the cache training run's max RSS (wait4), and a pass that reads every pair of the cache once in
@@ -153,8 +153,8 @@ def measure(n: int, work: Path, args) -> dict:
     for p in args.processes:
         cache = work / f"cache-{n}-{p}p"
         wall, _, _ = run(cli("cache", *data_args(source, cache), processes=p), threads=1)
-        reuse, _, _ = run(cli("cache", *data_args(source, cache), processes=p), threads=1)  # start-up only
-        builds[p] = {"wall_s": wall, "startup_s": reuse, "build_s": max(wall - reuse, 1e-9)}
+        build = json.loads((cache / "index.json").read_text())["build_seconds"]
+        builds[p] = {"wall_s": wall, "build_s": build}
     row["build"] = builds
     if len(builds) > 1:
         row["build_2p_over_1p"] = builds[max(builds)]["build_s"] / builds[1]["build_s"]

@@ -50,7 +50,7 @@ def test_levers_tiny(tmp_path):
     assert all(row["median_s"] > 0 for row in levers.values())
 
 
-@pytest.mark.slow  # five `diffalign` runs as subprocesses (cache, cache again, train x2, read pass): ~25 s quiet, 70 s loaded
+@pytest.mark.slow  # four runs as subprocesses (cache, train x2, read pass): ~20 s quiet, over a minute loaded
 def test_scale_tiny(tmp_path):
     out = tmp_path / "scale.json"
     _run("scale.py", "--sizes", "64", "--steps", "2", "--processes", "1", "--json", str(out))

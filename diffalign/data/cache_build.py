@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -171,6 +172,7 @@ def build_cache(
         for leftover in out_dir.glob("*.tmp-*"):  # a killed build's half-written file; nobody writes yet
             leftover.unlink()
     wait()
+    start = time.perf_counter()
     done = {p.name for p in out_dir.glob("*.safetensors")}
 
     # ---- pairs: my chunks -> pairs-<c>.safetensors ----------------------------------------------------------------
@@ -247,6 +249,7 @@ def build_cache(
             "shards": [{"file": p.name, "pairs": k} for p, k in zip(pair_files, pair_counts, strict=True) if k],
             "text": [f"text-{j:05d}.safetensors" for j in range(len(text_chunks))],
             "counts": counts,
+            "build_seconds": time.perf_counter() - start,  # this run, all processes: first barrier -> index
         }
         tmp = out_dir / f"index.json.tmp-{os.getpid()}"
         tmp.write_text(json.dumps(index, indent=1))
