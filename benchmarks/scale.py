@@ -52,7 +52,8 @@ from bench_io import machine, write_results  # noqa: E402
 PAIRS_PER_CAPTION = 16
 CONFIG = REPO / "configs/tiny/sdxl_dpo.yaml"
 # SDXL at 1024², fp16, for the extrapolation: latents (4, 128, 128); prompt_embeds (77, 2048); pooled (1280)
-SDXL = {"latent": 4 * 128 * 128 * 2, "text": (77 * 2048 + 1280) * 2, "per_pair_extra": 2 * 4 * 8 + 4 + 8 + 8}
+# per pair besides the latents: size_info_w, size_info_l (4,) int64 each; label fp32; index, caption hash int64
+SDXL = {"latent": 4 * 128 * 128 * 2, "text": (77 * 2048 + 1280) * 2, "size_info": 2 * 4 * 8, "ids": 4 + 8 + 8}
 PICKAPIC = {"pairs": 959_040, "parquet_bytes": 322e9, "pairs_per_caption": PAIRS_PER_CAPTION}
 
 
@@ -195,14 +196,15 @@ def measure(n: int, work: Path, args) -> dict:
 def extrapolate() -> dict:
     """Bytes per pair for SDXL at 1024² (fp16) on Pick-a-Pic v2, from the tensor shapes (not from the tiny model)."""
     pairs, captions = PICKAPIC["pairs"], PICKAPIC["pairs"] / PICKAPIC["pairs_per_caption"]
-    latents = 2 * SDXL["latent"] + SDXL["per_pair_extra"]
+    latents = 2 * SDXL["latent"] + SDXL["size_info"] + SDXL["ids"]
+    flipped = 2 * (2 * SDXL["latent"] + SDXL["size_info"]) + SDXL["ids"]  # both orientations stored
     text = SDXL["text"] * captions
     return {
         "latent_bytes_per_pair": latents,
         "text_bytes_per_caption": SDXL["text"],
         "captions": captions,
         "cache_bytes": latents * pairs + text,
-        "cache_bytes_with_hflip": 2 * latents * pairs + text,
+        "cache_bytes_with_hflip": flipped * pairs + text,
         "format1_bytes": (latents + SDXL["text"]) * pairs,
         "raw_parquet_bytes": PICKAPIC["parquet_bytes"],
     }

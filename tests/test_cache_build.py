@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from data_factory import make_rows, write_parquet
+from safetensors.torch import load_file
 from test_cache import TINY, encoded_files
 
 from diffalign.data import (
@@ -22,7 +23,7 @@ from diffalign.data import (
     model_inputs,
     read_index,
 )
-from diffalign.data.shards import ShardFile
+from diffalign.data.shards import ShardFile, write_shard
 from diffalign.models import load_family
 from pipelines.cli import main
 
@@ -111,3 +112,23 @@ def test_a_corrupt_image_deep_in_the_data_stops_the_build_then_skip_bad_rows_res
     assert index["pairs"] == 23 and index["counts"]["bad_images"] == 1 and index["captions"] == 6
     cached = CachedPairs(out)
     assert [cached[i]["index"] for i in range(23)] == [i for i in range(24) if i != 19]
+
+
+def test_shard_rows_read_with_pread_equal_safetensors(tmp_path):
+    """ShardFile parses the safetensors layout itself: every row and column equals what safetensors loads."""
+    tensors = {
+        "x0": torch.randn(5, 4, 3, 2).to(torch.bfloat16),
+        "half": torch.randn(5, 7).half(),
+        "ids": torch.arange(5, dtype=torch.long) * 10**12,
+        "label": torch.rand(5),
+        "empty": torch.zeros(0, 3),
+    }
+    write_shard(tensors, tmp_path / "s.safetensors", {"note": "x"})
+    loaded, shard = load_file(str(tmp_path / "s.safetensors")), ShardFile(tmp_path / "s.safetensors")
+    assert shard.metadata == {"note": "x"} and set(shard.keys()) == set(loaded) and not list(tmp_path.glob("*.tmp-*"))
+    for name, value in loaded.items():
+        assert torch.equal(shard.column(name), value), name
+        for i in range(value.shape[0]):
+            assert torch.equal(shard.row(name, i), value[i]), (name, i)
+    with pytest.raises(IndexError):
+        shard.row("label", 5)
