@@ -162,6 +162,8 @@ def build_cache(
     corrupt image unless the source skips bad rows. Shards finished before an error are kept for the rerun.
     """
     out_dir, wait = Path(out_dir), barrier or (lambda: None)
+    if shard_size < 1 or batch_size < 1:
+        raise CacheError(f"{out_dir}: shard_size and batch_size must be >= 1 (got {shard_size}, {batch_size})")
     dtype = dtype or family.dtype
     info = cache_info(family, dataset, model_path, vae_path, dtype)
     key = cache_key(info)
