@@ -30,7 +30,6 @@ import io
 import json
 import os
 import random
-import resource
 import socket
 import subprocess
 import sys
@@ -94,20 +93,29 @@ def make_pickapic(path: Path, n: int, seed: int = 0) -> Path:
     return path
 
 
+# Linux carries a process's max RSS across exec, so a child spawned by this (large) process would report at least
+# this process's RSS; a small launcher in between spawns the command and reports the command's own peak.
+LAUNCHER = (
+    "import os, subprocess, sys; p = subprocess.Popen(sys.argv[1:]); _, s, u = os.wait4(p.pid, 0); "
+    "print(f'maxrss_kb={u.ru_maxrss}', flush=True); sys.exit(os.waitstatus_to_exitcode(s))"
+)
+
+
 def run(cmd: list[str], threads: int) -> tuple[float, float, str]:
     """Run a command to the end: (wall seconds, its max RSS in MB, its output); fails loudly on error."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), ACCELERATE_USE_CPU="1", PYTHONPATH=str(REPO))
     env.update(HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1", TOKENIZERS_PARALLELISM="false")
     with tempfile.TemporaryFile("w+") as log:
         start = time.perf_counter()
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
-        _, status, usage = os.wait4(proc.pid, 0)
+        launched = [sys.executable, "-c", LAUNCHER, *cmd]
+        code = subprocess.run(launched, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
         wall = time.perf_counter() - start
         log.seek(0)
         output = log.read()
-    if os.waitstatus_to_exitcode(status) != 0:
+    if code != 0:
         raise SystemExit(f"failed: {' '.join(cmd)}\n{output[-3000:]}")
-    return wall, usage.ru_maxrss / 1024, output
+    maxrss_kb = int(output.rsplit("maxrss_kb=", 1)[1].split()[0])
+    return wall, maxrss_kb / 1024, output
 
 
 def cli(*args: str, processes: int = 1) -> list[str]:
@@ -126,6 +134,12 @@ def data_args(source: Path, cache: Path | None) -> list[str]:
     return args + ([f"data.cache_dir={cache}", "data.cache_shard_size=256"] if cache else [])
 
 
+def vm_hwm_mb() -> float:
+    """This process's peak resident set since exec (VmHWM), in MB."""
+    status = Path("/proc/self/status").read_text()
+    return int(status.split("VmHWM:")[1].split()[0]) / 1024
+
+
 def read_pass(cache: str, batch: int) -> dict:
     """(In a fresh process) read every pair of the cache once in the training order; RSS before/after, pairs/s."""
     from torch.utils.data import DataLoader
@@ -134,7 +148,7 @@ def read_pass(cache: str, batch: int) -> dict:
     from diffalign.data.sampler import EpochView, ResumableSampler
 
     pairs = CachedPairs(cache)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    before = vm_hwm_mb()
     loader = DataLoader(EpochView(pairs), batch_size=batch, sampler=ResumableSampler(len(pairs)), collate_fn=collate)
     start, seen = time.perf_counter(), 0
     for batch_data in loader:
@@ -142,7 +156,7 @@ def read_pass(cache: str, batch: int) -> dict:
         if seen >= len(pairs):
             break
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = vm_hwm_mb()
     return {"pairs": seen, "pairs_per_s": seen / seconds, "rss_before_mb": before, "peak_rss_mb": peak}
 
 
@@ -189,7 +203,7 @@ def measure(n: int, work: Path, args) -> dict:
     row["train"] = train
 
     _, _, output = run([sys.executable, __file__, "--read-pass", str(cache)], threads=args.threads)
-    row["read_pass"] = json.loads(output.strip().splitlines()[-1])
+    row["read_pass"] = json.loads(next(ln for ln in output.splitlines() if ln.startswith("{")))
     return row
 
 
