@@ -87,6 +87,10 @@ class DataConfig:
     """Probability of replacing the caption by "" (the official DPO code uses 0.2)."""
     cache_dir: str = ""
     """Encode VAE latents + text embeddings once to this folder and train from it ("" = no cache)."""
+    cache_dtype: Annotated[str, OneOf("float32", "bfloat16", "float16", allow_empty=True)] = ""
+    """Storage dtype of cached latents and text cond: float32, bfloat16 or float16 ("" = model.dtype)."""
+    cache_shard_size: Annotated[int, AT_LEAST_1] = 512
+    """Pairs (and unique captions) per cache shard: each process's unit of work, and what a killed build redoes."""
     num_workers: Annotated[int, NON_NEGATIVE] = 0
     """DataLoader workers."""
     label_scorer: Annotated[str, OneOf(SCORERS, allow_empty=True)] = ""

@@ -144,6 +144,13 @@ def cache_ready(dcfg: DataConfig) -> bool:
     return bool(dcfg.cache_dir) and read_index(dcfg.cache_dir) is not None
 
 
+def cache_dtype(dcfg: DataConfig) -> torch.dtype | None:
+    """data.cache_dtype as a torch dtype (None = the model's dtype)."""
+    if dcfg.cache_dtype and dcfg.cache_dtype not in DTYPES:
+        raise DiffalignError(f"data.cache_dtype must be one of {', '.join(DTYPES)} or empty, not '{dcfg.cache_dtype}'")
+    return DTYPES[dcfg.cache_dtype] if dcfg.cache_dtype else None
+
+
 def open_pairs(
     dcfg: DataConfig,
     family,
@@ -152,6 +159,9 @@ def open_pairs(
     cfg_model: ModelConfig,
     progress: bool = True,
     work_dir: Path | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    barrier=None,
 ):
     """The training pairs as a map-style dataset: raw (decoded every step) or from the latent cache.
 
@@ -159,7 +169,10 @@ def open_pairs(
     (model, resolution, data options) matches; a cache made for something else is an error naming both keys.
     A streamed source can only be trained through the cache (the cache turns it into a map-style dataset).
     With data.label_scorer every pair is scored once (saved next to the cache, or in work_dir) and relabelled.
+    Several processes: call on every one with its rank, the world size and a barrier; each encodes its share of
+    a missing cache, and the main process scores first.
     """
+    wait = barrier or (lambda: None)
     rows = load_preferences(
         data_source(dcfg.source),
         split=dcfg.split,
@@ -181,7 +194,11 @@ def open_pairs(
         if dcfg.streaming:
             raise DiffalignError("data.label_scorer needs a map-style source (not data.streaming)")
         where = Path(dcfg.cache_dir or work_dir or ".") / f"scores-{dcfg.label_scorer}.json"
+        if rank > 0:
+            wait()  # the main process scores and saves; the others then read the saved scores
         scores = load_or_score(where, pairs, dcfg.label_scorer, lambda: load_scorer(dcfg.label_scorer), progress)
+        if rank == 0:
+            wait()
         labels = relabel(scores, dcfg.label_mode, dcfg.score_min, dcfg.score_max)
     if dcfg.cache_dir:
         build_cache(
@@ -190,8 +207,13 @@ def open_pairs(
             dcfg.cache_dir,
             model_path=cfg_model.path,
             vae_path=cfg_model.vae_path,
+            dtype=cache_dtype(dcfg),
+            shard_size=dcfg.cache_shard_size,
             num_workers=dcfg.num_workers,
             progress=progress,
+            rank=rank,
+            world_size=world_size,
+            barrier=barrier,
         )
         pairs = CachedPairs(dcfg.cache_dir, hflip=dcfg.hflip, empty_prompt_prob=dcfg.empty_prompt_prob, seed=seed)
     elif dcfg.streaming:

@@ -123,10 +123,18 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
     # ---- data ---------------------------------------------------------------------------------------------------
     if main and cache_ready(cfg.data) and not generates:
         print(f"training from the cache {cfg.data.cache_dir}: VAE and text encoders not loaded")
-    with accelerator.main_process_first():  # one process builds the cache; the others then reuse it
-        pairs = open_pairs(
-            cfg.data, family, resolution, seed=tc.seed, cfg_model=cfg.model, progress=main, work_dir=out
-        )
+    pairs = open_pairs(  # every process encodes its share of a missing cache, then all read it
+        cfg.data,
+        family,
+        resolution,
+        seed=tc.seed,
+        cfg_model=cfg.model,
+        progress=main,
+        work_dir=out,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        barrier=accelerator.wait_for_everyone,
+    )
     if main:  # what the source dropped or flagged: ties, bad rows (skip_bad_rows), duplicate ids
         dropped = ", ".join(f"{k} {v}" for k, v in pairs.counts.items() if k != "kept" and v)
         print(f"data: {len(pairs)} pairs" + (f" ({dropped})" if dropped else ""))

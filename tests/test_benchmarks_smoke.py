@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -46,3 +48,18 @@ def test_levers_tiny(tmp_path):
     levers = json.loads(out.read_text())["levers"]
     assert {"default", "bf16 autocast", "grad ckpt", "MaPO (no reference)"} <= set(levers)
     assert all(row["median_s"] > 0 for row in levers.values())
+
+
+@pytest.mark.slow  # four runs as subprocesses (cache, train x2, read pass): ~20 s quiet, over a minute loaded
+def test_scale_tiny(tmp_path):
+    out = tmp_path / "scale.json"
+    _run("scale.py", "--sizes", "64", "--steps", "2", "--processes", "1", "--json", str(out))
+    result = json.loads(out.read_text())
+    (row,) = result["rows"]
+    assert row["pairs"] == 64 and row["captions"] == 4
+    cache = row["cache"]
+    # text stored once per caption (4 rows for 64 pairs), the pair shards hold latents only (2 x 4x8x8 fp32 + ids)
+    assert cache["text_rows"] == 4 and cache["pair_bytes_per_pair"] < 2 * 4 * 8 * 8 * 4 + 200
+    assert row["train"]["cache"]["steps_per_s"] > 0 and row["train"]["raw"]["steps_per_s"] > 0
+    assert row["read_pass"]["pairs"] == 64 and row["read_pass"]["peak_rss_mb"] > 0
+    assert result["sdxl_pickapic_v2"]["cache_bytes"] < result["sdxl_pickapic_v2"]["format1_bytes"]

@@ -56,7 +56,7 @@ def test_cached_batch_equals_uncached_batch_and_needs_no_encoders(tmp_path, sour
         family, pairs, tmp_path / "cache", model_path=str(TINY / name), batch_size=5, shard_size=4, progress=False
     )
     index = read_index(out)
-    assert index["pairs"] == 12 and [s["pairs"] for s in index["shards"]] == [5, 5, 2] and index["hflip"]
+    assert index["pairs"] == 12 and [s["pairs"] for s in index["shards"]] == [4, 4, 4] and index["hflip"]
     cached = CachedPairs(out, empty_prompt_prob=0.5, seed=7)
     assert len(cached) == 12
     for epoch in (0, 1):
@@ -117,16 +117,43 @@ class CrashingFamily:
         return self.family.encode_prompts(prompts)
 
 
-def test_a_crash_mid_write_leaves_no_cache(tmp_path, source, sd15):
+def encoded_files(out: Path) -> list[str]:
+    """Every shard the builds of `out` encoded, in order, from build-log.jsonl (one line per shard written)."""
+    return [json.loads(line)["file"] for line in (out / "build-log.jsonl").read_text().splitlines()]
+
+
+def assert_same_cache(a: Path, b: Path) -> None:
+    """Two caches give identical items (every tensor bitwise) for two epochs of flips and caption drops."""
+    options = dict(hflip=read_index(a)["hflip"], empty_prompt_prob=0.5, seed=3)
+    ca, cb = CachedPairs(a, **options), CachedPairs(b, **options)
+    assert len(ca) == len(cb) and read_index(a)["counts"] == read_index(b)["counts"]
+    for epoch in (0, 1):
+        ca.set_epoch(epoch)
+        cb.set_epoch(epoch)
+        batch_a, batch_b = collate([ca[i] for i in range(len(ca))]), collate([cb[i] for i in range(len(cb))])
+        for key, value in batch_a.items():
+            if isinstance(value, dict):
+                assert all(torch.equal(value[k], batch_b[key][k]) for k in value), key
+            else:
+                assert torch.equal(value, batch_b[key]) if isinstance(value, torch.Tensor) else value == batch_b[key]
+
+
+def test_a_crash_keeps_finished_shards_and_the_rerun_encodes_only_the_rest(tmp_path, source, sd15):
     out = tmp_path / "cache"
-    crashing = CrashingFamily(sd15, calls=3)  # 3 batches of 2 -> 3 shards written, then the crash
+    crashing = CrashingFamily(sd15, calls=3)  # 3 batches of 2 = 3 shards written, then the crash in the 4th
     with pytest.raises(RuntimeError, match="simulated crash"):
         build_cache(crashing, _pairs(source), out, model_path="m", batch_size=2, shard_size=2, progress=False)
-    assert not out.exists() and list(tmp_path.iterdir()) == []
+    assert encoded_files(out) == [f"pairs-{c:05d}.safetensors" for c in range(3)]
     with pytest.raises(CacheError, match="no index.json"):
         CachedPairs(out)
-    build_cache(sd15, _pairs(source), out, model_path="m", batch_size=4, progress=False)  # a rerun completes
-    assert sorted(p.name for p in out.iterdir()) == ["empty.safetensors", "index.json", "shard-00000.safetensors"]
+    build_cache(sd15, _pairs(source), out, model_path="m", batch_size=2, shard_size=2, progress=False)  # rerun
+    files = encoded_files(out)
+    pairs_files = [f"pairs-{c:05d}.safetensors" for c in range(6)]
+    assert files[:6] == pairs_files and sorted(set(files)) == sorted(files)  # nothing encoded twice
+    assert [f for f in files if f.startswith("text-")] == [f"text-{j:05d}.safetensors" for j in range(6)]
+    assert not list(out.glob("*.tmp-*"))
+    fresh = build_cache(sd15, _pairs(source), tmp_path / "fresh", model_path="m", batch_size=2, shard_size=2)
+    assert_same_cache(out, fresh)
 
 
 def test_stream_cache_skips_bad_images_and_records_counts(tmp_path, sd15):

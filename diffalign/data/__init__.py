@@ -12,7 +12,8 @@ Example (family = load_family(...); encoders are only needed to build the cache)
 """
 
 from diffalign.data.batches import model_inputs
-from diffalign.data.cache import CachedPairs, CacheError, build_cache, cache_info, cache_key, read_index
+from diffalign.data.cache import CachedPairs, CacheError, cache_info, cache_key, read_index
+from diffalign.data.cache_build import build_cache
 from diffalign.data.images import decode_image, hflip, load_image, resize_crop, to_rgb, to_tensor
 from diffalign.data.pairs import (
     PreferencePairs,

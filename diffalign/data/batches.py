@@ -9,11 +9,12 @@ def model_inputs(family, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Ten
     """Batch of B pairs -> (x0 (2B, C, h, w) stacked [w; l], cond {key: (2B, ...)}, label (B,)).
 
     A cached batch (keys x0_w, x0_l, cond) is only stacked; an uncached one (pixels_w, pixels_l, prompt) is
-    encoded with the family's VAE and text encoders, without gradients. cond["size_info"] (2B, 4) long carries
+    encoded with the family's VAE and text encoders, without gradients. x0 is fp32 either way (a cache may store
+    fp16/bf16 latents); cond keeps the dtype it was stored or encoded in (the family casts it in `denoise`). cond["size_info"] (2B, 4) long carries
     (orig_h, orig_w, crop_top, crop_left) for families with micro-conditioning; the others ignore it.
     """
     if "x0_w" in batch:  # from CachedPairs
-        x0 = torch.cat([batch["x0_w"], batch["x0_l"]])  # 2 x (B, C, h, w) -> (2B, C, h, w)
+        x0 = torch.cat([batch["x0_w"], batch["x0_l"]]).float()  # 2 x (B, C, h, w) -> (2B, C, h, w), fp32 as encoded
         prompt_cond = batch["cond"]  # {key: (B, ...)}
     else:  # from PreferencePairs / PreferencePairStream
         with torch.no_grad():
