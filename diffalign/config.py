@@ -50,8 +50,11 @@ class LoraConfig:
     """LoRA rank r."""
     alpha: float = 8.0
     """LoRA alpha (scale = alpha / rank); saved in the adapter metadata so it survives reloading."""
-    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
-    """Module name suffixes that get adapters."""
+    preset: str = ""
+    """Named target set of the model family: "attention" or "attention+conv" (LoCon: adds the UNet resnet convs,
+    UNet families only); "" = the family default (toy: attention+conv; sd, sdxl, sd3, pixart: attention)."""
+    target_modules: list[str] = field(default_factory=list)
+    """Module name suffixes that get adapters; [] = the preset's (set either this or preset, not both)."""
     init: str = "gaussian"
     """peft init_lora_weights (gaussian: B = 0, so the policy equals the reference at step 0)."""
 
@@ -384,7 +387,7 @@ class CompareConfig:
     batch_size: int = 32
     """Images per scorer call."""
     grid_pairs: int = 8
-    """Pairs shown in the side-by-side grid (base row over aligned row)."""
+    """Pairs on the side-by-side sheet (base | aligned): the largest changes of the first scorer, both ways."""
     output_dir: str = ""
     """Where report.json, report.png, pairs.png, pairs.jsonl and report.html go ("" = runs/compare-<time>)."""
 

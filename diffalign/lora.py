@@ -67,6 +67,21 @@ def add_lora(denoiser, rank: int, alpha: float, target_modules: list[str], init:
     return [p for p in denoiser.parameters() if p.requires_grad]
 
 
+def lora_targets(family, preset: str = "", target_modules: list[str] | tuple = ()) -> list[str]:
+    """The module names LoRA attaches to: `target_modules` if given, else the family's named `preset`, else the
+    family's default (`family.lora_target_modules`). Raises `LoraError` naming the family for an unknown preset."""
+    if target_modules and preset:
+        raise LoraError(f"lora: set preset ('{preset}') or target_modules ({list(target_modules)}), not both")
+    if target_modules:
+        return list(target_modules)
+    if not preset:
+        return list(family.lora_target_modules)
+    if preset not in family.lora_presets:
+        known = ", ".join(family.lora_presets)
+        raise LoraError(f"lora.preset: model family '{family.name}' has no preset '{preset}' (known: {known})")
+    return list(family.lora_presets[preset])
+
+
 @contextmanager
 def reference_mode(denoiser):
     """Inside the block the denoiser is the base model (all adapters off); they are re-enabled on exit, even after an

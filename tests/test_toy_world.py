@@ -120,6 +120,32 @@ def test_shipped_toy_model_generates_deterministically(toy_family):
     assert not np.array_equal(np.asarray(first[0]), np.asarray(first[1]))
 
 
+def test_toy_lora_defaults_to_attention_plus_resnet_convs(toy_family):
+    """The toy UNet has attention only at 8x8; its default LoRA also adapts every resnet's conv1/conv2 (full
+    resolution), and the "attention" preset leaves them out. Presets are per family: sd3 has no convolutions."""
+    import copy
+
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import inject_adapter_in_model
+
+    from diffalign.lora import LoraError, lora_targets
+    from diffalign.models.sd3 import SD3Family
+
+    assert lora_targets(toy_family) == ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]
+    assert lora_targets(toy_family, "attention") == ["to_q", "to_k", "to_v", "to_out.0"]
+    assert lora_targets(toy_family, "", ["to_q"]) == ["to_q"]
+    with pytest.raises(LoraError, match="sd3.*attention\\+conv"):
+        lora_targets(SD3Family, "attention+conv")
+    with pytest.raises(LoraError, match="not both"):
+        lora_targets(toy_family, "attention", ["to_q"])
+    unet = inject_adapter_in_model(
+        PeftLoraConfig(r=2, target_modules=lora_targets(toy_family)), copy.deepcopy(toy_family.denoiser)
+    )
+    adapted = {n.rsplit(".lora_A", 1)[0] for n, _ in unet.named_parameters() if ".lora_A" in n}
+    full_res = [n for n in adapted if n.startswith("down_blocks.0.resnets.") and n.endswith(("conv1", "conv2"))]
+    assert full_res and any(n.endswith("to_q") for n in adapted)
+
+
 def test_shipped_toy_model_follows_prompts_above_chance(toy_family):
     combos = shapes.all_combinations()[::5]  # 16 of the 80 combinations, every attribute value present
     prompts = [shapes.caption(**c) for c in combos]
