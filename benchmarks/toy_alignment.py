@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # Toy-scaled settings per objective: the paper's estimator (x_t source, reference or not, label kind) and β,
 # with the learning rate and step count sized for a 1.4 M-parameter pixel-space model on a CPU.
-COMMON = ["train.batch_size=8", "train.lr=1e-4", "train.max_steps=300", "lora.rank=8", "lora.alpha=8"]
+COMMON = ["train.batch_size=8", "train.lr=1e-4", "train.max_steps=300", "lora.rank=8", "lora.alpha=8", "train.validate_every=0"]
 SETTINGS: dict[str, list[str]] = {
     "dpo": ["objective.name=dpo", "objective.beta=5000"],
     "inpo": ["objective.name=inpo", "objective.beta=5000", "train.max_steps=150"],

@@ -150,8 +150,9 @@ class TrainConfig:
     """How many checkpoints to keep."""
     log_every: int = 10
     """Log scalars every N steps."""
-    validate_every: int = 0
-    """Generate validation images every N steps (0 = off)."""
+    validate_every: int = 50
+    """Every N steps: validation images (if validation_prompts) and a learning-curve point, the mean of each eval
+    scorer on 16 eval prompts (pipelines/curves.py); 0 = off."""
     validation_prompts: list[str] = field(default_factory=list)
     """Prompts for validation images."""
     tensorboard: bool = True
