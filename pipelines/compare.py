@@ -97,7 +97,7 @@ def run(config: str | None = None, overrides: list[str] | tuple = ()) -> Path:
         side: {n: [float(s[n][i]) for i in idx] for n in scorers}
         for side, s in (("base", s_base), ("aligned", s_aligned))
     }
-    title = sheet_title(len(pairs), report["prompts"], held_out=False)  # compare cannot know how prompts were chosen
+    title = sheet_title(len(pairs), report["prompts"], False, first)  # compare cannot know how prompts were chosen
     side_by_side(
         shown["base"],
         shown["aligned"],

@@ -34,13 +34,13 @@ class Curves:
         self.kw = {"steps": ecfg.steps, **({"guidance": ecfg.guidance} if ecfg.guidance > 0 else {})}
 
     def point(self, step: int, accelerator) -> dict:
-        """Sample, score, log and append one row {"step", "<scorer>": mean}."""
+        """Sample, score, log and append one row {"step", "images", "<scorer>": mean}."""
         images = self.family.generate(self.prompts, seeds=self.seeds, **self.kw)
-        row = {"step": step}
+        row = {"step": step, "images": len(self.prompts)}
         with torch.no_grad():
             for name, scorer in self.scorers.items():
                 row[name] = float(scorer(images, self.prompts).float().mean())
-        accelerator.log({f"val/{k}": v for k, v in row.items() if k != "step"}, step=step)
+        accelerator.log({f"val/{k}": row[k] for k in self.scorers}, step=step)
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
         return row
@@ -62,7 +62,7 @@ def plot_curves(curves_path: Path, metrics_path: Path, out_png: Path, label: str
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    scorers = [k for k in points[0] if k != "step"]
+    scorers = [k for k in points[0] if k not in ("step", "images")]
     train_keys = [k for k in ("loss", "implicit_acc") if metrics and k in metrics[0]]
     panels = len(scorers) + len(train_keys)
     fig, axes = plt.subplots(1, panels, figsize=(3.2 * panels, 3.0), squeeze=False)
@@ -70,7 +70,7 @@ def plot_curves(curves_path: Path, metrics_path: Path, out_png: Path, label: str
     for ax, name in zip(axes[0], scorers):
         ax.plot(steps, [p[name] for p in points], "o-", color="#3b7dd8")
         ax.axhline(points[0][name], color="gray", ls="--", lw=1)  # step 0 = the base model
-        ax.set_title(f"{label} {name} (mean of {MAX_PROMPTS} seeds)", fontsize=9)
+        ax.set_title(f"{label} {name} (mean of {points[0]['images']} images)", fontsize=9)
     for ax, key in zip(axes[0][len(scorers) :], train_keys):
         ax.plot([m["step"] for m in metrics], [m[key] for m in metrics], color="#d8823b")
         ax.set_title(f"train {key}", fontsize=9)

@@ -68,7 +68,7 @@ def evaluate_base_vs_lora(family, ecfg: EvalConfig, out_dir: Path, verbose: bool
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
     plot_report(report, out_dir / "report.png")
     seeds = [s for _, s in pair_jobs(prompts, ecfg.images_per_prompt)]
-    title = sheet_title(len(base), len(prompts), held_out)
+    title = sheet_title(len(base), len(prompts), held_out, ecfg.scorers[0])
     side_by_side(
         base, aligned, job_prompts, seeds, per_image["base"], per_image["aligned"], out_dir / "sheet.png", title=title
     )

@@ -97,7 +97,7 @@ def side_by_side(
         y = y0 + th + 2 + 2 * line
         color = "#1a7f37" if deltas[i] > 0 else "#cf222e" if deltas[i] < 0 else "black"
         draw.text((x0, y), f"seed {seeds[i]}  base | aligned", fill="#555555", font=font)
-        draw.text((x0 + tw + PAD, y), f"Δ{reward[:8]} {deltas[i]:+.2f}", fill=color, font=font)
+        draw.text((x0 + tw + PAD, y), f"change {deltas[i]:+.2f}", fill=color, font=font)  # of the first scorer
         for name in names:
             y += line
             short = name.removeprefix("toy_")[:10]
@@ -111,12 +111,12 @@ def side_by_side(
     return shown
 
 
-def sheet_title(n_images: int, n_prompts: int, held_out: bool) -> str:
+def sheet_title(n_images: int, n_prompts: int, held_out: bool, reward: str) -> str:
     """The sheet's header line; "held-out" only when the prompts were held out of training."""
     which = "held-out prompts" if held_out else "prompts"
     return (
-        f"base | aligned, same prompt and seed: largest gains, then largest losses of {n_images} pairs over "
-        f"{n_prompts} {which}"
+        f"base | aligned, same prompt and seed, from {n_images} pairs over {n_prompts} {which}: the largest "
+        f"{reward} gains first, then the other end (the largest losses, or the smallest gains)"
     )
 
 
