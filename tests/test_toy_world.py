@@ -168,3 +168,21 @@ def test_shipped_dataset_has_the_pick_a_pic_schema():
     heldout = (ASSETS / "toy_data" / "heldout_prompts.txt").read_text().split("\n")
     heldout = {line for line in heldout if line}
     assert heldout and not heldout & set(df.caption)
+
+
+def test_learning_curve_points_score_fixed_seeds_and_plot(toy_family, tmp_path):
+    """A curve point is the mean reward of the same held-out prompts and seeds each time: two points of the same
+    model are equal, and curves.png is drawn from them and the run's metrics."""
+    from accelerate import Accelerator
+
+    from diffalign.config import EvalConfig
+    from pipelines.curves import Curves, plot_curves
+
+    curves = Curves(toy_family, EvalConfig(steps=4), tmp_path / "curves.jsonl")
+    assert curves.label == "held-out" and len(curves.prompts) == 16
+    first, again = curves.point(0, Accelerator(cpu=True)), curves.point(10, Accelerator(cpu=True))
+    assert first["toy_aesthetic"] == again["toy_aesthetic"] and 0 < first["toy_aesthetic"] < 10
+    (tmp_path / "metrics.jsonl").write_text('{"step": 10, "loss": 0.69, "implicit_acc": 0.5}\n')
+    png = plot_curves(curves.path, tmp_path / "metrics.jsonl", tmp_path / "curves.png", curves.label)
+    assert Image.open(png).size[0] > 400
+    assert plot_curves(tmp_path / "none.jsonl", tmp_path / "metrics.jsonl", tmp_path / "x.png") is None
