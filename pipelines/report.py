@@ -75,7 +75,7 @@ def side_by_side(
     tw, th = max(t[0].size[0] for t in tiles.values()), max(t[0].size[1] for t in tiles.values())
     chars = max(16, (2 * tw + PAD) // (FONT_SIZE * 6 // 10))  # roughly what fits under the two tiles
     prompt_lines = {i: textwrap.wrap(prompts[i], chars)[:2] for i in shown}
-    cap_h = line * (2 + 1 + len(names))  # prompt (2 lines), "base | aligned" + Δ, one line per scorer
+    cap_h = line * (2 + 1 + len(names))  # prompt (2 lines), "base, seed" | "aligned, change", a line per scorer
     cell_w, cell_h = 2 * tw + 3 * PAD, th + cap_h + 2 * PAD
     header = line * 2 + PAD if title else 0
     rows = math.ceil(len(shown) / cols)
@@ -96,8 +96,8 @@ def side_by_side(
             y += line
         y = y0 + th + 2 + 2 * line
         color = "#1a7f37" if deltas[i] > 0 else "#cf222e" if deltas[i] < 0 else "black"
-        draw.text((x0, y), f"seed {seeds[i]}  base | aligned", fill="#555555", font=font)
-        draw.text((x0 + tw + PAD, y), f"change {deltas[i]:+.2f}", fill=color, font=font)  # of the first scorer
+        draw.text((x0, y), f"base, seed {seeds[i]}", fill="#555555", font=font)
+        draw.text((x0 + tw + PAD, y), f"aligned, {deltas[i]:+.2f}", fill=color, font=font)  # first scorer's change
         for name in names:
             y += line
             short = name.removeprefix("toy_")[:10]
