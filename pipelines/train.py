@@ -202,9 +202,8 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
         write_run_record(out, resolved_config=to_dict(cfg), resumed_from=str(resume) or None)
     tb = {"tensorboard": {"purge_step": start_step + 1}} if start_step else {}  # hide events a killed run logged
     accelerator.init_trackers("diffalign", config=_flat_hparams(cfg), init_kwargs=tb)
-    curves = (
-        Curves(family, cfg.eval, out / "curves.jsonl") if main and tc.validate_every and cfg.eval.prompts else None
-    )
+    want_curves = main and 0 < tc.validate_every <= tc.max_steps and cfg.eval.prompts  # 2+ points: step 0 and one
+    curves = Curves(family, cfg.eval, out / "curves.jsonl") if want_curves else None
     if curves and start_step == 0:
         curves.point(0, accelerator)  # the LoRA is zero: the base model
 
