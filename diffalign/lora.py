@@ -94,8 +94,22 @@ def reference_mode(denoiser):
 
 
 def lora_state_dict(denoiser, adapter_name: str = "default") -> dict[str, torch.Tensor]:
-    """The adapter's weights in diffusers key format (no "unet." prefix; the writer adds it)."""
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(denoiser, adapter_name=adapter_name))
+    """The adapter's weights in diffusers key format (no "unet." prefix; the writer adds it).
+
+    diffusers' converter renames only attention projections (to_q ... "lora.down"); other targets (resnet convs,
+    time_emb_proj) would keep peft's "lora_A" names, and a file with both kinds loads only one kind in diffusers
+    (it picks the format from the keys). So every key is written as "lora.down" / "lora.up"."""
+    weights = convert_state_dict_to_diffusers(get_peft_model_state_dict(denoiser, adapter_name=adapter_name))
+    renamed = {}
+    for key, value in weights.items():
+        for peft_suffix, diffusers_suffix in (
+            (".lora_A.weight", ".lora.down.weight"),
+            (".lora_B.weight", ".lora.up.weight"),
+        ):
+            if key.endswith(peft_suffix):
+                key = key.removesuffix(peft_suffix) + diffusers_suffix
+        renamed[key] = value
+    return renamed
 
 
 def save_lora(family, out_dir, metadata: dict | None = None, adapter_name: str = "default") -> Path:
