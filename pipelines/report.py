@@ -77,12 +77,13 @@ def side_by_side(
     prompt_lines = {i: textwrap.wrap(prompts[i], chars)[:2] for i in shown}
     cap_h = line * (2 + 1 + len(names))  # prompt (2 lines), "base, seed" | "aligned, change", a line per scorer
     cell_w, cell_h = 2 * tw + 3 * PAD, th + cap_h + 2 * PAD
-    header = line * 2 + PAD if title else 0
+    title_lines = textwrap.wrap(title, (cols * cell_w) // (FONT_SIZE * 6 // 10))
+    header = line * len(title_lines) + PAD if title else 0
     rows = math.ceil(len(shown) / cols)
     sheet = Image.new("RGB", (cols * cell_w + PAD, header + rows * cell_h + PAD), "white")
     draw = ImageDraw.Draw(sheet)
     if title:
-        for k, text in enumerate(textwrap.wrap(title, (cols * cell_w) // (FONT_SIZE * 6 // 10))[:2]):
+        for k, text in enumerate(title_lines):
             draw.text((PAD, PAD + k * line), text, fill="black", font=font)
     for slot, i in enumerate(shown):
         x0 = PAD + (slot % cols) * cell_w
@@ -115,8 +116,8 @@ def sheet_title(n_images: int, n_prompts: int, held_out: bool, reward: str) -> s
     """The sheet's header line; "held-out" only when the prompts were held out of training."""
     which = "held-out prompts" if held_out else "prompts"
     return (
-        f"base | aligned, same prompt and seed, from {n_images} pairs over {n_prompts} {which}: the largest "
-        f"{reward} gains first, then the other end (the largest losses, or the smallest gains)"
+        f"base | aligned, same prompt and seed ({n_images} pairs, {n_prompts} {which}): largest {reward} "
+        "gains first, then the other end (largest losses or smallest gains)"
     )
 
 
