@@ -70,7 +70,7 @@ from diffalign.config import EstimatorConfig, LoraConfig, ObjectiveConfig, Train
 from diffalign.data import CachedPairs, PreferencePairs, build_cache, collate, load_preferences  # noqa: E402
 from diffalign.data.sampler import EpochView, ResumableSampler  # noqa: E402
 from diffalign.likelihood import Schedule  # noqa: E402
-from diffalign.lora import add_lora, reference_mode  # noqa: E402
+from diffalign.lora import add_lora, lora_targets, reference_mode  # noqa: E402
 from pipelines.common import build_objective  # noqa: E402
 from pipelines.step import (  # noqa: E402
     StepContext,
@@ -332,7 +332,8 @@ class Bench:
         if args.gradient_checkpointing:
             family.enable_gradient_checkpointing()  # as pipelines/train.py: before add_lora
         lora = LoraConfig()
-        self.params = add_lora(denoiser, lora.rank, lora.alpha, lora.target_modules, lora.init)
+        targets = lora_targets(family, lora.preset, lora.target_modules)
+        self.params = add_lora(denoiser, lora.rank, lora.alpha, targets, lora.init)
         tc = self.train_cfg
         self.opt_a = torch.optim.AdamW(self.params, lr=tc.lr, weight_decay=tc.weight_decay)
         self.opt_b = torch.optim.AdamW(self.params, lr=tc.lr, weight_decay=tc.weight_decay)

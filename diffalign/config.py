@@ -61,8 +61,11 @@ class LoraConfig:
     """LoRA rank r."""
     alpha: Annotated[float, POSITIVE] = 8.0
     """LoRA alpha (scale = alpha / rank); saved in the adapter metadata so it survives reloading."""
-    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
-    """Module name suffixes that get adapters."""
+    preset: Annotated[str, OneOf("attention", "attention+conv", allow_empty=True)] = ""
+    """Named target set of the model family: "attention" or "attention+conv" (LoCon: adds the UNet resnet convs,
+    UNet families only); "" = the family default (toy: attention+conv; sd, sdxl, sd3, pixart: attention)."""
+    target_modules: list[str] = field(default_factory=list)
+    """Module name suffixes that get adapters; [] = the preset's (set either this or preset, not both)."""
     init: str = "gaussian"
     """peft init_lora_weights (gaussian: B = 0, so the policy equals the reference at step 0)."""
 
@@ -165,8 +168,9 @@ class TrainConfig:
     """How many checkpoints to keep."""
     log_every: Annotated[int, AT_LEAST_1] = 10
     """Log scalars every N steps."""
-    validate_every: Annotated[int, NON_NEGATIVE] = 0
-    """Generate validation images every N steps (0 = off)."""
+    validate_every: Annotated[int, NON_NEGATIVE] = 50
+    """Every N steps: validation images (if validation_prompts) and a learning-curve point, the mean of each eval
+    scorer on 16 eval prompts (pipelines/curves.py); 0 = off."""
     validation_prompts: list[str] = field(default_factory=list)
     """Prompts for validation images."""
     tensorboard: bool = True
@@ -271,7 +275,7 @@ class CompareConfig:
     batch_size: Annotated[int, AT_LEAST_1] = 32
     """Images per scorer call."""
     grid_pairs: Annotated[int, AT_LEAST_1] = 8
-    """Pairs shown in the side-by-side grid (base row over aligned row)."""
+    """Pairs on the side-by-side sheet (base | aligned): the largest changes of the first scorer, both ways."""
     output_dir: str = ""
     """Where report.json, report.png, pairs.png, pairs.jsonl and report.html go ("" = runs/compare-<time>)."""
 

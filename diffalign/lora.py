@@ -67,6 +67,21 @@ def add_lora(denoiser, rank: int, alpha: float, target_modules: list[str], init:
     return [p for p in denoiser.parameters() if p.requires_grad]
 
 
+def lora_targets(family, preset: str = "", target_modules: list[str] | tuple = ()) -> list[str]:
+    """The module names LoRA attaches to: `target_modules` if given, else the family's named `preset`, else the
+    family's default (`family.lora_target_modules`). Raises `LoraError` naming the family for an unknown preset."""
+    if target_modules and preset:
+        raise LoraError(f"lora: set preset ('{preset}') or target_modules ({list(target_modules)}), not both")
+    if target_modules:
+        return list(target_modules)
+    if not preset:
+        return list(family.lora_target_modules)
+    if preset not in family.lora_presets:
+        known = ", ".join(family.lora_presets)
+        raise LoraError(f"lora.preset: model family '{family.name}' has no preset '{preset}' (known: {known})")
+    return list(family.lora_presets[preset])
+
+
 @contextmanager
 def reference_mode(denoiser):
     """Inside the block the denoiser is the base model (all adapters off); they are re-enabled on exit, even after an
@@ -79,8 +94,22 @@ def reference_mode(denoiser):
 
 
 def lora_state_dict(denoiser, adapter_name: str = "default") -> dict[str, torch.Tensor]:
-    """The adapter's weights in diffusers key format (no "unet." prefix; the writer adds it)."""
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(denoiser, adapter_name=adapter_name))
+    """The adapter's weights in diffusers key format (no "unet." prefix; the writer adds it).
+
+    diffusers' converter renames only attention projections (to_q ... "lora.down"); other targets (resnet convs,
+    time_emb_proj) would keep peft's "lora_A" names, and a file with both kinds loads only one kind in diffusers
+    (it picks the format from the keys). So every key is written as "lora.down" / "lora.up"."""
+    weights = convert_state_dict_to_diffusers(get_peft_model_state_dict(denoiser, adapter_name=adapter_name))
+    renamed = {}
+    for key, value in weights.items():
+        for peft_suffix, diffusers_suffix in (
+            (".lora_A.weight", ".lora.down.weight"),
+            (".lora_B.weight", ".lora.up.weight"),
+        ):
+            if key.endswith(peft_suffix):
+                key = key.removesuffix(peft_suffix) + diffusers_suffix
+        renamed[key] = value
+    return renamed
 
 
 def save_lora(family, out_dir, metadata: dict | None = None, adapter_name: str = "default") -> Path:

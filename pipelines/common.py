@@ -23,6 +23,7 @@ from diffalign.data import (
 )
 from diffalign.data.relabel import Relabeled, load_or_score, relabel
 from diffalign.errors import DiffalignError
+from diffalign.lora import lora_targets
 from diffalign.models import load_family, resolve_path
 from diffalign.objectives import OBJECTIVES
 from diffalign.paths import TOY_TRAIN
@@ -63,7 +64,7 @@ def load_model(
     )
     check_sizes(sizes, latent_factor(family), family.name)
     if lora is not None:
-        check_target_modules(family, lora.target_modules)
+        check_target_modules(family, lora_targets(family, lora.preset, lora.target_modules))
     return family
 
 

@@ -4,13 +4,13 @@ Both sides are `diffalign generate` outputs (or hand-written manifests); an imag
 image of the other side that has the same (prompt, seed), so every pair shares its prompt and initial noise.
 Preference scores only compare within a prompt, so the statistics are per pair: win rate of aligned over base
 (ties half) with a Wilson 95% CI and mean delta with a bootstrap 95% CI (`pipelines.evaluate.summarize`).
-Writes report.json, report.png, pairs.png (base row over aligned row), pairs.jsonl (per-pair scores), a
-self-contained report.html and the run record, and prints the table.
+Writes report.json, report.png, sheet.png (base | aligned side by side, the largest reward changes in both
+directions, each tile captioned with its scores; pipelines.report), pairs.jsonl (per-pair scores), a self-contained
+report.html and the run record, and prints the table.
 """
 
 from __future__ import annotations
 
-import base64
 import html
 import json
 from pathlib import Path
@@ -18,11 +18,10 @@ from pathlib import Path
 from diffalign.config import CompareConfig, load_config, save_config
 from diffalign.errors import DiffalignError
 from diffalign.runinfo import write_run_record
-from pipelines.common import prepare_output_dir, save_grid
+from pipelines.common import prepare_output_dir
 from pipelines.evaluate import format_report, plot_report, summarize
+from pipelines.report import pick_pairs, sheet_title, side_by_side, write_html
 from pipelines.score import MANIFEST, load_scorers, open_images, read_manifest, score_rows
-
-THUMB = 256  # longest side of an image in pairs.png (keeps report.html small for 1024 px models)
 
 
 def read_side(path: str, side: str) -> tuple[Path, list[dict]]:
@@ -58,46 +57,6 @@ def pair_rows(base: list[dict], aligned: list[dict]) -> list[tuple[dict, dict]]:
     return [(row, by_key["aligned"][key]) for key, row in by_key["base"].items()]
 
 
-def thumbnail(image, size: int = THUMB):
-    image = image.copy()
-    image.thumbnail((size, size))
-    return image
-
-
-def write_html(report: dict, out: Path) -> Path:
-    """report.html: the table and both PNGs embedded as data URIs, so the file can be sent on its own."""
-
-    def img(name: str) -> str:
-        data = base64.b64encode((out / name).read_bytes()).decode()
-        return f'<img src="data:image/png;base64,{data}" alt="{name}">'
-
-    rows = "".join(
-        f"<tr><td>{html.escape(name)}</td><td>{r['mean_old']:.4f} ± {r['sem_old']:.4f}</td>"
-        f"<td>{r['mean_new']:.4f} ± {r['sem_new']:.4f}</td>"
-        f"<td>{r['mean_delta']:+.4f} [{r['delta_ci'][0]:+.4f}, {r['delta_ci'][1]:+.4f}]</td>"
-        f"<td>{100 * r['win_rate']:.1f}% [{100 * r['ci_low']:.1f}, {100 * r['ci_high']:.1f}]</td></tr>"
-        for name, r in report["scorers"].items()
-    )
-    page = f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>diffalign compare</title>
-<style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}} td:first-child{{text-align:left}}
-img{{max-width:100%;image-rendering:pixelated}}</style></head><body>
-<h1>aligned vs base</h1>
-<p>base: <code>{html.escape(report["base"])}</code><br>aligned: <code>{html.escape(report["aligned"])}</code><br>
-{report["images"]} pairs (same prompt and seed) over {report["prompts"]} prompts.
-Mean ± s.e.m.; delta = aligned − base with a paired bootstrap 95% CI; win rate of aligned over base, ties counted
-half, with a Wilson 95% CI.</p>
-<table><tr><th>scorer</th><th>base</th><th>aligned</th><th>mean delta [95% CI]</th><th>win rate [95% CI]</th></tr>
-{rows}</table>
-<h2>Scores</h2>{img("report.png")}
-<h2>First {report["grid_pairs"]} pairs: base (top) over aligned (bottom)</h2>{img("pairs.png")}
-</body></html>
-"""
-    (out / "report.html").write_text(page)
-    return out / "report.html"
-
-
 def run(config: str | None = None, overrides: list[str] | tuple = ()) -> Path:
     cfg: CompareConfig = load_config(CompareConfig, config, list(overrides))
     base_root, base_rows = read_side(cfg.base, "base")
@@ -129,12 +88,40 @@ def run(config: str | None = None, overrides: list[str] | tuple = ()) -> Path:
             f.write(json.dumps(row) + "\n")
     (out / "report.json").write_text(json.dumps(report, indent=2))
     plot_report(report, out / "report.png")
-    shown = open_images(base_root, base_rows[:n_show]) + open_images(aligned_root, aligned_rows[:n_show])
-    size = thumbnail(shown[0]).size  # one cell size, so sides of different resolutions still tile
-    save_grid([thumbnail(im).resize(size) for im in shown], out / "pairs.png", cols=n_show)
-    write_html(report, out)
+    first = list(scorers)[0]  # the sheet shows the pairs this scorer moved most, both ways
+    deltas = (s_aligned[first] - s_base[first]).tolist()
+    idx = pick_pairs(deltas, n_show)
+    shown = {"base": open_images(base_root, [base_rows[i] for i in idx]),
+             "aligned": open_images(aligned_root, [aligned_rows[i] for i in idx])}  # fmt: skip
+    scores = {
+        side: {n: [float(s[n][i]) for i in idx] for n in scorers}
+        for side, s in (("base", s_base), ("aligned", s_aligned))
+    }
+    title = sheet_title(len(pairs), report["prompts"], False, first)  # compare cannot know how prompts were chosen
+    side_by_side(
+        shown["base"],
+        shown["aligned"],
+        [base_rows[i]["prompt"] for i in idx],
+        [base_rows[i]["seed"] for i in idx],
+        scores["base"],
+        scores["aligned"],
+        out / "sheet.png",
+        n_pairs=n_show,
+        title=title,
+    )
+    intro = (
+        f"base: <code>{html.escape(report['base'])}</code><br>aligned: <code>{html.escape(report['aligned'])}</code><br>"
+        f"{report['images']} pairs (same prompt and seed) over {report['prompts']} prompts."
+    )
+    write_html(
+        out,
+        "aligned vs base",
+        intro,
+        report,
+        [("Scores", "report.png"), (f"Base | aligned: the {n_show} largest changes in {first}", "sheet.png")],
+    )
     save_config(cfg, out / "config.yaml")
     write_run_record(out)
-    print(format_report(report, prompts="prompts"))
-    print(f"wrote report.json, report.png, pairs.png, pairs.jsonl and report.html to {out}")
+    print(format_report(report))
+    print(f"wrote report.json, report.png, sheet.png (base | aligned), pairs.jsonl and report.html to {out}")
     return out

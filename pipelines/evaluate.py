@@ -1,7 +1,9 @@
-"""Base vs aligned on held-out prompts with the same seeds: rewards, win rate with a 95% CI, a table and a plot.
+"""Base vs aligned on held-out prompts with the same seeds: rewards, win rate with a 95% CI, a table, a plot, a
+side-by-side sheet of the largest changes (pipelines.report) and report.html.
 
 The base model is the same network with its LoRA adapters off (`reference_mode`), so both image sets come from one
-loaded model. Used at the end of `diffalign train` and by the toy-world benchmark.
+loaded model. Used at the end of `diffalign train` and `diffalign online` and by the toy-world benchmark.
+The prompts are called held-out only when they are the toy world's held-out set (eval.prompts: toy).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from diffalign.lora import reference_mode
 from diffalign.paths import TOY_HELDOUT
 from diffalign.rewards import load_scorer
 from diffalign.rewards.compare import mean_delta, win_rate
-from pipelines.common import save_grid
+from pipelines.report import sheet_title, side_by_side, write_html
 
 
 def read_eval_prompts(ecfg: EvalConfig) -> list[str]:
@@ -28,9 +30,14 @@ def read_eval_prompts(ecfg: EvalConfig) -> list[str]:
     return prompts[: ecfg.max_prompts] if ecfg.max_prompts else prompts
 
 
+def pair_jobs(prompts: list[str], images_per_prompt: int) -> list[tuple[str, int]]:
+    """(prompt, seed) for every image: seed = prompt index * images_per_prompt + k."""
+    return [(p, i * images_per_prompt + k) for i, p in enumerate(prompts) for k in range(images_per_prompt)]
+
+
 def generate_pair_sets(family, prompts: list[str], ecfg: EvalConfig, batch_size: int = 64):
     """Base and aligned images for every (prompt, seed), same seeds for both."""
-    jobs = [(p, i * ecfg.images_per_prompt + k) for i, p in enumerate(prompts) for k in range(ecfg.images_per_prompt)]
+    jobs = pair_jobs(prompts, ecfg.images_per_prompt)
     base, aligned = [], []
     kw = {"steps": ecfg.steps, **({"guidance": ecfg.guidance} if ecfg.guidance > 0 else {})}  # 0: family default
     for start in range(0, len(jobs), batch_size):
@@ -43,25 +50,38 @@ def generate_pair_sets(family, prompts: list[str], ecfg: EvalConfig, batch_size:
 
 
 def evaluate_base_vs_lora(family, ecfg: EvalConfig, out_dir: Path, verbose: bool = True) -> dict:
-    """Score base vs aligned with every scorer in ecfg.scorers; write report.json + report.png + grids."""
+    """Score base vs aligned with every scorer in ecfg.scorers; write report.json, report.png, sheet.png (base |
+    aligned, largest changes) and report.html (which also embeds curves.png when the run drew one)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     prompts = read_eval_prompts(ecfg)
+    held_out = ecfg.prompts == "toy"
     job_prompts, base, aligned = generate_pair_sets(family, prompts, ecfg)
-    report = {"prompts": len(prompts), "images": len(base), "scorers": {}}
+    report = {"prompts": len(prompts), "images": len(base), "held_out": held_out, "scorers": {}}
+    per_image = {"base": {}, "aligned": {}}
     for name in ecfg.scorers:
         scorer = load_scorer(name)
         with torch.no_grad():
-            s_base, s_aligned = scorer(base, job_prompts), scorer(aligned, job_prompts)
-        report["scorers"][name] = summarize(s_aligned.float().cpu(), s_base.float().cpu())
-    n_show = min(16, len(base))
-    save_grid(base[:n_show], out_dir / "base.png", cols=n_show // 2 or 1)
-    save_grid(aligned[:n_show], out_dir / "aligned.png", cols=n_show // 2 or 1)
+            s_base, s_aligned = scorer(base, job_prompts).float().cpu(), scorer(aligned, job_prompts).float().cpu()
+        report["scorers"][name] = summarize(s_aligned, s_base)
+        per_image["base"][name], per_image["aligned"][name] = s_base.tolist(), s_aligned.tolist()
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
     plot_report(report, out_dir / "report.png")
+    seeds = [s for _, s in pair_jobs(prompts, ecfg.images_per_prompt)]
+    title = sheet_title(len(base), len(prompts), held_out, ecfg.scorers[0])
+    side_by_side(
+        base, aligned, job_prompts, seeds, per_image["base"], per_image["aligned"], out_dir / "sheet.png", title=title
+    )
+    intro = f"{len(base)} pairs (same prompt and seed) over {len(prompts)} {'held-out ' * held_out}prompts."
+    figures = [
+        ("Scores", "report.png"),
+        ("Base | aligned: largest changes", "sheet.png"),
+        ("Learning curves", "curves.png"),
+    ]
+    write_html(out_dir, "aligned vs base", intro, report, figures)
     if verbose:
         print(format_report(report))
-        print(f"report, plot and image grids in {out_dir}")
+        print(f"report.json, report.png, sheet.png (base | aligned) and report.html in {out_dir}")
     return report
 
 
@@ -83,10 +103,11 @@ def summarize(new: torch.Tensor, old: torch.Tensor) -> dict:
     }
 
 
-def format_report(report: dict, prompts: str = "held-out prompts") -> str:
-    """The report as a table; `prompts` says what the prompts were (compare does not know they were held out)."""
+def format_report(report: dict) -> str:
+    """The report as a table; "held-out" only when report["held_out"] says the prompts were held out."""
     lines = [
-        f"base vs aligned on {report['prompts']} {prompts} ({report['images']} images, same seeds)",
+        f"base vs aligned on {report['prompts']} {'held-out ' * report.get('held_out', False)}prompts "
+        f"({report['images']} images, same seeds)",
         f"{'scorer':<16}{'base':>9}{'aligned':>9}{'change':>9}   win rate [95% CI]",
     ]
     for name, r in report["scorers"].items():

@@ -35,7 +35,7 @@ from diffalign.checkpoint import load_checkpoint, resolve_resume, save_checkpoin
 from diffalign.config import OnlineConfig, load_config, save_config, to_dict
 from diffalign.errors import DiffalignError
 from diffalign.likelihood import Schedule
-from diffalign.lora import add_lora, reference_mode, save_lora
+from diffalign.lora import add_lora, lora_targets, reference_mode, save_lora
 from diffalign.models import default_guidance
 from diffalign.models.toy import to_pil
 from diffalign.online.experts import ToyStatsEncoder, preference_winners, toy_vivid_exemplars
@@ -89,7 +89,8 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
             f"not {rc.guidance:g}"
         )
     denoiser = family.denoiser
-    params = add_lora(denoiser, cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules, cfg.lora.init)
+    targets = lora_targets(family, cfg.lora.preset, cfg.lora.target_modules)
+    params = add_lora(denoiser, cfg.lora.rank, cfg.lora.alpha, targets, cfg.lora.init)
     named_params = {n: p for n, p in denoiser.named_parameters() if p.requires_grad}
     ckpt_params = dict(named_params)
     if rc.ref_refresh:

@@ -44,10 +44,11 @@ from diffalign.data import collate
 from diffalign.data.sampler import EpochView, ResumableSampler
 from diffalign.errors import DiffalignError
 from diffalign.likelihood import Schedule
-from diffalign.lora import add_lora, reference_mode, save_lora
+from diffalign.lora import add_lora, lora_targets, reference_mode, save_lora
 from diffalign.objectives import OBJECTIVES
 from diffalign.runinfo import write_run_record
 from pipelines.common import build_objective, cache_ready, load_model, open_pairs, prepare_output_dir, save_grid
+from pipelines.curves import Curves, plot_curves
 from pipelines.evaluate import evaluate_base_vs_lora
 from pipelines.step import StepContext, finish_step, micro_step, policy_through, read_sums
 
@@ -79,6 +80,7 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
             f"objective '{cfg.objective.name}' trains on the model's own samples: run `diffalign online` "
             f"(e.g. configs/toy_{cfg.objective.name}.yaml)"
         )
+    check_soft_labels(build_objective(cfg.objective), cfg.objective.name, cfg.data)  # before anything is written
     if tc.mixed_precision not in ("no", "bf16", "fp16"):
         raise DiffalignError(f"train.mixed_precision must be no, bf16 or fp16, not '{tc.mixed_precision}'")
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # as Accelerator() reads it: CPU + gloo
@@ -113,7 +115,8 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
         family.denoiser.enable_gradient_checkpointing()
     if tc.xformers:
         family.enable_xformers()
-    params = add_lora(family.denoiser, cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules, cfg.lora.init)
+    targets = lora_targets(family, cfg.lora.preset, cfg.lora.target_modules)
+    params = add_lora(family.denoiser, cfg.lora.rank, cfg.lora.alpha, targets, cfg.lora.init)
     named_params = {n: p for n, p in family.denoiser.named_parameters() if p.requires_grad}
     objective = build_objective(cfg.objective)
     schedule = Schedule(family.scheduler, family.prediction_type)
@@ -167,6 +170,7 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
             print(f"resumed from {path} at step {start_step}")
     if resume and main:
         truncate_metrics(out / "metrics.jsonl", start_step)
+        truncate_metrics(out / "curves.jsonl", start_step)
 
     batch = tc.batch_size
     sampler = ResumableSampler(
@@ -206,6 +210,10 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
         write_run_record(out, resolved_config=to_dict(cfg), resumed_from=str(resume) or None)
     tb = {"tensorboard": {"purge_step": start_step + 1}} if start_step else {}  # hide events a killed run logged
     accelerator.init_trackers("diffalign", config=_flat_hparams(cfg), init_kwargs=tb)
+    want_curves = main and 0 < tc.validate_every <= tc.max_steps and cfg.eval.prompts  # 2+ points: step 0 and one
+    curves = Curves(family, cfg.eval, out / "curves.jsonl") if want_curves else None
+    if curves and start_step == 0:
+        curves.point(0, accelerator)  # the LoRA is zero: the base model
 
     # ---- loop ---------------------------------------------------------------------------------------------------
     stop = StopFlag()
@@ -265,6 +273,8 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
                 sums = {}
             if tc.validate_every and step % tc.validate_every == 0 and main and tc.validation_prompts:
                 validate(family, tc.validation_prompts, out / "validation" / f"step-{step:06d}.png", accelerator, step)
+            if curves and step % tc.validate_every == 0:
+                curves.point(step, accelerator)
             want_ckpt = (tc.checkpoint_every and step % tc.checkpoint_every == 0) or stopping
             if want_ckpt and main and step < tc.max_steps:
                 save_checkpoint(
@@ -300,9 +310,21 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
             f"non-finite steps skipped, {counts['skipped_rows']} bad rows skipped)"
         )
     accelerator.end_training()
+    if curves:
+        plot_curves(curves.path, out / "metrics.jsonl", out / "eval" / "curves.png", curves.label)
     if main and cfg.eval.prompts:
         evaluate_base_vs_lora(family, cfg.eval, out / "eval")
     return out
+
+
+def check_soft_labels(objective, name: str, dcfg) -> None:
+    """An objective that weighs pairs by a smoothed preference (SmPO) needs a scorer's p, not 0/1 labels."""
+    if getattr(objective, "soft_labels", False) and not objective.hard_labels:
+        if not (dcfg.label_scorer and dcfg.label_mode == "smpo"):
+            raise DiffalignError(
+                f"objective '{name}' needs smoothed labels: set data.label_scorer=<scorer> data.label_mode=smpo "
+                "(e.g. configs/sdxl_smpo.yaml), or objective.hard_labels=true to train on 0/1 labels"
+            )
 
 
 def scaler_state(accelerator) -> dict | None:

@@ -21,6 +21,7 @@ from diffalign.models import load_family
 from diffalign.rewards import load_scorer
 from diffalign.rewards.compare import wilson_interval
 from pipelines.cli import main
+from pipelines.report import MIN_TILE, pick_pairs, side_by_side
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_SD = REPO / "assets/tiny/sd15"
@@ -121,11 +122,11 @@ def test_compare_lora_vs_base_outputs_parse_and_agree_with_pairs(image_sets, cli
         assert r["ci_low"] <= r["win_rate"] <= r["ci_high"]
     # the LoRA changed the images, so the aesthetic scores differ
     assert report["scorers"]["toy_aesthetic"]["mean_delta"] != 0
-    grid = Image.open(out / "pairs.png")
-    cell = Image.open(base / "00000.png").size
-    assert grid.size == (4 * cell[0], 2 * cell[1])  # 4 pairs: base row over aligned row
+    sheet = Image.open(out / "sheet.png")
+    assert min(Image.open(base / "00000.png").size) < 128 and sheet.size[0] >= 2 * 2 * 128  # 2 pairs a row, upscaled
     page = (out / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 2 and "clip_score" in page
+    assert page.count("data:image/png;base64,") == 2 and "clip_score" in page  # report.png and sheet.png
+    assert "held-out" not in page  # compare does not know how the prompts were chosen
     assert Image.open(out / "report.png").size[0] > 0
 
 
@@ -222,3 +223,30 @@ def test_score_bad_input_is_one_line_naming_it(image_sets, tmp_path, capsys):
     shutil.copy(base / "00000.png", folder / "a.png")
     err = _error(capsys, ["score", f"images={folder}", "prompt=a photo of a cat", "scorers=[toy_fidelity]"])
     assert "scorer 'toy_fidelity' on" in err and "a.png" in err and "names no toy-world attribute" in err
+
+
+def test_pick_pairs_shows_the_largest_gains_then_the_largest_losses():
+    deltas = [0.1, -0.5, 0.9, 0.0, -0.2, 0.3]
+    assert pick_pairs(deltas, 4) == [2, 5, 1, 4]  # gains 0.9, 0.3; losses -0.5, -0.2
+    assert pick_pairs(deltas, 3) == [2, 5, 1]
+    assert pick_pairs(deltas[:2], 8) == [0, 1]  # fewer pairs than asked: all, by change
+
+
+def test_side_by_side_tiles_are_nearest_upscaled_and_in_change_order(tmp_path):
+    """32 px images: each tile is the image upscaled 4x with nearest (crisp pixels), base left of aligned, and the
+    pair with the largest gain comes first."""
+    g = torch.Generator().manual_seed(0)
+    imgs = [Image.fromarray((torch.rand(32, 32, 3, generator=g) * 255).byte().numpy()) for _ in range(6)]
+    base, aligned = imgs[:3], imgs[3:]
+    scores_b = {"toy_aesthetic": [5.0, 5.0, 5.0], "toy_fidelity": [1.0, 1.0, 1.0]}
+    scores_a = {"toy_aesthetic": [5.5, 4.0, 7.0], "toy_fidelity": [1.0, 0.75, 1.0]}
+    prompts = ["a red circle", "a blue square", "a large green triangle at the top left"]
+    shown = side_by_side(base, aligned, prompts, [0, 1, 2], scores_b, scores_a, tmp_path / "s.png", n_pairs=2, cols=1)
+    assert shown == [2, 1]  # largest gain (+2.0), then largest loss (-1.0)
+    sheet = Image.open(tmp_path / "s.png").convert("RGB")
+    k = MIN_TILE // 32
+    x0 = y0 = 6  # PAD, no title
+    first_base = sheet.crop((x0, y0, x0 + 32 * k, y0 + 32 * k))
+    assert first_base.tobytes() == base[2].resize((32 * k, 32 * k), Image.NEAREST).tobytes()
+    first_aligned = sheet.crop((x0 + 32 * k + 6, y0, x0 + 64 * k + 6, y0 + 32 * k))
+    assert first_aligned.tobytes() == aligned[2].resize((32 * k, 32 * k), Image.NEAREST).tobytes()

@@ -1,5 +1,10 @@
 """The toy world learns: a short seeded Diffusion-DPO run raises the toy aesthetic on held-out prompts, and the same
-run with the loss sign flipped (β -> -β prefers the loser) lowers it, so this fails if the sign were wrong."""
+run with the loss sign flipped (β -> -β prefers the loser) lowers it, so this fails if the sign were wrong. Every
+other offline objective, with the benchmark's settings, must beat the base on the same held-out comparisons (a bound
+the base model itself cannot meet: against itself its change is 0 and its win rate 50%).
+
+Since the toy LoRA adapts the resnet convolutions too (the default), the effect is ~10x larger than with attention
+only, so these checks run a fraction of the benchmark's steps."""
 
 import json
 from pathlib import Path
@@ -13,13 +18,8 @@ pytestmark = pytest.mark.skipif(
     not (TOY_MODEL / "model_index.json").is_file() or not TOY_TRAIN.is_file(), reason="toy model or toy data not built"
 )
 
-SHORT = [
-    "train.max_steps=150",
-    "train.batch_size=8",
-    "eval.max_prompts=8",
-    "eval.images_per_prompt=4",
-    "train.log_every=50",
-]
+EVAL = ["eval.max_prompts=8", "eval.images_per_prompt=4", "train.validate_every=0", "train.tensorboard=false"]
+SHORT = ["train.max_steps=60", "train.batch_size=8", "train.log_every=30", *EVAL]
 
 
 def _report(tmp_path: Path, beta: float) -> dict:
@@ -32,7 +32,7 @@ def _report(tmp_path: Path, beta: float) -> dict:
 def test_dpo_raises_the_toy_aesthetic_and_the_flipped_sign_lowers_it(tmp_path):
     up, down = _report(tmp_path, 5000.0), _report(tmp_path, -5000.0)
     assert up["toy_aesthetic"]["mean_delta"] > 0 > down["toy_aesthetic"]["mean_delta"], (up, down)
-    assert up["toy_aesthetic"]["win_rate"] >= 0.6, up["toy_aesthetic"]
+    assert up["toy_aesthetic"]["win_rate"] >= 0.75 >= down["toy_aesthetic"]["win_rate"], (up, down)
     assert up["toy_fidelity"]["mean_delta"] > -0.05  # prompt following kept (5 points)
 
 
@@ -47,6 +47,9 @@ def _toy_settings():
     return module.COMMON, module.SETTINGS
 
 
+STEPS = {"kto": 100, "mapo": 100, "sft": 100, "inpo": 60, "smpo": 60}  # a third of the benchmark's rows
+
+
 @pytest.mark.parametrize(
     "name",
     [
@@ -58,12 +61,29 @@ def _toy_settings():
     ],
 )
 def test_each_objective_raises_the_toy_aesthetic(tmp_path, name):
-    """The benchmark's settings for `name` (300 steps; InPO / SmPO trained as long here), seeded: the held-out
-    aesthetic goes up on 8 prompts x 4 seeds and fidelity stays within 5 points."""
+    """The benchmark's settings for `name`, fewer steps, seeded: the held-out aesthetic goes up on 8 prompts x 4
+    seeds with a win rate the base cannot reach against itself, and fidelity stays within 5 points."""
     common, settings = _toy_settings()
     out = tmp_path / name
-    args = [*common, *settings[name], "train.max_steps=300", "eval.max_prompts=8", "eval.images_per_prompt=4"]
-    assert main(["train", *args, "train.log_every=100", "train.tensorboard=false", f"train.output_dir={out}"]) == 0
+    args = [*common, *settings[name], f"train.max_steps={STEPS[name]}", *EVAL]
+    assert main(["train", *args, "train.log_every=50", f"train.output_dir={out}"]) == 0
     report = json.loads((out / "eval" / "report.json").read_text())["scorers"]
-    assert report["toy_aesthetic"]["mean_delta"] > 0 and report["toy_aesthetic"]["win_rate"] > 0.5, report
+    assert report["toy_aesthetic"]["mean_delta"] > 0 and report["toy_aesthetic"]["win_rate"] >= 0.75, report
     assert report["toy_fidelity"]["mean_delta"] > -0.05, report
+
+
+def test_smpo_refuses_hard_labels_before_writing_anything(tmp_path, capsys):
+    """SmPO weighs a pair by a scorer's smoothed p; on the dataset's 0/1 labels it would silently be DPO with β·γ."""
+    from diffalign.config import DataConfig
+    from diffalign.objectives import OBJECTIVES
+    from pipelines.train import check_soft_labels
+
+    out = tmp_path / "smpo"
+    assert main(["train", "objective.name=smpo", f"train.output_dir={out}"]) == 2
+    err = capsys.readouterr().err
+    assert "smpo" in err and "data.label_scorer" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+    scored = DataConfig(label_scorer="toy_aesthetic", label_mode="smpo")
+    check_soft_labels(OBJECTIVES["smpo"](), "smpo", scored)  # a scorer's p: accepted
+    check_soft_labels(OBJECTIVES["smpo"](hard_labels=True), "smpo", DataConfig())  # explicit opt-in: accepted
+    check_soft_labels(OBJECTIVES["dpo"](), "dpo", DataConfig())  # DPO takes 0/1 labels

@@ -120,6 +120,32 @@ def test_shipped_toy_model_generates_deterministically(toy_family):
     assert not np.array_equal(np.asarray(first[0]), np.asarray(first[1]))
 
 
+def test_toy_lora_defaults_to_attention_plus_resnet_convs(toy_family):
+    """The toy UNet has attention only at 8x8; its default LoRA also adapts every resnet's conv1/conv2 (full
+    resolution), and the "attention" preset leaves them out. Presets are per family: sd3 has no convolutions."""
+    import copy
+
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import inject_adapter_in_model
+
+    from diffalign.lora import LoraError, lora_targets
+    from diffalign.models.sd3 import SD3Family
+
+    assert lora_targets(toy_family) == ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]
+    assert lora_targets(toy_family, "attention") == ["to_q", "to_k", "to_v", "to_out.0"]
+    assert lora_targets(toy_family, "", ["to_q"]) == ["to_q"]
+    with pytest.raises(LoraError, match="sd3.*attention\\+conv"):
+        lora_targets(SD3Family, "attention+conv")
+    with pytest.raises(LoraError, match="not both"):
+        lora_targets(toy_family, "attention", ["to_q"])
+    unet = inject_adapter_in_model(
+        PeftLoraConfig(r=2, target_modules=lora_targets(toy_family)), copy.deepcopy(toy_family.denoiser)
+    )
+    adapted = {n.rsplit(".lora_A", 1)[0] for n, _ in unet.named_parameters() if ".lora_A" in n}
+    full_res = [n for n in adapted if n.startswith("down_blocks.0.resnets.") and n.endswith(("conv1", "conv2"))]
+    assert full_res and any(n.endswith("to_q") for n in adapted)
+
+
 def test_shipped_toy_model_follows_prompts_above_chance(toy_family):
     combos = shapes.all_combinations()[::5]  # 16 of the 80 combinations, every attribute value present
     prompts = [shapes.caption(**c) for c in combos]
@@ -142,3 +168,49 @@ def test_shipped_dataset_has_the_pick_a_pic_schema():
     heldout = (ASSETS / "toy_data" / "heldout_prompts.txt").read_text().split("\n")
     heldout = {line for line in heldout if line}
     assert heldout and not heldout & set(df.caption)
+
+
+def test_learning_curve_points_score_fixed_seeds_and_plot(toy_family, tmp_path):
+    """A curve point is the mean reward of the same held-out prompts and seeds each time: two points of the same
+    model are equal, and curves.png is drawn from them and the run's metrics."""
+    from accelerate import Accelerator
+
+    from diffalign.config import EvalConfig
+    from pipelines.curves import Curves, plot_curves
+
+    curves = Curves(toy_family, EvalConfig(steps=4), tmp_path / "curves.jsonl")
+    assert curves.label == "held-out" and len(curves.prompts) == 16
+    first, again = curves.point(0, Accelerator(cpu=True)), curves.point(10, Accelerator(cpu=True))
+    assert first["toy_aesthetic"] == again["toy_aesthetic"] and 0 < first["toy_aesthetic"] < 10
+    (tmp_path / "metrics.jsonl").write_text('{"step": 10, "loss": 0.69, "implicit_acc": 0.5}\n')
+    png = plot_curves(curves.path, tmp_path / "metrics.jsonl", tmp_path / "curves.png", curves.label)
+    assert Image.open(png).size[0] > 400
+    assert plot_curves(tmp_path / "none.jsonl", tmp_path / "metrics.jsonl", tmp_path / "x.png") is None
+
+
+def test_toy_conv_lora_round_trips_through_the_diffusers_file(toy_family, tmp_path):
+    """The default toy LoRA (attention + resnet convs) saved and reloaded gives the same outputs: every key is in
+    one format, so diffusers' loader keeps both the attention and the conv weights."""
+    import copy
+
+    from diffalign.lora import add_lora, load_lora, lora_targets, save_lora
+    from diffalign.models import load_family
+
+    family = copy.copy(toy_family)
+    family.denoiser = copy.deepcopy(toy_family.denoiser)
+    add_lora(family.denoiser, 4, 4.0, lora_targets(family))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in family.denoiser.named_parameters():
+            if "lora_B" in name:  # B = 0 at init; perturb it so the LoRA changes the output
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    save_lora(family, tmp_path / "lora")
+    x, t = torch.randn(2, 3, 32, 32, generator=g), torch.tensor([10, 500])
+    cond = family.encode_prompts(["a red circle", "a blue square"])
+    reloaded = load_family("toy")
+    load_lora(reloaded, tmp_path / "lora")
+    with torch.no_grad():
+        expected, got = family.denoise(x, t, cond), reloaded.denoise(x, t, cond)
+        base = toy_family.denoise(x, t, cond)
+    assert (expected - base).abs().max() > 1e-3  # the LoRA does something
+    assert torch.allclose(got, expected, atol=1e-6)

@@ -11,7 +11,8 @@ behind the same small surface:
     family.lora_prefix           # key prefix of its LoRA files: "unet" | "transformer"
     family.prediction_type       # "epsilon" | "v_prediction" | "flow"
     family.resolution            # native pixel size (int)
-    family.lora_target_modules   # default LoRA target module names
+    family.lora_target_modules   # default LoRA target module names (lora.preset "" and lora.target_modules [])
+    family.lora_presets          # lora.preset name -> target module names ("attention", "attention+conv")
     family.encode_images(images) # (N, 3, H, W) in [-1, 1] -> x0 (N, C, h, w), scaled latents, no grad
     family.decode(x0)            # x0 (N, C, h, w) -> images (N, 3, H, W) in [-1, 1], no grad
     family.encode_prompts(prompts)  # list[str] (N) -> cond: dict[str, Tensor], each (N, ...), no grad

@@ -48,6 +48,7 @@ class PixArtFamily:
 
     name = "pixart"
     lora_prefix = "transformer"
+    lora_presets = {"attention": LORA_TARGET_MODULES}  # no convolutions in the blocks (only the patch embed)
     lora_target_modules = LORA_TARGET_MODULES  # self- (attn1) and cross-attention (attn2) of every block
     components = ["transformer", "scheduler", "vae", "text_encoder", "tokenizer"]
 

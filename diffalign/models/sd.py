@@ -15,6 +15,10 @@ from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
 from diffusers.models.attention_processor import AttnProcessor2_0
 
 LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
+# LoCon-style extra targets: the two 3x3 convolutions of every UNet resnet block (not conv_in/conv_out/shortcuts)
+LORA_CONV_MODULES = ["conv1", "conv2"]
+# lora.preset -> target module names (UNet families); the family default is `lora_target_modules`
+LORA_PRESETS = {"attention": LORA_TARGET_MODULES, "attention+conv": LORA_TARGET_MODULES + LORA_CONV_MODULES}
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
@@ -148,6 +152,7 @@ class SDFamily:
     name = "sd"
     lora_prefix = "unet"
     lora_target_modules = LORA_TARGET_MODULES
+    lora_presets = LORA_PRESETS
     components = ["unet", "scheduler", "vae", "text_encoder", "tokenizer"]
 
     def __init__(self, pipe: StableDiffusionPipeline, vae_config: dict, dtype: torch.dtype):

@@ -31,6 +31,7 @@ class SD3Family:
 
     name = "sd3"
     lora_prefix = "transformer"
+    lora_presets = {"attention": LORA_TARGET_MODULES}  # no convolutions in the blocks (only the patch embed)
     lora_target_modules = LORA_TARGET_MODULES
     prediction_type = "flow"
     # checked before loading; T5 (text_encoder_3, tokenizer_3) is optional and loaded as the folder says

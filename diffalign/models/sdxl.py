@@ -12,6 +12,7 @@ import torch
 from diffusers import DDPMScheduler, StableDiffusionXLPipeline
 
 from diffalign.models.sd import (
+    LORA_PRESETS,
     LORA_TARGET_MODULES,
     PREDICTION_TYPES,
     generate_images,
@@ -28,6 +29,7 @@ class SDXLFamily:
     name = "sdxl"
     lora_prefix = "unet"
     lora_target_modules = LORA_TARGET_MODULES
+    lora_presets = LORA_PRESETS
     components = ["unet", "scheduler", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"]
 
     def __init__(self, pipe: StableDiffusionXLPipeline, vae_config: dict, dtype: torch.dtype):

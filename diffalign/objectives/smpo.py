@@ -10,9 +10,14 @@ and score both images at ReNoise-inverted latents instead of forward noise.
 From the smoothed distribution p̃(x_w) ∝ p(x_w)^α p(x_l)^(γ−α): the logit is scaled by (2α − γ) = γ(2p − 1) with
 α/γ = p; α = γ = 1 recovers DPO. β is the paper's β (SD1.5 2000, SDXL 5000) and absorbs ½, T and the mean over
 latent dims as in Diffusion-DPO; γ = 10 in the official code. `label` carries p (from `smpo_preference`, computed
-by the data layer from the `score_0`/`score_1` columns or a scorer at cache time); p = ½ gives zero weight, p < ½
-flips the pair. Official code: PickScore raw cosine, (lo, hi) = (0.11544, 0.28202), pairs ordered by PickScore so
-p ∈ [0.5, 0.73]; x_t from ReNoise inversion (10 grid steps SDXL, 5 SD1.5).
+by the data layer when `data.label_scorer` relabels every pair with `data.label_mode: smpo`); p = ½ gives zero
+weight, p < ½ flips the pair. On 0/1 labels SmPO is DPO with β·γ at inverted latents, so `diffalign train` refuses
+smpo without a scorer's labels unless `hard_labels` is set (`objective.hard_labels=true`).
+
+Score bounds are in the scorer's own units. Official code: PickScore raw cosine, (lo, hi) = (0.11544, 0.28202),
+pairs ordered by PickScore so p ∈ [0.5, 0.73]. diffalign's `pickscore` returns logit_scale.exp() · cos, about
+100× the cosine, so the same bounds there are `data.score_min: 11.544`, `data.score_max: 28.202` (only hi − lo
+matters). x_t from ReNoise inversion (10 grid steps SDXL, 5 SD1.5).
 
 Hand-computed check (tests/test_objectives_more.py): β = 2, γ = 10, p = 0.6, err = [0.5, 0.8], ref = [0.6, 0.6]
     Δ_w − Δ_l = −0.1 − 0.2 = −0.3, inside = −0.5·2·10·0.2·(−0.3) = 0.6, loss = log(1 + e^−0.6) = 0.437488.
@@ -44,8 +49,11 @@ class SmPO:
     """γ of the smoothed distribution; the logit is scaled by γ(2p − 1)."""
     xt_source: str = "renoise_inversion"
     """Key of diffalign.likelihood.XT_SOURCES the trainer must use for x_t and the target."""
+    hard_labels: bool = False
+    """Opt-in: train on the dataset's own (0/1) labels instead of a scorer's smoothed p."""
 
     needs_reference: ClassVar[bool] = True
+    soft_labels: ClassVar[bool] = True  # the trainer checks that p comes from a scorer (data.label_mode: smpo)
     paired: ClassVar[bool] = True
 
     def __call__(self, err: torch.Tensor, ref_err: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, dict]:
