@@ -400,3 +400,48 @@ def test_online_sigkill_mid_round_then_resume_equals_the_uninterrupted_run(tmp_p
     a = load_file(str(whole / "lora" / "pytorch_lora_weights.safetensors"))
     b = load_file(str(killed / "lora" / "pytorch_lora_weights.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_inpo_eta_noise_comes_from_each_pairs_keyed_generator(tiny_round):
+    """The pairs source gives InPO's DDIM-inversion eta noise from the pair's keyed generator: pair B's errors are
+    the same whether it is drawn alone or after pair A, and do not depend on the global RNG."""
+    from diffalign.config import EstimatorConfig
+    from diffalign.objectives.inpo import InPO
+    from pipelines.sources import pair_inputs
+    from pipelines.step import StepContext
+
+    family, params, prompts, traj = tiny_round
+    cond = family.encode_prompts(prompts[:1])
+    ctx = StepContext(
+        family=family,
+        denoise=family.denoise,
+        objective=InPO(),
+        schedule=Schedule(family.scheduler, family.prediction_type),
+        reference=lambda: reference_mode(family.denoiser),
+        estimator=EstimatorConfig(t_min=500),  # high t: several inversion steps, each with eta noise
+        seed=0,
+        params=params,
+        optimizer=None,
+        max_grad_norm=0.0,
+        source=pair_inputs,
+    )
+
+    def batch(indices):  # a cached-style collated batch of pairs (x0_w, x0_l) = (chain i, chain i + 1)
+        n = len(indices)
+        return {
+            "x0_w": traj.x0[indices],
+            "x0_l": traj.x0[[i + 1 for i in indices]],
+            "cond": {k: v.expand(n, *v.shape[1:]) for k, v in cond.items()},
+            "size_info_w": torch.zeros(n, 4, dtype=torch.long),
+            "size_info_l": torch.zeros(n, 4, dtype=torch.long),
+            "label": torch.ones(n),
+            "epoch": [0] * n,
+            "index": torch.tensor(indices),
+        }
+
+    with torch.no_grad():
+        torch.manual_seed(1)
+        (err_ab, _, _), _ = pair_inputs(ctx, batch([0, 2]), "cpu")  # (4,) = [w_A, w_B, l_A, l_B]
+        torch.manual_seed(2)
+        (err_b, _, _), _ = pair_inputs(ctx, batch([2]), "cpu")  # (2,) = [w_B, l_B]
+    torch.testing.assert_close(err_ab[[1, 3]], err_b)
