@@ -241,8 +241,8 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
             step += 1
             lr_scheduler.step()
             bar.update(1)
-            hint = f"pair indices {ids}; lower train.lr or objective.beta, or check the data"
-            count_bad(counts, losses_finite, grads_finite, accelerator.scaler, f"step {step}", hint)
+            where, hint = f"step {step} (pair indices {ids})", "lower train.lr or objective.beta, or check the data"
+            count_bad(counts, losses_finite, grads_finite, accelerator.scaler, where, hint)
             if step % tc.log_every == 0 or step == tc.max_steps:
                 n = sums.pop("n")
                 logs = {k: v / n for k, v in sums.items()}
