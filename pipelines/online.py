@@ -64,7 +64,6 @@ from pipelines.rounds import (
     sample_share,
     score_round,
     set_fd,
-    truncate_rounds,
 )
 from pipelines.sources import SOURCES, Round, objectives_for, source_for
 from pipelines.step import (
@@ -78,7 +77,7 @@ from pipelines.step import (
     read_sums,
     sum_over_processes,
 )
-from pipelines.train import scaler_state, shared_output_dir
+from pipelines.train import scaler_state, shared_output_dir, truncate_metrics
 
 
 def run(config: str | None = None, overrides: list[str] | tuple = (), resume: str = "") -> Path:
@@ -168,7 +167,7 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
         if main:
             print(f"resumed from {path} at round {start_round}")
     if resume and main:
-        truncate_rounds(out / "rounds.jsonl", start_round)
+        truncate_metrics(out / "rounds.jsonl", start_round, key="round")
     prepared, optimizer = accelerator.prepare(denoiser, optimizer)  # DDP wrapper when multi-process
     ctx = StepContext(
         family=family,

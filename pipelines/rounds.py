@@ -9,8 +9,6 @@ round (set-level rewards need the whole round) and broadcasts the rewards; every
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -152,23 +150,6 @@ def read_train_prompts(source: str) -> list[str]:
     if not path.is_file():
         raise DiffalignError(f"online.prompts: {path} not found")
     return [line.strip() for line in path.read_text().splitlines() if line.strip()]
-
-
-def truncate_rounds(path: Path, last: int) -> None:
-    """Keep the round-log rows of rounds <= `last` (what the checkpoint saw): a killed run may have logged more."""
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict) and isinstance(row.get("round"), int) and row["round"] <= last:
-            kept.append(line + "\n")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(kept))
-    os.replace(tmp, path)
 
 
 def copy_policy_to_ref(policy: dict, ref: dict) -> None:

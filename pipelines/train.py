@@ -321,9 +321,9 @@ def shared_output_dir(path: str, resume: bool, state: PartialState, default_name
     return Path(text)
 
 
-def truncate_metrics(path: Path, step: int) -> None:
-    """Keep the metrics rows of steps <= `step` (what the checkpoint saw): a killed run may have logged later steps,
-    or half a line."""
+def truncate_metrics(path: Path, step: int, key: str = "step") -> None:
+    """Keep the log rows whose `key` (step, or round for `diffalign online`) is <= `step`, what the checkpoint saw: a
+    killed run may have logged later steps, or half a line."""
     if not path.is_file():
         return
     kept = []
@@ -332,7 +332,7 @@ def truncate_metrics(path: Path, step: int) -> None:
             row = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+        if isinstance(row, dict) and isinstance(row.get(key), int) and row[key] <= step:
             kept.append(line + "\n")
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(kept))
