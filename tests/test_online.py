@@ -445,3 +445,18 @@ def test_inpo_eta_noise_comes_from_each_pairs_keyed_generator(tiny_round):
         torch.manual_seed(2)
         (err_b, _, _), _ = pair_inputs(ctx, batch([2]), "cpu")  # (2,) = [w_B, l_B]
     torch.testing.assert_close(err_ab[[1, 3]], err_b)
+
+
+def test_dro_negatives_are_sampled_from_their_experts_captions():
+    """Diffusion-DRO's round: the prompts are expert captions, and each policy chain is paired with the expert whose
+    caption prompted it (the official code generates the negative from the expert's own caption)."""
+    from diffalign.config import RoundsConfig
+    from pipelines.rounds import ROUND_SOURCES, plan_round
+
+    captions = [f"caption {i}" for i in range(10)]
+    rc = RoundsConfig(prompts_per_round=4, images_per_prompt=2)
+    prompts, seeds, pool_index = plan_round(rc, 3, captions)
+    chains, experts = ROUND_SOURCES["experts"].rows(None, rc, None, 3, pool_index)
+    assert len(prompts) == len(chains) == 8
+    assert [prompts[c] for c in chains.tolist()] == [captions[e] for e in experts.tolist()]
+    assert plan_round(rc, 3, captions)[0] == prompts and plan_round(rc, 4, captions)[0] != prompts  # keyed by round
