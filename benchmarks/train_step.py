@@ -72,6 +72,7 @@ from diffalign.data.sampler import EpochView, ResumableSampler  # noqa: E402
 from diffalign.likelihood import Schedule  # noqa: E402
 from diffalign.lora import add_lora, lora_targets, reference_mode  # noqa: E402
 from pipelines.common import build_objective  # noqa: E402
+from pipelines.sources import pair_inputs  # noqa: E402
 from pipelines.step import (  # noqa: E402
     StepContext,
     draw_t_and_eps,
@@ -356,6 +357,7 @@ class Bench:
             params=self.params,
             optimizer=self.opt_a,
             max_grad_norm=tc.max_grad_norm,
+            source=pair_inputs,
         )
         self.gen = torch.Generator().manual_seed(0)
         self.sums: dict[str, float] = {}

@@ -350,6 +350,14 @@ class RoundsConfig:
     """Round checkpoints kept."""
     tensorboard: bool = True
     """Log scalars and the round grid to tensorboard under output_dir/logs."""
+    grad_accum: int = 1
+    """Micro-batches of batch_size per process per optimizer step (each over trajectory_steps steps for D3PO/DRO)."""
+    mixed_precision: str = "no"
+    """accelerate mixed precision of sampling and training: no, bf16, fp16."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+    xformers: bool = False
+    """Use xformers attention (GPU only; SDPA is the default)."""
 
 
 @dataclass

@@ -68,7 +68,7 @@ def invert(
     num_steps: int = 10,
     renoise: bool = False,
     eta: float = 0.0,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """DDIM-invert x0 (N, C, h, w) with `denoise` up to the grid steps below each t (N,) -> (x_t, target).
 
@@ -91,13 +91,22 @@ def invert(
             ab_g = alphas[g]
             ab_prev = alphas[g - step] if g - step >= 0 else inv.initial_alpha_cumprod
             sigma = ((1 - ab_prev) / (1 - ab_g) * (1 - ab_g / ab_prev)).sqrt()  # DDIM sigma of the step g -> g - Δ
-            device = x.device if generator is None else generator.device
-            noise = torch.randn(x.shape, generator=generator, device=device).to(x.device)
+            noise = eta_noise(x, generator)
             nxt = nxt + eta * float(sigma) * noise
         x = torch.where(active, nxt, x)
     ab_t = schedule.alpha_bar(t).float().view(-1, *[1] * (x.ndim - 1))  # (N,) -> (N, 1, 1, 1)
     tau = (x - ab_t.sqrt() * x0.float()) / (1 - ab_t).sqrt()
     return x.to(x0.dtype), schedule.target(x0.float(), tau, t)
+
+
+def eta_noise(x: torch.Tensor, generator) -> torch.Tensor:
+    """N(0, I) like x (N, C, h, w): from one generator, from a list of N (row i draws from generator[i], so a row's
+    noise is keyed on the row, as the trainers' per-pair generators), or from the global RNG (None)."""
+    if isinstance(generator, list):
+        rows = [torch.randn(x.shape[1:], generator=g, device=g.device) for g in generator]  # N x (C, h, w)
+        return torch.stack(rows).to(x.device)
+    device = x.device if generator is None else generator.device
+    return torch.randn(x.shape, generator=generator, device=device).to(x.device)
 
 
 def ddim_inversion(denoise, schedule, x0, cond, t, eps, num_steps: int = 10, eta: float = 0.1, generator=None):

@@ -175,6 +175,7 @@ def denoising_errors(
     eps: torch.Tensor,
     reference: Callable[[], AbstractContextManager] | None = None,
     xt_source: str = "noise",
+    xt_kwargs: dict | None = None,
 ) -> Errors:
     """Policy (and reference) errors at the same x_t: one forward each over the whole stacked batch.
 
@@ -185,11 +186,12 @@ def denoising_errors(
         reference: factory of a context in which `denoise` is the reference model (LoRA adapters off),
             e.g. `lambda: reference_mode(family.denoiser)`; None skips the reference forward.
         xt_source: key of XT_SOURCES.
+        xt_kwargs: extra keyword arguments of that source (e.g. ddim_inversion's per-row `generator` list).
     """
     if xt_source not in XT_SOURCES:
         raise ValueError(f"unknown x_t source '{xt_source}' (known: {', '.join(XT_SOURCES)})")
     with torch.no_grad():
-        xt, target = XT_SOURCES[xt_source](denoise, schedule, x0, cond, t, eps)
+        xt, target = XT_SOURCES[xt_source](denoise, schedule, x0, cond, t, eps, **(xt_kwargs or {}))
     ref_err = None
     if reference is not None:
         with torch.no_grad(), reference():

@@ -1,7 +1,7 @@
 """LoRA on the denoiser: add trainable adapters, run the reference model (adapters off), save, load, combine, export.
 
 Files are diffusers-format `pytorch_lora_weights.safetensors` ("unet." or "transformer."-prefixed keys, the family's
-`lora_prefix`) with the adapter config (rank, alpha, targets) in the safetensors metadata, so
+`lora_prefix`, in its `lora_key_style`, written by its `lora_writer` pipeline class) with the adapter config (rank, alpha, targets) in the safetensors metadata, so
 `pipe.load_lora_weights(dir)` in plain diffusers restores the same outputs. Without that metadata diffusers reloads
 alpha as the rank (peft reads a missing lora_alpha as r), so a run with alpha != rank would change scale.
 
@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import StableDiffusionPipeline
 from diffusers.training_utils import cast_training_params
 from diffusers.utils import (
     convert_state_dict_to_diffusers,
@@ -41,16 +41,6 @@ WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 # (down, up) key suffixes: diffusers' `convert_state_dict_to_diffusers` writes "lora.down/up"; peft writes "lora_A/B"
 LORA_KEY_PAIRS = [(".lora.down.weight", ".lora.up.weight"), (".lora_A.weight", ".lora_B.weight")]
 METADATA_KEY = "diffalign"  # our own metadata (run config, base model, ...) as one JSON string
-# family name -> the diffusers pipeline class whose `save_lora_weights` writes that family's file format.
-# The pixel-space toy UNet uses the SD layout ("unet." prefix), so plain StableDiffusionPipeline code reads it.
-# diffusers has no PixArt LoRA loader; the SD3 writer writes the same "transformer."-prefixed file it would need.
-LORA_WRITERS = {
-    "sd": StableDiffusionPipeline,
-    "sdxl": StableDiffusionXLPipeline,
-    "sd3": StableDiffusion3Pipeline,
-    "pixart": StableDiffusion3Pipeline,
-    "toy": StableDiffusionPipeline,
-}
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers' key for the packed adapter config ("unet.r", ...)
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")  # diffusers' test for a kohya file
 
@@ -112,17 +102,20 @@ def lora_state_dict(denoiser, adapter_name: str = "default") -> dict[str, torch.
     return renamed
 
 
+KEY_STYLES = {
+    "diffusers": lora_state_dict,  # diffusers' UNet layout: "lora.down" / "lora.up" keys
+    "peft": lambda denoiser, adapter_name: get_peft_model_state_dict(denoiser, adapter_name=adapter_name),
+}  # a family's `lora_key_style`; its `lora_writer` (a diffusers pipeline class) writes the file
+
+
 def save_lora(family, out_dir, metadata: dict | None = None, adapter_name: str = "default") -> Path:
     """Write `out_dir/pytorch_lora_weights.safetensors` (diffusers format + adapter config); returns the file.
 
     `metadata` (JSON-serializable) is stored under the "diffalign" safetensors metadata key; see `read_metadata`.
     """
     config = family.denoiser.peft_config[adapter_name].to_dict()
-    if family.lora_prefix == "unet":  # diffusers' UNet layout: "lora.down" / "lora.up" keys
-        weights = lora_state_dict(family.denoiser, adapter_name)
-    else:  # transformers: peft keys, as diffusers' SD3 scripts save (its converter would rename only some of them)
-        weights = get_peft_model_state_dict(family.denoiser, adapter_name=adapter_name)
-    path = _write_diffusers(LORA_WRITERS[family.name], family.lora_prefix, weights, config, out_dir)
+    weights = KEY_STYLES[family.lora_key_style](family.denoiser, adapter_name)
+    path = _write_diffusers(family.lora_writer, family.lora_prefix, weights, config, out_dir)
     if metadata:
         with safe_open(str(path), framework="pt") as f:
             tensors = {key: f.get_tensor(key) for key in f.keys()}

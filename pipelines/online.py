@@ -6,9 +6,19 @@ is refreshed) -> build the reward (instance, distribution-level or exemplar-set)
 with a JSONL + tensorboard log, a grid PNG and a resumable checkpoint per round -> save the LoRA -> base vs aligned
 on held-out prompts (pipelines.evaluate), plus the Fréchet distance to the exemplar set when the reward has one.
 
-The objective picks the kind of batch, once, from BATCHES: d3po (stored trajectory steps, per-step log-probs),
-dpo / kto (DRAGON: Diffusion-DPO / Diffusion-KTO surrogate on the generated x0), dro (Diffusion-DRO: experts from a
-preference set vs the round's policy samples at stored steps, the snapshot = the policy that sampled the round).
+One engine: a round is a small dataset (`pipelines.sources.Round`: rows of indices into the round's chains), and
+its optimizer steps are the same `micro_step` / `finish_step` as `diffalign train` (accelerate prepare, accumulate,
+backward, clipping, mixed precision, the non-finite skip-and-count policy). The objective's `sources` metadata picks
+the on-line source once: trajectory (D3PO: stored steps, per-step log-probs), round_pairs / round_sets (DRAGON:
+Diffusion-DPO / Diffusion-KTO on the generated x0), experts (Diffusion-DRO: expert images vs policy samples drawn
+from the experts' own captions, at stored steps; the snapshot = the policy that sampled the round).
+
+Several processes (`accelerate launch`): each samples its share of the round (pipelines.rounds), the round is
+gathered, the main process scores it and broadcasts the rewards, so pairing and splitting see whole groups; each
+optimizer step draws one global set of rows (keyed on seed, round, step) and process r trains on its r-th share,
+DDP averages the gradients, so the LoRA is the same on every process and equals a one-process run with the whole
+batch. Exact resume: a round's draws are all keyed on (seed, round, step, row); the checkpoint after each round holds
+the LoRA (and the "ref" adapter), AdamW and the counters, and `--resume latest` drops round-log rows after it.
 
 Reference model: `online.ref_refresh: 0` = the frozen base (LoRA adapters off, as diffusers' LoRA DPO and the
 official D3PO code, which never updates it: d3po#23); N > 0 = a second LoRA adapter "ref", a copy of the policy
@@ -21,73 +31,91 @@ import copy
 import json
 import time
 import warnings
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate import Accelerator, PartialState
+from accelerate.utils import ProjectConfiguration, parse_flag_from_env, set_seed
 from diffusers.optimization import get_scheduler
 
-from diffalign.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from diffalign.checkpoint import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
 from diffalign.config import OnlineConfig, load_config, save_config, to_dict
 from diffalign.errors import DiffalignError
 from diffalign.likelihood import Schedule
 from diffalign.lora import add_lora, lora_targets, reference_mode, save_lora
 from diffalign.models import default_guidance
 from diffalign.models.toy import to_pil
-from diffalign.online.experts import ToyStatsEncoder, preference_winners, toy_vivid_exemplars
-from diffalign.online.pairs import PAIR_RULES, SPLIT_RULES, pairs_from_labels, read_labels
-from diffalign.online.steps import d3po_loss, dro_loss, surrogate_loss
-from diffalign.paths import TOY_HELDOUT
+from diffalign.objectives import OBJECTIVES
+from diffalign.online.experts import preference_winners
+from diffalign.online.pairs import read_labels
 from diffalign.rewards import load_scorer
-from diffalign.rewards.distributional import frechet_distance, gaussian_stats
 from diffalign.runinfo import write_run_record
-from diffalign.sampling import Trajectory, inference_scheduler, sample_trajectories
-from diffalign.toy import shapes
-from pipelines.common import build_objective, data_source, load_model, prepare_output_dir, save_grid
-from pipelines.evaluate import evaluate_base_vs_lora, generate_pair_sets, read_eval_prompts
-
-# objective -> (kind of round data it trains on, which split rules it accepts)
-BATCHES = {
-    "d3po": ("trajectory", PAIR_RULES),
-    "dpo": ("paired", PAIR_RULES),
-    "kto": ("unpaired", SPLIT_RULES),
-    "dro": ("dro", {}),
-}
+from diffalign.sampling import inference_scheduler
+from pipelines.common import build_objective, data_source, load_model, save_grid
+from pipelines.evaluate import evaluate_base_vs_lora
+from pipelines.rounds import (
+    ROUND_SOURCES,
+    adapter_mode,
+    build_reward,
+    copy_policy_to_ref,
+    eval_fd,
+    plan_round,
+    read_train_prompts,
+    sample_share,
+    score_round,
+    set_fd,
+)
+from pipelines.sources import SOURCES, Round, objectives_for, source_for
+from pipelines.step import (
+    ROWS_STREAM,
+    StepContext,
+    count_bad,
+    finish_step,
+    keyed_generator,
+    micro_step,
+    policy_through,
+    read_sums,
+    sum_over_processes,
+)
+from pipelines.train import scaler_state, shared_output_dir, truncate_metrics
 
 
 def run(config: str | None = None, overrides: list[str] | tuple = (), resume: str = "") -> Path:
     cfg: OnlineConfig = load_config(OnlineConfig, config, list(overrides))
     rc, name = cfg.online, cfg.objective.name
-    if name not in BATCHES:
-        raise DiffalignError(f"online: objective '{name}' cannot train on-line (options: {', '.join(BATCHES)})")
-    kind, rules = BATCHES[name]
-    if kind != "dro" and rc.split not in rules:
+    objective = build_objective(cfg.objective)
+    source = source_for(OBJECTIVES[name], "online")
+    if source is None:
+        options = ", ".join(objectives_for("online", OBJECTIVES))
+        raise DiffalignError(f"online: objective '{name}' cannot train on-line (options: {options})")
+    rs = ROUND_SOURCES[source]
+    if rs.rules is not None and rc.split not in rs.rules:
         raise DiffalignError(
-            f"online.split '{rc.split}' does not fit objective '{name}' (options: {', '.join(rules)})"
+            f"online.split '{rc.split}' does not fit objective '{name}' (options: {', '.join(rs.rules)})"
         )
-    if kind == "trajectory" and rc.eta <= 0:
-        raise DiffalignError("online.eta must be > 0 for d3po (per-step log-probs need a stochastic step)")
-    out = prepare_output_dir(rc.output_dir, resume=bool(resume), default_name=f"online-{name}")
+    if rc.mixed_precision not in ("no", "bf16", "fp16"):
+        raise DiffalignError(f"online.mixed_precision must be no, bf16 or fp16, not '{rc.mixed_precision}'")
+    traj_steps = min(rc.trajectory_steps or rc.steps, rc.steps) if SOURCES[source].stepwise else 1
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    out = shared_output_dir(rc.output_dir, bool(resume), state, default_name=f"online-{name}")
     accelerator = Accelerator(
+        mixed_precision=rc.mixed_precision,
+        gradient_accumulation_steps=rc.grad_accum * traj_steps,
         log_with=["tensorboard"] if rc.tensorboard else None,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )
     set_seed(rc.seed)
-    device = accelerator.device
+    device, main = accelerator.device, accelerator.is_main_process
 
     # ---- model, LoRA, reference, objective --------------------------------------------------------------------
     family = load_model(cfg.model, lora=cfg.lora).to(device)
     if rc.guidance <= 0:
         rc.guidance = default_guidance(family)  # the resolved value is what config.yaml records
-    if kind == "dro" and rc.guidance > 1:
-        raise DiffalignError(
-            f"online.guidance must be <= 1 for dro (the snapshot's conditional prediction is the target), "
-            f"not {rc.guidance:g}"
-        )
+    rs.check(rc)
+    if rc.gradient_checkpointing:
+        family.enable_gradient_checkpointing()
+    if rc.xformers:  # SDPA is every family's default
+        family.use_attention("xformers")
     denoiser = family.denoiser
     targets = lora_targets(family, cfg.lora.preset, cfg.lora.target_modules)
     params = add_lora(denoiser, cfg.lora.rank, cfg.lora.alpha, targets, cfg.lora.init)
@@ -104,133 +132,133 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
         reference = lambda: adapter_mode(denoiser, "ref")  # noqa: E731
     else:
         reference = lambda: reference_mode(denoiser)  # noqa: E731
-    objective = build_objective(cfg.objective)
     schedule = Schedule(family.scheduler, family.prediction_type)
-    scheduler = inference_scheduler(family, rc.eta)
-    scheduler.set_timesteps(rc.steps, device=device)
-    timestep_kwargs = {
-        "distribution": cfg.estimator.timesteps,
-        "t_min": cfg.estimator.t_min,
-        "t_max": cfg.estimator.t_max,
-    }
+    sampler = inference_scheduler(family, rc.eta)
+    sampler.set_timesteps(rc.steps, device=device)
 
     # ---- reward, prompts, labels, experts ---------------------------------------------------------------------
-    scorer = build_reward(rc)
-    monitors = {m: load_scorer(m) for m in rc.monitor}
-    prompts = read_train_prompts(rc.prompts)
+    scorer = build_reward(rc) if main else None  # the main process scores every round
+    monitors = {m: load_scorer(m) for m in rc.monitor} if main else {}
     labels = read_labels(rc.labels_file) if rc.labels_file else None
-    if kind == "dro":
+    experts = None
+    if rs.experts:
         expert_scorer = load_scorer(rc.expert_scorer) if rc.expert_scorer else None
-        pixels, expert_prompts = preference_winners(
+        pixels, captions = preference_winners(
             data_source(rc.experts), family.resolution, rc.max_experts, expert_scorer
         )
-        print(
-            f"dro: {len(expert_prompts)} experts from {rc.experts}"
-            + (f" (top by {rc.expert_scorer})" if expert_scorer else "")
-        )
-        expert_x0 = family.encode_images(pixels.to(device)).cpu()  # (M, C, h, w)
+        if main:
+            by = f" (top by {rc.expert_scorer})" if expert_scorer else ""
+            print(f"{name}: {len(captions)} experts from {rc.experts}{by}; negatives sampled from their captions")
+        experts = (family.encode_images(pixels.to(device)).cpu(), captions)  # (M, C, h, w), (M,)
+    pool = experts[1] if rs.experts else read_train_prompts(rc.prompts)
 
     optimizer = torch.optim.AdamW(params, lr=rc.lr, weight_decay=rc.weight_decay)
     lr_scheduler = get_scheduler("constant", optimizer)
-    gen = torch.Generator().manual_seed(rc.seed)  # training noise, t, batch choice
-    generators = {"train": gen}
     ckpt_dir, start_round = out / "checkpoints", 0
-    if resume:
+    counts = {"skipped_steps": 0, "bad_in_a_row": 0}
+    if resume == "latest" and not list_checkpoints(ckpt_dir):
+        if main:
+            print(f"--resume latest: no checkpoint under {ckpt_dir} yet; starting at round 0")
+    elif resume:
         path = resolve_resume(resume, ckpt_dir)
-        start_round = load_checkpoint(path, ckpt_params, optimizer, lr_scheduler, generators)["round"]
-        print(f"resumed from {path} at round {start_round}")
-    ctx = Trainer(
-        kind,
-        family,
-        objective,
-        schedule,
-        scheduler,
-        reference,
-        timestep_kwargs,
-        params,
-        optimizer,
-        gen,
-        rc,
-        (expert_x0, expert_prompts) if kind == "dro" else None,
+        saved = load_checkpoint(path, ckpt_params, optimizer, lr_scheduler, {})
+        start_round, counts = saved["round"], {k: saved[k] for k in counts}
+        if accelerator.scaler is not None:
+            accelerator.scaler.load_state_dict(saved["grad_scaler"])
+        if main:
+            print(f"resumed from {path} at round {start_round}")
+    if resume and main:
+        truncate_metrics(out / "rounds.jsonl", start_round, key="round")
+    prepared, optimizer = accelerator.prepare(denoiser, optimizer)  # DDP wrapper when multi-process
+    ctx = StepContext(
+        family=family,
+        denoise=policy_through(family, prepared),
+        objective=objective,
+        schedule=schedule,
+        reference=reference,
+        estimator=cfg.estimator,
+        seed=rc.seed,
+        params=params,
+        optimizer=optimizer,
+        max_grad_norm=rc.max_grad_norm,
+        source=SOURCES[source].inputs,
+        sampler=sampler,
+        reduce_mean=lambda x: accelerator.reduce(x, reduction="mean"),
     )
-    save_config(cfg, out / "config.yaml")
-    write_run_record(out, resolved_config=to_dict(cfg), resumed_from=str(resume) or None)
+    if main:
+        save_config(cfg, out / "config.yaml")
+        write_run_record(out, resolved_config=to_dict(cfg), resumed_from=str(resume) or None)
     accelerator.init_trackers("diffalign-online")
 
     # ---- rounds -----------------------------------------------------------------------------------------------
-    t_start = time.time()
+    t_start, g = time.time(), rc.images_per_prompt
+    world, rank = accelerator.num_processes, accelerator.process_index
     for r in range(start_round, rc.rounds):
         t0 = time.time()
-        rng = np.random.default_rng([rc.seed, r])
-        chosen = rng.choice(len(prompts), rc.prompts_per_round, replace=rc.prompts_per_round > len(prompts))
-        g = rc.images_per_prompt
-        flat_prompts = [prompts[i] for i in chosen for _ in range(g)]  # (N = P*G,) group p = rows p*G .. p*G+G-1
-        base = (rc.seed * 1000 + r) * 100_000
-        seeds = [base + (i // g if rc.shared_noise else i) for i in range(len(flat_prompts))]
-        traj = sample_round(
-            family, scheduler, flat_prompts, seeds, rc, noise_seed=base, keep_predictions=kind == "dro"
-        )
-        images = (family.decode(traj.x0.to(device)).cpu() + 1) / 2  # (N, 3, H, W) in [0, 1]
-        with torch.no_grad():
-            rewards = scorer(images, flat_prompts).float().cpu()  # (N,)
-            monitored = {m: s(images, flat_prompts).float().cpu() for m, s in monitors.items()}
-        by_group = rewards.view(rc.prompts_per_round, g)  # (N,) -> (P, G)
-        if labels is not None:
-            batch = pairs_from_labels(labels, r + 1, g)  # round numbers as in rounds/round-XXXX.png
-        elif kind in ("trajectory", "paired"):
-            batch = PAIR_RULES[rc.split](by_group, rc.min_gap)
-        elif kind == "unpaired":
-            batch = SPLIT_RULES[rc.split](by_group, rc.fraction)
-        else:
-            batch = (torch.arange(len(flat_prompts)), None)  # DRO: every policy sample is a negative
-        sums, n_items = {}, len(batch[0])
-        for _ in range(rc.train_steps if n_items else 0):
-            metrics = train_step(ctx, traj, flat_prompts, batch)
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + v / rc.train_steps
+        prompts, seeds, pool_index = plan_round(rc, r, pool)
+        traj, images = sample_share(accelerator, family, sampler, prompts, seeds, rc, r, rs.keep_predictions)
+        rewards, monitored = score_round(accelerator, scorer, monitors, images, prompts)
+        first, second = rs.rows(rewards.view(rc.prompts_per_round, g), rc, labels, r, pool_index)  # (N,) -> (P, G)
+        rnd = Round(r, traj, prompts, first, second, experts)
+        sums, n_rows = {}, len(first)
+        for s in range(rc.train_steps if n_rows >= rc.grad_accum * world else 0):
+            gen = keyed_generator(rc.seed, r, s, ROWS_STREAM)
+            pick = torch.randperm(n_rows, generator=gen)[: rc.batch_size * rc.grad_accum * world]  # global rows
+            stepwise = SOURCES[source].stepwise  # trajectory steps to train on, drawn like the rows
+            ks = torch.randperm(traj.num_steps, generator=gen)[:traj_steps].tolist() if stepwise else [None]
+            tensor_sums = {}
+            for part in torch.tensor_split(pick, rc.grad_accum):  # micro-batches; process r takes rows r, r+W, ...
+                for k in ks:  # one backward per trajectory step, gradients accumulated (official D3PO)
+                    batch = {"round": rnd, "rows": part[rank::world], "k": k}
+                    tensor_sums = micro_step(accelerator, prepared, ctx, batch, tensor_sums)
+            losses_finite, grads_finite = finish_step(accelerator, ctx, tensor_sums)
+            lr_scheduler.step()
+            hint = "lower online.lr or objective.beta"
+            count_bad(counts, losses_finite, grads_finite, accelerator.scaler, f"round {r + 1} step {s + 1}", hint)
+            step_sums = {**read_sums(tensor_sums), "n": float(rc.grad_accum * len(ks))}
+            for key, v in sum_over_processes(accelerator, step_sums).items():
+                sums[key] = sums.get(key, 0.0) + v
+        n = sums.pop("n", 1.0)
         if rc.ref_refresh and (r + 1) % rc.ref_refresh == 0:
             copy_policy_to_ref(named_params, ref_params)
         logs = {
             "reward": float(rewards.mean()),
             "reward_std": float(rewards.std()),
-            "pairs_or_samples": n_items,
+            "pairs_or_samples": n_rows,
             **{f"monitor/{m}": float(v.mean()) for m, v in monitored.items()},
-            **{f"train/{k}": v for k, v in sums.items()},  # objective metrics ("reward" = KTO's implicit one)
+            **{f"train/{k}": v / n for k, v in sums.items()},  # objective metrics ("reward" = KTO's implicit one)
+            "skipped_steps": counts["skipped_steps"],
             "round_seconds": time.time() - t0,
         }
-        if rc.exemplars:
+        if main and rc.exemplars:
             logs["set_fd"] = set_fd(scorer, images)
         accelerator.log(logs, step=r + 1)
-        with open(out / "rounds.jsonl", "a") as f:
-            f.write(json.dumps({"round": r + 1, **logs}) + "\n")
-        # row p = prompt group p, column = image index in the group: what a human labels from (labels_file)
-        save_grid(to_pil(images * 2 - 1), out / "rounds" / f"round-{r + 1:04d}.png", cols=g)
-        for tracker in accelerator.trackers:
-            if tracker.name == "tensorboard":
-                tracker.writer.add_images("round", images[: 8 * g], r + 1)
-        save_checkpoint(
-            ckpt_dir,
-            r + 1,
-            ckpt_params,
-            optimizer,
-            lr_scheduler,
-            generators,
-            {"round": r + 1},
-            keep=rc.keep_checkpoints,
-        )
-        print(
-            f"round {r + 1}/{rc.rounds}: reward {logs['reward']:.3f} "
-            + " ".join(f"{m} {logs[f'monitor/{m}']:.3f}" for m in monitored)
-            + f" items {n_items} loss {sums.get('loss', float('nan')):.4f} ({logs['round_seconds']:.1f}s)"
-        )
+        if main:
+            with open(out / "rounds.jsonl", "a") as f:
+                f.write(json.dumps({"round": r + 1, **logs}) + "\n")
+            # row p = prompt group p, column = image index in the group: what a human labels from (labels_file)
+            save_grid(to_pil(images * 2 - 1), out / "rounds" / f"round-{r + 1:04d}.png", cols=g)
+            for tracker in accelerator.trackers:
+                if tracker.name == "tensorboard":
+                    tracker.writer.add_images("round", images[: 8 * g], r + 1)
+            extra = {"round": r + 1, "grad_scaler": scaler_state(accelerator), **counts}
+            save_checkpoint(ckpt_dir, r + 1, ckpt_params, optimizer, lr_scheduler, {}, extra, rc.keep_checkpoints)
+            print(
+                f"round {r + 1}/{rc.rounds}: reward {logs['reward']:.3f} "
+                + " ".join(f"{m} {logs[f'monitor/{m}']:.3f}" for m in monitored)
+                + f" items {n_rows} loss {logs.get('train/loss', float('nan')):.4f} ({logs['round_seconds']:.1f}s)",
+                flush=True,
+            )
+        accelerator.wait_for_everyone()
 
     # ---- outputs ----------------------------------------------------------------------------------------------
     accelerator.end_training()
+    if not main:
+        return out
     save_lora(family, out / "lora", metadata={"base_model": cfg.model.path, "objective": name, "online": True})
-    summary = {"rounds": rc.rounds, "resumed_at": start_round, "train_seconds": time.time() - t_start}
+    summary = {"rounds": rc.rounds, "resumed_at": start_round, "train_seconds": time.time() - t_start, **counts}
     if cfg.eval.prompts:
-        report = evaluate_base_vs_lora(family, cfg.eval, out / "eval")
-        summary["eval"] = report
+        summary["eval"] = evaluate_base_vs_lora(family, cfg.eval, out / "eval")
         if rc.exemplars:
             summary["eval_fd"] = eval_fd(family, cfg.eval, scorer)
             print(
@@ -239,145 +267,3 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
             )
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return out
-
-
-@dataclass
-class Trainer:
-    """What one optimizer step needs besides the round's data."""
-
-    kind: str
-    family: object
-    objective: object
-    schedule: Schedule
-    scheduler: object
-    reference: object
-    timestep_kwargs: dict
-    params: list
-    optimizer: torch.optim.Optimizer
-    gen: torch.Generator
-    rc: object
-    experts: tuple | None
-
-
-def train_step(ctx: Trainer, traj: Trajectory, prompts: list[str], batch: tuple) -> dict[str, float]:
-    """One optimizer step on a random draw from the round's pairs / sets; returns mean metrics."""
-    first, second = batch
-    gen, rc, kind, family, obj = ctx.gen, ctx.rc, ctx.kind, ctx.family, ctx.objective
-    pick = torch.randperm(len(first), generator=gen)[: rc.batch_size]  # (B,)
-    steps = torch.randperm(traj.num_steps, generator=gen)[: rc.trajectory_steps or traj.num_steps].tolist()
-    parts = steps if kind in ("trajectory", "dro") else [None]
-    sums: dict[str, float] = {}
-    for k in parts:  # one backward per trajectory step, gradients accumulated (official D3PO)
-        if kind == "trajectory":
-            loss, metrics = d3po_loss(
-                family, obj, ctx.scheduler, traj, prompts, first[pick], second[pick], k, ctx.reference
-            )
-        elif kind == "paired":
-            idx = torch.cat([first[pick], second[pick]])  # (2B,) stacked [w; l]
-            loss, metrics = surrogate_loss(
-                family, obj, ctx.schedule, traj.x0, prompts, idx, None, gen, ctx.reference, ctx.timestep_kwargs
-            )
-        elif kind == "unpaired":
-            idx, desirable = first[pick], second[pick]
-            loss, metrics = surrogate_loss(
-                family, obj, ctx.schedule, traj.x0, prompts, idx, desirable, gen, ctx.reference, ctx.timestep_kwargs
-            )
-        else:
-            expert_x0, expert_prompts = ctx.experts
-            idx_e = torch.randint(len(expert_x0), (len(pick),), generator=gen)
-            loss, metrics = dro_loss(
-                family,
-                obj,
-                ctx.schedule,
-                expert_x0,
-                expert_prompts,
-                idx_e,
-                traj,
-                prompts,
-                first[pick],
-                k,
-                gen,
-                ctx.reference,
-            )
-        if not torch.isfinite(loss).all():
-            raise DiffalignError(f"online: non-finite {kind} loss at trajectory step {k}; lower online.lr")
-        (loss.mean() / len(parts)).backward()
-        for key, v in {"loss": loss.detach(), **metrics}.items():
-            sums[key] = sums.get(key, 0.0) + float(v.float().mean()) / len(parts)
-    if rc.max_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_(ctx.params, rc.max_grad_norm)
-    ctx.optimizer.step()
-    ctx.optimizer.zero_grad(set_to_none=True)
-    return sums
-
-
-def sample_round(family, scheduler, prompts, seeds, rc, noise_seed: int, keep_predictions: bool) -> Trajectory:
-    """The round's chains in batches of rc.sample_batch (the scheduler's timesteps are reset to rc.steps)."""
-    parts = []
-    for i in range(0, len(prompts), rc.sample_batch):
-        parts.append(
-            sample_trajectories(
-                family,
-                prompts[i : i + rc.sample_batch],
-                seeds[i : i + rc.sample_batch],
-                rc.steps,
-                rc.guidance,
-                rc.eta,
-                noise_seed=noise_seed + i,
-                scheduler=scheduler,
-                keep_predictions=keep_predictions,
-            )
-        )
-    return Trajectory.cat(parts)
-
-
-def build_reward(rc):
-    """The round's scorer; exemplars "toy_vivid" = high-saturation toy renders under the toy colour encoder."""
-    if rc.exemplars == "toy_vivid":
-        exemplars = toy_vivid_exemplars(rc.exemplar_count, seed=rc.seed + 1)
-        return load_scorer(rc.reward, exemplars=exemplars, encoder=ToyStatsEncoder(), **rc.reward_args)
-    if rc.exemplars:
-        raise DiffalignError(f"online.exemplars: '{rc.exemplars}' unknown (toy_vivid, or reward_args.exemplars)")
-    return load_scorer(rc.reward, **rc.reward_args)
-
-
-def read_train_prompts(source: str) -> list[str]:
-    """The toy world's 80 captions minus the held-out ones; else a .txt file, one prompt per line."""
-    if source == "toy":
-        if not TOY_HELDOUT.is_file():
-            raise DiffalignError(f"online.prompts=toy needs the held-out list {TOY_HELDOUT} (pipelines.toy_data)")
-        held = {line.strip() for line in TOY_HELDOUT.read_text().splitlines() if line.strip()}
-        return [p for p in (shapes.caption(**c) for c in shapes.all_combinations()) if p not in held]
-    path = Path(source)
-    if not path.is_file():
-        raise DiffalignError(f"online.prompts: {path} not found")
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
-
-
-def copy_policy_to_ref(policy: dict, ref: dict) -> None:
-    """ref adapter <- current policy adapter ("...lora_A.default.weight" -> "...lora_A.ref.weight")."""
-    with torch.no_grad():
-        for n, p in policy.items():
-            ref[n.replace(".default.", ".ref.")].copy_(p)
-
-
-@contextmanager
-def adapter_mode(denoiser, adapter: str):
-    """Inside the block only `adapter` is active; "default" (the trained policy) is active again on exit."""
-    denoiser.set_adapter(adapter)
-    try:
-        yield denoiser
-    finally:
-        denoiser.set_adapter("default")
-
-
-def set_fd(scorer, images) -> float:
-    """Fréchet distance of a whole image set to the scorer's exemplar Gaussian (encoder units)."""
-    mu, cov = gaussian_stats(scorer.encoder.embed_images(images))
-    return float(frechet_distance(mu, cov, scorer.exemplars.mu, scorer.exemplars.cov))
-
-
-def eval_fd(family, ecfg, scorer) -> dict[str, float]:
-    """FD to the exemplars of base and aligned images on the held-out prompts (same seeds)."""
-    _, base, aligned = generate_pair_sets(family, read_eval_prompts(ecfg), ecfg)
-    return {"base": set_fd(scorer, base), "aligned": set_fd(scorer, aligned), "images": len(base)}

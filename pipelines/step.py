@@ -1,9 +1,13 @@
-"""One optimizer step of `diffalign train`, as functions: what the loop runs and what benchmarks/train_step.py times.
+"""The one optimizer step of `diffalign train` and `diffalign online`, as functions (benchmarks/train_step.py times it).
 
-    ctx = StepContext(...)                      # model, estimator, objective, optimizer: fixed for the run
-    for batch in micro_batches:                 # grad_accum of them
+    ctx = StepContext(...)                      # model, estimator, objective, source, optimizer: fixed for the run
+    for batch in micro_batches:                 # offline pairs, or rows of an on-line round (x trajectory steps)
         sums = micro_step(accelerator, prepared, ctx, batch, sums)   # forward, backward (no host sync)
     ok = finish_step(accelerator, ctx, sums)    # clip, ONE host sync, optimizer step or skip
+
+`ctx.source` (pipelines/sources.py) turns a batch into the objective's inputs; everything else is shared: accelerate's
+accumulation (DDP no_sync on all but the last micro-step), mixed-precision autocast of the prepared model,
+`accelerator.backward`, clipping, the non-finite policy and the optimizer step.
 
 No host syncs inside a micro-step: the loss always goes backward, and finiteness is decided once per optimizer step
 from the summed losses and the gradient norm (one `.item()`-like read). A non-finite loss makes the gradients
@@ -20,9 +24,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from diffalign.likelihood import Schedule, denoising_errors, pair_noise, pair_timesteps, sample_timesteps
+from diffalign.errors import DiffalignError
+from diffalign.likelihood import Schedule, pair_noise, pair_timesteps, sample_timesteps
 
+MAX_BAD_STEPS = 5  # non-finite steps in a row before a run stops (one is noise, five is a diverged run)
 NOISE_STREAM = 0x6E6F69  # separates the noise keys from the augmentation keys (same seed, epoch, index)
+ROWS_STREAM = 0x726F77  # on-line: which rows and trajectory steps an optimizer step trains on (seed, round, step)
 
 
 @dataclass
@@ -39,15 +46,15 @@ class StepContext:
     params: list
     optimizer: torch.optim.Optimizer
     max_grad_norm: float
+    source: Callable  # SOURCES[name].inputs: (ctx, batch, device) -> (objective args, kwargs)
+    sampler: object = None  # on-line: the DDIM-eta scheduler the round was sampled with (D3PO's step log-probs)
+    reduce_mean: Callable = lambda x: x  # mean of a tensor over processes (accelerator.reduce(x, "mean"))
 
 
 def step_loss(ctx: StepContext, batch: dict, device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Mean objective loss (scalar) and its metrics for one collated batch (keys epoch and index give the noise)."""
-    x0, cond, label = family_inputs(ctx.family, batch, device)
-    keys = list(zip(batch["epoch"], batch["index"].tolist()))
-    t, eps = keyed_t_and_eps(ctx.objective.paired, x0, ctx.schedule, ctx.seed, keys, ctx.estimator)
-    errors = denoising_errors(ctx.denoise, ctx.schedule, x0, cond, t, eps, ctx.reference, ctx.objective.xt_source)
-    loss, metrics = ctx.objective(errors.err, errors.ref_err, label)
+    """Mean objective loss (scalar) and its metrics for one batch of the run's source."""
+    args, kwargs = ctx.source(ctx, batch, device)
+    loss, metrics = ctx.objective(*args, **kwargs)
     return loss.mean(), metrics
 
 
@@ -86,6 +93,30 @@ def finish_step(accelerator, ctx: StepContext, sums: dict[str, torch.Tensor]) ->
     return losses_finite, grads_finite
 
 
+def count_bad(counts: dict, losses_finite: bool, grads_finite: bool, scaler, where: str, hint: str) -> None:
+    """The non-finite policy of both programs: skip and count; stop after MAX_BAD_STEPS in a row, naming `where`.
+
+    With fp16's GradScaler, non-finite gradients alone are the scaler's business (it lowers its scale), not bad.
+    """
+    counts["skipped_steps"] += not (losses_finite and grads_finite)
+    bad = not losses_finite or (not grads_finite and scaler is None)
+    counts["bad_in_a_row"] = counts["bad_in_a_row"] + 1 if bad else 0
+    if counts["bad_in_a_row"] >= MAX_BAD_STEPS:
+        raise DiffalignError(
+            f"non-finite loss or gradients for {counts['bad_in_a_row']} steps in a row, the last at {where}; {hint}"
+        )
+
+
+def sum_over_processes(accelerator, values: dict[str, float]) -> dict[str, float]:
+    """{name: float} summed over processes (names in the same order everywhere); float64 keeps sums exact."""
+    if accelerator.num_processes == 1:
+        return values
+    names = list(values)  # built by the same code on every process: the same order
+    vec = torch.tensor([values[k] for k in names], dtype=torch.float64, device=accelerator.device)
+    total = accelerator.reduce(vec, reduction="sum")  # (K,) -> (K,)
+    return dict(zip(names, total.tolist()))
+
+
 def read_sums(sums: dict[str, torch.Tensor]) -> dict[str, float]:
     """{name: device scalar} -> {name: float} with one device-to-host copy."""
     if not sums:
@@ -104,23 +135,32 @@ def family_inputs(family, batch, device):
     return x0.to(device), {k: v.to(device) for k, v in cond.items()}, label.to(device)
 
 
+def keyed_generator(*words: int) -> torch.Generator:
+    """A CPU generator seeded from the integer key `words` (numpy's SeedSequence mixes them)."""
+    state = np.random.SeedSequence(list(words)).generate_state(2, np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
 def pair_generator(seed: int, epoch: int, index: int) -> torch.Generator:
     """The generator of one pair's t and eps, keyed like its augmentation (`item_draws`): the same pair in the same
     epoch gets the same noise whichever process, batch slot or resumed run draws it."""
-    words = np.random.SeedSequence([seed, epoch, index, NOISE_STREAM]).generate_state(2, np.uint32)
-    return torch.Generator().manual_seed(int(words[0]) << 32 | int(words[1]))
+    return keyed_generator(seed, epoch, index, NOISE_STREAM)
 
 
 def keyed_t_and_eps(paired: bool, x0, schedule: Schedule, seed: int, keys: list[tuple[int, int]], ecfg):
-    """t (2B,) and eps (2B, C, h, w) for x0 stacked [w; l]; pair i draws only from pair_generator(seed, *keys[i])."""
+    """t (2B,) and eps (2B, C, h, w) for x0 stacked [w; l]; pair i draws only from pair_generator(seed, *keys[i]).
+
+    Also returns the 2B generators of the rows ([w; l]: row i and row B + i share pair i's), past these draws, for
+    x_t sources that draw noise of their own (InPO's eta noise).
+    """
     b = x0.shape[0] // 2
+    gens = [pair_generator(seed, *key) for key in keys]
     draws = [
-        draw_t_and_eps(paired, x0[[i, b + i]], schedule, pair_generator(seed, *key), ecfg)
-        for i, key in enumerate(keys)
+        draw_t_and_eps(paired, x0[[i, b + i]], schedule, gen, ecfg) for i, gen in enumerate(gens)
     ]  # B x ((2,), (2, C, h, w)) as [w_i; l_i]
     t = torch.stack([d[0] for d in draws], 1).flatten()  # B x (2,) -> (2, B) -> (2B,) = [t_w; t_l]
     eps = torch.stack([d[1] for d in draws], 1).flatten(0, 1)  # B x (2, C, h, w) -> (2, B, ...) -> (2B, C, h, w)
-    return t, eps
+    return t, eps, gens + gens
 
 
 def draw_t_and_eps(paired: bool, x0, schedule: Schedule, gen: torch.Generator, ecfg):

@@ -50,9 +50,16 @@ from diffalign.runinfo import write_run_record
 from pipelines.common import build_objective, cache_ready, load_model, open_pairs, prepare_output_dir, save_grid
 from pipelines.curves import Curves, plot_curves
 from pipelines.evaluate import evaluate_base_vs_lora
-from pipelines.step import StepContext, finish_step, micro_step, policy_through, read_sums
-
-MAX_BAD_STEPS = 5  # non-finite steps in a row before the run stops (one is noise, five is a diverged run)
+from pipelines.sources import SOURCES, source_for
+from pipelines.step import (
+    StepContext,
+    count_bad,
+    finish_step,
+    micro_step,
+    policy_through,
+    read_sums,
+    sum_over_processes,
+)
 
 
 class StopFlag:
@@ -75,7 +82,8 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
     tc = cfg.train
     if cfg.objective.name not in OBJECTIVES:
         raise DiffalignError(f"unknown objective '{cfg.objective.name}' (known: {', '.join(OBJECTIVES)})")
-    if getattr(OBJECTIVES[cfg.objective.name], "on_policy", False):
+    source = source_for(OBJECTIVES[cfg.objective.name], "train")
+    if source is None:
         raise DiffalignError(
             f"objective '{cfg.objective.name}' trains on the model's own samples: run `diffalign online` "
             f"(e.g. configs/toy_{cfg.objective.name}.yaml)"
@@ -112,9 +120,9 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
     resolution = cfg.model.resolution or family.resolution
     family.denoiser.to(accelerator.device)
     if tc.gradient_checkpointing:
-        family.denoiser.enable_gradient_checkpointing()
-    if tc.xformers:
-        family.enable_xformers()
+        family.enable_gradient_checkpointing()
+    if tc.xformers:  # SDPA is every family's default
+        family.use_attention("xformers")
     targets = lora_targets(family, cfg.lora.preset, cfg.lora.target_modules)
     params = add_lora(family.denoiser, cfg.lora.rank, cfg.lora.alpha, targets, cfg.lora.init)
     named_params = {n: p for n, p in family.denoiser.named_parameters() if p.requires_grad}
@@ -203,6 +211,8 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
         params=params,
         optimizer=optimizer,
         max_grad_norm=tc.max_grad_norm,
+        source=SOURCES[source].inputs,
+        reduce_mean=lambda x: accelerator.reduce(x, reduction="mean"),
     )
 
     if main:
@@ -247,15 +257,8 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
             step += 1
             lr_scheduler.step()
             bar.update(1)
-            step_ok = losses_finite and grads_finite
-            bad = not losses_finite or (not grads_finite and accelerator.scaler is None)
-            counts["skipped_steps"] += not step_ok
-            counts["bad_in_a_row"] = counts["bad_in_a_row"] + 1 if bad else 0
-            if counts["bad_in_a_row"] >= MAX_BAD_STEPS:
-                raise DiffalignError(
-                    f"non-finite loss or gradients for {counts['bad_in_a_row']} steps in a row, the last at step "
-                    f"{step} (pair indices {ids}); lower train.lr or objective.beta, or check the data"
-                )
+            where, hint = f"step {step} (pair indices {ids})", "lower train.lr or objective.beta, or check the data"
+            count_bad(counts, losses_finite, grads_finite, accelerator.scaler, where, hint)
             if step % tc.log_every == 0 or step == tc.max_steps:
                 n = sums.pop("n")
                 logs = {k: v / n for k, v in sums.items()}
@@ -332,12 +335,12 @@ def scaler_state(accelerator) -> dict | None:
     return accelerator.scaler.state_dict() if accelerator.scaler is not None else None
 
 
-def shared_output_dir(path: str, resume: bool, state: PartialState) -> Path:
+def shared_output_dir(path: str, resume: bool, state: PartialState, default_name: str = "run") -> Path:
     """The main process checks and creates the output folder; the others get its name (a default one is timed)."""
     reply = [None]
     if state.is_main_process:
         try:
-            reply = [("ok", str(prepare_output_dir(path, resume=resume)))]
+            reply = [("ok", str(prepare_output_dir(path, resume=resume, default_name=default_name)))]
         except DiffalignError as err:
             reply = [("error", str(err))]
     if state.num_processes > 1:
@@ -348,9 +351,9 @@ def shared_output_dir(path: str, resume: bool, state: PartialState) -> Path:
     return Path(text)
 
 
-def truncate_metrics(path: Path, step: int) -> None:
-    """Keep the metrics rows of steps <= `step` (what the checkpoint saw): a killed run may have logged later steps,
-    or half a line."""
+def truncate_metrics(path: Path, step: int, key: str = "step") -> None:
+    """Keep the log rows whose `key` (step, or round for `diffalign online`) is <= `step`, what the checkpoint saw: a
+    killed run may have logged later steps, or half a line."""
     if not path.is_file():
         return
     kept = []
@@ -359,21 +362,11 @@ def truncate_metrics(path: Path, step: int) -> None:
             row = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+        if isinstance(row, dict) and isinstance(row.get(key), int) and row[key] <= step:
             kept.append(line + "\n")
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(kept))
     os.replace(tmp, path)
-
-
-def sum_over_processes(accelerator, values: dict[str, float]) -> dict[str, float]:
-    """{name: float} summed over processes (names in the same order everywhere); float64 keeps sums exact."""
-    if accelerator.num_processes == 1:
-        return values
-    names = list(values)  # built by the same code on every process: the same order
-    vec = torch.tensor([values[k] for k in names], dtype=torch.float64, device=accelerator.device)
-    total = accelerator.reduce(vec, reduction="sum")  # (K,) -> (K,)
-    return dict(zip(names, total.tolist()))
 
 
 def _ignore_stop_signals(worker_id: int) -> None:

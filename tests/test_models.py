@@ -1,5 +1,6 @@
 """Model families on the tiny real pipelines in assets/tiny (made by assets/make_tiny_pipelines.py)."""
 
+import importlib.util
 import shutil
 import time
 from pathlib import Path
@@ -9,11 +10,13 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
+from diffalign.errors import DiffalignError
 from diffalign.models import load_family
 from diffalign.models.sd import SDFamily
 from diffalign.models.sdxl import SDXLFamily
 
-TINY = Path(__file__).resolve().parents[1] / "assets" / "tiny"
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "assets" / "tiny"
 PROMPTS = ["a photo of a cat", "red dog"]
 
 
@@ -189,12 +192,34 @@ def test_gradient_checkpointing_and_attention_backends(sd15):
     try:
         with torch.no_grad():
             assert torch.equal(sd15.denoise(xt, t, cond), before)
-        with pytest.raises(RuntimeError, match="CUDA"):
-            sd15.use_attention("xformers")  # only on a CUDA device
+        with pytest.raises(DiffalignError, match="xformers"):
+            sd15.use_attention("xformers")  # needs the package and a CUDA device: one line naming what is missing
         with pytest.raises(ValueError, match="unknown attention backend"):
             sd15.use_attention("flash")
     finally:
         sd15.denoiser.disable_gradient_checkpointing()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("xformers") is not None, reason="xformers is installed here")
+def test_train_xformers_without_the_package_is_a_one_line_error(tmp_path, capsys):
+    from pipelines.cli import main
+
+    args = ["train", str(REPO / "configs/tiny/sd15_dpo.yaml"), f"model.path={TINY / 'sd15'}", "train.xformers=true"]
+    assert main([*args, "train.max_steps=1", f"train.output_dir={tmp_path / 'run'}"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]  # progress bars aside
+    assert len(errors) == 1 and "xformers package" in errors[0] and "xformers=false" in errors[0]
+
+
+def test_families_share_one_base():
+    """The methods that were copied in five files live once, in Family; the toy (pixel space) overrides its own."""
+    from diffalign.models import FAMILIES
+    from diffalign.models.base import Family
+
+    shared = ("to", "enable_gradient_checkpointing", "use_attention", "encode_images", "decode")
+    for name, cls in FAMILIES.items():
+        assert issubclass(cls, Family)
+        own = {m for m in shared if m in vars(cls)}
+        assert own == ({"to", "encode_images", "decode"} if name == "toy" else set()), name
 
 
 def test_separate_vae_path_loads_in_model_dtype():

@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from diffalign.likelihood import Schedule
+from diffalign.likelihood import Schedule, denoising_errors
 from diffalign.lora import add_lora, reference_mode
 from diffalign.models import load_family
 from diffalign.objectives import OBJECTIVES
@@ -17,7 +17,7 @@ from diffalign.objectives.d3po import D3PO, clipped_log_ratio
 from diffalign.objectives.kto import DiffusionKTO
 from diffalign.online.experts import ToyStatsEncoder, toy_vivid_exemplars
 from diffalign.online.pairs import all_pairs, best_worst, pairs_from_labels, top_bottom
-from diffalign.online.steps import d3po_loss, surrogate_loss
+from diffalign.online.steps import d3po_inputs
 from diffalign.paths import TOY_HELDOUT, TOY_MODEL
 from diffalign.rewards import load_scorer
 from diffalign.sampling import inference_scheduler, sample_trajectories
@@ -120,6 +120,11 @@ def tiny_round():
     return family, params, prompts, traj
 
 
+def d3po_loss(family, obj, scheduler, traj, prompts, iw, il, k, reference):
+    lp, ref_lp = d3po_inputs(family, family.denoise, scheduler, traj, prompts, iw, il, k, reference)
+    return obj(lp, ref_lp, torch.ones(len(iw)))
+
+
 def test_d3po_loss_is_ln2_at_lora_init_on_real_trajectories(tiny_round):
     family, _, prompts, traj = tiny_round
     scheduler = inference_scheduler(family, 1.0)
@@ -158,19 +163,14 @@ def test_d3po_training_raises_winner_log_prob_ratio(tiny_round):
 def test_dragon_kto_surrogate_runs_unpaired(tiny_round):
     family, _, prompts, traj = tiny_round
     idx, desirable = top_bottom(torch.arange(8.0).view(2, 4), 0.25)
-    loss, m = surrogate_loss(
-        family,
-        DiffusionKTO(beta=10.0),
-        Schedule(family.scheduler, family.prediction_type),
-        traj.x0,
-        prompts,
-        idx,
-        desirable,
-        torch.Generator().manual_seed(0),
-        lambda: reference_mode(family.denoiser),
-        {},
-    )
+    x0, gen = traj.x0[idx], torch.Generator().manual_seed(0)
+    t, eps = torch.randint(0, 1000, (len(idx),), generator=gen), torch.randn(x0.shape, generator=gen)
+    cond = family.encode_prompts([prompts[i] for i in idx.tolist()])
+    schedule = Schedule(family.scheduler, family.prediction_type)
+    errors = denoising_errors(family.denoise, schedule, x0, cond, t, eps, lambda: reference_mode(family.denoiser))
+    loss, m = DiffusionKTO(beta=10.0)(errors.err, errors.ref_err, None, desirable=desirable)
     assert loss.shape == (len(idx),) and torch.isfinite(loss).all()
+    torch.testing.assert_close(loss, torch.full_like(loss, 0.5))  # policy == reference at init: 1 - sigma(0)
 
 
 # ---- the loop end to end on the tiny SD1.5 ----------------------------------------------------------------------
@@ -262,13 +262,14 @@ ONLINE_CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml") if "online
 def test_online_config_loads_and_fits_its_objective(path):
     from diffalign.config import OnlineConfig, load_config
     from pipelines.common import build_objective
-    from pipelines.online import BATCHES
+    from pipelines.rounds import ROUND_SOURCES
+    from pipelines.sources import source_for
 
     cfg = load_config(OnlineConfig, path)
     objective = build_objective(cfg.objective)
-    kind, rules = BATCHES[cfg.objective.name]
     assert isinstance(objective, OBJECTIVES[cfg.objective.name])
-    assert kind == "dro" or cfg.online.split in rules
+    rules = ROUND_SOURCES[source_for(type(objective), "online")].rules
+    assert rules is None or cfg.online.split in rules
 
 
 @needs_toy
@@ -322,3 +323,140 @@ def test_dro_experts_are_the_top_k_of_every_image_by_the_scorer(tmp_path):
     assert len(prompts) == 3
     winners, _ = preference_winners(str(path), 32, limit=0)  # no scorer: one winner per non-tie pair
     assert len(winners) == 5
+
+
+# ---- one engine: mixed precision, checkpointing, accumulation, non-finite policy, exact resume ------------------
+
+
+def test_online_sdxl_bf16_gradient_checkpointing_and_accumulation(tmp_path, monkeypatch):
+    """The tiny SDXL pipeline on-line with bf16 autocast, gradient checkpointing and 2 micro-batches per step."""
+    from pipelines.online import run
+
+    monkeypatch.chdir(REPO)
+    out = tmp_path / "run"
+    sdxl = ["model.path=assets/tiny/sdxl", "online.mixed_precision=bf16", "online.gradient_checkpointing=true"]
+    args = [*TINY_ONLINE, *sdxl, "online.grad_accum=2", "online.batch_size=1", "online.trajectory_steps=1"]
+    run(None, [*args, _prompts_file(tmp_path), "online.rounds=1", f"online.output_dir={out}"])
+    row = json.loads((out / "rounds.jsonl").read_text())
+    assert math.isclose(row["train/loss"], math.log(2), rel_tol=1e-2)  # D3PO at LoRA init, in bf16
+    assert row["skipped_steps"] == 0
+    assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_online_stops_after_five_non_finite_steps_naming_round_and_step(tmp_path, monkeypatch):
+    """beta = NaN makes every loss NaN: each step is skipped and counted (the round log says so), and the fifth in a
+    row (round 2, step 2 with 3 steps per round) stops the run with a one-line error."""
+    from diffalign.errors import DiffalignError
+    from pipelines.online import run
+
+    monkeypatch.chdir(REPO)
+    out = tmp_path / "run"
+    args = [*TINY_ONLINE, "online.train_steps=3", "online.rounds=3", "objective.beta=nan", f"online.output_dir={out}"]
+    with pytest.raises(DiffalignError, match=r"5 steps in a row, the last at round 2 step 2"):
+        run(None, [*args, _prompts_file(tmp_path)])
+    assert json.loads((out / "rounds.jsonl").read_text())["skipped_steps"] == 3  # round 1: skipped, not stopped
+
+
+KILL_ARGS = [*TINY_ONLINE, "online.rounds=3", "online.train_steps=2", "online.tensorboard=false"]
+
+
+def _round_rows(run_dir: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if k != "round_seconds"} for row in rows]  # wall time differs
+
+
+@pytest.mark.slow  # three runs of 3 rounds, one a fresh subprocess: ~60 s on 2 shared cores
+def test_online_sigkill_mid_round_then_resume_equals_the_uninterrupted_run(tmp_path, monkeypatch):
+    """A real `diffalign online` process killed with SIGKILL while saving round 2 (its round-log row is written, the
+    checkpoint is not), then `--resume latest`: the same LoRA and the same round log as a run never interrupted."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import load_file
+
+    from pipelines.cli import main
+
+    monkeypatch.chdir(REPO)
+    args = [*KILL_ARGS, "objective.name=d3po", "online.ref_refresh=2", _prompts_file(tmp_path)]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert main(["online", *args, f"online.output_dir={whole}"]) == 0
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), DIFFALIGN_TEST_SAVE_PAUSE="2:120")
+    cmd = [sys.executable, "-m", "pipelines.cli", "online", *args, f"online.output_dir={killed}"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not list((killed / "checkpoints").glob("step-000002.tmp-*")):  # inside the round-2 save
+        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=30) == -signal.SIGKILL
+    assert [r["round"] for r in _round_rows(killed)] == [1, 2]  # logged past its last good checkpoint (round 1)
+
+    assert main(["online", *args, f"online.output_dir={killed}", "--resume", "latest"]) == 0
+    assert _round_rows(killed) == _round_rows(whole)
+    a = load_file(str(whole / "lora" / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(killed / "lora" / "pytorch_lora_weights.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_inpo_eta_noise_comes_from_each_pairs_keyed_generator(tiny_round):
+    """The pairs source gives InPO's DDIM-inversion eta noise from the pair's keyed generator: pair B's errors are
+    the same whether it is drawn alone or after pair A, and do not depend on the global RNG."""
+    from diffalign.config import EstimatorConfig
+    from diffalign.objectives.inpo import InPO
+    from pipelines.sources import pair_inputs
+    from pipelines.step import StepContext
+
+    family, params, prompts, traj = tiny_round
+    cond = family.encode_prompts(prompts[:1])
+    ctx = StepContext(
+        family=family,
+        denoise=family.denoise,
+        objective=InPO(),
+        schedule=Schedule(family.scheduler, family.prediction_type),
+        reference=lambda: reference_mode(family.denoiser),
+        estimator=EstimatorConfig(t_min=500),  # high t: several inversion steps, each with eta noise
+        seed=0,
+        params=params,
+        optimizer=None,
+        max_grad_norm=0.0,
+        source=pair_inputs,
+    )
+
+    def batch(indices):  # a cached-style collated batch of pairs (x0_w, x0_l) = (chain i, chain i + 1)
+        n = len(indices)
+        return {
+            "x0_w": traj.x0[indices],
+            "x0_l": traj.x0[[i + 1 for i in indices]],
+            "cond": {k: v.expand(n, *v.shape[1:]) for k, v in cond.items()},
+            "size_info_w": torch.zeros(n, 4, dtype=torch.long),
+            "size_info_l": torch.zeros(n, 4, dtype=torch.long),
+            "label": torch.ones(n),
+            "epoch": [0] * n,
+            "index": torch.tensor(indices),
+        }
+
+    with torch.no_grad():
+        torch.manual_seed(1)
+        (err_ab, _, _), _ = pair_inputs(ctx, batch([0, 2]), "cpu")  # (4,) = [w_A, w_B, l_A, l_B]
+        torch.manual_seed(2)
+        (err_b, _, _), _ = pair_inputs(ctx, batch([2]), "cpu")  # (2,) = [w_B, l_B]
+    torch.testing.assert_close(err_ab[[1, 3]], err_b)
+
+
+def test_dro_negatives_are_sampled_from_their_experts_captions():
+    """Diffusion-DRO's round: the prompts are expert captions, and each policy chain is paired with the expert whose
+    caption prompted it (the official code generates the negative from the expert's own caption)."""
+    from diffalign.config import RoundsConfig
+    from pipelines.rounds import ROUND_SOURCES, plan_round
+
+    captions = [f"caption {i}" for i in range(10)]
+    rc = RoundsConfig(prompts_per_round=4, images_per_prompt=2)
+    prompts, seeds, pool_index = plan_round(rc, 3, captions)
+    chains, experts = ROUND_SOURCES["experts"].rows(None, rc, None, 3, pool_index)
+    assert len(prompts) == len(chains) == 8
+    assert [prompts[c] for c in chains.tolist()] == [captions[e] for e in experts.tolist()]
+    assert plan_round(rc, 3, captions)[0] == prompts and plan_round(rc, 4, captions)[0] != prompts  # keyed by round

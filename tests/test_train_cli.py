@@ -228,6 +228,7 @@ class NonFiniteOn:
     needs_reference: ClassVar[bool] = True
     paired: ClassVar[bool] = True
     xt_source: ClassVar[str] = "noise"
+    sources: ClassVar[tuple[str, ...]] = ("pairs",)
 
     def __call__(self, err, ref_err, label):
         self.calls += 1

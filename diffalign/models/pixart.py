@@ -20,20 +20,11 @@ safetensors metadata) loads with peft: `inject_adapter_in_model(LoraConfig(**con
 from __future__ import annotations
 
 import torch
-from diffusers import DDPMScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+from diffusers import PixArtSigmaPipeline, PixArtTransformer2DModel, StableDiffusion3Pipeline
 from diffusers.loaders import PeftAdapterMixin
 
-from diffalign.models.sd import (
-    LORA_TARGET_MODULES,
-    PREDICTION_TYPES,
-    _one_line,
-    check_components,
-    generate_images,
-    load_pipe,
-    use_attention,
-    vae_decode,
-    vae_encode,
-)
+from diffalign.models.base import Family
+from diffalign.models.sd import LORA_TARGET_MODULES, _one_line, check_components, generate_images, load_pipe
 
 MAX_SEQUENCE_LENGTH = 300  # T5 tokens, PixArt-Σ's default (α: 120)
 PIPE_KWARGS = dict(clean_caption=False, use_resolution_binning=False, max_sequence_length=MAX_SEQUENCE_LENGTH)
@@ -43,35 +34,27 @@ class PixArtTransformer(PixArtTransformer2DModel, PeftAdapterMixin):
     """PixArtTransformer2DModel with diffusers' LoRA adapter methods; same config, weights and forward."""
 
 
-class PixArtFamily:
+class PixArtFamily(Family):
     """PixArt-Σ checkpoint (PixArtSigmaPipeline folder or hub id)."""
 
     name = "pixart"
     lora_prefix = "transformer"
     lora_presets = {"attention": LORA_TARGET_MODULES}  # no convolutions in the blocks (only the patch embed)
     lora_target_modules = LORA_TARGET_MODULES  # self- (attn1) and cross-attention (attn2) of every block
+    lora_writer = StableDiffusion3Pipeline  # no PixArt LoRA loader: the SD3 writer writes the "transformer." file
+    lora_key_style = "peft"
     components = ["transformer", "scheduler", "vae", "text_encoder", "tokenizer"]
 
     def __init__(self, pipe: PixArtSigmaPipeline, vae_config: dict, dtype: torch.dtype):
-        self.pipe = pipe
-        self.dtype = dtype
-        self.denoiser = pipe.transformer
-        # Training noise schedule: DDPM with the checkpoint's betas and prediction type. The folder's DPM-Solver
-        # spacing "linspace" only matters to inversion grids (InPO / SmPO), whose DDIMInverseScheduler takes
-        # "leading" or "trailing"; "leading" as in the SD folders those methods were published on.
-        self.scheduler = DDPMScheduler.from_config(pipe.scheduler.config, timestep_spacing="leading")
-        self.prediction_type = self.scheduler.config.prediction_type
-        if self.prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"{self.name}: unsupported prediction_type '{self.prediction_type}'")
-        self.latent_channels = vae_config["latent_channels"]
+        # The folder's DPM-Solver spacing "linspace" only matters to inversion grids (InPO / SmPO), whose
+        # DDIMInverseScheduler takes "leading" or "trailing"; "leading" as in the SD folders those methods used.
+        self.init_ddpm(pipe, pipe.transformer, vae_config, dtype, timestep_spacing="leading")
         out_channels = self.denoiser.config.out_channels
         if out_channels not in (self.latent_channels, 2 * self.latent_channels):
             raise ValueError(
                 f"{self.name}: transformer out_channels {out_channels} for {self.latent_channels} latents"
             )
         self.learned_sigma = out_channels == 2 * self.latent_channels
-        self.vae_scale_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
-        self.resolution = pipe.transformer.config.sample_size * self.vae_scale_factor
 
     @classmethod
     def load(cls, path: str, dtype: torch.dtype = torch.float32, load_encoders: bool = True, vae_path=None):
@@ -85,24 +68,6 @@ class PixArtFamily:
             PixArtSigmaPipeline, path, cls.components, dtype, load_encoders, vae_path, transformer=transformer
         )
         return cls(pipe, vae_config, dtype)
-
-    def to(self, device) -> PixArtFamily:
-        self.pipe.to(device)
-        return self
-
-    def enable_gradient_checkpointing(self) -> None:
-        self.denoiser.enable_gradient_checkpointing()
-
-    def use_attention(self, backend: str) -> None:
-        use_attention(self.denoiser, backend)
-
-    def encode_images(self, images: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
-        """(N, 3, H, W) in [-1, 1] -> x0 (N, 4, H/8, W/8) scaled latents, fp32."""
-        return vae_encode(self.pipe.vae, images, batch_size)
-
-    def decode(self, x0: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
-        """x0 (N, 4, h, w) -> images (N, 3, 8h, 8w) in [-1, 1], fp32."""
-        return vae_decode(self.pipe.vae, x0, batch_size)
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:

@@ -1,7 +1,7 @@
 """Stable Diffusion 1.x / 2.x: one CLIP text encoder, a UNet on 4-channel VAE latents, epsilon or v prediction.
 
-The module-level helpers (loading with one-line errors, VAE encode/decode, generation through the real diffusers
-pipeline, attention backends) are shared with the SDXL family, which composes them with its own conditioning.
+The module-level helpers (loading with one-line errors, generation through the real diffusers pipeline) are shared
+with the other families; device moves, VAE encode/decode and the attention choice come from diffalign.models.base.
 """
 
 from __future__ import annotations
@@ -11,15 +11,15 @@ import os
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
-from diffusers.models.attention_processor import AttnProcessor2_0
+from diffusers import AutoencoderKL, StableDiffusionPipeline
+
+from diffalign.models.base import Family
 
 LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
 # LoCon-style extra targets: the two 3x3 convolutions of every UNet resnet block (not conv_in/conv_out/shortcuts)
 LORA_CONV_MODULES = ["conv1", "conv2"]
 # lora.preset -> target module names (UNet families); the family default is `lora_target_modules`
 LORA_PRESETS = {"attention": LORA_TARGET_MODULES, "attention+conv": LORA_TARGET_MODULES + LORA_CONV_MODULES}
-PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 def _one_line(err: Exception) -> str:
@@ -73,36 +73,6 @@ def load_pipe(pipeline_class, path: str, components: list[str], dtype, load_enco
     return pipe, vae_config
 
 
-@torch.no_grad()
-def vae_encode(vae, images: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """(N, 3, H, W) in [-1, 1] -> scaled latents (N, C, H/f, W/f), fp32.
-
-    Uses the posterior mean, not a sample: the latent std of SD VAEs is tiny, and a deterministic latent is what a
-    cache should hold.
-    """
-    shift = vae.config.shift_factor
-    parts = []
-    for chunk in images.split(batch_size):
-        latents = vae.encode(chunk.to(vae.device, vae.dtype)).latent_dist.mode()
-        if shift is not None:
-            latents = latents - shift
-        parts.append((latents * vae.config.scaling_factor).float())
-    return torch.cat(parts)
-
-
-@torch.no_grad()
-def vae_decode(vae, x0: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Scaled latents (N, C, h, w) -> images (N, 3, h*f, w*f) in [-1, 1], fp32; the inverse of `vae_encode`."""
-    shift = vae.config.shift_factor
-    parts = []
-    for chunk in x0.split(batch_size):
-        latents = chunk.to(vae.device, vae.dtype) / vae.config.scaling_factor
-        if shift is not None:
-            latents = latents + shift
-        parts.append(vae.decode(latents).sample.float().clamp(-1, 1))
-    return torch.cat(parts)
-
-
 def generate_images(
     family, prompts: list[str], seeds: list[int], steps: int, guidance: float, height, width, **pipe_kwargs
 ):
@@ -130,23 +100,7 @@ def generate_images(
     return family.pipe.image_processor.postprocess(images, output_type="pil")
 
 
-def _use_xformers(unet) -> None:
-    if unet.device.type != "cuda":
-        raise RuntimeError("xformers attention needs the model on a CUDA device (move it first)")
-    unet.enable_xformers_memory_efficient_attention()
-
-
-ATTENTION = {"sdpa": lambda unet: unet.set_attn_processor(AttnProcessor2_0()), "xformers": _use_xformers}
-
-
-def use_attention(unet, backend: str) -> None:
-    """Pick the attention implementation: "sdpa" (torch scaled_dot_product_attention, the default) or "xformers"."""
-    if backend not in ATTENTION:
-        raise ValueError(f"unknown attention backend '{backend}' (known: {', '.join(ATTENTION)})")
-    ATTENTION[backend](unet)
-
-
-class SDFamily:
+class SDFamily(Family):
     """SD1.x / SD2.x checkpoint (StableDiffusionPipeline folder or hub id)."""
 
     name = "sd"
@@ -156,17 +110,7 @@ class SDFamily:
     components = ["unet", "scheduler", "vae", "text_encoder", "tokenizer"]
 
     def __init__(self, pipe: StableDiffusionPipeline, vae_config: dict, dtype: torch.dtype):
-        self.pipe = pipe
-        self.dtype = dtype
-        self.denoiser = pipe.unet
-        # Training noise schedule: DDPM with the checkpoint's betas, timestep settings and prediction type.
-        self.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-        self.prediction_type = self.scheduler.config.prediction_type
-        if self.prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"{self.name}: unsupported prediction_type '{self.prediction_type}'")
-        self.vae_scale_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
-        self.latent_channels = vae_config["latent_channels"]
-        self.resolution = pipe.unet.config.sample_size * self.vae_scale_factor
+        self.init_ddpm(pipe, pipe.unet, vae_config, dtype)
 
     @classmethod
     def load(cls, path: str, dtype: torch.dtype = torch.float32, load_encoders: bool = True, vae_path=None):
@@ -176,24 +120,6 @@ class SDFamily:
             StableDiffusionPipeline, path, cls.components, dtype, load_encoders, vae_path, **extra
         )
         return cls(pipe, vae_config, dtype)
-
-    def to(self, device) -> SDFamily:
-        self.pipe.to(device)
-        return self
-
-    def enable_gradient_checkpointing(self) -> None:
-        self.pipe.unet.enable_gradient_checkpointing()
-
-    def use_attention(self, backend: str) -> None:
-        use_attention(self.pipe.unet, backend)
-
-    def encode_images(self, images: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
-        """(N, 3, H, W) in [-1, 1] -> x0 (N, 4, H/8, W/8) scaled latents, fp32."""
-        return vae_encode(self.pipe.vae, images, batch_size)
-
-    def decode(self, x0: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
-        """x0 (N, 4, h, w) -> images (N, 3, 8h, 8w) in [-1, 1], fp32."""
-        return vae_decode(self.pipe.vae, x0, batch_size)
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:

@@ -18,7 +18,8 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
 from diffalign.likelihood import Schedule
-from diffalign.models.sd import _use_xformers, generate_images, load_pipe, vae_decode, vae_encode
+from diffalign.models.base import Family
+from diffalign.models.sd import generate_images, load_pipe
 
 # Joint attention: image-stream projections + the text-stream ("added") ones (flow_grpo's SD3 LoRA targets).
 # SD3.5-Medium's extra self-attention blocks (attn2) match to_q/k/v/out.0 too.
@@ -26,7 +27,7 @@ LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_
 MAX_SEQUENCE_LENGTH = 256  # T5 tokens, the pipeline's default
 
 
-class SD3Family:
+class SD3Family(Family):
     """SD3 / SD3.5 checkpoint (StableDiffusion3Pipeline folder or hub id)."""
 
     name = "sd3"
@@ -34,6 +35,9 @@ class SD3Family:
     lora_presets = {"attention": LORA_TARGET_MODULES}  # no convolutions in the blocks (only the patch embed)
     lora_target_modules = LORA_TARGET_MODULES
     prediction_type = "flow"
+    lora_writer = StableDiffusion3Pipeline
+    lora_key_style = "peft"  # as diffusers' SD3 scripts save (its UNet converter would rename only some keys)
+    sdpa_processor = None  # the joint-attention processors already use torch SDPA
     # checked before loading; T5 (text_encoder_3, tokenizer_3) is optional and loaded as the folder says
     components = ["transformer", "scheduler", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"]
 
@@ -45,8 +49,7 @@ class SD3Family:
         self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
         self.schedule = Schedule(self.scheduler, self.prediction_type)
         self.schedule.sigma(torch.zeros(1, dtype=torch.long))  # dynamic shifting (Flux-style) fails here, at load
-        self.vae_scale_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
-        self.latent_channels = vae_config["latent_channels"]
+        self.set_vae_geometry(vae_config)
         self.resolution = pipe.transformer.config.sample_size * self.vae_scale_factor
 
     @classmethod
@@ -62,28 +65,6 @@ class SD3Family:
             StableDiffusion3Pipeline, path, cls.components, dtype, load_encoders, vae_path, **extra
         )
         return cls(pipe, vae_config, dtype)
-
-    def to(self, device) -> SD3Family:
-        self.pipe.to(device)
-        return self
-
-    def enable_gradient_checkpointing(self) -> None:
-        self.denoiser.enable_gradient_checkpointing()
-
-    def use_attention(self, backend: str) -> None:
-        """ "sdpa": the transformer's own joint-attention processors already use torch SDPA; "xformers" (CUDA)."""
-        if backend == "xformers":
-            _use_xformers(self.denoiser)
-        elif backend != "sdpa":
-            raise ValueError(f"unknown attention backend '{backend}' (known: sdpa, xformers)")
-
-    def encode_images(self, images: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
-        """(N, 3, H, W) in [-1, 1] -> x0 (N, 16, H/8, W/8) = (latents - shift_factor) * scaling_factor, fp32."""
-        return vae_encode(self.pipe.vae, images, batch_size)
-
-    def decode(self, x0: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
-        """x0 (N, 16, h, w) -> images (N, 3, 8h, 8w) in [-1, 1], fp32."""
-        return vae_decode(self.pipe.vae, x0, batch_size)
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:

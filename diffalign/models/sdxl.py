@@ -9,43 +9,26 @@ in the order of `StableDiffusionXLPipeline._get_add_time_ids`: original size, cr
 from __future__ import annotations
 
 import torch
-from diffusers import DDPMScheduler, StableDiffusionXLPipeline
+from diffusers import StableDiffusionXLPipeline
 
-from diffalign.models.sd import (
-    LORA_PRESETS,
-    LORA_TARGET_MODULES,
-    PREDICTION_TYPES,
-    generate_images,
-    load_pipe,
-    use_attention,
-    vae_decode,
-    vae_encode,
-)
+from diffalign.models.base import Family
+from diffalign.models.sd import LORA_PRESETS, LORA_TARGET_MODULES, generate_images, load_pipe
 
 
-class SDXLFamily:
+class SDXLFamily(Family):
     """SDXL base checkpoint (StableDiffusionXLPipeline folder or hub id)."""
 
     name = "sdxl"
     lora_prefix = "unet"
     lora_target_modules = LORA_TARGET_MODULES
     lora_presets = LORA_PRESETS
+    lora_writer = StableDiffusionXLPipeline
     components = ["unet", "scheduler", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"]
 
     def __init__(self, pipe: StableDiffusionXLPipeline, vae_config: dict, dtype: torch.dtype):
         if vae_config.get("latents_mean") is not None:
             raise ValueError("sdxl: VAEs with latents_mean/latents_std (e.g. Playground v2.5) are not supported")
-        self.pipe = pipe
-        self.dtype = dtype
-        self.denoiser = pipe.unet
-        # Training noise schedule: DDPM with the checkpoint's betas, timestep settings and prediction type.
-        self.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-        self.prediction_type = self.scheduler.config.prediction_type
-        if self.prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"{self.name}: unsupported prediction_type '{self.prediction_type}'")
-        self.vae_scale_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
-        self.latent_channels = vae_config["latent_channels"]
-        self.resolution = pipe.unet.config.sample_size * self.vae_scale_factor
+        self.init_ddpm(pipe, pipe.unet, vae_config, dtype)
 
     @classmethod
     def load(cls, path: str, dtype: torch.dtype = torch.float32, load_encoders: bool = True, vae_path=None):
@@ -54,24 +37,6 @@ class SDXLFamily:
             StableDiffusionXLPipeline, path, cls.components, dtype, load_encoders, vae_path, add_watermarker=False
         )
         return cls(pipe, vae_config, dtype)
-
-    def to(self, device) -> SDXLFamily:
-        self.pipe.to(device)
-        return self
-
-    def enable_gradient_checkpointing(self) -> None:
-        self.pipe.unet.enable_gradient_checkpointing()
-
-    def use_attention(self, backend: str) -> None:
-        use_attention(self.pipe.unet, backend)
-
-    def encode_images(self, images: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
-        """(N, 3, H, W) in [-1, 1] -> x0 (N, 4, H/8, W/8) scaled latents, fp32."""
-        return vae_encode(self.pipe.vae, images, batch_size)
-
-    def decode(self, x0: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
-        """x0 (N, 4, h, w) -> images (N, 3, 8h, 8w) in [-1, 1], fp32."""
-        return vae_decode(self.pipe.vae, x0, batch_size)
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:

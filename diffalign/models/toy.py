@@ -15,7 +15,8 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from diffalign.models.sd import LORA_PRESETS, PREDICTION_TYPES, check_components, use_attention
+from diffalign.models.base import Family
+from diffalign.models.sd import LORA_PRESETS, check_components
 from diffalign.sampling import sample
 
 COORD_CHANNELS = 2
@@ -45,7 +46,7 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(np.ascontiguousarray(a)) for a in arrays]
 
 
-class ToyFamily:
+class ToyFamily(Family):
     """The toy world's pixel-space model (a DiffalignToyPipeline folder)."""
 
     name = "toy"
@@ -64,8 +65,7 @@ class ToyFamily:
         self.tokenizer = tokenizer
         self.dtype = dtype
         self.prediction_type = scheduler.config.prediction_type
-        if self.prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"{self.name}: unsupported prediction_type '{self.prediction_type}'")
+        self.check_prediction_type()
         self.resolution = unet.config.sample_size
         self.latent_channels = unet.config.out_channels
         if unet.config.in_channels != self.latent_channels + COORD_CHANNELS:
@@ -91,12 +91,6 @@ class ToyFamily:
         if self.text_encoder is not None:
             self.text_encoder.to(device)
         return self
-
-    def enable_gradient_checkpointing(self) -> None:
-        self.denoiser.enable_gradient_checkpointing()
-
-    def use_attention(self, backend: str) -> None:
-        use_attention(self.denoiser, backend)
 
     def encode_images(self, images: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
         """(N, 3, H, W) in [-1, 1] -> x0 = the same pixels, fp32 (pixel space: no encoder)."""

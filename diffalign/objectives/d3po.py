@@ -44,9 +44,9 @@ class D3PO:
     """ε of the ratio clamp [1 − ε, 1 + ε] (official: 0.1)."""
 
     needs_reference: ClassVar[bool] = True
-    on_policy: ClassVar[bool] = True  # trains on the model's own chains: `diffalign online`
     paired: ClassVar[bool] = True
     xt_source: ClassVar[str] = "trajectory"  # x_t from stored sampled chains (diffalign.sampling), not XT_SOURCES
+    sources: ClassVar[tuple[str, ...]] = ("trajectory",)  # stored sampled chains: `diffalign online`
 
     def __call__(
         self, log_prob: torch.Tensor, ref_log_prob: torch.Tensor, label: torch.Tensor

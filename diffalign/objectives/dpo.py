@@ -38,6 +38,7 @@ class DiffusionDPO:
 
     needs_reference: ClassVar[bool] = True
     paired: ClassVar[bool] = True
+    sources: ClassVar[tuple[str, ...]] = ("pairs", "round_pairs")  # offline pairs; DRAGON on generated x0
 
     def __call__(self, err: torch.Tensor, ref_err: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """err, ref_err: (2B,) stacked [w; l]; label: (B,) P(w preferred). Returns loss (B,) and metrics (B,)."""

@@ -34,9 +34,9 @@ class DiffusionDRO:
     """m of the hinge max(m, diff); the official −0.001 keeps the hinge open at init."""
 
     needs_reference: ClassVar[bool] = True
-    on_policy: ClassVar[bool] = True  # needs the policy's own samples: `diffalign online`
     xt_source: ClassVar[str] = "noise"
     paired: ClassVar[bool] = False
+    sources: ClassVar[tuple[str, ...]] = ("experts",)  # experts vs the policy's own samples: `diffalign online`
 
     def __call__(
         self, err: torch.Tensor, ref_err: torch.Tensor, label: torch.Tensor | None

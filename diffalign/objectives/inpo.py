@@ -39,6 +39,7 @@ class InPO:
 
     needs_reference: ClassVar[bool] = True
     paired: ClassVar[bool] = True
+    sources: ClassVar[tuple[str, ...]] = ("pairs",)
 
     def __call__(self, err: torch.Tensor, ref_err: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """err, ref_err: (2B,) stacked [w; l] at inverted latents; label: (B,) P(w preferred). -> loss (B,), metrics."""

@@ -44,6 +44,8 @@ class DiffusionKTO:
     needs_reference: ClassVar[bool] = True
     xt_source: ClassVar[str] = "noise"
     paired: ClassVar[bool] = False
+    sources: ClassVar[tuple[str, ...]] = ("pairs", "round_sets")  # offline pairs; DRAGON-KTO sets
+    batch_baseline: ClassVar[bool] = True  # the program passes z, averaged over the batch on every process
 
     def __call__(
         self,

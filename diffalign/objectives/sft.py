@@ -24,6 +24,7 @@ class SFT:
     needs_reference: ClassVar[bool] = False
     xt_source: ClassVar[str] = "noise"
     paired: ClassVar[bool] = True
+    sources: ClassVar[tuple[str, ...]] = ("pairs",)
 
     def __call__(self, err: torch.Tensor, ref_err: None, label: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """err: (2B,) stacked [w; l]; ref_err: None; label: (B,) P(w preferred). -> loss (B,), metrics (B,)."""

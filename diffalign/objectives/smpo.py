@@ -55,6 +55,7 @@ class SmPO:
     needs_reference: ClassVar[bool] = True
     soft_labels: ClassVar[bool] = True  # the trainer checks that p comes from a scorer (data.label_mode: smpo)
     paired: ClassVar[bool] = True
+    sources: ClassVar[tuple[str, ...]] = ("pairs",)
 
     def __call__(self, err: torch.Tensor, ref_err: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """err, ref_err: (2B,) stacked [w; l]; label: (B,) the smoothed preference p. -> loss (B,), metrics (B,)."""

@@ -1,0 +1,119 @@
+"""What every model family shares: device moves, gradient checkpointing, the attention backend, VAE encode/decode,
+and how its LoRA file is written. One small base class instead of the same methods in five files; each family file
+keeps only its quirks (conditioning, prediction type, schedule, generation) and the class attributes below.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import ClassVar
+
+import torch
+from diffusers import DDPMScheduler, StableDiffusionPipeline
+from diffusers.models.attention_processor import AttnProcessor2_0
+
+from diffalign.errors import DiffalignError
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")  # what the DDPM families train with
+
+
+@torch.no_grad()
+def vae_encode(vae, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """(N, 3, H, W) in [-1, 1] -> scaled latents (N, C, H/f, W/f), fp32.
+
+    Uses the posterior mean, not a sample: the latent std of SD VAEs is tiny, and a deterministic latent is what a
+    cache should hold.
+    """
+    shift = vae.config.shift_factor
+    parts = []
+    for chunk in images.split(batch_size):
+        latents = vae.encode(chunk.to(vae.device, vae.dtype)).latent_dist.mode()
+        if shift is not None:
+            latents = latents - shift
+        parts.append((latents * vae.config.scaling_factor).float())
+    return torch.cat(parts)
+
+
+@torch.no_grad()
+def vae_decode(vae, x0: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Scaled latents (N, C, h, w) -> images (N, 3, h*f, w*f) in [-1, 1], fp32; the inverse of `vae_encode`."""
+    shift = vae.config.shift_factor
+    parts = []
+    for chunk in x0.split(batch_size):
+        latents = chunk.to(vae.device, vae.dtype) / vae.config.scaling_factor
+        if shift is not None:
+            latents = latents + shift
+        parts.append(vae.decode(latents).sample.float().clamp(-1, 1))
+    return torch.cat(parts)
+
+
+def use_sdpa(family) -> None:
+    """torch scaled_dot_product_attention: the family's SDPA processor (None: its own processors already use it)."""
+    if family.sdpa_processor is not None:
+        family.denoiser.set_attn_processor(family.sdpa_processor())
+
+
+def use_xformers(family) -> None:
+    """xformers memory-efficient attention (CUDA); a one-line error where the package or the GPU is missing."""
+    if importlib.util.find_spec("xformers") is None:
+        raise DiffalignError(
+            f"{family.name}: xformers attention needs the xformers package (pip install 'diffalign[xformers]' on a "
+            "CUDA machine); set xformers=false to use SDPA"
+        )
+    if family.denoiser.device.type != "cuda":
+        raise DiffalignError(f"{family.name}: xformers attention needs the model on a CUDA device (move it first)")
+    family.denoiser.enable_xformers_memory_efficient_attention()
+
+
+ATTENTION = {"sdpa": use_sdpa, "xformers": use_xformers}
+
+
+class Family:
+    """Base of the model families (diffalign.models): the methods that are the same for all of them."""
+
+    lora_writer: ClassVar[type] = StableDiffusionPipeline
+    """diffusers pipeline class whose `save_lora_weights` writes this family's LoRA file (its loader reads it)."""
+    lora_key_style: ClassVar[str] = "diffusers"
+    """Key style of the saved LoRA (diffalign.lora.KEY_STYLES): "diffusers" (UNet lora.down/up) or "peft"."""
+    sdpa_processor: ClassVar[type | None] = AttnProcessor2_0
+    """Attention processor for backend "sdpa"; None when the model's own processors already use SDPA."""
+
+    def to(self, device) -> Family:
+        self.pipe.to(device)
+        return self
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.denoiser.enable_gradient_checkpointing()
+
+    def use_attention(self, backend: str) -> None:
+        """Pick the attention implementation: "sdpa" (torch scaled_dot_product_attention, the default) or "xformers"."""
+        if backend not in ATTENTION:
+            raise ValueError(f"unknown attention backend '{backend}' (known: {', '.join(ATTENTION)})")
+        ATTENTION[backend](self)
+
+    def encode_images(self, images: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+        """(N, 3, H, W) in [-1, 1] -> x0 (N, C, H/f, W/f) = (latents - shift) * scaling_factor, fp32."""
+        return vae_encode(self.pipe.vae, images, batch_size)
+
+    def decode(self, x0: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+        """x0 (N, C, h, w) -> images (N, 3, f*h, f*w) in [-1, 1], fp32."""
+        return vae_decode(self.pipe.vae, x0, batch_size)
+
+    def init_ddpm(self, pipe, denoiser, vae_config: dict, dtype: torch.dtype, **scheduler_kwargs) -> None:
+        """The state of a DDPM-trained latent family (SD, SDXL, PixArt): pipe, denoiser, dtype, the *training* noise
+        schedule (DDPM with the checkpoint's betas, timestep settings and prediction type), VAE geometry, resolution."""
+        self.pipe, self.denoiser, self.dtype = pipe, denoiser, dtype
+        self.scheduler = DDPMScheduler.from_config(pipe.scheduler.config, **scheduler_kwargs)
+        self.prediction_type = self.scheduler.config.prediction_type
+        self.check_prediction_type()
+        self.set_vae_geometry(vae_config)
+        self.resolution = denoiser.config.sample_size * self.vae_scale_factor
+
+    def set_vae_geometry(self, vae_config: dict) -> None:
+        """vae_scale_factor (pixels per latent pixel) and latent_channels from the VAE config."""
+        self.vae_scale_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
+        self.latent_channels = vae_config["latent_channels"]
+
+    def check_prediction_type(self) -> None:
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"{self.name}: unsupported prediction_type '{self.prediction_type}'")
