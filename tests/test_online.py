@@ -3,6 +3,7 @@ and (slow, once assets/toy_model exists) learning checks on the toy world."""
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -343,17 +344,27 @@ def test_online_sdxl_bf16_gradient_checkpointing_and_accumulation(tmp_path, monk
     assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
 
 
+@dataclass
+class NanD3PO(D3PO):
+    """D3PO whose every loss is NaN: a stand-in for a diverged run, registered in OBJECTIVES for the test."""
+
+    def __call__(self, *args, **kwargs):
+        loss, metrics = super().__call__(*args, **kwargs)
+        return loss * float("nan"), metrics
+
+
 def test_online_stops_after_five_non_finite_steps_naming_round_and_step(tmp_path, monkeypatch):
-    """beta = NaN makes every loss NaN: each step is skipped and counted (the round log says so), and the fifth in a
-    row (round 2, step 2 with 3 steps per round) stops the run with a one-line error."""
+    """Every loss NaN: each step is skipped and counted (the round log says so), and the fifth in a row (round 2,
+    step 2 with 3 steps per round) stops the run with a one-line error."""
     from diffalign.errors import DiffalignError
     from pipelines.online import run
 
     monkeypatch.chdir(REPO)
+    monkeypatch.setitem(OBJECTIVES, "nan_d3po", NanD3PO)
     out = tmp_path / "run"
-    args = [*TINY_ONLINE, "online.train_steps=3", "online.rounds=3", "objective.beta=nan", f"online.output_dir={out}"]
+    args = [*TINY_ONLINE, "online.train_steps=3", "online.rounds=3", "objective.name=nan_d3po"]
     with pytest.raises(DiffalignError, match=r"5 steps in a row, the last at round 2 step 2"):
-        run(None, [*args, _prompts_file(tmp_path)])
+        run(None, [*args, f"online.output_dir={out}", _prompts_file(tmp_path)])
     assert json.loads((out / "rounds.jsonl").read_text())["skipped_steps"] == 3  # round 1: skipped, not stopped
 
 
