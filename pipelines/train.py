@@ -116,6 +116,7 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
         cfg.model, load_encoders=generates or not cache_ready(cfg.data)
     )  # a finished cache trains without them
     resolution = cfg.model.resolution or family.resolution
+    family.set_resolution(resolution)  # FLUX: the schedule's shift depends on the image size
     family.denoiser.to(accelerator.device)
     if tc.gradient_checkpointing:
         family.enable_gradient_checkpointing()
