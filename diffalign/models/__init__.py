@@ -41,8 +41,14 @@ from diffalign.models.sdxl import SDXLFamily
 from diffalign.models.toy import ToyFamily
 from diffalign.paths import TOY_MODEL
 
-FAMILIES = {"sd": SDFamily, "sdxl": SDXLFamily, "sd3": SD3Family, "pixart": PixArtFamily, "flux": FluxFamily,
-    "toy": ToyFamily}
+FAMILIES = {
+    "sd": SDFamily,
+    "sdxl": SDXLFamily,
+    "sd3": SD3Family,
+    "pixart": PixArtFamily,
+    "flux": FluxFamily,
+    "toy": ToyFamily,
+}
 
 # model_index.json `_class_name` -> family key
 PIPELINE_CLASSES = {

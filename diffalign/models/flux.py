@@ -68,7 +68,9 @@ class FluxFamily(Family):
     sdpa_processor = None  # FluxAttnProcessor already uses torch SDPA
     components = ["transformer", "scheduler", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"]
 
-    def __init__(self, pipe: FluxPipeline, vae_config: dict, dtype: torch.dtype, train_guidance: float = TRAIN_GUIDANCE):
+    def __init__(
+        self, pipe: FluxPipeline, vae_config: dict, dtype: torch.dtype, train_guidance: float = TRAIN_GUIDANCE
+    ):
         self.pipe, self.dtype, self.denoiser = pipe, dtype, pipe.transformer
         self.set_vae_geometry(vae_config)
         if self.denoiser.config.in_channels != 4 * self.latent_channels:
@@ -118,7 +120,9 @@ class FluxFamily(Family):
 
     def unpack(self, tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
         """(N, h/2 * w/2, 4C) -> (N, C, h, w) for latents of h x w (the pipeline's `_unpack_latents`)."""
-        return FluxPipeline._unpack_latents(tokens, h * self.vae_scale_factor, w * self.vae_scale_factor, self.vae_scale_factor)
+        return FluxPipeline._unpack_latents(
+            tokens, h * self.vae_scale_factor, w * self.vae_scale_factor, self.vae_scale_factor
+        )
 
     def denoise(self, xt: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
         """xt (N, 16, h, w), integer t (N,) in [0, 1000) -> velocity (N, 16, h, w); "size_info" is ignored.
