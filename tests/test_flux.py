@@ -12,9 +12,10 @@ import torch
 from data_factory import make_rows, write_parquet
 from diffusers import FluxPipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+from safetensors import safe_open
 
 from diffalign.likelihood import denoising_errors, pair_noise, pair_timesteps
-from diffalign.lora import add_lora, load_lora, reference_mode
+from diffalign.lora import LoraError, add_lora, load_lora, reference_mode, save_lora
 from diffalign.models import load_family
 from diffalign.models.flux import FluxFamily
 from diffalign.objectives import OBJECTIVES
@@ -175,3 +176,78 @@ def test_shipped_flux_dpo_config_runs_one_step_on_the_tiny_pipeline(pairs_file, 
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1] and math.isfinite(rows[0]["loss"])
     assert (run / "lora" / "pytorch_lora_weights.safetensors").is_file()  # bf16 base + checkpointing, as shipped
+
+
+def trained_lora(tmp_path, targets=None, seed=1):
+    """A saved FLUX LoRA (rank 4, alpha 8) with nonzero B, as after training."""
+    fam = load_family(str(TINY))
+    add_lora(fam.denoiser, 4, 8, targets or fam.lora_target_modules)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in fam.denoiser.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return save_lora(fam, tmp_path / "lora").parent
+
+
+def outputs_with(lora):
+    fam = load_family(str(TINY))
+    load_lora(fam, lora)
+    xt, t, cond = inputs(fam)
+    with torch.no_grad():
+        return fam.denoise(xt, t, cond)
+
+
+def test_kohya_export_bfl_names_round_trip_and_direct_loading(tmp_path):
+    lora = trained_lora(tmp_path)
+    kohya, back = tmp_path / "k.safetensors", tmp_path / "back"
+    assert main(["export", f"src={lora}", f"out={kohya}", "format=kohya"]) == 0
+    with safe_open(str(kohya), framework="pt") as f:
+        keys = set(f.keys())
+        qkv = f.get_tensor("lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight")
+        linear1 = f.get_tensor("lora_unet_single_blocks_0_linear1.lora_down.weight")
+        alpha = f.get_tensor("lora_unet_single_blocks_0_linear1.alpha")
+    assert {
+        "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight",
+        "lora_unet_double_blocks_0_txt_attn_qkv.alpha",
+        "lora_unet_double_blocks_0_img_attn_proj.lora_up.weight",
+        "lora_unet_double_blocks_0_txt_attn_proj.lora_down.weight",
+    } <= keys
+    assert all(k.startswith(("lora_unet_double_blocks_0_", "lora_unet_single_blocks_0_")) for k in keys)
+    assert qkv.shape == (3 * 32, 3 * 4)  # block-diagonal up of the fused q, k, v (inner 32, rank 4 each)
+    assert linear1.shape == (4 * 4, 32) and float(alpha) == 4 * 8  # q, k, v + zero proj_mlp; alpha / rank kept
+    assert main(["export", f"src={kohya}", f"out={back}", "format=diffusers"]) == 0
+    with safe_open(str(lora / "pytorch_lora_weights.safetensors"), framework="pt") as a:
+        with safe_open(str(back / "pytorch_lora_weights.safetensors"), framework="pt") as b:
+            assert set(a.keys()) == set(b.keys())  # the zero proj_mlp block is dropped again
+            assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
+    expected = outputs_with(lora)
+    assert torch.equal(outputs_with(back), expected)
+    torch.testing.assert_close(outputs_with(kohya), expected, rtol=0, atol=1e-6)  # diffalign reads kohya directly
+
+
+def test_kohya_file_reads_in_diffusers_own_flux_converter(tmp_path):
+    """diffusers' kohya FLUX reader (what `load_lora_weights` uses for ComfyUI / kohya files) gives the same network.
+    Double blocks only: that reader hard-codes FLUX.1's single-block widths (3072 / 12288) for linear1."""
+    targets = [f"transformer_blocks.0.attn.{m}" for m in ("to_q", "to_k", "to_v", "add_q_proj", "to_add_out")]
+    lora = trained_lora(tmp_path, targets)
+    kohya = tmp_path / "k.safetensors"
+    assert main(["export", f"src={lora}", f"out={kohya}", "format=kohya"]) == 0
+    pipe = plain_pipe()
+    pipe.load_lora_weights(str(kohya))
+    plain = FluxFamily(pipe, pipe.vae.config, torch.float32)
+    xt, t, cond = inputs(plain)
+    with torch.no_grad():
+        torch.testing.assert_close(plain.denoise(xt, t, cond), outputs_with(lora), rtol=0, atol=1e-5)
+
+
+def test_flux_lora_on_sdxl_and_sdxl_lora_on_flux_name_both(tmp_path):
+    flux_lora = trained_lora(tmp_path / "f")
+    sdxl = load_family(str(REPO / "assets/tiny/sdxl"))
+    with pytest.raises(LoraError, match=r"a flux LoRA cannot load onto a sdxl base model"):
+        load_lora(sdxl, flux_lora)
+    add_lora(sdxl.denoiser, 4, 4, sdxl.lora_target_modules)
+    sdxl_lora = save_lora(sdxl, tmp_path / "s").parent
+    with pytest.raises(LoraError, match=r"a sd/sdxl LoRA cannot load onto a flux base model") as err:
+        load_lora(load_family(str(TINY)), sdxl_lora)
+    assert "\n" not in str(err.value)
