@@ -42,6 +42,8 @@ class ModelConfig:
     """Optional replacement VAE (e.g. madebyollin/sdxl-vae-fp16-fix for SDXL in fp16)."""
     resolution: int = 0
     """Training resolution in pixels; 0 = the family's native size."""
+    quantize: str = "none"
+    """Frozen denoiser quantized under the LoRA: none, int8 (torchao), fp8 (torchao), nf4 (bitsandbytes; CUDA)."""
 
 
 @dataclass

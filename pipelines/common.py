@@ -23,7 +23,7 @@ from diffalign.data import (
 )
 from diffalign.data.relabel import Relabeled, load_or_score, relabel
 from diffalign.errors import DiffalignError
-from diffalign.models import load_family
+from diffalign.models import detect_family, load_family
 from diffalign.objectives import OBJECTIVES
 from diffalign.paths import TOY_TRAIN
 from diffalign.rewards import load_scorer
@@ -47,13 +47,30 @@ def prepare_output_dir(path: str, resume: bool = False, default_name: str = "run
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_model(mcfg: ModelConfig, load_encoders: bool = True):
-    """The model family of `model.path` in `model.dtype` (with `model.vae_path` if set)."""
+def load_model(mcfg: ModelConfig, load_encoders: bool = True, device="cpu"):
+    """The model family of `model.path` in `model.dtype` (with `model.vae_path` if set; with `model.quantize` the
+    denoiser quantized for training on `device`)."""
     if mcfg.dtype not in DTYPES:
         raise DiffalignError(f"model.dtype must be one of {', '.join(DTYPES)}, not '{mcfg.dtype}'")
+    extra = {}
+    if mcfg.quantize != "none":
+        key = detect_family(mcfg.path) if mcfg.family == "auto" else mcfg.family
+        if key not in QUANTIZABLE:
+            raise DiffalignError(
+                f"model.quantize: family '{key}' has no quantized base yet ({', '.join(QUANTIZABLE)})"
+            )
+        extra = dict(quantize=mcfg.quantize, device=device)
     return load_family(
-        mcfg.path, mcfg.family, dtype=DTYPES[mcfg.dtype], vae_path=mcfg.vae_path or None, load_encoders=load_encoders
+        mcfg.path,
+        mcfg.family,
+        dtype=DTYPES[mcfg.dtype],
+        vae_path=mcfg.vae_path or None,
+        load_encoders=load_encoders,
+        **extra,
     )
+
+
+QUANTIZABLE = ("flux",)  # families whose `load` takes quantize= (diffalign.quantize)
 
 
 def build_objective(ocfg: ObjectiveConfig):

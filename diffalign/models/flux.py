@@ -32,6 +32,7 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from diffalign.likelihood import Schedule
 from diffalign.models.base import Family
 from diffalign.models.sd import load_pipe
+from diffalign.quantize import pipeline_quantization
 
 # Joint attention of the double blocks (image + text streams) and the single blocks' to_q/k/v: the attention part
 # of diffusers' train_dreambooth_lora_flux.py default targets.
@@ -95,9 +96,22 @@ class FluxFamily(Family):
         self.schedule = Schedule(self.scheduler, self.prediction_type)
 
     @classmethod
-    def load(cls, path: str, dtype: torch.dtype = torch.float32, load_encoders: bool = True, vae_path=None):
-        """Load from a local folder or hub id; load_encoders=False skips the VAE, CLIP and T5 (latent cache)."""
+    def load(
+        cls,
+        path: str,
+        dtype: torch.dtype = torch.float32,
+        load_encoders: bool = True,
+        vae_path=None,
+        quantize: str = "none",
+        device="cpu",
+    ):
+        """Load from a local folder or hub id; load_encoders=False skips the VAE, CLIP and T5 (latent cache).
+        quantize (none | int8 | fp8 | nf4, diffalign.quantize) loads the transformer quantized for training on
+        `device`."""
         extra = dict(image_encoder=None, feature_extractor=None)
+        quantization = pipeline_quantization(quantize, "transformer", dtype, device)
+        if quantization is not None:
+            extra["quantization_config"] = quantization
         pipe, vae_config = load_pipe(FluxPipeline, path, cls.components, dtype, load_encoders, vae_path, **extra)
         return cls(pipe, vae_config, dtype)
 
