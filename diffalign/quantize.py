@@ -72,9 +72,9 @@ def check_backend(kind: str, device: str | torch.device) -> Backend | None:
             f"device {device}"
         )
     if device not in backend.devices:
-        where = ", ".join(backend.devices) or "no device for LoRA training yet"
+        where = " or ".join(backend.devices)
         raise DiffalignError(
-            f"model.quantize={kind}: backend {backend.package} cannot train on device {device} ({where})"
+            f"model.quantize={kind}: backend {backend.package} cannot train on device {device} (needs {where})"
         )
     return backend
 
