@@ -7,9 +7,9 @@ Every FLUX quirk lives here:
   (N, h/2 * w/2, 64) tokens with their latent image ids (0, row, column) by the pipeline's own `_pack_latents` /
   `_prepare_latent_image_ids`, and unpacks the prediction with `_unpack_latents`;
 - FLUX.1-dev is guidance-distilled: the guidance scale is an *input* of the transformer (`guidance_embeds=True` in
-  its config), there is no true CFG; training feeds `train_guidance` (1.0 by default, as SimpleTuner's and
-  ai-toolkit's FLUX LoRA recipes; diffusers' train_dreambooth_lora_flux.py uses 3.5). FLUX.1-schnell has no
-  guidance input and gets None;
+  its config), there is no true CFG; training feeds `train_guidance` (1.0 by default, SimpleTuner's default
+  `flux_guidance_value`; diffusers' train_dreambooth_lora_flux.py uses 3.5; a family attribute, not yet a config
+  key). FLUX.1-schnell has no guidance input and gets None;
 - prediction_type "flow": the transformer predicts the velocity eps - x0 at x_t = (1 - sigma) x0 + sigma eps, called
   with timestep sigma (the pipeline passes t / 1000);
 - the scheduler shifts sigmas by image size (`use_dynamic_shifting`): mu = calculate_shift(image_seq_len) linear in
