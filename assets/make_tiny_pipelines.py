@@ -1,6 +1,7 @@
 """Write tiny, real diffusers pipeline folders (random weights) that load with `from_pretrained` like real checkpoints.
 
-    python assets/make_tiny_pipelines.py          # writes assets/tiny/{sd15,sd15_v,sdxl,sd3,pixart}/
+    python assets/make_tiny_pipelines.py          # writes assets/tiny/{sd15,sd15_v,sdxl,sd3,pixart,flux}/
+    python assets/make_tiny_pipelines.py flux     # writes only assets/tiny/flux/
 
 - sd15:    StableDiffusionPipeline, DDIMScheduler with SD1.5's folder settings (steps_offset=1, scaled_linear betas).
 - sd15_v:  the same weights with prediction_type="v_prediction" (SD2-style), so v-prediction code paths are tested.
@@ -12,7 +13,12 @@
            16-channel VAE with SD3's shift_factor / scaling_factor and no quant convs.
 - pixart:  PixArtSigmaPipeline: PixArtTransformer2DModel with out_channels 8 (learned sigma: [eps; variance]),
            a T5EncoderModel (d_model 32 = caption_channels), the SD VAE, DPMSolverMultistepScheduler with PixArt's
-           linear betas. Both T5 tokenizers are real T5Tokenizers (Unigram) built in code, no sentencepiece file.
+           linear betas.
+- flux:    FluxPipeline shaped like FLUX.1-dev (diffusers' own FLUX test sizes): FluxTransformer2DModel with
+           guidance_embeds=True, 1 double + 1 single block, in_channels 64 (16 VAE channels, 2x2-packed), CLIPTextModel
+           (pooled 32) + T5 (d_model 64), FLUX.1-dev's dynamic-shift FlowMatchEulerDiscreteScheduler, a 16-channel VAE
+           with FLUX.1's shift_factor / scaling_factor.
+The T5 tokenizers are real T5Tokenizers (Unigram) built in code, no sentencepiece file.
 Sizes are the smallest that keep every code path of the real models: VAE with 4 levels (vae_scale_factor 8 as in real SD), UNet and
 transformer sample_size 8 (so the native resolution is 64 px), text encoders with hidden size 32 and 2 layers.
 Seeded (every builder seeds itself, so adding one leaves the others' weights unchanged): the same torch version
@@ -31,6 +37,8 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
     PixArtSigmaPipeline,
     PixArtTransformer2DModel,
     SD3Transformer2DModel,
@@ -187,6 +195,63 @@ def pixart_transformer():
     ).eval()
 
 
+def flux_vae():
+    torch.manual_seed(11)
+    return AutoencoderKL(
+        block_out_channels=(8, 8, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        latent_channels=16,
+        sample_size=64,  # the family's native resolution (FLUX.1's VAE config says 1024)
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.1159,  # FLUX.1's VAE values
+        scaling_factor=0.3611,
+    ).eval()
+
+
+def flux_transformer():
+    """As diffusers' tests/pipelines/flux/test_pipeline_flux.py, with 16 latent channels (64 after 2x2 packing)."""
+    torch.manual_seed(12)
+    return FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=64,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=2 * HIDDEN,  # the T5 width
+        pooled_projection_dim=HIDDEN,  # the CLIP pooled embed
+        guidance_embeds=True,  # FLUX.1-dev style
+        axes_dims_rope=(4, 6, 6),  # sums to attention_head_dim
+    ).eval()
+
+
+def flux(tokenizer, t5_tokenizer) -> FluxPipeline:
+    """FluxPipeline shaped like FLUX.1-dev: CLIPTextModel (pooled) + T5, guidance embedding, FLUX.1-dev's
+    scheduler_config.json (dynamic shifting between 256 and 4096 tokens, base_shift 0.5, max_shift 1.15)."""
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+        base_shift=0.5,
+        max_shift=1.15,
+    )
+    return FluxPipeline(
+        scheduler=scheduler,
+        vae=flux_vae(),
+        text_encoder=text_encoder(tokenizer, with_projection=False),
+        tokenizer=tokenizer,
+        text_encoder_2=t5_encoder(t5_tokenizer, d_model=2 * HIDDEN, seed=13),
+        tokenizer_2=t5_tokenizer,
+        transformer=flux_transformer(),
+    )
+
+
 def save(pipe, name: str) -> None:
     folder = OUT / name
     shutil.rmtree(folder, ignore_errors=True)
@@ -195,8 +260,15 @@ def save(pipe, name: str) -> None:
     print(f"{folder}: {size / 1e6:.2f} MB")
 
 
-def main() -> None:
+def main(only: list[str]) -> None:
+    """Write every pipeline, or only the named ones (e.g. `flux`)."""
     tokenizer = build_clip_tokenizer(WORDS, model_max_length=77)
+    if only:
+        t5_tokenizer = build_t5_tokenizer(WORDS)
+        builders = {"flux": lambda: flux(tokenizer, t5_tokenizer)}
+        for name in only:
+            save(builders[name](), name)
+        return
     sd15_parts = dict(
         vae=vae(),
         text_encoder=text_encoder(tokenizer, with_projection=False),
@@ -252,7 +324,10 @@ def main() -> None:
         ),
     )
     save(pixart, "pixart")
+    save(flux(tokenizer, t5_tokenizer), "flux")
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    main(sys.argv[1:])

@@ -4,6 +4,8 @@
 #
 #   benchmarks/gpu.sh                              # on a GPU machine: --device cuda --size sdxl
 #   benchmarks/gpu.sh --device cpu --size tiny     # smoke test of the same code path on a CPU
+#   benchmarks/gpu.sh --memory                     # the per-family memory / speed table (benchmarks/memory.py's
+#                                                  # estimate, then measured: benchmarks/memory_measure.py)
 #
 # Prints, per setting: (1) a process that runs only row (a), diffalign's training step, so its peak
 # torch.cuda.max_memory_allocated is the whole step (target: < 24 GB with gradient checkpointing), then
@@ -17,10 +19,12 @@ cd "$(dirname "$0")/.."
 DEVICE=cuda
 SIZE=sdxl
 EXTRA=()
+MEMORY=0
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --device) DEVICE="$2"; shift 2 ;;
     --size) SIZE="$2"; shift 2 ;;
+    --memory) MEMORY=1; shift ;;
     *) EXTRA+=("$1"); shift ;;
   esac
 done
@@ -32,6 +36,16 @@ COMMON=(--size "$SIZE" --device "$DEVICE" --dtype bfloat16 --pairs 1 --steps 5 -
 
 if [[ "$DEVICE" == cuda* ]]; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+fi
+
+if [[ "$MEMORY" == 1 ]]; then
+  echo "=== memory accounting (estimate, no weights) ==="
+  "$PY" benchmarks/memory.py --json "$RESULTS/memory-estimate.json"
+  echo
+  echo "=== measured on $DEVICE: SD1.5@512, SDXL@1024, SD3.5-M@1024, FLUX.1-dev@1024 x fp32/bf16/bf16+ckpt/int8+ckpt ==="
+  (cd benchmarks && PYTHONPATH="${PYTHONPATH:-..}" "$PY" memory_measure.py --device "$DEVICE" \
+    --json "../$RESULTS/memory-measured-$DEVICE.json" ${EXTRA[@]+"${EXTRA[@]}"})
+  exit 0
 fi
 "$PY" -c "import torch, diffusers, peft; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'peft', peft.__version__)"
 

@@ -29,6 +29,7 @@ FAMILY_NAMES = (
     "sdxl",
     "sd3",
     "pixart",
+    "flux",
     "toy",
 )  # "auto" + diffalign.models.FAMILIES (a test keeps them equal)
 SCORER = OneOf(SCORERS)
@@ -53,6 +54,8 @@ class ModelConfig:
     """Optional replacement VAE (e.g. madebyollin/sdxl-vae-fp16-fix for SDXL in fp16)."""
     resolution: Annotated[int, NON_NEGATIVE] = 0
     """Training resolution in pixels, a multiple of the family's latent factor; 0 = the family's native size."""
+    quantize: Annotated[str, OneOf("none", "int8", "fp8", "nf4")] = "none"
+    """Frozen denoiser quantized under the LoRA: none, int8 (torchao), fp8 (torchao), nf4 (bitsandbytes; CUDA)."""
 
 
 @dataclass

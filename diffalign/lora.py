@@ -10,7 +10,11 @@ Kohya format (UNet families sd / sdxl; what kohya sd-scripts, A1111 and ComfyUI 
 (scale = alpha / rank). `export_kohya` writes it with diffusers' `convert_state_dict_to_kohya` plus the real alphas
 (that converter writes alpha = rank); `load_lora` and `import_kohya` read it with diffusers' own kohya converter
 (`lora_state_dict`, as `pipe.load_lora_weights` does), including SDXL files with SGM block names (input_blocks ...).
-Text-encoder parts (lora_te*) are refused: diffalign adapts the denoiser only.
+Text-encoder parts (lora_te*) are refused: diffalign adapts the denoiser only. FLUX LoRAs use kohya's / ComfyUI's
+BFL module names (`lora_unet_double_blocks_<i>_img_attn_qkv`, ...), converted by diffalign.lora_flux.
+
+A LoRA made for another family (a FLUX LoRA on an SDXL base, or the other way round) is refused with a one-line error
+that names both (`lora_family`).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import FluxPipeline, StableDiffusionPipeline
 from diffusers.training_utils import cast_training_params
 from diffusers.utils import (
     convert_state_dict_to_diffusers,
@@ -35,12 +39,14 @@ from peft.utils.other import get_pattern_key
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from diffalign import lora_flux
 from diffalign.errors import DiffalignError
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 # (down, up) key suffixes: diffusers' `convert_state_dict_to_diffusers` writes "lora.down/up"; peft writes "lora_A/B"
 LORA_KEY_PAIRS = [(".lora.down.weight", ".lora.up.weight"), (".lora_A.weight", ".lora_B.weight")]
 METADATA_KEY = "diffalign"  # our own metadata (run config, base model, ...) as one JSON string
+FAMILY_METADATA_KEY = "diffalign_family"  # the family name of the base the LoRA was trained on
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers' key for the packed adapter config ("unet.r", ...)
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")  # diffusers' test for a kohya file
 
@@ -116,12 +122,13 @@ def save_lora(family, out_dir, metadata: dict | None = None, adapter_name: str =
     config = family.denoiser.peft_config[adapter_name].to_dict()
     weights = KEY_STYLES[family.lora_key_style](family.denoiser, adapter_name)
     path = _write_diffusers(family.lora_writer, family.lora_prefix, weights, config, out_dir)
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
+        file_metadata = dict(f.metadata())
+    file_metadata[FAMILY_METADATA_KEY] = family.name
     if metadata:
-        with safe_open(str(path), framework="pt") as f:
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
-            file_metadata = dict(f.metadata())
         file_metadata[METADATA_KEY] = json.dumps(metadata, sort_keys=True, default=str)
-        save_file(tensors, str(path), metadata=file_metadata)
+    save_file(tensors, str(path), metadata=file_metadata)
     return path
 
 
@@ -192,8 +199,40 @@ def check_lora_matches(denoiser, path, prefix: str, shapes: dict | None = None) 
             )
 
 
+def lora_family(file) -> str:
+    """The model family a LoRA file belongs to: the family `save_lora` recorded (FAMILY_METADATA_KEY), else from its
+    keys "flux" (single-stream blocks / BFL names) or "sd/sdxl" (UNet); "" when neither tells."""
+    with safe_open(str(file), framework="pt") as f:
+        keys, recorded = list(f.keys()), (f.metadata() or {}).get(FAMILY_METADATA_KEY, "")
+    if recorded:
+        return FAMILY_GROUPS.get(recorded, recorded)
+    if lora_flux.is_flux_kohya(keys) or any(".single_transformer_blocks." in f".{k}" for k in keys):
+        return "flux"
+    return "sd/sdxl" if any(k.startswith(("unet.", "lora_unet_")) for k in keys) else ""
+
+
+FAMILY_GROUPS = {"sd": "sd/sdxl", "sdxl": "sd/sdxl", "flux": "flux"}  # family name -> lora_family() value
+
+
+def check_lora_family(family, file) -> None:
+    """One-line error naming both when the file is a LoRA for another family than `family`."""
+    made_for = lora_family(file)
+    base = FAMILY_GROUPS.get(family.name, family.name)
+    if made_for and made_for != base:
+        raise LoraError(f"{file}: a {made_for} LoRA cannot load onto a {family.name} base model")
+
+
 def _load_adapter(family, path, adapter_name: str) -> None:
     file = _lora_file(path)
+    check_lora_family(family, file)
+    if is_kohya(file) and family.name == "flux":
+        with safe_open(str(file), framework="pt") as f:
+            weights, alphas = lora_flux.from_kohya({k: f.get_tensor(k) for k in f.keys()}, str(file))
+        check_lora_matches(family.denoiser, file, "transformer", {k: v.shape for k, v in weights.items()})
+        family.denoiser.load_lora_adapter(
+            weights, prefix="transformer", network_alphas=alphas, adapter_name=adapter_name
+        )
+        return
     if is_kohya(file):
         if family.lora_prefix != "unet":
             raise LoraError(f"{file}: kohya-format LoRAs load into UNet families (sd, sdxl), not '{family.name}'")
@@ -235,7 +274,8 @@ def load_lora_many(family, loras: list[tuple[str, float]], fuse: bool = False) -
 
 
 def is_kohya(path: str | Path) -> bool:
-    """True when every key of the LoRA file has a kohya prefix (lora_unet_, lora_te*_), as diffusers decides."""
+    """True when every key of the LoRA file has a kohya prefix (lora_unet_, lora_te*_), as diffusers decides (FLUX
+    files included)."""
     with safe_open(str(_lora_file(path)), framework="pt") as f:
         keys = list(f.keys())
     return bool(keys) and all(key.startswith(KOHYA_PREFIXES) for key in keys)
@@ -263,10 +303,11 @@ def read_kohya(path: str | Path, unet_config=None) -> tuple[dict[str, torch.Tens
 
 
 def export_kohya(src: str | Path, out: str | Path) -> Path:
-    """A diffusers-format UNet LoRA (folder or file) -> one kohya .safetensors file `out`; returns it.
+    """A diffusers-format UNet (sd, sdxl) or FLUX LoRA (folder or file) -> one kohya .safetensors file `out`.
 
     Weights are unchanged; each module's `.alpha` is its peft alpha (alpha_pattern, else lora_alpha, from the adapter
     metadata; rank when there is none, as diffusers then loads it), so kohya's alpha / rank equals peft's scale.
+    UNet keys are diffusers' `convert_state_dict_to_kohya`; FLUX keys are BFL names (diffalign.lora_flux).
     """
     file, out = _lora_file(src), Path(out)
     if out.suffix != ".safetensors":
@@ -275,25 +316,39 @@ def export_kohya(src: str | Path, out: str | Path) -> Path:
         tensors = {key: f.get_tensor(key) for key in f.keys()}
         file_metadata = dict(f.metadata() or {})
     prefixes = sorted({key.split(".")[0] for key in tensors})
-    if prefixes != ["unet"]:
-        raise LoraError(f"{file}: kohya export supports UNet LoRAs (sd, sdxl), not '{'/'.join(prefixes)}.' keys")
+    made_for = lora_family(file)
+    if prefixes != ["unet"] and not (prefixes == ["transformer"] and made_for == "flux"):
+        what = made_for or "/".join(prefixes) + "."
+        raise LoraError(f"{file}: kohya export supports UNet LoRAs (sd, sdxl) and FLUX LoRAs, not a '{what}' LoRA")
+    prefix = prefixes[0]
     packed = json.loads(file_metadata.get(ADAPTER_METADATA_KEY, "{}"))
-    config = {key.removeprefix("unet."): value for key, value in packed.items() if key.startswith("unet.")}
+    config = {key.removeprefix(prefix + "."): value for key, value in packed.items() if key.startswith(prefix + ".")}
     if config.get("use_rslora") or config.get("use_dora"):
         raise LoraError(f"{file}: rsLoRA / DoRA adapters have no kohya equivalent here")
-    peft_weights = convert_unet_state_dict_to_peft(tensors)  # "unet.<module>.lora_A.weight", ...
-    kohya = convert_state_dict_to_kohya(peft_weights)  # "lora_unet_<module>.lora_down.weight", ".alpha" = rank
+    # "<prefix>.<module>.lora_A.weight", ...
+    peft_weights = convert_unet_state_dict_to_peft(tensors) if prefix == "unet" else tensors
     alpha_pattern = config.get("alpha_pattern") or {}
+    alphas = {}
     for key in [k for k in peft_weights if k.endswith(".lora_A.weight")]:
-        module = key.removeprefix("unet.").removesuffix(".lora_A.weight")
+        module = key.removeprefix(prefix + ".").removesuffix(".lora_A.weight")
         rank = peft_weights[key].shape[0]
-        alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), module), config.get("lora_alpha", rank))
-        kohya["lora_unet_" + module.replace(".", "_") + ".alpha"] = torch.tensor(float(alpha))
+        alphas[module] = alpha_pattern.get(
+            get_pattern_key(alpha_pattern.keys(), module), config.get("lora_alpha", rank)
+        )
+    if prefix == "unet":
+        kohya = convert_state_dict_to_kohya(peft_weights)  # "lora_unet_<module>.lora_down.weight", ".alpha" = rank
+        for module, alpha in alphas.items():
+            kohya["lora_unet_" + module.replace(".", "_") + ".alpha"] = torch.tensor(float(alpha))
+    else:
+        try:
+            kohya = lora_flux.to_kohya({k.removeprefix("transformer."): v for k, v in peft_weights.items()}, alphas)
+        except lora_flux.FluxKohyaError as err:
+            raise LoraError(f"{file}: {err}") from None
     ranks = {int(v.shape[0]) for k, v in kohya.items() if k.endswith("lora_down.weight")}
-    alphas = {float(v) for k, v in kohya.items() if k.endswith(".alpha")}
-    metadata = {"ss_network_module": "networks.lora"}
-    if len(ranks) == 1 and len(alphas) == 1:
-        metadata.update(ss_network_dim=str(ranks.pop()), ss_network_alpha=f"{alphas.pop():g}")
+    alpha_values = {float(v) for k, v in kohya.items() if k.endswith(".alpha")}
+    metadata = {"ss_network_module": "networks.lora" if prefix == "unet" else "networks.lora_flux"}
+    if len(ranks) == 1 and len(alpha_values) == 1:
+        metadata.update(ss_network_dim=str(ranks.pop()), ss_network_alpha=f"{alpha_values.pop():g}")
     if METADATA_KEY in file_metadata:
         metadata[METADATA_KEY] = file_metadata[METADATA_KEY]
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -302,14 +357,18 @@ def export_kohya(src: str | Path, out: str | Path) -> Path:
 
 
 def import_kohya(src: str | Path, out: str | Path, unet_config=None) -> Path:
-    """A kohya UNet LoRA file -> diffusers format (folder, or a .safetensors file) with its adapter config built by
+    """A kohya UNet or FLUX LoRA file -> diffusers format (folder, or a .safetensors file) with its adapter config built by
     diffusers' `get_peft_kwargs` (most common r / alpha, per-module rank / alpha patterns); returns it."""
     file = _lora_file(src)
     if not is_kohya(file):
         raise LoraError(f"{file}: not a kohya-format LoRA (keys do not start with {', '.join(KOHYA_PREFIXES)})")
-    weights, alphas = read_kohya(file, unet_config)
-    peft_weights = {k.removeprefix("unet."): v for k, v in weights.items()}
+    with safe_open(str(file), framework="pt") as f:
+        flux = lora_flux.is_flux_kohya(f.keys())
+        tensors = {k: f.get_tensor(k) for k in f.keys()} if flux else None
+    prefix, writer = ("transformer", FluxPipeline) if flux else ("unet", StableDiffusionPipeline)
+    weights, alphas = lora_flux.from_kohya(tensors, str(file)) if flux else read_kohya(file, unet_config)
+    peft_weights = {k.removeprefix(prefix + "."): v for k, v in weights.items()}
     ranks = {f"^{k}": v.shape[1] for k, v in peft_weights.items() if "lora_B" in k and v.ndim > 1}
-    module_alphas = {k.removeprefix("unet."): v for k, v in alphas.items()}
+    module_alphas = {k.removeprefix(prefix + "."): v for k, v in alphas.items()}
     config = LoraConfig(**get_peft_kwargs(ranks, module_alphas, peft_weights, is_unet=True)).to_dict()
-    return _write_diffusers(StableDiffusionPipeline, "unet", peft_weights, config, out)
+    return _write_diffusers(writer, prefix, peft_weights, config, out)

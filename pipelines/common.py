@@ -24,7 +24,7 @@ from diffalign.data import (
 from diffalign.data.relabel import Relabeled, load_or_score, relabel
 from diffalign.errors import DiffalignError
 from diffalign.lora import lora_targets
-from diffalign.models import load_family, resolve_path
+from diffalign.models import detect_family, load_family, resolve_path
 from diffalign.objectives import OBJECTIVES
 from diffalign.paths import TOY_TRAIN
 from diffalign.rewards import load_scorer
@@ -49,18 +49,36 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def load_model(
-    mcfg: ModelConfig, load_encoders: bool = True, lora: LoraConfig | None = None, sizes: dict[str, int] | None = None
+    mcfg: ModelConfig,
+    load_encoders: bool = True,
+    lora: LoraConfig | None = None,
+    sizes: dict[str, int] | None = None,
+    device="cpu",
 ):
-    """The model family of `model.path` in `model.dtype` (with `model.vae_path` if set), checked against the
-    settings that depend on the model: model.resolution (plus `sizes`, e.g. {"height": 768}) must be multiples of
-    its latent factor (read from a local folder's config files before loading, else after), and
-    `lora.target_modules` must name layers of its denoiser (after loading). Nothing has been written yet."""
+    """The model family of `model.path` in `model.dtype` (with `model.vae_path` if set; with `model.quantize` the
+    denoiser quantized for training on `device`), checked against the settings that depend on the model:
+    model.resolution (plus `sizes`, e.g. {"height": 768}) must be multiples of its latent factor (read from a local
+    folder's config files before loading, else after), and `lora.target_modules` must name layers of its denoiser
+    (after loading). Nothing has been written yet."""
     sizes = {"model.resolution": mcfg.resolution, **(sizes or {})}
     folder = Path(resolve_path(mcfg.path))
     if (folder / "model_index.json").is_file():
         check_sizes(sizes, folder_latent_factor(folder), mcfg.path)
+    extra = {}
+    if mcfg.quantize != "none":
+        key = detect_family(mcfg.path) if mcfg.family == "auto" else mcfg.family
+        if key not in QUANTIZABLE:
+            raise DiffalignError(
+                f"model.quantize: family '{key}' has no quantized base yet ({', '.join(QUANTIZABLE)})"
+            )
+        extra = dict(quantize=mcfg.quantize, device=device)
     family = load_family(
-        mcfg.path, mcfg.family, dtype=DTYPES[mcfg.dtype], vae_path=mcfg.vae_path or None, load_encoders=load_encoders
+        mcfg.path,
+        mcfg.family,
+        dtype=DTYPES[mcfg.dtype],
+        vae_path=mcfg.vae_path or None,
+        load_encoders=load_encoders,
+        **extra,
     )
     check_sizes(sizes, latent_factor(family), family.name)
     if lora is not None:
@@ -111,6 +129,9 @@ def check_target_modules(family, targets: list[str]) -> None:
                 f"lora.target_modules: '{target}' names no Linear/Conv layer of the {family.name} "
                 f"{type(family.denoiser).__name__}{hint}"
             )
+
+
+QUANTIZABLE = ("flux",)  # families whose `load` takes quantize= (diffalign.quantize)
 
 
 def build_objective(ocfg: ObjectiveConfig):

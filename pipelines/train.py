@@ -114,10 +114,11 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
 
     # ---- model, LoRA, objective -------------------------------------------------------------------------------
     generates = bool(cfg.eval.prompts) or bool(tc.validate_every and tc.validation_prompts)
-    family = load_model(
-        cfg.model, load_encoders=generates or not cache_ready(cfg.data), lora=cfg.lora
-    )  # a finished cache trains without them
+    family = load_model(  # a finished cache trains without the encoders
+        cfg.model, load_encoders=generates or not cache_ready(cfg.data), lora=cfg.lora, device=accelerator.device
+    )
     resolution = cfg.model.resolution or family.resolution
+    family.set_resolution(resolution)  # FLUX: the schedule's shift depends on the image size
     family.denoiser.to(accelerator.device)
     if tc.gradient_checkpointing:
         family.enable_gradient_checkpointing()

@@ -5,7 +5,7 @@ pooled embeds, VAE scaling and shift, SD3's flow timesteps, PixArt's learned-sig
 behind the same small surface:
 
     family = load_family(path, dtype=torch.float32, load_encoders=True)
-    family.name                  # "sd" | "sdxl" | "sd3" | "pixart" | "toy"
+    family.name                  # "sd" | "sdxl" | "sd3" | "pixart" | "flux" | "toy"
     family.denoiser              # the nn.Module LoRA attaches to (UNet or transformer)
     family.scheduler             # the *training* noise scheduler (DDPMScheduler / FlowMatchEulerDiscreteScheduler)
     family.lora_prefix           # key prefix of its LoRA files: "unet" | "transformer"
@@ -34,6 +34,7 @@ import json
 import os
 from pathlib import Path
 
+from diffalign.models.flux import FluxFamily
 from diffalign.models.pixart import PixArtFamily
 from diffalign.models.sd import SDFamily
 from diffalign.models.sd3 import SD3Family
@@ -41,7 +42,14 @@ from diffalign.models.sdxl import SDXLFamily
 from diffalign.models.toy import ToyFamily
 from diffalign.paths import TOY_MODEL
 
-FAMILIES = {"sd": SDFamily, "sdxl": SDXLFamily, "sd3": SD3Family, "pixart": PixArtFamily, "toy": ToyFamily}
+FAMILIES = {
+    "sd": SDFamily,
+    "sdxl": SDXLFamily,
+    "sd3": SD3Family,
+    "pixart": PixArtFamily,
+    "flux": FluxFamily,
+    "toy": ToyFamily,
+}
 
 # model_index.json `_class_name` -> family key
 PIPELINE_CLASSES = {
@@ -49,6 +57,7 @@ PIPELINE_CLASSES = {
     "StableDiffusionXLPipeline": "sdxl",
     "StableDiffusion3Pipeline": "sd3",
     "PixArtSigmaPipeline": "pixart",
+    "FluxPipeline": "flux",
     "DiffalignToyPipeline": "toy",
 }
 

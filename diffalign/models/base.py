@@ -82,6 +82,10 @@ class Family:
         self.pipe.to(device)
         return self
 
+    def set_resolution(self, resolution: int) -> None:
+        """Prepare the training schedule for images of `resolution` px; only families whose noise schedule depends on
+        the image size (FLUX's dynamic shift) override this."""
+
     def enable_gradient_checkpointing(self) -> None:
         self.denoiser.enable_gradient_checkpointing()
 

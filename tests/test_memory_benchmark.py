@@ -1,0 +1,46 @@
+"""benchmarks/memory.py's accounting (no weights, meta device) and memory_measure.py's step at tiny latent size.
+Scripts, not speed tests: no timing asserts; the published parameter counts check that the configs are the real ones."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import memory  # noqa: E402
+
+
+def test_accounting_of_flux_and_sd15():
+    results = memory.main(["--families", "sd15", "flux"])
+    flux, sd15 = results["flux"], results["sd15"]
+    assert 11.8e9 < flux["params"] < 12.0e9  # FLUX.1-dev: "12 B"
+    assert 0.85e9 < sd15["params"] < 0.87e9  # SD1.5 UNet: 860 M
+    for r in (flux["rows"], sd15["rows"]):
+        assert r["fp32"]["weights_gb"] == pytest.approx(2 * r["bf16"]["weights_gb"])
+        assert r["nf4+ckpt"]["weights_gb"] < r["int8+ckpt"]["weights_gb"] < r["bf16+ckpt"]["weights_gb"]
+        assert r["bf16+ckpt"]["activations_gb"] < r["bf16"]["activations_gb"] < r["fp32"]["activations_gb"]
+        assert len({row["lora_states_gb"] for row in r.values()}) == 1
+
+
+@pytest.mark.slow
+def test_measured_step_runs_on_cpu_at_tiny_latents():
+    import memory_measure
+
+    results = memory_measure.main(
+        [
+            "--device",
+            "cpu",
+            "--families",
+            "sd15",
+            "--settings",
+            "int8+ckpt",
+            "--res-div",
+            "8",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+        ]
+    )
+    row = results["sd15"]["int8+ckpt"]
+    assert row["peak_gb"] is None and row["step_s"] > 0
