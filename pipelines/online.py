@@ -209,7 +209,7 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
             tensor_sums = {}
             for part in torch.tensor_split(pick, rc.grad_accum):  # micro-batches; process r takes rows r, r+W, ...
                 for k in ks:  # one backward per trajectory step, gradients accumulated (official D3PO)
-                    batch = {"round": rnd, "rows": part[rank::world], "k": k}
+                    batch = {"round": rnd, "step": s, "rows": part[rank::world], "k": k}
                     tensor_sums = micro_step(accelerator, prepared, ctx, batch, tensor_sums)
             losses_finite, grads_finite = finish_step(accelerator, ctx, tensor_sums)
             lr_scheduler.step()

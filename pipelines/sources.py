@@ -4,14 +4,17 @@ micro-step (pipelines/step.py); what differs is only the batch a program makes.
 
     source       program  batch                                         objective inputs
     pairs        train    collated preference pairs (diffalign.data)     err, ref_err at x_t of objective.xt_source
-    round_pairs  online   {"round": Round, "rows": (B,)} pair rows       err, ref_err at forward-noised generated x0
-    round_sets   online   {"round": Round, "rows": (M,)} set rows        err, ref_err (+ desirable) per sample
-    trajectory   online   {"round": Round, "rows": (B,), "k": step}      step log-probs of both chains (D3PO)
-    experts      online   {"round": Round, "rows": (B,), "k": step}      err, ref_err of [expert; policy] (DRO)
+    round_pairs  online   {"round", "step", "rows": (B,)} pair rows      err, ref_err at forward-noised generated x0
+    round_sets   online   {"round", "step", "rows": (M,)} set rows       err, ref_err (+ desirable) per sample
+    trajectory   online   {"round", "step", "rows": (B,), "k"}          step log-probs of both chains (D3PO)
+    experts      online   {"round", "step", "rows": (B,), "k"}          err, ref_err of [expert; policy] (DRO)
+
+("step" is the optimizer step within the round, "k" a stored trajectory step.)
 
 An objective lists the sources it can learn from (`sources` class attribute); a program accepts it when one of
 them belongs to the program. Every random draw of a row (t, eps, inversion noise) comes from a generator keyed on
-(seed, epoch or round, row index), so the same row gets the same noise in any process, batch slot or resumed run.
+(seed, epoch, pair index) offline and (seed, round, optimizer step, row) on-line, so the same draw gets the same noise in
+any process, batch slot or resumed run, and a row drawn again by a later step of its round gets fresh noise.
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ def round_pair_inputs(ctx: StepContext, batch: dict, device):
     idx = torch.cat([rnd.first[rows], rnd.second[rows]])  # (2B,) stacked [w; l]
     x0 = rnd.traj.x0[idx].to(device)  # (2B, C, h, w)
     cond = ctx.family.encode_prompts([rnd.prompts[i] for i in idx.tolist()])
-    keys = [(rnd.index, r) for r in rows.tolist()]
+    keys = [(rnd.index, batch["step"], r) for r in rows.tolist()]
     t, eps, _ = keyed_t_and_eps(True, x0, ctx.schedule, ctx.seed, keys, ctx.estimator)
     errors = denoising_errors(ctx.denoise, ctx.schedule, x0, cond, t, eps, ctx.reference)
     return (errors.err, errors.ref_err, torch.ones(len(rows), device=device)), {}
@@ -78,7 +81,9 @@ def round_set_inputs(ctx: StepContext, batch: dict, device):
     x0 = rnd.traj.x0[idx].to(device)  # (M, C, h, w)
     cond = ctx.family.encode_prompts([rnd.prompts[i] for i in idx.tolist()])
     draws = [
-        draw_t_and_eps(False, x0[i : i + 1], ctx.schedule, pair_generator(ctx.seed, rnd.index, r), ctx.estimator)
+        draw_t_and_eps(
+            False, x0[i : i + 1], ctx.schedule, pair_generator(ctx.seed, rnd.index, batch["step"], r), ctx.estimator
+        )
         for i, r in enumerate(rows.tolist())
     ]  # M x ((1,), (1, C, h, w))
     t, eps = torch.cat([d[0] for d in draws]), torch.cat([d[1] for d in draws])  # (M,), (M, C, h, w)
@@ -109,7 +114,7 @@ def expert_inputs(ctx: StepContext, batch: dict, device):
     rnd, rows = batch["round"], batch["rows"]
     expert_x0, _ = rnd.experts
     idx_p, idx_e = rnd.first[rows], rnd.second[rows]  # (B,) policy chains and the experts they were prompted by
-    gens = [pair_generator(ctx.seed, rnd.index, r) for r in rows.tolist()]
+    gens = [pair_generator(ctx.seed, rnd.index, batch["step"], r) for r in rows.tolist()]
     eps = torch.cat([torch.randn((1, *expert_x0.shape[1:]), generator=g) for g in gens])  # (B, C, h, w) keyed
     err, ref_err = dro_inputs(
         ctx.family,

@@ -141,13 +141,14 @@ def keyed_generator(*words: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
-def pair_generator(seed: int, epoch: int, index: int) -> torch.Generator:
-    """The generator of one pair's t and eps, keyed like its augmentation (`item_draws`): the same pair in the same
-    epoch gets the same noise whichever process, batch slot or resumed run draws it."""
-    return keyed_generator(seed, epoch, index, NOISE_STREAM)
+def pair_generator(seed: int, *key: int) -> torch.Generator:
+    """The generator of one pair's t and eps, keyed like its augmentation (`item_draws`): offline (epoch, index), so
+    the same pair in the same epoch gets the same noise whichever process, batch slot or resumed run draws it;
+    on-line (round, step, row), so a row drawn again by a later step of its round gets fresh noise."""
+    return keyed_generator(seed, *key, NOISE_STREAM)
 
 
-def keyed_t_and_eps(paired: bool, x0, schedule: Schedule, seed: int, keys: list[tuple[int, int]], ecfg):
+def keyed_t_and_eps(paired: bool, x0, schedule: Schedule, seed: int, keys: list[tuple[int, ...]], ecfg):
     """t (2B,) and eps (2B, C, h, w) for x0 stacked [w; l]; pair i draws only from pair_generator(seed, *keys[i]).
 
     Also returns the 2B generators of the rows ([w; l]: row i and row B + i share pair i's), past these draws, for
