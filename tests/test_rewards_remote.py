@@ -130,16 +130,20 @@ def test_serve_reward_cli_process(tmp_path):
     """`python -m pipelines.cli serve-reward toy_aesthetic port=0` in a subprocess: health, one batch, then stopped."""
     import urllib.request
 
+    errors = open(tmp_path / "stderr.log", "w")  # library warnings at import go to stderr, the address to stdout
     proc = subprocess.Popen(
         [sys.executable, "-m", "pipelines.cli", "serve-reward", "toy_aesthetic", "port=0"],
         cwd=REPO,
         stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
+        stderr=errors,
         text=True,
     )
     try:
         line = proc.stdout.readline()  # "serving toy_aesthetic on http://127.0.0.1:PORT/score ..."
-        assert line.startswith("serving toy_aesthetic on http://127.0.0.1:"), line
+        assert line.startswith("serving toy_aesthetic on http://127.0.0.1:"), (
+            line,
+            (tmp_path / "stderr.log").read_text(),
+        )
         url = line.split()[3]
         health = json.loads(urllib.request.urlopen(url.replace("/score", "/health"), timeout=10).read())
         assert health == {"scorer": "toy_aesthetic"}
@@ -150,6 +154,7 @@ def test_serve_reward_cli_process(tmp_path):
         proc.terminate()
         proc.wait(timeout=10)
         proc.stdout.close()
+        errors.close()
 
 
 def _manifest_folder(folder: Path, images, captions) -> Path:
