@@ -39,9 +39,10 @@ def test_relabeled_swaps_every_w_l_field():
     assert out["label"] == 0.7
 
 
-def test_train_with_scorer_labels_writes_scores_once(tmp_path):
+@pytest.mark.parametrize("cached", [False, True])
+def test_train_with_scorer_labels_writes_scores_once(tmp_path, cached):
     pairs = write_parquet(tmp_path / "pairs.parquet", make_rows(8, seed=1))
-    run = tmp_path / "run"
+    run, cache = tmp_path / "run", tmp_path / "cache"
     args = [
         "train",
         str(REPO / "configs/tiny/sd15_dpo.yaml"),
@@ -52,7 +53,15 @@ def test_train_with_scorer_labels_writes_scores_once(tmp_path):
         "train.max_steps=2",
         f"train.output_dir={run}",
     ]
+    if cached:  # the scores are saved in the cache folder, before the cache is built there
+        args.append(f"data.cache_dir={cache}")
     assert main(args) == 0
-    saved = json.loads((run / "scores-toy_aesthetic.json").read_text())
+    where = (cache if cached else run) / "scores-toy_aesthetic.json"
+    saved = json.loads(where.read_text())
     kept = len(load_preferences(str(pairs)))  # ties dropped
     assert saved["scorer"] == "toy_aesthetic" and len(saved["scores"]) == kept > 0
+    if cached:
+        assert (cache / "index.json").is_file()
+        mtime = where.stat().st_mtime_ns
+        assert main(args + [f"train.output_dir={tmp_path / 'again'}"]) == 0  # scores and cache both reused
+        assert where.stat().st_mtime_ns == mtime

@@ -108,6 +108,11 @@ def _stream_batches(dataset: PreferencePairStream, mine: Callable[[int], bool], 
         yield current, collate(items), True
 
 
+def _is_label_scores(path: Path) -> bool:
+    """The per-pair scores that data.label_scorer saves in the cache folder before the cache is built."""
+    return path.name.startswith("scores-") and path.suffix == ".json"
+
+
 def _check_folder(out_dir: Path, key: str, info: dict, rank: int) -> bool:
     """True if `out_dir` holds the finished cache for `key`; starts or resumes a build otherwise."""
     for name in ("index.json", "build.json"):
@@ -121,7 +126,7 @@ def _check_folder(out_dir: Path, key: str, info: dict, rank: int) -> bool:
             return True
     if (out_dir / "build.json").is_file():
         return False
-    if out_dir.exists() and any(p for p in out_dir.iterdir() if ".tmp-" not in p.name):
+    if out_dir.exists() and any(p for p in out_dir.iterdir() if ".tmp-" not in p.name and not _is_label_scores(p)):
         raise CacheError(f"{out_dir}: exists, is not empty and has no index.json (not a finished diffalign cache)")
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
