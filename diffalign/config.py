@@ -351,6 +351,9 @@ class RoundsConfig:
     (official: top-K Pick-a-Pic images by PickScore or HPSv2)."""
     keep_checkpoints: Annotated[int, AT_LEAST_1] = 2
     """Round checkpoints kept."""
+    validate_every: Annotated[int, NON_NEGATIVE] = 0
+    """Every N rounds (and at round 0, the base) sample the eval prompts with fixed seeds, score them with
+    eval.scorers and draw eval/curves.png next to the round reward and loss (0 = off)."""
     tensorboard: bool = True
     """Log scalars and the round grid to tensorboard under output_dir/logs."""
     grad_accum: int = 1

@@ -51,9 +51,21 @@ def read_rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
-def plot_curves(curves_path: Path, metrics_path: Path, out_png: Path, label: str = "eval") -> Path | None:
-    """curves.png: one panel per scorer (held-out mean vs step) and loss / implicit accuracy from metrics.jsonl.
-    Returns None (and draws nothing) when there are no curve points."""
+TRAIN_KEYS = ("loss", "implicit_acc")  # `train` metrics.jsonl rows: {"step", "loss", ...}
+ROUND_KEYS = ("reward", "train/loss")  # `online` rounds.jsonl rows: {"round", "reward", "train/loss", ...}
+
+
+def plot_curves(
+    curves_path: Path,
+    metrics_path: Path,
+    out_png: Path,
+    label: str = "eval",
+    train_keys: tuple[str, ...] = TRAIN_KEYS,
+    x_key: str = "step",
+) -> Path | None:
+    """curves.png: one panel per scorer (held-out mean vs step) and one per `train_keys` metric from metrics_path
+    (x = its `x_key`: "step" for train, "round" for online). Returns None (and draws nothing) when there are no
+    curve points."""
     points, metrics = read_rows(curves_path), read_rows(metrics_path)
     if not points:
         return None
@@ -63,7 +75,7 @@ def plot_curves(curves_path: Path, metrics_path: Path, out_png: Path, label: str
     import matplotlib.pyplot as plt
 
     scorers = [k for k in points[0] if k not in ("step", "images")]
-    train_keys = [k for k in ("loss", "implicit_acc") if metrics and k in metrics[0]]
+    train_keys = [k for k in train_keys if metrics and k in metrics[0]]
     panels = len(scorers) + len(train_keys)
     fig, axes = plt.subplots(1, panels, figsize=(3.2 * panels, 3.0), squeeze=False)
     steps = [p["step"] for p in points]
@@ -72,10 +84,10 @@ def plot_curves(curves_path: Path, metrics_path: Path, out_png: Path, label: str
         ax.axhline(points[0][name], color="gray", ls="--", lw=1)  # step 0 = the base model
         ax.set_title(f"{label} {name} (mean of {points[0]['images']} images)", fontsize=9)
     for ax, key in zip(axes[0][len(scorers) :], train_keys):
-        ax.plot([m["step"] for m in metrics], [m[key] for m in metrics], color="#d8823b")
-        ax.set_title(f"train {key}", fontsize=9)
+        ax.plot([m[x_key] for m in metrics], [m[key] for m in metrics], color="#d8823b")
+        ax.set_title(key if "/" in key else f"train {key}", fontsize=9)
     for ax in axes[0]:
-        ax.set_xlabel("step", fontsize=8)
+        ax.set_xlabel(x_key, fontsize=8)
         ax.tick_params(labelsize=8)
     fig.tight_layout()
     out_png = Path(out_png)

@@ -65,6 +65,7 @@ from pipelines.rounds import (
     score_round,
     set_fd,
 )
+from pipelines.curves import ROUND_KEYS, Curves, plot_curves
 from pipelines.sources import SOURCES, Round, objectives_for, source_for
 from pipelines.step import (
     ROWS_STREAM,
@@ -169,6 +170,7 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
             print(f"resumed from {path} at round {start_round}")
     if resume and main:
         truncate_metrics(out / "rounds.jsonl", start_round, key="round")
+        truncate_metrics(out / "curves.jsonl", start_round)
     prepared, optimizer = accelerator.prepare(denoiser, optimizer)  # DDP wrapper when multi-process
     ctx = StepContext(
         family=family,
@@ -189,6 +191,10 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
         save_config(cfg, out / "config.yaml")
         write_run_record(out, resolved_config=to_dict(cfg), resumed_from=str(resume) or None)
     accelerator.init_trackers("diffalign-online")
+    want_curves = main and 0 < rc.validate_every <= rc.rounds and cfg.eval.prompts  # round 0 and at least one more
+    curves = Curves(family, cfg.eval, out / "curves.jsonl") if want_curves else None
+    if curves and start_round == 0:
+        curves.point(0, accelerator)  # the LoRA is zero: the base model
 
     # ---- rounds -----------------------------------------------------------------------------------------------
     t_start, g = time.time(), rc.images_per_prompt
@@ -249,6 +255,8 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
                 + f" items {n_rows} loss {logs.get('train/loss', float('nan')):.4f} ({logs['round_seconds']:.1f}s)",
                 flush=True,
             )
+        if curves and (r + 1) % rc.validate_every == 0:
+            curves.point(r + 1, accelerator)
         accelerator.wait_for_everyone()
 
     # ---- outputs ----------------------------------------------------------------------------------------------
@@ -257,6 +265,8 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
         return out
     save_lora(family, out / "lora", metadata={"base_model": cfg.model.path, "objective": name, "online": True})
     summary = {"rounds": rc.rounds, "resumed_at": start_round, "train_seconds": time.time() - t_start, **counts}
+    if curves:
+        plot_curves(curves.path, out / "rounds.jsonl", out / "eval" / "curves.png", curves.label, ROUND_KEYS, "round")
     if cfg.eval.prompts:
         summary["eval"] = evaluate_base_vs_lora(family, cfg.eval, out / "eval")
         if rc.exemplars:

@@ -471,3 +471,23 @@ def test_dro_negatives_are_sampled_from_their_experts_captions():
     assert len(prompts) == len(chains) == 8
     assert [prompts[c] for c in chains.tolist()] == [captions[e] for e in experts.tolist()]
     assert plan_round(rc, 3, captions)[0] == prompts and plan_round(rc, 4, captions)[0] != prompts  # keyed by round
+
+
+def test_online_learning_curve_every_round_and_in_the_report(tmp_path, monkeypatch):
+    """online.validate_every: held-out points at round 0 (the base) and every N rounds, drawn next to the round
+    reward and loss in eval/curves.png, which report.html embeds; a resumed run keeps only the rounds it saw."""
+    from PIL import Image
+
+    from pipelines.online import run
+
+    monkeypatch.chdir(REPO)
+    out = tmp_path / "run"
+    small = ["model.path=assets/toy_model", *TINY_ONLINE[1:-1], "online.validate_every=1", "online.rounds=2"]
+    small += ["objective.name=dpo", "online.split=best_worst", "eval.prompts=toy", "eval.max_prompts=2"]
+    small += ["eval.images_per_prompt=1", "eval.steps=2", "eval.scorers=[toy_aesthetic]"]
+    run(None, [*small, f"online.output_dir={out}"])
+    points = [json.loads(x) for x in (out / "curves.jsonl").read_text().splitlines()]
+    assert [p["step"] for p in points] == [0, 1, 2] and all("toy_aesthetic" in p for p in points)
+    png = Image.open(out / "eval" / "curves.png")
+    assert png.width > 300 and len(set(png.convert("L").getdata())) > 10  # drawn panels, not a blank canvas
+    assert "Learning curves" in (out / "eval" / "report.html").read_text()  # embedded only when the PNG exists
