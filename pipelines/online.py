@@ -52,6 +52,7 @@ from diffalign.rewards import load_scorer
 from diffalign.runinfo import write_run_record
 from diffalign.sampling import inference_scheduler
 from pipelines.common import build_objective, data_source, load_model, save_grid
+from pipelines.curves import ROUND_KEYS, Curves, plot_curves
 from pipelines.evaluate import evaluate_base_vs_lora
 from pipelines.rounds import (
     ROUND_SOURCES,
@@ -65,7 +66,6 @@ from pipelines.rounds import (
     score_round,
     set_fd,
 )
-from pipelines.curves import ROUND_KEYS, Curves, plot_curves
 from pipelines.sources import SOURCES, Round, objectives_for, source_for
 from pipelines.step import (
     ROWS_STREAM,
