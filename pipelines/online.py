@@ -69,13 +69,12 @@ from pipelines.rounds import (
 from pipelines.sources import SOURCES, Round, objectives_for, source_for
 from pipelines.step import (
     ROWS_STREAM,
-    StepContext,
     count_bad,
     finish_step,
     keyed_generator,
     micro_step,
-    policy_through,
     read_sums,
+    step_context,
     sum_over_processes,
 )
 from pipelines.train import scaler_state, shared_output_dir, truncate_metrics
@@ -172,20 +171,19 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
         truncate_metrics(out / "rounds.jsonl", start_round, key="round")
         truncate_metrics(out / "curves.jsonl", start_round)
     prepared, optimizer = accelerator.prepare(denoiser, optimizer)  # DDP wrapper when multi-process
-    ctx = StepContext(
-        family=family,
-        denoise=policy_through(family, prepared),
+    ctx = step_context(
+        accelerator,
+        family,
+        prepared,
+        source,
+        rc,
         objective=objective,
         schedule=schedule,
         reference=reference,
         estimator=cfg.estimator,
-        seed=rc.seed,
         params=params,
         optimizer=optimizer,
-        max_grad_norm=rc.max_grad_norm,
-        source=SOURCES[source].inputs,
         sampler=sampler,
-        reduce_mean=lambda x: accelerator.reduce(x, reduction="mean"),
     )
     if main:
         save_config(cfg, out / "config.yaml")

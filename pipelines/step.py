@@ -51,6 +51,23 @@ class StepContext:
     reduce_mean: Callable = lambda x: x  # mean of a tensor over processes (accelerator.reduce(x, "mean"))
 
 
+def step_context(accelerator, family, prepared, source: str, run, **fields) -> StepContext:
+    """The StepContext both programs build after `accelerator.prepare`: DDP-aware denoise, the source's inputs, the
+    run section's seed and clipping (`run`: TrainRunConfig or OnlineRunConfig), the cross-process mean; `fields` are
+    the rest (objective, schedule, reference, estimator, params, optimizer, and on-line the sampler)."""
+    from pipelines.sources import SOURCES  # sources imports this module
+
+    return StepContext(
+        family=family,
+        denoise=policy_through(family, prepared),
+        seed=run.seed,
+        max_grad_norm=run.max_grad_norm,
+        source=SOURCES[source].inputs,
+        reduce_mean=lambda x: accelerator.reduce(x, reduction="mean"),
+        **fields,
+    )
+
+
 def step_loss(ctx: StepContext, batch: dict, device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Mean objective loss (scalar) and its metrics for one batch of the run's source."""
     args, kwargs = ctx.source(ctx, batch, device)

@@ -50,14 +50,13 @@ from diffalign.runinfo import write_run_record
 from pipelines.common import build_objective, cache_ready, load_model, open_pairs, prepare_output_dir, save_grid
 from pipelines.curves import Curves, plot_curves
 from pipelines.evaluate import evaluate_base_vs_lora
-from pipelines.sources import SOURCES, source_for
+from pipelines.sources import source_for
 from pipelines.step import (
-    StepContext,
     count_bad,
     finish_step,
     micro_step,
-    policy_through,
     read_sums,
+    step_context,
     sum_over_processes,
 )
 
@@ -201,19 +200,18 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
         generator=torch.Generator().manual_seed(tc.seed),  # iter() draws its base seed here, not from the global RNG
     )
     prepared, optimizer = accelerator.prepare(denoiser, optimizer)  # DDP wrapper when multi-process
-    ctx = StepContext(
-        family=family,
-        denoise=policy_through(family, prepared),
+    ctx = step_context(
+        accelerator,
+        family,
+        prepared,
+        source,
+        tc,
         objective=objective,
         schedule=schedule,
         reference=reference,
         estimator=cfg.estimator,
-        seed=tc.seed,
         params=params,
         optimizer=optimizer,
-        max_grad_norm=tc.max_grad_norm,
-        source=SOURCES[source].inputs,
-        reduce_mean=lambda x: accelerator.reduce(x, reduction="mean"),
     )
 
     if main:
