@@ -142,8 +142,9 @@ def t5_encoder(tokenizer, d_model: int, seed: int):
     return T5EncoderModel(config).eval()
 
 
-def sd3_vae():
-    torch.manual_seed(6)
+def vae16(seed: int, shift_factor: float, scaling_factor: float):
+    """A 16-latent-channel AutoencoderKL (SD3 / FLUX shape) at 64 px, seeded."""
+    torch.manual_seed(seed)
     return AutoencoderKL(
         block_out_channels=(8, 8, 16, 16),
         down_block_types=("DownEncoderBlock2D",) * 4,
@@ -151,12 +152,16 @@ def sd3_vae():
         layers_per_block=1,
         norm_num_groups=8,
         latent_channels=16,
-        sample_size=64,
+        sample_size=64,  # the families' native resolution here (FLUX.1's VAE config says 1024)
         use_quant_conv=False,
         use_post_quant_conv=False,
-        shift_factor=0.0609,  # SD3's VAE values
-        scaling_factor=1.5035,
+        shift_factor=shift_factor,
+        scaling_factor=scaling_factor,
     ).eval()
+
+
+def sd3_vae():
+    return vae16(6, shift_factor=0.0609, scaling_factor=1.5035)  # SD3's VAE values
 
 
 def sd3_transformer():
@@ -196,20 +201,7 @@ def pixart_transformer():
 
 
 def flux_vae():
-    torch.manual_seed(11)
-    return AutoencoderKL(
-        block_out_channels=(8, 8, 16, 16),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=1,
-        norm_num_groups=8,
-        latent_channels=16,
-        sample_size=64,  # the family's native resolution (FLUX.1's VAE config says 1024)
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        shift_factor=0.1159,  # FLUX.1's VAE values
-        scaling_factor=0.3611,
-    ).eval()
+    return vae16(11, shift_factor=0.1159, scaling_factor=0.3611)  # FLUX.1's VAE values
 
 
 def flux_transformer():
