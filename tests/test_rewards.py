@@ -17,17 +17,8 @@ MATCHED = [rf.caption(c) for c in NAMES]
 SHIFTED = MATCHED[1:] + MATCHED[:1]  # every image paired with another colour's caption
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Two cores shared with other jobs: two intra-op threads contend and run ~20x slower than one.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory, _one_thread):
+def ckpt(tmp_path_factory):
     root = tmp_path_factory.mktemp("reward_ckpts")
     model, processor = rf.build_hf_clip(root)
     oc_name, oc_pt, oc_st = rf.build_open_clip(root)

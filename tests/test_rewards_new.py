@@ -11,15 +11,6 @@ import torch
 from diffalign.rewards import load_scorer
 from diffalign.rewards.requirements import Box, Item, check, parse_prompt, relative_position
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ---- GenEval-style requirements ------------------------------------------------------------------------------------
 
 
