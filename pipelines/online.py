@@ -53,6 +53,7 @@ from diffalign.runinfo import write_run_record
 from diffalign.sampling import inference_scheduler
 from pipelines.common import build_objective, data_source, load_model, save_grid
 from pipelines.evaluate import evaluate_base_vs_lora
+from pipelines.guarding import GuardRun
 from pipelines.rounds import (
     ROUND_SOURCES,
     adapter_mode,
@@ -189,6 +190,11 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
         save_config(cfg, out / "config.yaml")
         write_run_record(out, resolved_config=to_dict(cfg), resumed_from=str(resume) or None)
     accelerator.init_trackers("diffalign-online")
+    guard = GuardRun.build(cfg.guards, family, scorer, named_params, out, accelerator, unit="round")
+    if guard:
+        if main:
+            truncate_metrics(out / "guards.jsonl", start_round, key="round")
+        guard.start()
 
     # ---- rounds -----------------------------------------------------------------------------------------------
     t_start, g = time.time(), rc.images_per_prompt
@@ -250,13 +256,17 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
                 flush=True,
             )
         accelerator.wait_for_everyone()
+        if guard and guard.due(r + 1, rc.rounds) and guard.check(r + 1):
+            break  # a reward-hacking guard tripped: keep the best passing weights (pipelines/guarding.py)
 
     # ---- outputs ----------------------------------------------------------------------------------------------
     accelerator.end_training()
     if not main:
         return out
+    guard_info = {"guards": guard.finish()} if guard else {}
     save_lora(family, out / "lora", metadata={"base_model": cfg.model.path, "objective": name, "online": True})
     summary = {"rounds": rc.rounds, "resumed_at": start_round, "train_seconds": time.time() - t_start, **counts}
+    summary.update(guard_info)
     if cfg.eval.prompts:
         summary["eval"] = evaluate_base_vs_lora(family, cfg.eval, out / "eval")
         if rc.exemplars:
