@@ -139,4 +139,40 @@ class GuardRun:
         info = {"tripped": self.tripped, f"kept_{self.unit}": kept, "kept_reward": self.best[0] if keep else None}
         how = "best passing" if keep else "last"
         print(f"guards: lora/ holds the {how} weights, {self.unit} {kept}" + (" (the base)" if kept == 0 else ""))
+        plot_guards(self.path, self.path.parent / "eval" / "guards.png", self.unit, kept)
         return info
+
+
+def plot_guards(path: Path, out_png: Path, unit: str, kept: int | None) -> Path | None:
+    """guards.png: one panel per logged value (the ranking reward and each monitor) against step/round, the base
+    value dashed, failed checks in red, the kept weights' step marked. None when guards.jsonl has no rows."""
+    from pipelines.curves import read_rows
+
+    rows = read_rows(path)
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [k for k in rows[0] if k not in (unit, "passed", "tripped")]
+    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.0), squeeze=False)
+    xs = [r[unit] for r in rows]
+    for ax, name in zip(axes[0], names):
+        ax.plot(xs, [r[name] for r in rows], "o-", color="#3b7dd8", ms=3)
+        bad = [r for r in rows if not r["passed"]]
+        ax.plot([r[unit] for r in bad], [r[name] for r in bad], "o", color="#d83b3b")
+        ax.axhline(rows[0][name], color="gray", ls="--", lw=1)  # unit 0 = the base model
+        if kept is not None:
+            ax.axvline(kept, color="#2a9d4b", lw=1)
+        ax.set_title(f"guard {name}", fontsize=9)
+        ax.set_xlabel(unit, fontsize=8)
+        ax.tick_params(labelsize=8)
+    fig.suptitle(f"kept: {unit} {kept} (green); failed checks red; base dashed", fontsize=9)
+    fig.tight_layout()
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png

@@ -37,6 +37,7 @@ SCORERS: dict[str, str] = {
     "hf_energy": "diffalign.rewards.imagestats:HighFrequency",
     "sharpness": "diffalign.rewards.imagestats:Sharpness",
     "toy_saturation": "diffalign.rewards.imagestats:ToySaturation",
+    "toy_area": "diffalign.rewards.imagestats:ToyArea",
 }
 
 

@@ -13,7 +13,11 @@ All take (N, 3, H, W) in [0, 1] (or PIL images) and return (N,); the prompt is i
   lowers it: guard it with `max_drop`.
 - `toy_saturation` (DEMO ONLY): 10 x `saturation`, a reward that a model can raise without drawing the prompt
   better, e.g. by colouring the background or every shape alike. It exists to show an unguarded run gaming a
-  reward (configs/toy_hack.yaml) and the guards stopping it (configs/toy_hack_guarded.yaml). Differentiable.
+  reward. Differentiable.
+- `toy_area` (DEMO ONLY): 10 x the share of the image covered by the foreground (the soft shape mask of
+  diffalign.rewards.toy): bigger shapes score more whatever the prompt's size word says, so a run that games it
+  draws "small" shapes large and loses prompt fidelity (toy_fidelity reads the size back). It shows an unguarded
+  run gaming a reward (configs/toy_hack.yaml) and the guards stopping it (configs/toy_hack_guarded.yaml).
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
-from diffalign.rewards.toy import as_tensor
+from diffalign.rewards.toy import SOFT_MASK_WIDTH, as_tensor
+from diffalign.toy.shapes import FOREGROUND_DISTANCE
 
 GREY = torch.tensor([0.299, 0.587, 0.114])  # ITU-R BT.601 luma weights
 LAPLACIAN = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])
@@ -32,6 +37,13 @@ LAPLACIAN = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])
 def saturation(x: torch.Tensor) -> torch.Tensor:
     """(N, 3, H, W) in [0, 1] -> (N,) mean chroma."""
     return (x.max(dim=1).values - x.min(dim=1).values).mean(dim=(1, 2))  # (N, H, W) -> (N,)
+
+
+def foreground_share(x: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) -> (N,) mean soft foreground mask: distance from the border median, as ToyAesthetic's."""
+    border = torch.cat([x[..., 0, :], x[..., -1, :], x[..., 1:-1, 0], x[..., 1:-1, -1]], dim=-1)  # (N, 3, 4H-4)
+    dist = (x - border.median(dim=-1).values[..., None, None]).norm(dim=1)  # (N, H, W)
+    return torch.sigmoid((dist - FOREGROUND_DISTANCE) / SOFT_MASK_WIDTH).mean(dim=(1, 2))
 
 
 def grey(x: torch.Tensor) -> torch.Tensor:
@@ -87,3 +99,9 @@ class ToySaturation(_Stat):
     """DEMO: 10 x mean chroma of the whole image, a deliberately hackable reward (see the module docstring)."""
 
     fn = staticmethod(lambda x: 10.0 * saturation(x))
+
+
+class ToyArea(_Stat):
+    """DEMO: 10 x the foreground share of the image, a deliberately hackable reward (see the module docstring)."""
+
+    fn = staticmethod(lambda x: 10.0 * foreground_share(x))
