@@ -127,3 +127,31 @@ def test_bad_monitor_config_is_one_line_exit_2(tmp_path, capsys, monitors, messa
                f"guards.monitors={monitors}"])  # fmt: skip
     assert rc == 2
     assert message in capsys.readouterr().err
+
+
+# ---- the hack demo: an unguarded run games toy_area, the guarded one stops before the damage ---------------------
+
+
+@pytest.mark.slow
+def test_hackable_reward_degrades_unguarded_and_guards_stop_it(tmp_path, monkeypatch):
+    """configs/toy_hack.yaml games toy_area (bigger shapes) and loses > 5 points of held-out prompt fidelity;
+    configs/toy_hack_guarded.yaml (the same run) trips a guard, keeps the best passing round, and its held-out
+    fidelity is within 2 points and its guard-set Vendi within 10% of the base. Both runs as shipped."""
+    monkeypatch.chdir(REPO)
+    reports = {}
+    for name in ("toy_hack", "toy_hack_guarded"):
+        out = tmp_path / name
+        assert main(["online", f"configs/{name}.yaml", f"online.output_dir={out}", "online.tensorboard=false"]) == 0
+        reports[name] = json.loads((out / "summary.json").read_text())
+    hacked = reports["toy_hack"]["eval"]["scorers"]
+    assert hacked["toy_area"]["mean_delta"] > 0  # the hackable reward went up ...
+    assert hacked["toy_fidelity"]["mean_delta"] < -0.05  # ... and the prompts are followed less: > 5 points lost
+
+    summary = reports["toy_hack_guarded"]
+    guards = summary["guards"]
+    assert guards["tripped"] and guards["kept_round"] < summary["rounds"]
+    assert summary["eval"]["scorers"]["toy_fidelity"]["mean_delta"] >= -0.02
+    rows = [json.loads(line) for line in (tmp_path / "toy_hack_guarded" / "guards.jsonl").read_text().splitlines()]
+    kept = next(r for r in rows if r["round"] == guards["kept_round"])
+    assert abs(kept["diversity"] - rows[0]["diversity"]) <= 0.1 * rows[0]["diversity"]
+    assert (tmp_path / "toy_hack_guarded" / "eval" / "guards.png").is_file()
