@@ -3,10 +3,12 @@ model), a tripped run stops with exit 0 and keeps the best passing LoRA, bad mon
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from diffalign.guards import Monitor, PixelEncoder, fd_measure, vendi_measure
@@ -155,3 +157,9 @@ def test_hackable_reward_degrades_unguarded_and_guards_stop_it(tmp_path, monkeyp
     kept = next(r for r in rows if r["round"] == guards["kept_round"])
     assert abs(kept["diversity"] - rows[0]["diversity"]) <= 0.1 * rows[0]["diversity"]
     assert (tmp_path / "toy_hack_guarded" / "eval" / "guards.png").is_file()
+
+
+def test_readme_guards_block_is_the_shipped_guarded_config():
+    block = re.search(r"```yaml\n(guards:.*?)```", (REPO / "README.md").read_text(), flags=re.S).group(1)
+    shipped = yaml.safe_load((REPO / "configs/toy_hack_guarded.yaml").read_text())["guards"]
+    assert yaml.safe_load(block)["guards"] == shipped
