@@ -228,7 +228,8 @@ class GuardsConfig:
     every: Annotated[int, NON_NEGATIVE] = 0
     """Evaluate the monitors every N optimizer steps (train) or rounds (online), and at the end; 0 = off."""
     monitors: dict[str, dict] = field(default_factory=dict)
-    """{name: {kind, rule, limit, relative, scorer, scorer_args, encoder}} (see MonitorConfig)."""
+    """{name: {kind: scorer|vendi|fd|cmmd|saturation|hf_energy|sharpness, rule: max_drop|max_rise, limit, relative,
+    scorer (kind scorer), scorer_args, encoder: pixels|toy_stats|CLIP id (vendi, fd, cmmd)}} (MonitorConfig)."""
     prompts: str = "toy"
     """Held-out prompts: a .txt file (one per line) or "toy" = the toy world's held-out set."""
     max_prompts: Annotated[int, AT_LEAST_1] = 8
