@@ -58,6 +58,9 @@ ONLINE: dict[str, str] = {
     "dragon": "configs/toy_dragon.yaml",
     "dragon_fd": "configs/toy_dragon_fd.yaml",
     "dro": "configs/toy_dro.yaml",
+    # the reward-hacking demo: DRAGON on the hackable toy_area reward, without and with the guards (README)
+    "hack": "configs/toy_hack.yaml",
+    "hack_guard": "configs/toy_hack_guarded.yaml",
 }
 
 
@@ -102,6 +105,10 @@ def run_one(name: str, out: Path, extra: list[str]) -> dict:
         "total_seconds": time.time() - start,
         "comparisons": reward.get("n"),
     }
+    if "toy_area" in report["scorers"]:  # the hack demo's reward, and where its guards stopped
+        row["toy_area_change"] = report["scorers"]["toy_area"]["mean_delta"]
+    if "guards" in summary:
+        row["guards_kept_round"], row["guards_tripped"] = summary["guards"]["kept_round"], summary["guards"]["tripped"]
     if "eval_fd" in summary:  # distribution-level reward: FD to the exemplar set, base -> aligned
         row["fd_base"], row["fd_aligned"] = summary["eval_fd"]["base"], summary["eval_fd"]["aligned"]
     return row

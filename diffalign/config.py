@@ -200,6 +200,55 @@ class EvalConfig:
 
 
 @dataclass
+class MonitorConfig:
+    """One guard monitor (a value of `guards.monitors`, keyed by the monitor's name)."""
+
+    kind: Annotated[str, OneOf("scorer", "vendi", "fd", "cmmd", "saturation", "hf_energy", "sharpness")] = "scorer"
+    """scorer (a gold reward), vendi (diversity of same-prompt samples), fd / cmmd (drift to the base model's own
+    samples on the same prompts and seeds), saturation, hf_energy (grid artifacts), sharpness (blur)."""
+    scorer: Annotated[str, OneOf(SCORERS, allow_empty=True)] = ""
+    """kind scorer: the scorer (diffalign.rewards.SCORERS); use one other than the training reward."""
+    scorer_args: dict[str, Any] = field(default_factory=dict)
+    """kind scorer: keyword arguments of the scorer's `load`."""
+    encoder: str = "pixels"
+    """vendi, fd, cmmd: embedding: pixels (8x8 pooled), toy_stats (toy colour statistics) or a CLIP model id/path."""
+    rule: Annotated[str, OneOf("max_drop", "max_rise")] = "max_drop"
+    """max_drop: trips when base - value > limit; max_rise: trips when value - base > limit."""
+    limit: Annotated[float, NON_NEGATIVE] = 0.0
+    """The allowed change from the base model's value (a fraction of |base| when relative)."""
+    relative: bool = False
+    """Read limit as a fraction of the base value's magnitude (0.1 = 10%)."""
+
+
+@dataclass
+class GuardsConfig:
+    """Reward-hacking guards (diffalign.guards): monitors on held-out prompts with fixed seeds, each with a rule
+    relative to the base model's value; the run stops when one trips and keeps the best passing LoRA."""
+
+    every: Annotated[int, NON_NEGATIVE] = 0
+    """Evaluate the monitors every N optimizer steps (train) or rounds (online), and at the end; 0 = off."""
+    monitors: dict[str, dict] = field(default_factory=dict)
+    """{name: {kind: scorer|vendi|fd|cmmd|saturation|hf_energy|sharpness, rule: max_drop|max_rise, limit, relative,
+    scorer (kind scorer), scorer_args, encoder: pixels|toy_stats|CLIP id (vendi, fd, cmmd)}} (MonitorConfig)."""
+    prompts: str = "toy"
+    """Held-out prompts: a .txt file (one per line) or "toy" = the toy world's held-out set."""
+    max_prompts: Annotated[int, AT_LEAST_1] = 8
+    """Use the first N prompts."""
+    images_per_prompt: Annotated[int, AT_LEAST_1] = 4
+    """Fixed seeds per prompt (vendi needs >= 2): seed = seed + prompt index * images_per_prompt + k."""
+    seed: int = 12345
+    """First seed of the guard images (apart from the training seeds)."""
+    steps: Annotated[int, AT_LEAST_1] = 20
+    """Sampling steps of the guard images."""
+    guidance: Annotated[float, NON_NEGATIVE] = 0.0
+    """CFG scale (0 = the family's default)."""
+    reward: Annotated[str, OneOf(SCORERS, allow_empty=True)] = ""
+    """Scorer that ranks passing evaluations for the kept LoRA ("" = online.reward, or eval.scorers[0] for train)."""
+    keep_best: bool = True
+    """Save as lora/ the best passing evaluation by the reward (false: the last weights, unless a guard tripped)."""
+
+
+@dataclass
 class RunConfig:
     """Everything `diffalign train` reads."""
 
@@ -210,6 +259,7 @@ class RunConfig:
     estimator: EstimatorConfig = field(default_factory=EstimatorConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    guards: GuardsConfig = field(default_factory=GuardsConfig)
 
 
 @dataclass
@@ -376,6 +426,7 @@ class OnlineConfig:
     estimator: EstimatorConfig = field(default_factory=EstimatorConfig)
     online: RoundsConfig = field(default_factory=RoundsConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    guards: GuardsConfig = field(default_factory=GuardsConfig)
 
 
 @dataclass

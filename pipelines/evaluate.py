@@ -77,6 +77,7 @@ def evaluate_base_vs_lora(family, ecfg: EvalConfig, out_dir: Path, verbose: bool
         ("Scores", "report.png"),
         ("Base | aligned: largest changes", "sheet.png"),
         ("Learning curves", "curves.png"),
+        ("Reward-hacking guards (pipelines/guarding.py)", "guards.png"),
     ]
     write_html(out_dir, "aligned vs base", intro, report, figures)
     if verbose:

@@ -54,6 +54,7 @@ from diffalign.sampling import inference_scheduler
 from pipelines.common import build_objective, data_source, load_model, save_grid
 from pipelines.curves import ROUND_KEYS, Curves, plot_curves
 from pipelines.evaluate import evaluate_base_vs_lora
+from pipelines.guarding import GuardRun
 from pipelines.rounds import (
     ROUND_SOURCES,
     adapter_mode,
@@ -193,6 +194,11 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
     curves = Curves(family, cfg.eval, out / "curves.jsonl") if want_curves else None
     if curves and start_round == 0:
         curves.point(0, accelerator)  # the LoRA is zero: the base model
+    guard = GuardRun.build(cfg.guards, family, scorer, named_params, out, accelerator, unit="round")
+    if guard:
+        if main:
+            truncate_metrics(out / "guards.jsonl", start_round, key="round")
+        guard.start()
 
     # ---- rounds -----------------------------------------------------------------------------------------------
     t_start, g = time.time(), rc.images_per_prompt
@@ -256,15 +262,19 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
         if curves and (r + 1) % rc.validate_every == 0:
             curves.point(r + 1, accelerator)
         accelerator.wait_for_everyone()
+        if guard and guard.due(r + 1, rc.rounds) and guard.check(r + 1):
+            break  # a reward-hacking guard tripped: keep the best passing weights (pipelines/guarding.py)
 
     # ---- outputs ----------------------------------------------------------------------------------------------
     accelerator.end_training()
     if not main:
         return out
+    guard_info = {"guards": guard.finish()} if guard else {}
     save_lora(family, out / "lora", metadata={"base_model": cfg.model.path, "objective": name, "online": True})
     summary = {"rounds": rc.rounds, "resumed_at": start_round, "train_seconds": time.time() - t_start, **counts}
     if curves:
         plot_curves(curves.path, out / "rounds.jsonl", out / "eval" / "curves.png", curves.label, ROUND_KEYS, "round")
+    summary.update(guard_info)
     if cfg.eval.prompts:
         summary["eval"] = evaluate_base_vs_lora(family, cfg.eval, out / "eval")
         if rc.exemplars:

@@ -50,6 +50,7 @@ from diffalign.runinfo import write_run_record
 from pipelines.common import build_objective, cache_ready, load_model, open_pairs, prepare_output_dir, save_grid
 from pipelines.curves import Curves, plot_curves
 from pipelines.evaluate import evaluate_base_vs_lora
+from pipelines.guarding import GuardRun
 from pipelines.sources import source_for
 from pipelines.step import (
     count_bad,
@@ -223,6 +224,11 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
     curves = Curves(family, cfg.eval, out / "curves.jsonl") if want_curves else None
     if curves and start_step == 0:
         curves.point(0, accelerator)  # the LoRA is zero: the base model
+    guard = GuardRun.build(cfg.guards, family, cfg.eval.scorers[0], named_params, out, accelerator, unit="step")
+    if guard:
+        if main:
+            truncate_metrics(out / "guards.jsonl", start_step)
+        guard.start()
 
     # ---- loop ---------------------------------------------------------------------------------------------------
     stop = StopFlag()
@@ -289,6 +295,8 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
                     {"data_position": position, "log_sums": sums, "grad_scaler": scaler_state(accelerator), **counts},
                     keep=tc.keep_checkpoints,
                 )
+            if guard and guard.due(step, tc.max_steps) and guard.check(step):
+                break  # a reward-hacking guard tripped: keep the best passing weights (pipelines/guarding.py)
             if stopping and step < tc.max_steps:  # a signal during the last step: just finish
                 accelerator.wait_for_everyone()  # a launcher kills the others when one process exits
                 bar.close()
@@ -303,9 +311,10 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
     # ---- outputs ------------------------------------------------------------------------------------------------
     accelerator.wait_for_everyone()
     lora_dir = out / "lora"
+    guard_info = {"guards": guard.finish()} if guard else {}
     if main:
         save_lora(family, lora_dir, metadata={"base_model": cfg.model.path, "objective": cfg.objective.name})
-        summary = {"steps": step, "resumed_at": start_step, "train_seconds": time.time() - t0, **counts}
+        summary = {"steps": step, "resumed_at": start_step, "train_seconds": time.time() - t0, **counts, **guard_info}
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         print(
             f"saved LoRA to {lora_dir} ({step} steps in {time.time() - t0:.0f}s; {counts['skipped_steps']} "

@@ -32,6 +32,7 @@ SLOW = {
     "sdxl_inpo",
     "sdxl_smpo",
     "toy_dro",
+    "toy_hack",  # six rounds at a high lr: the guards' demo
 }  # top-level stems
 
 
@@ -86,6 +87,8 @@ def _online_overrides(raw: dict, tmp: Path, pairs: Path, prompts: Path) -> list[
     if ev.get("prompts", "toy") not in ("toy", ""):
         out.append(f"eval.prompts={prompts}")
     out += _scorers("eval.scorers", ev.get("scorers", []), keep_one=True)
+    if raw.get("guards", {}).get("every"):
+        out += ["guards.max_prompts=2", "guards.steps=2"]  # the guard images: 2 prompts x images_per_prompt
     return out + ["eval.max_prompts=2", "eval.images_per_prompt=1", "eval.steps=2"]  # FD needs 2 images
 
 

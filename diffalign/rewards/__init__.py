@@ -33,6 +33,11 @@ SCORERS: dict[str, str] = {
     "imagereward": "diffalign.rewards.imagereward:ImageReward",
     "hpsv3": "diffalign.rewards.hpsv3:HPSv3",
     "multi": "diffalign.rewards.multi:MultiReward",
+    "saturation": "diffalign.rewards.imagestats:Saturation",
+    "hf_energy": "diffalign.rewards.imagestats:HighFrequency",
+    "sharpness": "diffalign.rewards.imagestats:Sharpness",
+    "toy_saturation": "diffalign.rewards.imagestats:ToySaturation",
+    "toy_area": "diffalign.rewards.imagestats:ToyArea",
 }
 
 

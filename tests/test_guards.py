@@ -1,0 +1,165 @@
+"""Reward-hacking guards: image statistics by hand, each rule trips (by hand and inside `train` / `online` on the toy
+model), a tripped run stops with exit 0 and keeps the best passing LoRA, bad monitor configs fail in one line."""
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from diffalign.guards import Monitor, PixelEncoder, fd_measure, vendi_measure
+from diffalign.rewards import load_scorer
+from diffalign.rewards.imagestats import hf_energy, saturation, sharpness
+from pipelines.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(not (REPO / "assets/toy_model/model_index.json").is_file(), reason="no toy model")
+
+
+# ---- image statistics ------------------------------------------------------------------------------------------
+
+
+def test_image_statistics_by_hand():
+    grey = torch.full((1, 3, 8, 8), 0.5)
+    red = torch.zeros(1, 3, 8, 8)
+    red[:, 0] = 1.0
+    assert saturation(grey).item() == 0.0 and saturation(red).item() == 1.0  # chroma = max - min channel
+    assert load_scorer("toy_saturation")(red).item() == 10.0
+    checker = ((torch.arange(8)[:, None] + torch.arange(8)[None, :]) % 2).float().expand(1, 3, 8, 8)
+    smooth = (0.5 + 0.5 * torch.cos(2 * math.pi * torch.arange(8) / 8))[None, :].expand(8, 8).expand(1, 3, 8, 8)
+    # a checkerboard is all Nyquist energy (f = 1/2 in both axes); one cosine of f = 1/8 has none above 1/4
+    assert math.isclose(hf_energy(checker).item(), 1.0, abs_tol=1e-6)
+    assert hf_energy(smooth).item() < 1e-6
+    # Laplacian of the checkerboard = +-4 at every valid pixel: variance 16 (mean 0 over 36 pixels, 18 each sign)
+    assert math.isclose(sharpness(checker).item(), 16 * 36 / 35, rel_tol=1e-5)  # unbiased variance
+    blurred = torch.nn.functional.avg_pool2d(checker, 3, stride=1, padding=1)
+    assert sharpness(blurred) < sharpness(checker) / 10
+
+
+def test_vendi_counts_distinct_samples_and_fd_is_zero_on_itself():
+    a, b = torch.zeros(1, 3, 16, 16), torch.zeros(1, 3, 16, 16)
+    a[..., :8, :] = 1.0  # top half white, b left half white: orthogonal in [-1, 1] (the quadrants cancel)
+    b[..., :, :8] = 1.0
+    same, two = torch.cat([a, a, a, a]), torch.cat([a, b, a, b])
+    vendi = vendi_measure(PixelEncoder())
+    assert math.isclose(vendi(same, ["p"] * 4, 4, same), 1.0, abs_tol=1e-4)  # one distinct image
+    assert math.isclose(vendi(two, ["p"] * 4, 4, two), 2.0, abs_tol=1e-4)  # two orthogonal ones, equal shares
+    fd = fd_measure(PixelEncoder())
+    x = torch.rand(6, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    assert fd(x, [""] * 6, 2, x) < 1e-6 < fd(x.flip(0) * 0.5, [""] * 6, 2, x)
+
+
+# ---- rules ----------------------------------------------------------------------------------------------------
+
+
+def _monitor(rule, limit, relative=False):
+    return Monitor("m", lambda *a: 0.0, rule, limit, relative)
+
+
+def test_each_rule_trips_past_its_limit_only():
+    assert _monitor("max_drop", 0.05).trip(0.96, 1.0) is None  # dropped 0.04 <= 0.05
+    line = _monitor("max_drop", 0.05).trip(0.90, 1.0)
+    assert line.startswith("m 0.9 dropped 0.1 from base 1 (limit 0.05")
+    assert _monitor("max_drop", 0.05).trip(2.0, 1.0) is None  # a rise never trips max_drop
+    assert _monitor("max_rise", 0.5).trip(1.4, 1.0) is None
+    assert "rose" in _monitor("max_rise", 0.5).trip(1.6, 1.0)
+    assert _monitor("max_drop", 0.1, relative=True).trip(1.85, 2.0) is None  # 7.5% < 10%
+    assert "(limit 0.2 (10% of base))" in _monitor("max_drop", 0.1, relative=True).trip(1.75, 2.0)
+
+
+# ---- inside the programs on the toy model -----------------------------------------------------------------------
+
+GUARDS = ["guards.every=1", "guards.max_prompts=2", "guards.images_per_prompt=2", "guards.steps=4"]
+
+
+def test_train_stops_when_drift_rises_and_keeps_the_base(tmp_path, capsys):
+    out = tmp_path / "run"
+    monitors = "guards.monitors={drift: {kind: fd, rule: max_rise, limit: 0.0}, sat: {kind: saturation, limit: 1}}"
+    args = ["train", "train.max_steps=4", "train.batch_size=2", "train.lr=1e-2", "train.validate_every=0"]
+    rc = main([*args, "eval.prompts=", f"train.output_dir={out}", *GUARDS, monitors])
+    assert rc == 0  # a guard stop is not the user's error: exit 0, summary.json says it tripped
+    printed = capsys.readouterr().out
+    assert "guard tripped at step 1: drift " in printed and "rose" in printed and "(limit 0)" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 1 and summary["guards"]["kept_step"] == 0
+    assert summary["guards"]["tripped"][0].startswith("drift ")
+    rows = [json.loads(line) for line in (out / "guards.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1] and rows[0]["drift"] == 0.0 and not rows[1]["passed"]
+    lora = load_file(out / "lora" / "pytorch_lora_weights.safetensors")
+    assert all(not v.any() for k, v in lora.items() if "lora_B" in k)  # step 0's weights: B = 0, the base model
+
+
+def test_online_stops_when_drift_rises(tmp_path, capsys):
+    out = tmp_path / "run"
+    online = [
+        "online.rounds=3",
+        "online.prompts_per_round=4",
+        "online.steps=4",
+        "online.train_steps=2",
+        "online.batch_size=4",
+        "online.lr=3e-2",
+        "online.monitor=[]",
+        "online.tensorboard=false",
+    ]
+    monitors = "guards.monitors={vivid: {kind: cmmd, encoder: toy_stats, rule: max_rise, limit: 0.0}}"
+    rc = main(["online", "objective.name=dpo", "online.split=best_worst", *online, "eval.prompts=",
+               f"online.output_dir={out}", *GUARDS, monitors])  # fmt: skip
+    assert rc == 0
+    assert "guard tripped at round 1: vivid " in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["guards"]["kept_round"] == 0
+    assert len((out / "rounds.jsonl").read_text().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "monitors,message",
+    [
+        ("{fid: {kind: scorer, scorer: toy_fidelity, limt: 0.1}}", "guards.monitors.fid.limt"),
+        ("{fid: {kind: scorer, limit: 0.1}}", "guards.monitors.fid.scorer"),
+        ("{fid: {kind: vendy}}", "guards.monitors.fid.kind"),
+        ("{}", "guards.monitors"),
+    ],
+)
+def test_bad_monitor_config_is_one_line_exit_2(tmp_path, capsys, monitors, message):
+    rc = main(["train", "train.max_steps=1", f"train.output_dir={tmp_path / 'r'}", "guards.every=1",
+               f"guards.monitors={monitors}"])  # fmt: skip
+    assert rc == 2
+    assert message in capsys.readouterr().err
+
+
+# ---- the hack demo: an unguarded run games toy_area, the guarded one stops before the damage ---------------------
+
+
+@pytest.mark.slow
+def test_hackable_reward_degrades_unguarded_and_guards_stop_it(tmp_path, monkeypatch):
+    """configs/toy_hack.yaml games toy_area (bigger shapes) and loses > 5 points of held-out prompt fidelity;
+    configs/toy_hack_guarded.yaml (the same run) trips a guard, keeps the best passing round, and its held-out
+    fidelity is within 2 points and its guard-set Vendi within 10% of the base. Both runs as shipped."""
+    monkeypatch.chdir(REPO)
+    reports = {}
+    for name in ("toy_hack", "toy_hack_guarded"):
+        out = tmp_path / name
+        assert main(["online", f"configs/{name}.yaml", f"online.output_dir={out}", "online.tensorboard=false"]) == 0
+        reports[name] = json.loads((out / "summary.json").read_text())
+    hacked = reports["toy_hack"]["eval"]["scorers"]
+    assert hacked["toy_area"]["mean_delta"] > 0  # the hackable reward went up ...
+    assert hacked["toy_fidelity"]["mean_delta"] < -0.05  # ... and the prompts are followed less: > 5 points lost
+
+    summary = reports["toy_hack_guarded"]
+    guards = summary["guards"]
+    assert guards["tripped"] and guards["kept_round"] < summary["rounds"]
+    assert summary["eval"]["scorers"]["toy_fidelity"]["mean_delta"] >= -0.02
+    rows = [json.loads(line) for line in (tmp_path / "toy_hack_guarded" / "guards.jsonl").read_text().splitlines()]
+    kept = next(r for r in rows if r["round"] == guards["kept_round"])
+    assert abs(kept["diversity"] - rows[0]["diversity"]) <= 0.1 * rows[0]["diversity"]
+    assert (tmp_path / "toy_hack_guarded" / "eval" / "guards.png").is_file()
+
+
+def test_readme_guards_block_is_the_shipped_guarded_config():
+    block = re.search(r"```yaml\n(guards:.*?)```", (REPO / "README.md").read_text(), flags=re.S).group(1)
+    shipped = yaml.safe_load((REPO / "configs/toy_hack_guarded.yaml").read_text())["guards"]
+    assert yaml.safe_load(block)["guards"] == shipped
