@@ -77,9 +77,10 @@ class FlowSDESampler:
         start, end = self.resolve(self.window)
         return end - start
 
-    def mean_std_at(self, i: int, pred, xt):
-        """Step i of the schedule."""
-        return sde_step(xt, pred, self.sigmas[i], self.sigmas[i + 1], self.sigmas[1], self.noise_level)
+    def mean_std_at(self, i: int, pred, xt, sde: bool = True):
+        """Step i of the schedule: the SDE step, or (sde=False, outside the window) the ODE's Euler step."""
+        level = self.noise_level if sde else 0.0
+        return sde_step(xt, pred, self.sigmas[i], self.sigmas[i + 1], self.sigmas[1], level)
 
     def index(self, t) -> int:
         """Step index of a stored timestep (exact match: both come from `self.timesteps`)."""
@@ -118,8 +119,8 @@ class FlowSDESampler:
         timesteps = self.timesteps.to(device)
         for i, t in enumerate(timesteps):
             pred = guided_prediction(family, x, t, cond, guidance)  # (N, C, h, w) velocity
-            mean, std = self.mean_std_at(i, pred, x)
             inside = start <= i < end
+            mean, std = self.mean_std_at(i, pred, x, sde=inside)
             if inside and self.noise_level > 0:
                 x_next = mean + std * torch.randn(x.shape, generator=gen).to(mean)
                 log_probs.append(gaussian_log_prob(x_next, mean, std))  # (N,)

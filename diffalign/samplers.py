@@ -61,4 +61,8 @@ def build_sampler(family, name: str, steps: int, eta: float, window=None):
         )
     if window and not SAMPLERS[name].window:
         raise DiffalignError(f"family '{family.name}': the '{name}' sampler has no SDE window (online.sde_window)")
+    if window:
+        start, end = window[0], window[1] if window[1] > 0 else steps + window[1]
+        if len(window) != 2 or not 0 <= start < end <= steps:
+            raise DiffalignError(f"online.sde_window {list(window)} must be [start, end) within the {steps} steps")
     return SAMPLERS[name].build(family, steps, eta, window)
