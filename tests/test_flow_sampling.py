@@ -104,3 +104,38 @@ def test_online_sd3_asked_for_ddim_is_one_line_exit_2(tmp_path):
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if "family 'sd3'" in line]
     assert len(lines) == 1 and "no 'ddim' sampler" in lines[0] and "Traceback" not in proc.stderr
+
+
+# ---- the other on-line methods on a flow family, through the flow sampler ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    "objective,extra",
+    [
+        ("d3po", ["online.split=all_pairs", "online.guidance=2.0"]),
+        ("dpo", ["online.split=best_worst", "online.guidance=2.0"]),  # DRAGON with the Diffusion-DPO surrogate
+        ("dro", ["online.guidance=1.0", "online.max_experts=8"]),
+    ],
+    ids=["d3po", "dragon", "dro"],
+)
+def test_online_methods_run_a_round_on_sd3(tmp_path, monkeypatch, objective, extra):
+    """At LoRA init the policy is the reference (and DRO's snapshot): D3PO ln 2, DRAGON-DPO ln 2, DRO the hinge's
+    -m = 0.001 with a zero policy error (its target is the snapshot's own velocity at the stored step)."""
+    import json
+
+    from pipelines.online import run
+
+    monkeypatch.chdir(REPO)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of a cat\nred dog\n")
+    args = ["model.path=assets/tiny/sd3", "lora.rank=4", "lora.alpha=4", f"objective.name={objective}"]
+    args += ["online.prompts_per_round=2", "online.images_per_prompt=2", "online.steps=3", "online.eta=0.7"]
+    args += ["online.train_steps=1", "online.batch_size=2", "online.reward=toy_aesthetic", "online.monitor=[]"]
+    args += ["online.rounds=1", "online.tensorboard=false", "eval.prompts=", f"online.prompts={prompts}"]
+    out = tmp_path / "run"
+    run(None, [*args, *extra, f"online.output_dir={out}"])
+    row = json.loads((out / "rounds.jsonl").read_text())
+    expected = {"d3po": math.log(2), "dpo": math.log(2), "dro": 0.001}[objective]
+    assert math.isclose(row["train/loss"], expected, rel_tol=1e-4) and row["skipped_steps"] == 0
+    if objective == "dro":
+        assert row["train/err_policy"] == 0
