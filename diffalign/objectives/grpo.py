@@ -1,4 +1,4 @@
-"""GRPO for diffusion (Flow-GRPO: Liu et al. 2025, arXiv 2505.05470, Eq. 7-8; DDPO's clipped surrogate on DDPM):
+"""GRPO for diffusion (Flow-GRPO: Liu et al. 2025, arXiv 2505.05470; DDPO's clipped surrogate on DDPM models):
 a PPO-style policy gradient on the sampler's own steps, with a group-relative advantage instead of a value model.
 
 Idea: each denoising step is an action with a Gaussian density (the flow SDE step, or DDIM-eta on DDPM families);
