@@ -131,7 +131,7 @@ def test_toy_grpo_moves_aesthetic_the_rewarded_way(tmp_path, monkeypatch, negate
     )
     report = json.loads((out / "summary.json").read_text())["eval"]["scorers"]
     delta, wins = report["toy_aesthetic"]["mean_delta"], report["toy_aesthetic"]["win_rate"]
-    if negate:
+    if negate:  # measured: -0.0023 (CI -0.012 to 0.008), 37.5% wins: the right sign, a weak separation
         assert delta < 0 and wins < 0.5
     else:  # measured: +0.0076 (CI 0.0005 to 0.015), 72% wins (CI 55-84%), fidelity unchanged; the bar of test_online's
         assert delta > 0 and wins > 0.5
