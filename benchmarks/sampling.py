@@ -1,13 +1,16 @@
 """Images/s of diffalign's sampler vs the plain diffusers pipeline, same model, settings, seeds and scheduler.
 
-    python benchmarks/sampling.py                      # tiny SD1.5 + tiny SDXL (+ the toy model if assets/toy_model)
-    python benchmarks/sampling.py --models sd15 --images 8 --steps 30
+    python benchmarks/sampling.py                      # tiny SD1.5, SDXL, SD3 (+ the toy model if assets/toy_model)
+    python benchmarks/sampling.py --models sd3 --images 8 --steps 10
 
 Rows per model (run interleaved, median over --rounds after one warm-up round; prompts -> PIL images each):
   diffusers pipeline   `pipe(prompt=..., generator=[one per seed], output_type="pil")` with the inference scheduler
                        set to the one diffalign's sampler builds (DDIM from the family's training scheduler config)
   diffalign sample()   `diffalign.sampling.sample(family, ...)` -> `family.decode` -> the pipeline's postprocess
   family.generate      what `diffalign generate` calls (SD/SDXL: the pipeline to latents + `family.decode`)
+Flow models (SD3) run the pipeline with its own FlowMatchEulerDiscreteScheduler against diffalign's flow sampler
+(diffalign.flow_sampling) at noise level 0 (the same Euler steps: max |diff| should be 0) and at 0.7 with every step's
+latent and log-prob kept (what an on-line GRPO round samples with).
 The toy model (pixel space) has no diffusers pipeline class; its baseline row is a plain loop over the same
 diffusers components (tokenizer, text encoder, UNet, DDIMScheduler) with no diffalign code in it.
 Ratio = diffalign images/s / baseline images/s (target >= 0.9). "max |diff|" compares the uint8 images of a row
@@ -38,12 +41,18 @@ sys.path.insert(0, str(REPO))
 
 from bench_io import machine, write_results  # noqa: E402
 
+from diffalign.flow_sampling import FlowSDESampler  # noqa: E402
 from diffalign.models import load_family  # noqa: E402
 from diffalign.models.toy import add_coords, to_pil  # noqa: E402
 from diffalign.paths import TOY_MODEL  # noqa: E402
-from diffalign.sampling import sample  # noqa: E402
+from diffalign.sampling import initial_noise, sample  # noqa: E402
 
-MODELS = {"sd15": REPO / "assets/tiny/sd15", "sdxl": REPO / "assets/tiny/sdxl", "toy": TOY_MODEL}
+MODELS = {
+    "sd15": REPO / "assets/tiny/sd15",
+    "sdxl": REPO / "assets/tiny/sdxl",
+    "sd3": REPO / "assets/tiny/sd3",
+    "toy": TOY_MODEL,
+}
 PROMPTS = ["a photo of a red cat", "a blue square at the left", "a painting of a dog", "a green circle"]
 TARGET = 0.9
 
@@ -77,14 +86,46 @@ def plain_loop(family, prompts, seeds, steps, guidance, height, width):
     return x.clamp(-1, 1)
 
 
+def toy_rows(family, steps: int, guidance: float, size: int) -> dict:
+    kw = dict(steps=steps, guidance=guidance, height=size, width=size)
+    return {
+        "plain diffusers loop": lambda p, s: to_pil(plain_loop(family, p, s, **kw)),
+        "diffalign sample()": lambda p, s: to_pil(family.decode(sample(family, p, s, **kw))),
+    }
+
+
+def flow_rows(family, steps: int, guidance: float, size: int) -> dict:
+    """SD3: the pipeline (its own flow-matching Euler scheduler) vs the flow sampler, ODE and SDE with log-probs."""
+    pipe = family.pipe
+    ode = FlowSDESampler.for_family(family, steps, 0.0)
+    sde = FlowSDESampler.for_family(family, steps, 0.7)
+    h = size // family.vae_scale_factor
+
+    def pipeline(p, s):
+        x1 = initial_noise(s, (family.latent_channels, h, h))  # the pipeline's generators draw other numbers
+        return pipe(
+            prompt=p, num_inference_steps=steps, guidance_scale=guidance, height=size, width=size, latents=x1
+        ).images
+
+    def ours(sampler, **kw):
+        def run(p, s):
+            x0 = sampler.sample(family, p, s, guidance, height=size, width=size, **kw).x0
+            return pipe.image_processor.postprocess(family.decode(x0.to(family.denoiser.device)), output_type="pil")
+
+        return run
+
+    return {
+        "diffusers pipeline": pipeline,
+        "diffalign sample()": ours(ode, keep_trajectory=False),
+        "flow SDE + log-probs": ours(sde),
+    }
+
+
 def rows_for(name: str, family, steps: int, guidance: float, size: int) -> dict:
     """name -> callable(prompts, seeds) -> list of PIL images."""
     kw = dict(steps=steps, guidance=guidance, height=size, width=size)
-    if name == "toy":
-        return {
-            "plain diffusers loop": lambda p, s: to_pil(plain_loop(family, p, s, **kw)),
-            "diffalign sample()": lambda p, s: to_pil(family.decode(sample(family, p, s, **kw))),
-        }
+    if name in SPECIAL_ROWS:
+        return SPECIAL_ROWS[name](family, steps, guidance, size)
     pipe = family.pipe
     pipe.scheduler = ddim(family)  # the pipeline and family.generate then run the sampler's scheduler
     if family.name == "sdxl":  # encode the empty negative prompt as sample() does, instead of zero embeddings
@@ -104,6 +145,10 @@ def rows_for(name: str, family, steps: int, guidance: float, size: int) -> dict:
         "diffalign sample()": ours,
         "family.generate": lambda p, s: family.generate(p, s, **kw),
     }
+
+
+SPECIAL_ROWS = {"toy": toy_rows, "sd3": flow_rows}  # models whose rows are not the DDIM pipeline's
+SAMPLER_LABEL = {"sd3": "flow Euler"}  # the others: DDIM
 
 
 def bench_model(name: str, args) -> dict:
@@ -132,7 +177,7 @@ def bench_model(name: str, args) -> dict:
         res["ratio"] = res["images_per_s"] / base_ips
     print(
         f"\nsampling | {name} ({MODELS[name]}) | {args.images} images {size}px | {args.steps} steps "
-        f"DDIM | guidance {args.guidance} | median of {args.rounds}"
+        f"{SAMPLER_LABEL.get(name, 'DDIM')} | guidance {args.guidance} | median of {args.rounds}"
     )
     print(f"{'row':22} {'s/batch':>8} {'images/s':>9} {'ratio':>6} {'max |diff|':>11}")
     for row, res in out.items():
@@ -149,7 +194,7 @@ def bench_model(name: str, args) -> dict:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", default="sd15,sdxl,toy", help="comma-separated: " + ", ".join(MODELS))
+    p.add_argument("--models", default="sd15,sdxl,sd3,toy", help="comma-separated: " + ", ".join(MODELS))
     p.add_argument("--images", type=int, default=4)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=5.0)

@@ -19,6 +19,7 @@ from diffalign.checks import AT_LEAST_1, NON_EMPTY, NON_NEGATIVE, POSITIVE, PROB
 from diffalign.confighelp import describe
 from diffalign.objectives import OBJECTIVES
 from diffalign.rewards import SCORERS
+from diffalign.samplers import SAMPLERS
 from diffalign.schema import ConfigError, apply_overrides, from_dict, load_config, save_config, to_dict
 
 __all__ = ["ConfigError", "apply_overrides", "describe", "from_dict", "load_config", "save_config", "to_dict"]
@@ -357,7 +358,13 @@ class RoundsConfig:
     """CFG scale when sampling (and in D3PO's training forward); 0 = the family's default (toy 1.5, SDXL 5.0).
     Official D3PO / SPO: 5.0, DRO buffer: 1.0."""
     eta: Annotated[float, NON_NEGATIVE] = 1.0
-    """DDIM eta of the demonstrations (> 0 needed for D3PO's log-probs)."""
+    """DDIM eta of the demonstrations, or the noise level a of the flow sampler (Flow-GRPO: 0.7); > 0 needed for
+    per-step log-probs (D3PO, GRPO)."""
+    sampler: Annotated[str, OneOf(SAMPLERS, allow_empty=True)] = ""
+    """On-line sampler (diffalign.samplers): "" = the family's own (ddim for DDPM families, flow_sde for flow ones)."""
+    sde_window: list[int] = field(default_factory=list)
+    """flow_sde: [start, end) steps that get SDE noise and are recorded and trained (Flow-GRPO-Fast); ODE outside.
+    [] = every step but the last; end <= 0 counts from the last step."""
     sample_batch: Annotated[int, AT_LEAST_1] = 64
     """Images per sampler call."""
     reward: Annotated[str, SCORER] = "toy_aesthetic"

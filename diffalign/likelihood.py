@@ -68,9 +68,13 @@ class Schedule:
         A FlowMatchEulerDiscreteScheduler (SD3) gives its own shifted table: sigma_t = shift u / (1 + (shift - 1) u)
         with u = (t + 1) / T (diffusers' grid runs over 1..T), e.g. shift 3, t = 499: u = 0.5, sigma = 0.75.
         Other schedulers (DDPM-type configs, as in the estimator's unit tests) give the unshifted path sigma = t / T.
+        A floating-point t is a sampling timestep sigma * T (the flow sampler's grid, not on the training table):
+        sigma = t / T, so `model_timestep` passes it to the network unchanged, as the diffusers pipeline does.
         """
         if self.prediction_type != "flow":
             raise ValueError(f"sigma is defined for flow schedules, not '{self.prediction_type}'")
+        if t.is_floating_point():  # a sampler's continuous timestep sigma * T (diffalign.flow_sampling), off the table
+            return t.float() / self.num_train_timesteps
         if isinstance(self.scheduler, FlowMatchEulerDiscreteScheduler):
             return self._flow_sigmas.to(t.device)[t.long()]
         return t.float() / self.num_train_timesteps

@@ -113,15 +113,16 @@ class Trajectory:
     """
 
     latents: torch.Tensor  # (S+1, N, C, h, w)
-    timesteps: torch.Tensor  # (S,) long: t of step k
+    timesteps: torch.Tensor  # (S,) t of step k: long (DDIM), or float sigma * T (flow sampler)
     log_probs: torch.Tensor | None  # (S, N) log p(latents[k+1] | latents[k]); None when eta == 0
-    eta: float
+    eta: float  # DDIM eta, or the flow sampler's noise level a
     guidance: float
     predictions: torch.Tensor | None = None  # (S, N, C, h, w) the (guided) model prediction at step k, if kept
+    final: torch.Tensor | None = None  # (N, C, h, w) x0 when the recorded steps stop before it (an SDE window)
 
     @property
     def x0(self) -> torch.Tensor:
-        return self.latents[-1]
+        return self.latents[-1] if self.final is None else self.final
 
     @property
     def num_steps(self) -> int:
@@ -131,7 +132,8 @@ class Trajectory:
         """The chains `idx` (M,) of the batch."""
         lp = None if self.log_probs is None else self.log_probs[:, idx]
         preds = None if self.predictions is None else self.predictions[:, idx]
-        return Trajectory(self.latents[:, idx], self.timesteps, lp, self.eta, self.guidance, preds)
+        final = None if self.final is None else self.final[idx]
+        return Trajectory(self.latents[:, idx], self.timesteps, lp, self.eta, self.guidance, preds, final)
 
     @staticmethod
     def cat(parts: list[Trajectory]) -> Trajectory:
@@ -140,7 +142,8 @@ class Trajectory:
         lps = None if first.log_probs is None else torch.cat([p.log_probs for p in parts], 1)
         preds = None if first.predictions is None else torch.cat([p.predictions for p in parts], 1)
         latents = torch.cat([p.latents for p in parts], 1)  # (S+1, N_i, ...) -> (S+1, N, ...)
-        return Trajectory(latents, first.timesteps, lps, first.eta, first.guidance, preds)
+        final = None if first.final is None else torch.cat([p.final for p in parts])
+        return Trajectory(latents, first.timesteps, lps, first.eta, first.guidance, preds, final)
 
 
 @torch.no_grad()
@@ -223,3 +226,31 @@ def sample(
         family, prompts, seeds, steps, guidance, 0.0, 0, height, width, scheduler, keep_trajectory=False
     )
     return traj.x0.to(family.denoiser.device)
+
+
+@dataclass
+class DDIMSampler:
+    """The DDIM-eta sampler of the DDPM families as an object: the loop (`sample`) and its step kernel (`mean_std`,
+    `log_prob`), the interface the on-line engine uses for every sampler (diffalign.samplers; the flow families'
+    is diffalign.flow_sampling.FlowSDESampler)."""
+
+    scheduler: DDIMScheduler  # `inference_scheduler(family, eta)` with its timesteps set
+    eta: float
+
+    def sample(self, family, prompts, seeds, guidance, noise_seed=0, keep_predictions=False, window=None):
+        """-> Trajectory of N chains (every step recorded: DDIM has no SDE window, diffalign.samplers checks)."""
+        steps = self.scheduler.num_inference_steps
+        return sample_trajectories(
+            family, prompts, seeds, steps, guidance, self.eta, noise_seed, scheduler=self.scheduler,
+            keep_predictions=keep_predictions,
+        )  # fmt: skip
+
+    @property
+    def recorded_steps(self) -> int:
+        return self.scheduler.num_inference_steps
+
+    def mean_std(self, pred, t, xt):
+        return step_mean_std(self.scheduler, pred, t, xt, self.eta)
+
+    def log_prob(self, pred, t, xt, x_prev):
+        return step_log_prob(self.scheduler, pred, t, xt, x_prev, self.eta)

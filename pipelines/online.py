@@ -50,7 +50,7 @@ from diffalign.online.experts import preference_winners
 from diffalign.online.pairs import read_labels
 from diffalign.rewards import load_scorer
 from diffalign.runinfo import write_run_record
-from diffalign.sampling import inference_scheduler
+from diffalign.samplers import build_sampler
 from pipelines.common import build_objective, data_source, load_model, save_grid
 from pipelines.curves import ROUND_KEYS, Curves, plot_curves
 from pipelines.evaluate import evaluate_base_vs_lora
@@ -134,8 +134,10 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
     else:
         reference = lambda: reference_mode(denoiser)  # noqa: E731
     schedule = Schedule(family.scheduler, family.prediction_type)
-    sampler = inference_scheduler(family, rc.eta)
-    sampler.set_timesteps(rc.steps, device=device)
+    sampler = build_sampler(family, rc.sampler, rc.steps, rc.eta, rc.sde_window)  # ddim or flow_sde, by family
+    if SOURCES[source].stepwise:  # a flow sampler records its SDE window only: fewer steps to accumulate over
+        traj_steps = min(rc.trajectory_steps or sampler.recorded_steps, sampler.recorded_steps)
+        accelerator.gradient_accumulation_steps = rc.grad_accum * traj_steps
 
     # ---- reward, prompts, labels, experts ---------------------------------------------------------------------
     scorer = build_reward(rc) if main else None  # the main process scores every round

@@ -24,7 +24,7 @@ from diffalign.online.pairs import PAIR_RULES, SPLIT_RULES, pairs_from_labels
 from diffalign.paths import TOY_HELDOUT
 from diffalign.rewards import load_scorer
 from diffalign.rewards.distributional import frechet_distance, gaussian_stats
-from diffalign.sampling import Trajectory, sample_trajectories
+from diffalign.sampling import Trajectory
 from diffalign.toy import shapes
 from pipelines.evaluate import generate_pair_sets, read_eval_prompts
 
@@ -51,6 +51,18 @@ def need_eta(rc) -> None:
         raise DiffalignError("online.eta must be > 0 for d3po (per-step log-probs need a stochastic step)")
 
 
+def reward_rows(by_group, rc, labels, r, pool_index):
+    """GRPO: every chain is a row; the round's rewards (P, G) go along for the objective's group advantages."""
+    return torch.arange(by_group.numel()), by_group
+
+
+def need_noise(rc) -> None:
+    if rc.eta <= 0:
+        raise DiffalignError(
+            "online.eta must be > 0 for grpo (its ratio needs step log-probs: DDIM eta or the flow noise level)"
+        )
+
+
 def need_conditional(rc) -> None:
     if rc.guidance > 1:
         raise DiffalignError(
@@ -73,6 +85,7 @@ ROUND_SOURCES = {
     "round_sets": RoundSource(set_rows, SPLIT_RULES),
     "trajectory": RoundSource(pair_rows, PAIR_RULES, check=need_eta),
     "experts": RoundSource(expert_rows, None, check=need_conditional, experts=True, keep_predictions=True),
+    "policy_steps": RoundSource(reward_rows, None, check=need_noise),
 }
 
 
@@ -87,7 +100,7 @@ def plan_round(rc, r: int, pool: list[str]) -> tuple[list[str], list[int], torch
     return [pool[i] for i in index.tolist()], seeds, index
 
 
-def sample_share(accelerator, family, scheduler, prompts, seeds, rc, r: int, keep_predictions: bool):
+def sample_share(accelerator, family, sampler, prompts, seeds, rc, r: int, keep_predictions: bool):
     """This process's chunks of the round, sampled and decoded, then every process's gathered in order.
 
     Returns the round's Trajectory (N chains, CPU) and images (N, 3, H, W) in [0, 1].
@@ -97,16 +110,8 @@ def sample_share(accelerator, family, scheduler, prompts, seeds, rc, r: int, kee
     parts = []
     for i in starts[accelerator.process_index :: accelerator.num_processes]:
         j = i + rc.sample_batch
-        traj = sample_trajectories(
-            family,
-            prompts[i:j],
-            seeds[i:j],
-            rc.steps,
-            rc.guidance,
-            rc.eta,
-            noise_seed=noise_seed + i,
-            scheduler=scheduler,
-            keep_predictions=keep_predictions,
+        traj = sampler.sample(  # diffalign.samplers: DDIM-eta or flow SDE, same Trajectory
+            family, prompts[i:j], seeds[i:j], rc.guidance, noise_seed=noise_seed + i, keep_predictions=keep_predictions
         )
         images = (family.decode(traj.x0.to(accelerator.device)).cpu() + 1) / 2  # (n, 3, H, W) in [0, 1]
         parts.append((i, traj, images))

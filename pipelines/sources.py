@@ -8,6 +8,7 @@ micro-step (pipelines/step.py); what differs is only the batch a program makes.
     round_sets   online   {"round", "step", "rows": (M,)} set rows       err, ref_err (+ desirable) per sample
     trajectory   online   {"round", "step", "rows": (B,), "k"}          step log-probs of both chains (D3PO)
     experts      online   {"round", "step", "rows": (B,), "k"}          err, ref_err of [expert; policy] (DRO)
+    policy_steps online   {"round", "step", "rows": (B,), "k"}          step log-probs, stored ones, advantages (GRPO)
 
 ("step" is the optimizer step within the round, "k" a stored trajectory step.)
 
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from diffalign.likelihood import denoising_errors
-from diffalign.online.steps import d3po_inputs, dro_inputs
+from diffalign.online.steps import d3po_inputs, dro_inputs, grpo_inputs
 from diffalign.sampling import Trajectory
 from pipelines.step import StepContext, draw_t_and_eps, family_inputs, keyed_t_and_eps, pair_generator
 
@@ -38,7 +39,9 @@ class Round:
     traj: Trajectory  # every chain of the round (all processes' shares, gathered), on CPU
     prompts: list[str]  # (N,) prompt of each chain
     first: torch.Tensor  # (R,) winners, set members or policy chains (DRO)
-    second: torch.Tensor | None  # (R,) losers (pairs), desirable flags (sets) or expert indices (DRO)
+    second: (
+        torch.Tensor | None
+    )  # (R,) losers (pairs), desirable flags (sets), expert indices (DRO); GRPO: rewards (P, G)
     experts: tuple[torch.Tensor, list[str]] | None = None  # DRO: expert x0 (M, C, h, w) and captions
 
 
@@ -131,6 +134,18 @@ def expert_inputs(ctx: StepContext, batch: dict, device):
     return (err, ref_err, None), {}
 
 
+def policy_step_inputs(ctx: StepContext, batch: dict, device):
+    """GRPO: chains `rows` at stored step k; advantages from the round's (P, G) rewards by the objective's rule."""
+    rnd, rows = batch["round"], batch["rows"]
+    idx = rnd.first[rows]  # (B,) chain indices
+    advantages = ctx.objective.advantages(rnd.second).flatten()[idx].to(device)  # (P, G) -> (N,) -> (B,)
+    reference = ctx.reference if ctx.objective.beta > 0 else None  # beta 0: no reference forward
+    lp, old_lp, mean, ref_mean, std = grpo_inputs(
+        ctx.family, ctx.denoise, ctx.sampler, rnd.traj, rnd.prompts, idx, batch["k"], reference
+    )
+    return (lp, old_lp, advantages), {"mean": mean, "ref_mean": ref_mean, "std": std}
+
+
 @dataclass(frozen=True)
 class Source:
     inputs: Callable  # (ctx, batch, device) -> (objective args, objective kwargs)
@@ -144,6 +159,7 @@ SOURCES = {
     "round_sets": Source(round_set_inputs, "online"),
     "trajectory": Source(trajectory_inputs, "online", stepwise=True),
     "experts": Source(expert_inputs, "online", stepwise=True),
+    "policy_steps": Source(policy_step_inputs, "online", stepwise=True),
 }
 
 # x_t sources that draw noise of their own get it from the rows' keyed generators (InPO's eta noise)

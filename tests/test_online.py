@@ -21,7 +21,7 @@ from diffalign.online.pairs import all_pairs, best_worst, pairs_from_labels, top
 from diffalign.online.steps import d3po_inputs
 from diffalign.paths import TOY_HELDOUT, TOY_MODEL
 from diffalign.rewards import load_scorer
-from diffalign.sampling import inference_scheduler, sample_trajectories
+from diffalign.sampling import DDIMSampler, inference_scheduler, sample_trajectories
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "assets" / "tiny"
@@ -122,7 +122,7 @@ def tiny_round():
 
 
 def d3po_loss(family, obj, scheduler, traj, prompts, iw, il, k, reference):
-    lp, ref_lp = d3po_inputs(family, family.denoise, scheduler, traj, prompts, iw, il, k, reference)
+    lp, ref_lp = d3po_inputs(family, family.denoise, DDIMSampler(scheduler, 1.0), traj, prompts, iw, il, k, reference)
     return obj(lp, ref_lp, torch.ones(len(iw)))
 
 

@@ -20,18 +20,21 @@ from pipelines.cli import main
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml") if "accelerate" not in p.parts)
 TINY = {"sd15": "sd15", "sdxl": "sdxl", "sd3": "sd3", "pixart": "pixart", "flux": "flux"}  # file-name prefix -> assets/tiny/<name>
-WEIGHTED = {"pickscore", "hpsv2", "aesthetic", "clip_score", "clip_score_openclip"}  # need downloaded weights
+WEIGHTED = {"pickscore", "hpsv2", "aesthetic", "clip_score", "clip_score_openclip", "geneval"}  # need downloaded weights
 # the slow CI step runs these (each about 3-11 s on 2 shared cores: inversion forwards, T5, fp16 on a CPU, SDXL-size
 # graphs, on-line sampling); the rest of the set takes about 20 s
 SLOW = {
     "pixart_dpo",
     "sd15_d3po",
+    "sd3_grpo",
+    "sdxl_grpo",
     "sdxl_d3po",
     "sdxl_dragon",
     "sdxl_dro",
     "sdxl_inpo",
     "sdxl_smpo",
     "toy_dro",
+    "toy_grpo",
     "toy_hack",  # six rounds at a high lr: the guards' demo
 }  # top-level stems
 
@@ -71,6 +74,8 @@ def _online_overrides(raw: dict, tmp: Path, pairs: Path, prompts: Path) -> list[
     out += ["online.sample_batch=4", "online.train_steps=1", "online.batch_size=2", "online.tensorboard=false"]
     if rc.get("trajectory_steps"):
         out.append("online.trajectory_steps=1")
+    if rc.get("grad_accum", 1) > 1:
+        out.append("online.grad_accum=1")
     if rc.get("prompts", "toy") != "toy":
         out.append(f"online.prompts={prompts}")
     if rc.get("reward", "toy_aesthetic") in WEIGHTED:

@@ -9,6 +9,7 @@ sees the model, the config or the accelerator.
 from diffalign.objectives.d3po import D3PO
 from diffalign.objectives.dpo import DiffusionDPO
 from diffalign.objectives.dro import DiffusionDRO
+from diffalign.objectives.grpo import GRPO
 from diffalign.objectives.inpo import InPO
 from diffalign.objectives.kto import DiffusionKTO
 from diffalign.objectives.mapo import MaPO
@@ -24,4 +25,5 @@ OBJECTIVES = {
     "dro": DiffusionDRO,
     "sft": SFT,
     "d3po": D3PO,
+    "grpo": GRPO,
 }

@@ -7,7 +7,9 @@ diffalign.likelihood, diffalign.sampling and the objectives; the programs' regis
 (pipelines/sources.py) calls these:
 
 - D3PO (`d3po_inputs`): stored step k of both chains of each pair; log-probs recomputed with CFG by the same
-  `step_log_prob` the sampler used.
+  step density the sampler used (`sampler.log_prob`: DDIM-eta or flow SDE).
+- GRPO (`grpo_inputs`): stored step k of single chains; the policy's step mean and log-prob, the sampling-time
+  log-prob, and the reference's step mean for the closed-form KL.
 - Diffusion-DRO (`dro_inputs`): stacked [expert; policy]; experts forward-noised at the policy sample's t, policy
   half at a stored trajectory step with the snapshot's own prediction as target (Wu et al. 2025, Alg. 1).
 DRAGON's surrogates need nothing of their own: the generated x0 go through diffalign.likelihood.denoising_errors.
@@ -20,8 +22,8 @@ from contextlib import AbstractContextManager
 
 import torch
 
-from diffalign.likelihood import Schedule, per_sample_error
-from diffalign.sampling import Trajectory, encode_guided, guided_prediction, step_log_prob
+from diffalign.likelihood import Schedule, gaussian_log_prob, per_sample_error
+from diffalign.sampling import Trajectory, encode_guided, guided_prediction
 
 Reference = Callable[[], AbstractContextManager]
 Denoise = Callable[[torch.Tensor, torch.Tensor, dict], torch.Tensor]
@@ -40,7 +42,7 @@ class Through:
 def d3po_inputs(
     family,
     denoise: Denoise,
-    scheduler,
+    sampler,
     traj: Trajectory,
     prompts: list[str],
     idx_w: torch.Tensor,
@@ -50,7 +52,8 @@ def d3po_inputs(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Step log-probs (2B,) with grad and reference (2B,) without, at trajectory step k for pairs (idx_w, idx_l).
 
-    `scheduler` is the DDIM-eta scheduler the round was sampled with (its timesteps set).
+    `sampler` is the one the round was sampled with (diffalign.samplers: DDIM-eta or flow SDE); its `log_prob` is
+    the step density the sampler drew from.
     """
     device = family.denoiser.device
     idx = torch.cat([idx_w, idx_l])  # (2B,) stacked [w; l]
@@ -61,9 +64,9 @@ def d3po_inputs(
     policy = Through(family, denoise)
     with torch.no_grad(), reference():
         pred = guided_prediction(policy, xt, t, cond, traj.guidance)
-        ref_lp = step_log_prob(scheduler, pred, t, xt, x_prev, traj.eta)  # (2B,)
+        ref_lp = sampler.log_prob(pred, t, xt, x_prev)  # (2B,)
     pred = guided_prediction(policy, xt, t, cond, traj.guidance)
-    return step_log_prob(scheduler, pred, t, xt, x_prev, traj.eta), ref_lp  # (2B,), (2B,)
+    return sampler.log_prob(pred, t, xt, x_prev), ref_lp  # (2B,), (2B,)
 
 
 def dro_inputs(
@@ -94,3 +97,25 @@ def dro_inputs(
     with torch.no_grad(), reference():
         ref_err = per_sample_error(denoise(xt, t, cond), target)  # (2B,)
     return per_sample_error(denoise(xt, t, cond), target), ref_err
+
+
+def grpo_inputs(family, denoise: Denoise, sampler, traj: Trajectory, prompts: list[str], idx: torch.Tensor, k: int,
+                reference: Reference | None):  # fmt: skip
+    """GRPO at stored step k of chains idx (B,): log_prob (B,) with grad, old_log_prob (B,) stored by the sampler,
+    the policy's step mean (B, C, h, w) with grad, the reference's (None without `reference`) and the step std.
+
+    `sampler` is the one the round was sampled with (diffalign.samplers); its `mean_std` is the step it drew from.
+    """
+    if traj.log_probs is None:
+        raise ValueError("grpo_inputs: the trajectory has no log-probs (sample with eta / noise level > 0)")
+    device = family.denoiser.device
+    xt, x_next = traj.latents[k][idx].to(device), traj.latents[k + 1][idx].to(device)  # (B, C, h, w)
+    t = traj.timesteps[k]
+    cond = encode_guided(family, [prompts[i] for i in idx.tolist()], traj.guidance)
+    policy = Through(family, denoise)
+    ref_mean = None
+    if reference is not None:
+        with torch.no_grad(), reference():
+            ref_mean, _ = sampler.mean_std(guided_prediction(policy, xt, t, cond, traj.guidance), t, xt)
+    mean, std = sampler.mean_std(guided_prediction(policy, xt, t, cond, traj.guidance), t, xt)
+    return gaussian_log_prob(x_next, mean, std), traj.log_probs[k][idx].to(device), mean, ref_mean, std

@@ -1,0 +1,145 @@
+"""Flow-matching sampling with per-step log-probs: Flow-GRPO's ODE -> SDE conversion (Liu et al. 2025, arXiv 2505.05470).
+
+A flow model (SD3, FLUX, a rectified-flow toy) predicts the velocity v = eps - x0 at x_sigma = (1 - sigma) x0 +
+sigma eps; diffusers' FlowMatchEulerDiscreteScheduler integrates the ODE dx = v dsigma over sigma_0 = 1 > ... >
+sigma_S = 0. The reverse SDE with the same marginals, noise scale s_sigma = a sqrt(sigma / (1 - sigma)), is
+
+    dx = [v + s²/(2 sigma) (x + (1 - sigma) v)] dsigma + s dw,
+
+and one Euler-Maruyama step from sigma to sigma' (dt = sigma' - sigma < 0) is a Gaussian (yifan123/flow_grpo,
+`sd3_sde_with_logprob.py::sde_step_with_logprob`):
+
+    mean = x + v dt + s²/(2 sigma) (x + (1 - sigma) v) dt,    std = s sqrt(-dt),    x' = mean + std eps
+    log p(x' | x) = gaussian_log_prob(x', mean, std)          (diffalign.likelihood: mean over latent dims)
+
+At sigma = 1 the official code uses sigma_1 in 1 - sigma (1/(1 - 1) would be infinite). With noise level a = 0 the
+step is diffusers' Euler step x + v dt exactly, so a = 0 reproduces the pipeline's sampling (tests/test_flow_sampling.py).
+
+The noise level `a` (Flow-GRPO: 0.7 for SD3.5, 0.9 for FLUX) is the only new hyper-parameter. An SDE window
+(Flow-GRPO-Fast, MixGRPO) puts the noise on steps [start, end) only and integrates the ODE elsewhere; only the window
+steps are recorded, so training sees just them. The default window is every step but the last: the last step's
+Gaussian is so sharp that its log-prob overflows (the official refactored pipeline makes it deterministic too).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+
+from diffalign.likelihood import gaussian_log_prob
+from diffalign.sampling import Trajectory, encode_guided, guided_prediction, initial_noise
+
+
+def sde_step(x, v, sigma, sigma_next, sigma_max, noise_level: float):
+    """Mean (N, ...) and std (scalar tensor) of Flow-GRPO's SDE step sigma -> sigma_next; everything in fp32.
+
+    sigma_max: the value used in 1 - sigma when sigma == 1 (the schedule's second sigma, as the official code)."""
+    x, v = x.float(), v.float()
+    sigma, sigma_next = torch.as_tensor(sigma).float(), torch.as_tensor(sigma_next).float()
+    dt = sigma_next - sigma  # < 0
+    safe = torch.where(sigma == 1, torch.as_tensor(sigma_max).float(), sigma)
+    s = noise_level * torch.sqrt(sigma / (1 - safe))  # the SDE's noise scale s_sigma
+    mean = x + dt * v + (s**2 / (2 * sigma)) * (x + (1 - sigma) * v) * dt  # a = 0: the Euler step x + dt v exactly
+    return mean, (s * torch.sqrt(-dt)).to(x.device)
+
+
+@dataclass
+class FlowSDESampler:
+    """Flow-GRPO's SDE sampler for one number of steps: `sample` runs the loop, `mean_std` / `log_prob` are its step
+    kernel for training (stored x_t, x_t' and t; the same maths the loop used)."""
+
+    sigmas: torch.Tensor  # (S+1,) fp32 from 1 down to 0: the scheduler's `sigmas`
+    timesteps: torch.Tensor  # (S,) fp32 sigma * T: the values the transformer is called with (scheduler.timesteps)
+    noise_level: float  # a: 0 = the ODE (deterministic Euler)
+    window: tuple[int, int] = field(default=(0, -1))  # default SDE steps [start, end); end <= 0 counts from S
+
+    @classmethod
+    def for_family(cls, family, steps: int, noise_level: float, window=(0, -1)) -> FlowSDESampler:
+        """The schedule diffusers' pipeline samples with: the family's flow-matching scheduler, `set_timesteps(steps)`."""
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(family.scheduler.config)
+        scheduler.set_timesteps(steps)
+        return cls(scheduler.sigmas.float(), scheduler.timesteps.float(), float(noise_level), tuple(window))
+
+    @property
+    def eta(self) -> float:
+        return self.noise_level
+
+    def resolve(self, window) -> tuple[int, int]:
+        start, end = window
+        n = len(self.timesteps)
+        return start, end if end > 0 else n + end
+
+    @property
+    def recorded_steps(self) -> int:
+        """Steps a trajectory records with the default window."""
+        start, end = self.resolve(self.window)
+        return end - start
+
+    def mean_std_at(self, i: int, pred, xt, sde: bool = True):
+        """Step i of the schedule: the SDE step, or (sde=False, outside the window) the ODE's Euler step."""
+        level = self.noise_level if sde else 0.0
+        return sde_step(xt, pred, self.sigmas[i], self.sigmas[i + 1], self.sigmas[1], level)
+
+    def index(self, t) -> int:
+        """Step index of a stored timestep (exact match: both come from `self.timesteps`)."""
+        hits = (self.timesteps == torch.as_tensor(t).float().cpu()).nonzero()
+        if len(hits) != 1:
+            raise ValueError(f"flow sampler: timestep {float(t)} is not one of this schedule's")
+        return int(hits[0])
+
+    def mean_std(self, pred, t, xt):
+        return self.mean_std_at(self.index(t), pred, xt)
+
+    def log_prob(self, pred, t, xt, x_prev):
+        """log p(x_prev | xt) (N,) under the step at t with velocity pred; needs noise_level > 0."""
+        if self.noise_level <= 0:
+            raise ValueError("flow sampler: noise level 0 is the ODE, which has no step density")
+        mean, std = self.mean_std(pred, t, xt)
+        return gaussian_log_prob(x_prev, mean, std)
+
+    @torch.no_grad()
+    def sample(self, family, prompts, seeds, guidance, noise_seed=0, keep_predictions=False, window=None,
+               keep_trajectory=True, height=None, width=None) -> Trajectory:  # fmt: skip
+        """N chains from x_1 = initial_noise(seeds); noise from one CPU generator seeded by `noise_seed`.
+
+        Records the window's steps only (latents[0] = x at the window's start, final = x0); everything stays on the
+        device until one copy to the CPU at the end. keep_trajectory=False keeps only x0 (plain sampling)."""
+        if len(prompts) != len(seeds):
+            raise ValueError(f"sample: {len(prompts)} prompts but {len(seeds)} seeds")
+        start, end = self.resolve(window or self.window)
+        device = family.denoiser.device
+        h = (height or family.resolution) // family.vae_scale_factor
+        w = (width or family.resolution) // family.vae_scale_factor
+        cond = encode_guided(family, prompts, guidance)
+        x = initial_noise(seeds, (family.latent_channels, h, w)).to(device)  # (N, C, h, w), sigma_0 = 1
+        gen = torch.Generator().manual_seed(int(noise_seed))
+        latents, log_probs, preds, steps = [], [], [], []
+        timesteps = self.timesteps.to(device)
+        for i, t in enumerate(timesteps):
+            pred = guided_prediction(family, x, t, cond, guidance)  # (N, C, h, w) velocity
+            inside = start <= i < end
+            mean, std = self.mean_std_at(i, pred, x, sde=inside)
+            if inside and self.noise_level > 0:
+                x_next = mean + std * torch.randn(x.shape, generator=gen).to(mean)
+                log_probs.append(gaussian_log_prob(x_next, mean, std))  # (N,)
+            else:
+                x_next = mean
+            if inside and keep_trajectory:
+                latents += [x] if not latents else []
+                latents.append(x_next)
+                steps.append(i)
+                if keep_predictions:
+                    preds.append(pred)
+            x = x_next
+        recorded = keep_trajectory and bool(steps)
+        return Trajectory(
+            latents=torch.stack(latents).float().cpu() if recorded else x[None].float().cpu(),  # (W+1, N, C, h, w)
+            timesteps=self.timesteps[steps] if recorded else self.timesteps[:0],  # (W,) fp32 sigma * T
+            log_probs=torch.stack(log_probs).cpu() if recorded and log_probs else None,  # (W, N)
+            eta=self.noise_level,
+            guidance=guidance,
+            predictions=torch.stack(preds).float().cpu() if recorded and preds else None,  # (W, N, C, h, w)
+            final=x.float().cpu() if recorded else None,
+        )

@@ -1,0 +1,68 @@
+"""The on-line samplers, chosen by one dict: which sampler a family gets is read from its prediction type.
+
+    ddim      DDPM families (epsilon, v_prediction): DDIM-eta, every step stochastic (diffalign.sampling.DDIMSampler)
+    flow_sde  flow families (SD3, FLUX, flow toy): Flow-GRPO's SDE, noise level a (diffalign.flow_sampling)
+
+Both return the same `Trajectory` and give the training step kernel `mean_std(pred, t, xt)` / `log_prob(pred, t,
+xt, x_prev)`, so D3PO, GRPO and DRO use either. `online.eta` is DDIM's eta on a DDPM family and the noise level a
+on a flow family (0: deterministic in both). Asking a family for a sampler it has no maths for (a flow model
+through DDIM, an SDE window on DDIM) is a one-line DiffalignError, never silent garbage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from diffalign.errors import DiffalignError
+from diffalign.flow_sampling import FlowSDESampler
+from diffalign.sampling import DDIMSampler, inference_scheduler
+
+
+def ddim_sampler(family, steps: int, eta: float, window) -> DDIMSampler:
+    scheduler = inference_scheduler(family, eta)
+    scheduler.set_timesteps(steps, device=family.denoiser.device)
+    return DDIMSampler(scheduler, eta)
+
+
+def flow_sampler(family, steps: int, eta: float, window) -> FlowSDESampler:
+    return FlowSDESampler.for_family(family, steps, eta, tuple(window) if window else (0, -1))
+
+
+@dataclass(frozen=True)
+class SamplerKind:
+    build: Callable  # (family, steps, eta or noise level, window [start, end) or None) -> sampler
+    prediction_types: tuple[str, ...]  # the families' prediction types it has the maths for
+    window: bool  # supports an SDE window (noise on some steps only)
+
+
+SAMPLERS = {
+    "ddim": SamplerKind(ddim_sampler, ("epsilon", "v_prediction"), window=False),
+    "flow_sde": SamplerKind(flow_sampler, ("flow",), window=True),
+}
+
+
+def build_sampler(family, name: str, steps: int, eta: float, window=None):
+    """The sampler `name` ("" = the family's own) for `steps` steps; a one-line error where the family lacks it."""
+    own = [k for k, kind in SAMPLERS.items() if family.prediction_type in kind.prediction_types]
+    if not name:
+        if not own:
+            raise DiffalignError(
+                f"family '{family.name}' (prediction type '{family.prediction_type}') has no on-line sampler "
+                f"(samplers: {', '.join(f'{k} for {v.prediction_types}' for k, v in SAMPLERS.items())})"
+            )
+        name = own[0]
+    if name not in SAMPLERS:
+        raise DiffalignError(f"online.sampler '{name}' unknown (options: {', '.join(SAMPLERS)})")
+    if name not in own:
+        raise DiffalignError(
+            f"family '{family.name}' (prediction type '{family.prediction_type}') has no '{name}' sampler "
+            f"(its samplers: {', '.join(own) or 'none'})"
+        )
+    if window and not SAMPLERS[name].window:
+        raise DiffalignError(f"family '{family.name}': the '{name}' sampler has no SDE window (online.sde_window)")
+    if window:
+        start, end = window[0], window[1] if window[1] > 0 else steps + window[1]
+        if len(window) != 2 or not 0 <= start < end <= steps:
+            raise DiffalignError(f"online.sde_window {list(window)} must be [start, end) within the {steps} steps")
+    return SAMPLERS[name].build(family, steps, eta, window)
