@@ -12,6 +12,7 @@ from diffalign.objectives.dro import DiffusionDRO
 from diffalign.objectives.inpo import InPO
 from diffalign.objectives.kto import DiffusionKTO
 from diffalign.objectives.mapo import MaPO
+from diffalign.objectives.nft import DiffusionNFT
 from diffalign.objectives.sft import SFT
 from diffalign.objectives.smpo import SmPO
 
@@ -24,4 +25,5 @@ OBJECTIVES = {
     "dro": DiffusionDRO,
     "sft": SFT,
     "d3po": D3PO,
+    "nft": DiffusionNFT,
 }
