@@ -19,7 +19,13 @@ from pipelines.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml") if "accelerate" not in p.parts)
-TINY = {"sd15": "sd15", "sdxl": "sdxl", "sd3": "sd3", "pixart": "pixart", "flux": "flux"}  # file-name prefix -> assets/tiny/<name>
+TINY = {
+    "sd15": "sd15",
+    "sdxl": "sdxl",
+    "sd3": "sd3",
+    "pixart": "pixart",
+    "flux": "flux",
+}  # file-name prefix -> assets/tiny/<name>
 WEIGHTED = {"pickscore", "hpsv2", "aesthetic", "clip_score", "clip_score_openclip"}  # need downloaded weights
 # the slow CI step runs these (each about 3-11 s on 2 shared cores: inversion forwards, T5, fp16 on a CPU, SDXL-size
 # graphs, on-line sampling); the rest of the set takes about 20 s
@@ -32,6 +38,9 @@ SLOW = {
     "sdxl_inpo",
     "sdxl_smpo",
     "toy_dro",
+    "sd3_nft",  # 80 s measured on a loaded box: 48 images (groups of 24), 18 accumulation micro-steps
+    "toy_nft",  # toy NFT configs: 12 s each on a loaded box
+    "toy_flow_nft",
 }  # top-level stems
 
 

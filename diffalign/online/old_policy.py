@@ -30,6 +30,9 @@ OLD_DECAY = {"linear": linear_decay, "delayed": delayed_decay}
 
 @torch.no_grad()
 def update_old(policy: dict[str, torch.Tensor], old: dict[str, torch.Tensor], decay: float) -> None:
-    """old adapter <- decay * old + (1 - decay) * policy ("...lora_A.default.weight" -> "...lora_A.old.weight")."""
+    """old adapter <- decay * old + (1 - decay) * policy ("...lora_A.default.weight" -> "...lora_A.old.weight").
+
+    In fp32, then cast to the old adapter's dtype (the trained adapter is upcast, the old one may be bf16/fp16)."""
     for n, p in policy.items():
-        old[n.replace(".default.", f".{OLD_ADAPTER}.")].lerp_(p, 1 - decay)
+        o = old[n.replace(".default.", f".{OLD_ADAPTER}.")]
+        o.copy_(o.float().lerp(p.float(), 1 - decay))
