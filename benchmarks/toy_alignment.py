@@ -58,6 +58,8 @@ ONLINE: dict[str, str] = {
     "dragon": "configs/toy_dragon.yaml",
     "dragon_fd": "configs/toy_dragon_fd.yaml",
     "dro": "configs/toy_dro.yaml",
+    "nft": "configs/toy_nft.yaml",
+    "nft_flow": "configs/toy_flow_nft.yaml",  # the flow-matching toy model (assets/toy_flow_model)
 }
 
 
