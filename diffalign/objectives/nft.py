@@ -70,7 +70,7 @@ class DiffusionNFT:
 
     needs_reference: ClassVar[bool] = True
     paired: ClassVar[bool] = False
-    xt_source: ClassVar[str] = "noise"
+    xt_source: ClassVar[str] = "predictions"  # forward noise, but the loss takes predictions, not errors (XT_SOURCES)
     sources: ClassVar[tuple[str, ...]] = ("nft",)  # the old policy's clean samples + advantages: `diffalign online`
 
     def __call__(self, pred, old_pred, ref_pred, target, scale, advantages) -> tuple[torch.Tensor, dict]:
