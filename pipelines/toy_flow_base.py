@@ -1,6 +1,7 @@
 """Make the toy world's flow-matching twin: the toy model (assets/toy_model) fine-tuned by rectified flow.
 
     nice -n 10 python -m pipelines.toy_flow_base --out assets/toy_flow_model --max-minutes 25
+    python -m pipelines.toy_flow_base --eval toy_flow toy     # fidelity: 16 held-out prompts x 8 seeds, 20 steps
 
 Same tokenizer, text encoder and UNet architecture as assets/toy_model (pipelines/toy_base.py); the scheduler is a
 FlowMatchEulerDiscreteScheduler (shift 1) and the UNet learns the velocity u = eps - x0 at
@@ -50,6 +51,18 @@ def save(out: Path, tokenizer, text_encoder, unet, scheduler, info: dict) -> Non
     (out / "training_info.json").write_text(json.dumps(info, indent=2) + "\n")
 
 
+def evaluate_heldout(model: str, guidance: float, seeds_per_prompt: int = 8) -> dict:
+    """Fidelity and aesthetic of `model` on the 16 held-out prompts x seeds 10^6 + i (pipelines.toy_data's)."""
+    from diffalign.models import load_family
+    from diffalign.paths import TOY_HELDOUT
+    from pipelines.toy_data import evaluate
+
+    held = [line.strip() for line in TOY_HELDOUT.read_text().splitlines() if line.strip()]
+    prompts = [q for q in held for _ in range(seeds_per_prompt)]
+    seeds = [10**6 + i for i in range(len(prompts))]
+    return {"model": model, "guidance": guidance, **evaluate(load_family(model), prompts, seeds, 20, guidance)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--init", default="assets/toy_model", help="the DDPM toy model to start from")
@@ -65,9 +78,15 @@ def main() -> None:
     p.add_argument("--checkpoint-dir", default="runs/toy_flow_checkpoints", help="intermediate EMA weights")
     p.add_argument("--max-minutes", type=float, default=25.0, help="stop early (and save) past this wall-clock time")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval", nargs="+", default=[], help="only measure these models (toy, toy_flow or folders)")
+    p.add_argument("--guidance", type=float, default=1.5, help="CFG scale of --eval")
     args = p.parse_args()
 
     torch.set_num_threads(args.threads)
+    if args.eval:
+        for model in args.eval:
+            print(json.dumps(evaluate_heldout(model, args.guidance)), flush=True)
+        return
     torch.manual_seed(args.seed)
     out, ckpt_dir = Path(args.out), Path(args.checkpoint_dir)
     tokenizer = CLIPTokenizer.from_pretrained(args.init, subfolder="tokenizer")
