@@ -61,6 +61,8 @@ ONLINE: dict[str, str] = {
     # the reward-hacking demo: DRAGON on the hackable toy_area reward, without and with the guards (README)
     "hack": "configs/toy_hack.yaml",
     "hack_guard": "configs/toy_hack_guarded.yaml",
+    "nft": "configs/toy_nft.yaml",
+    "nft_flow": "configs/toy_flow_nft.yaml",  # the flow-matching toy model (assets/toy_flow_model)
 }
 
 

@@ -46,7 +46,8 @@ LR_SCHEDULES = OneOf(
 @dataclass
 class ModelConfig:
     path: str = "toy"
-    """Hub id or local diffusers folder; "toy" is the shipped toy model under assets/toy_model."""
+    """Hub id or local diffusers folder; "toy" is the shipped toy model under assets/toy_model, "toy_flow" its
+    flow-matching twin under assets/toy_flow_model."""
     family: Annotated[str, OneOf(*FAMILY_NAMES)] = "auto"
     """Model family (sd, sdxl, toy, ...); "auto" reads model_index.json."""
     dtype: Annotated[str, OneOf("float32", "bfloat16", "float16")] = "float32"

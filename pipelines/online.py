@@ -11,7 +11,9 @@ its optimizer steps are the same `micro_step` / `finish_step` as `diffalign trai
 backward, clipping, mixed precision, the non-finite skip-and-count policy). The objective's `sources` metadata picks
 the on-line source once: trajectory (D3PO: stored steps, per-step log-probs), round_pairs / round_sets (DRAGON:
 Diffusion-DPO / Diffusion-KTO on the generated x0), experts (Diffusion-DRO: expert images vs policy samples drawn
-from the experts' own captions, at stored steps; the snapshot = the policy that sampled the round).
+from the experts' own captions, at stored steps; the snapshot = the policy that sampled the round), nft
+(DiffusionNFT: forward-process training on the clean samples of an "old" adapter, an EMA of the policy updated after
+every round, which samples the rounds). The sampler comes from diffalign.samplers by the family's prediction type.
 
 Several processes (`accelerate launch`): each samples its share of the round (pipelines.rounds), the round is
 gathered, the main process scores it and broadcasts the rewards, so pairing and splitting see whole groups; each
@@ -47,6 +49,7 @@ from diffalign.models import default_guidance
 from diffalign.models.toy import to_pil
 from diffalign.objectives import OBJECTIVES
 from diffalign.online.experts import preference_winners
+from diffalign.online.old_policy import OLD_ADAPTER, OLD_DECAY, update_old
 from diffalign.online.pairs import read_labels
 from diffalign.rewards import load_scorer
 from diffalign.runinfo import write_run_record
@@ -133,6 +136,14 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
         reference = lambda: adapter_mode(denoiser, "ref")  # noqa: E731
     else:
         reference = lambda: reference_mode(denoiser)  # noqa: E731
+    if rs.old_policy:  # DiffusionNFT: an "old" adapter, an EMA of the policy, samples the rounds
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            denoiser.add_adapter(copy.deepcopy(denoiser.peft_config["default"]), adapter_name=OLD_ADAPTER)
+        denoiser.set_adapter("default")
+        old_params = {n: p for n, p in denoiser.named_parameters() if f".{OLD_ADAPTER}." in n}
+        update_old(named_params, old_params, 0.0)
+        ckpt_params.update(old_params)
     schedule = Schedule(family.scheduler, family.prediction_type)
     sampler = build_sampler(family, rc.sampler, rc.steps, rc.eta, rc.sde_window)  # ddim or flow_sde, by family
     if SOURCES[source].stepwise:  # a flow sampler records its SDE window only: fewer steps to accumulate over
@@ -208,7 +219,8 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
     for r in range(start_round, rc.rounds):
         t0 = time.time()
         prompts, seeds, pool_index = plan_round(rc, r, pool)
-        traj, images = sample_share(accelerator, family, sampler, prompts, seeds, rc, r, rs.keep_predictions)
+        with adapter_mode(denoiser, OLD_ADAPTER if rs.old_policy else "default"):
+            traj, images = sample_share(accelerator, family, sampler, prompts, seeds, rc, r, rs.keep_predictions)
         rewards, monitored = score_round(accelerator, scorer, monitors, images, prompts)
         first, second = rs.rows(rewards.view(rc.prompts_per_round, g), rc, labels, r, pool_index)  # (N,) -> (P, G)
         rnd = Round(r, traj, prompts, first, second, experts)
@@ -233,6 +245,8 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
         n = sums.pop("n", 1.0)
         if rc.ref_refresh and (r + 1) % rc.ref_refresh == 0:
             copy_policy_to_ref(named_params, ref_params)
+        if rs.old_policy:  # after the round's optimizer steps, as the official code after each epoch
+            update_old(named_params, old_params, OLD_DECAY[objective.old_decay]((r + 1) * rc.train_steps))
         logs = {
             "reward": float(rewards.mean()),
             "reward_std": float(rewards.std()),

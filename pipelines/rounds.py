@@ -9,6 +9,7 @@ round (set-level rewards need the whole round) and broadcasts the rewards; every
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ import torch
 from accelerate.utils import broadcast_object_list, gather_object
 
 from diffalign.errors import DiffalignError
+from diffalign.online.advantages import group_advantages
 from diffalign.online.experts import ToyStatsEncoder, toy_vivid_exemplars
 from diffalign.online.pairs import PAIR_RULES, SPLIT_RULES, pairs_from_labels
 from diffalign.paths import TOY_HELDOUT
@@ -44,6 +46,22 @@ def set_rows(by_group, rc, labels, r, pool_index):
 def expert_rows(by_group, rc, labels, r, pool_index):
     """Every policy chain is a negative of the expert whose caption prompted it: (chain idx, expert idx)."""
     return torch.arange(len(pool_index)), pool_index
+
+
+def advantage_rows(by_group, rc, labels, r, pool_index):
+    """Every sample, with its group-relative advantage (per-prompt mean, global std; the objective clips it)."""
+    advantages = group_advantages(by_group, global_std=True, clip=math.inf).flatten()  # (P, G) -> (N,)
+    return torch.arange(advantages.numel()), advantages
+
+
+def need_groups(rc) -> None:
+    if rc.images_per_prompt < 2:
+        raise DiffalignError("online.images_per_prompt must be >= 2 for nft (advantages are relative to the group)")
+    if rc.shared_noise and rc.eta == 0:
+        raise DiffalignError(
+            "online.shared_noise must be false for nft with eta 0: a deterministic sampler would give every image "
+            "of a group the same x_T and so the same image"
+        )
 
 
 def need_eta(rc) -> None:
@@ -78,6 +96,7 @@ class RoundSource:
     check: Callable = lambda rc: None  # config checks once guidance is resolved
     experts: bool = False  # prompts are the captions of expert images (Diffusion-DRO), not online.prompts
     keep_predictions: bool = False  # keep the sampler's predictions (DRO's snapshot targets)
+    old_policy: bool = False  # an EMA "old" adapter samples the rounds (DiffusionNFT, diffalign.online.old_policy)
 
 
 ROUND_SOURCES = {
@@ -86,6 +105,7 @@ ROUND_SOURCES = {
     "trajectory": RoundSource(pair_rows, PAIR_RULES, check=need_eta),
     "experts": RoundSource(expert_rows, None, check=need_conditional, experts=True, keep_predictions=True),
     "policy_steps": RoundSource(reward_rows, None, check=need_noise),
+    "nft": RoundSource(advantage_rows, None, check=need_groups, old_policy=True),
 }
 
 

@@ -9,6 +9,7 @@ micro-step (pipelines/step.py); what differs is only the batch a program makes.
     trajectory   online   {"round", "step", "rows": (B,), "k"}          step log-probs of both chains (D3PO)
     experts      online   {"round", "step", "rows": (B,), "k"}          err, ref_err of [expert; policy] (DRO)
     policy_steps online   {"round", "step", "rows": (B,), "k"}          step log-probs, stored ones, advantages (GRPO)
+    nft          online   {"round", "step", "rows": (N,)} sample rows   v_θ, v_old, v_ref, target at forward-noised x0
 
 ("step" is the optimizer step within the round, "k" a stored trajectory step.)
 
@@ -26,8 +27,11 @@ from dataclasses import dataclass
 import torch
 
 from diffalign.likelihood import denoising_errors
+from diffalign.objectives.nft import x0_scale
+from diffalign.online.old_policy import OLD_ADAPTER
 from diffalign.online.steps import d3po_inputs, dro_inputs, grpo_inputs
 from diffalign.sampling import Trajectory
+from pipelines.rounds import adapter_mode
 from pipelines.step import StepContext, draw_t_and_eps, family_inputs, keyed_t_and_eps, pair_generator
 
 
@@ -144,6 +148,31 @@ def policy_step_inputs(ctx: StepContext, batch: dict, device):
         ctx.family, ctx.denoise, ctx.sampler, rnd.traj, rnd.prompts, idx, batch["k"], reference
     )
     return (lp, old_lp, advantages), {"mean": mean, "ref_mean": ref_mean, "std": std}
+def nft_inputs(ctx: StepContext, batch: dict, device):
+    """DiffusionNFT: the old policy's clean samples, each forward-noised with its own keyed t and eps; the trained
+    (with grad), old-adapter and reference (if kl_weight > 0) predictions at that x_t, the family's target and x0
+    slope, and the sample's group-relative advantage (Round.second)."""
+    rnd, rows = batch["round"], batch["rows"]
+    idx = rnd.first[rows]  # (N,)
+    x0 = rnd.traj.x0[idx].to(device)  # (N, C, h, w)
+    cond = ctx.family.encode_prompts([rnd.prompts[i] for i in idx.tolist()])
+    draws = [
+        draw_t_and_eps(
+            False, x0[i : i + 1], ctx.schedule, pair_generator(ctx.seed, rnd.index, batch["step"], r), ctx.estimator
+        )
+        for i, r in enumerate(rows.tolist())
+    ]  # N x ((1,), (1, C, h, w))
+    t, eps = torch.cat([d[0] for d in draws]), torch.cat([d[1] for d in draws])  # (N,), (N, C, h, w)
+    xt, target = ctx.schedule.add_noise(x0, eps, t), ctx.schedule.target(x0, eps, t)
+    with torch.no_grad(), adapter_mode(ctx.family.denoiser, OLD_ADAPTER):
+        old_pred = ctx.denoise(xt, t, cond)
+    ref_pred = None
+    if ctx.objective.kl_weight > 0:
+        with torch.no_grad(), ctx.reference():
+            ref_pred = ctx.denoise(xt, t, cond)
+    pred = ctx.denoise(xt, t, cond)
+    advantages = rnd.second[rows].to(device)  # (N,)
+    return (pred, old_pred, ref_pred, target, x0_scale(ctx.schedule, t), advantages), {}
 
 
 @dataclass(frozen=True)
@@ -160,6 +189,7 @@ SOURCES = {
     "trajectory": Source(trajectory_inputs, "online", stepwise=True),
     "experts": Source(expert_inputs, "online", stepwise=True),
     "policy_steps": Source(policy_step_inputs, "online", stepwise=True),
+    "nft": Source(nft_inputs, "online"),
 }
 
 # x_t sources that draw noise of their own get it from the rows' keyed generators (InPO's eta noise)

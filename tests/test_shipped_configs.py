@@ -36,6 +36,9 @@ SLOW = {
     "toy_dro",
     "toy_grpo",
     "toy_hack",  # six rounds at a high lr: the guards' demo
+    "sd3_nft",  # 80 s measured on a loaded box: 48 images (groups of 24), 18 accumulation micro-steps
+    "toy_nft",  # toy NFT configs: 12 s each on a loaded box
+    "toy_flow_nft",
 }  # top-level stems
 
 

@@ -40,7 +40,7 @@ from diffalign.models.sd import SDFamily
 from diffalign.models.sd3 import SD3Family
 from diffalign.models.sdxl import SDXLFamily
 from diffalign.models.toy import ToyFamily
-from diffalign.paths import TOY_MODEL
+from diffalign.paths import TOY_FLOW_MODEL, TOY_MODEL
 
 FAMILIES = {
     "sd": SDFamily,
@@ -69,9 +69,13 @@ def default_guidance(family) -> float:
     return float(inspect.signature(family.generate).parameters["guidance"].default)
 
 
+SHIPPED = {"toy": TOY_MODEL, "toy_flow": TOY_FLOW_MODEL}  # model.path names of the shipped toy models
+
+
 def resolve_path(path: str) -> str:
-    """ "toy" names the shipped toy model; anything else is a local folder or a hub id."""
-    return str(TOY_MODEL) if path == "toy" else path
+    """ "toy" / "toy_flow" name the shipped toy models (DDPM / flow matching); anything else is a local folder or a
+    hub id."""
+    return str(SHIPPED[path]) if path in SHIPPED else path
 
 
 def detect_family(path: str) -> str:

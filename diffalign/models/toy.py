@@ -5,21 +5,35 @@ coordinate channels, see `add_coords`) conditioned on a tiny
 CLIPTextModel, with a DDPMScheduler (cosine schedule, v-prediction: epsilon was ill-posed at
 the first sampling steps, see pipelines/toy_base.py). Each component is loaded with its own `from_pretrained`
 from its subfolder; there is no diffusers pipeline class, so sampling uses diffalign.sampling.
+
+The flow-matching twin (assets/toy_flow_model, pipelines/toy_flow_base.py) has the same components with a
+FlowMatchEulerDiscreteScheduler: prediction type "flow", the UNet called at sigma_t * T, sampled by the Euler ODE
+(diffalign.flow_ode). The scheduler folder's class picks which (`SCHEDULERS`).
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import torch
-from diffusers import DDPMScheduler, UNet2DConditionModel
+from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DConditionModel
 from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from diffalign.models.base import Family
+from diffalign.flow_ode import sample_flow
+from diffalign.likelihood import Schedule
+from diffalign.models.base import PREDICTION_TYPES, Family
 from diffalign.models.sd import LORA_PRESETS, check_components
 from diffalign.sampling import sample
 
 COORD_CHANNELS = 2
+# scheduler class (scheduler_config.json) -> (class, prediction type or None = the config's, x0 sampler)
+SCHEDULERS = {
+    "DDPMScheduler": (DDPMScheduler, None, sample),
+    "FlowMatchEulerDiscreteScheduler": (FlowMatchEulerDiscreteScheduler, "flow", sample_flow),
+}
 
 
 def add_coords(xt: torch.Tensor) -> torch.Tensor:
@@ -64,8 +78,11 @@ class ToyFamily(Family):
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
         self.dtype = dtype
-        self.prediction_type = scheduler.config.prediction_type
-        self.check_prediction_type()
+        _, flow_type, self.sampler = SCHEDULERS[type(scheduler).__name__]
+        self.prediction_type = flow_type or scheduler.config.prediction_type
+        if self.prediction_type not in (*PREDICTION_TYPES, "flow"):
+            raise ValueError(f"toy: unsupported prediction_type '{self.prediction_type}'")
+        self.schedule = Schedule(scheduler, self.prediction_type)
         self.resolution = unet.config.sample_size
         self.latent_channels = unet.config.out_channels
         if unet.config.in_channels != self.latent_channels + COORD_CHANNELS:
@@ -78,7 +95,10 @@ class ToyFamily(Family):
             raise ValueError("toy: pixel-space model, it has no VAE (vae_path must be None)")
         check_components(path, [c for c in cls.components if load_encoders or c != "text_encoder"])
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", dtype=dtype).eval()
-        scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
+        name = json.loads((Path(path) / "scheduler" / "scheduler_config.json").read_text())["_class_name"]
+        if name not in SCHEDULERS:
+            raise ValueError(f"toy: {path}/scheduler is a {name}; known: {', '.join(SCHEDULERS)}")
+        scheduler = SCHEDULERS[name][0].from_pretrained(path, subfolder="scheduler")
         text_encoder = tokenizer = None
         if load_encoders:
             text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype).eval()
@@ -117,15 +137,17 @@ class ToyFamily(Family):
     def denoise(self, xt: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
         """xt (N, 3, H, W), t (N,) -> prediction (N, 3, H, W) of type `prediction_type`; "size_info" is ignored.
 
-        The UNet sees xt plus two coordinate channels (`add_coords`): always call the model through here.
+        The UNet sees xt plus two coordinate channels (`add_coords`): always call the model through here. A flow
+        model is called at sigma_t * T (`Schedule.model_timestep`), a DDPM one at t.
         """
         embeds = cond["prompt_embeds"].to(self.dtype)
-        return self.denoiser(add_coords(xt.to(self.dtype)), t, encoder_hidden_states=embeds).sample
+        timestep = self.schedule.model_timestep(t)
+        return self.denoiser(add_coords(xt.to(self.dtype)), timestep, encoder_hidden_states=embeds).sample
 
     def generate(self, prompts, seeds, steps: int = 20, guidance: float = 1.5, height=None, width=None):
-        """-> list[PIL.Image], one per prompt (DDIM through diffalign.sampling; attached LoRAs are active).
+        """-> list[PIL.Image], one per prompt (DDIM eta 0, or the Euler ODE for flow; attached LoRAs are active).
 
         Guidance 1.5, not SD's 4-7.5: this pixel-space model follows prompts at 1.5 (20 samples: colour, size and
         position all right, shape 18/20) while at 4 colours turn muddy (colour accuracy 0.4).
         """
-        return to_pil(self.decode(sample(self, prompts, seeds, steps, guidance, height, width)))
+        return to_pil(self.decode(self.sampler(self, prompts, seeds, steps, guidance, height, width)))

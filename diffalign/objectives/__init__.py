@@ -13,6 +13,7 @@ from diffalign.objectives.grpo import GRPO
 from diffalign.objectives.inpo import InPO
 from diffalign.objectives.kto import DiffusionKTO
 from diffalign.objectives.mapo import MaPO
+from diffalign.objectives.nft import DiffusionNFT
 from diffalign.objectives.sft import SFT
 from diffalign.objectives.smpo import SmPO
 
@@ -26,4 +27,5 @@ OBJECTIVES = {
     "sft": SFT,
     "d3po": D3PO,
     "grpo": GRPO,
+    "nft": DiffusionNFT,
 }

@@ -1,0 +1,159 @@
+"""Make the toy world's flow-matching twin: the toy model (assets/toy_model) fine-tuned by rectified flow.
+
+    nice -n 10 python -m pipelines.toy_flow_base --out assets/toy_flow_model --max-minutes 25
+    python -m pipelines.toy_flow_base --eval toy_flow toy     # fidelity: 16 held-out prompts x 8 seeds, 20 steps
+
+Same tokenizer, text encoder and UNet architecture as assets/toy_model (pipelines/toy_base.py); the scheduler is a
+FlowMatchEulerDiscreteScheduler (shift 1) and the UNet learns the velocity u = eps - x0 at
+x_s = (1 - s) x0 + s eps, called at timestep s * 1000 (diffalign.models.toy, `Schedule.model_timestep`).
+
+Why a fine-tune and not a fresh 45-minute run: the v-prediction DDPM is already a flow model in disguise. With
+alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t) and s = sigma / (alpha + sigma), x_s = x_t / (alpha + sigma) is the
+flow path, and its velocity is u = eps - x0 = (sigma - alpha) x_t + (alpha + sigma) v. The network differs from a flow
+network only by that input scale (1 to sqrt 2), an output skip term, and a monotone remapping of the timestep
+(t/T = 2/pi atan(s / (1 - s)) for the cosine schedule, within ~30% of s). So the DDPM weights, with their learnt
+shapes, colours and layout, are a good initialisation, and the plain rectified-flow loss
+    L = mean || u_theta(x_s, s, c) - (eps - x0) ||^2,    s ~ U{1/T, ..., 1}
+only has to learn those maps. Everything else follows toy_base: fresh rendered batches, 10% empty captions (CFG),
+AdamW with warm-up and cosine decay, clipping, an EMA of the weights (saved), a `--max-minutes` guard.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # shared CPUs: see pipelines/toy_base.py
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from diffusers import FlowMatchEulerDiscreteScheduler, UNet2DConditionModel  # noqa: E402
+from transformers import CLIPTextModel, CLIPTokenizer  # noqa: E402
+
+from diffalign.models.toy import add_coords  # noqa: E402
+from diffalign.toy import shapes  # noqa: E402
+from pipelines.toy_base import MODEL_INDEX, lr_at  # noqa: E402
+
+FLOW_MODEL_INDEX = {**MODEL_INDEX, "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]}
+
+
+def save(out: Path, tokenizer, text_encoder, unet, scheduler, info: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(out / "tokenizer")
+    text_encoder.save_pretrained(out / "text_encoder")
+    unet.save_pretrained(out / "unet")
+    scheduler.save_pretrained(out / "scheduler")
+    (out / "model_index.json").write_text(json.dumps(FLOW_MODEL_INDEX, indent=2) + "\n")
+    (out / "training_info.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
+def evaluate_heldout(model: str, guidance: float, seeds_per_prompt: int = 8) -> dict:
+    """Fidelity and aesthetic of `model` on the 16 held-out prompts x seeds 10^6 + i (pipelines.toy_data's)."""
+    from diffalign.models import load_family
+    from diffalign.paths import TOY_HELDOUT
+    from pipelines.toy_data import evaluate
+
+    held = [line.strip() for line in TOY_HELDOUT.read_text().splitlines() if line.strip()]
+    prompts = [q for q in held for _ in range(seeds_per_prompt)]
+    seeds = [10**6 + i for i in range(len(prompts))]
+    return {"model": model, "guidance": guidance, **evaluate(load_family(model), prompts, seeds, 20, guidance)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--init", default="assets/toy_model", help="the DDPM toy model to start from")
+    p.add_argument("--out", default="assets/toy_flow_model")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--ema", type=float, default=0.99, help="final EMA decay (warmed up as (1+n)/(10+n))")
+    p.add_argument("--empty-fraction", type=float, default=0.1)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--checkpoint-minutes", type=float, default=5.0)
+    p.add_argument("--checkpoint-dir", default="runs/toy_flow_checkpoints", help="intermediate EMA weights")
+    p.add_argument("--max-minutes", type=float, default=25.0, help="stop early (and save) past this wall-clock time")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval", nargs="+", default=[], help="only measure these models (toy, toy_flow or folders)")
+    p.add_argument("--guidance", type=float, default=1.5, help="CFG scale of --eval")
+    args = p.parse_args()
+
+    torch.set_num_threads(args.threads)
+    if args.eval:
+        for model in args.eval:
+            print(json.dumps(evaluate_heldout(model, args.guidance)), flush=True)
+        return
+    torch.manual_seed(args.seed)
+    out, ckpt_dir = Path(args.out), Path(args.checkpoint_dir)
+    tokenizer = CLIPTokenizer.from_pretrained(args.init, subfolder="tokenizer")
+    text_encoder = CLIPTextModel.from_pretrained(args.init, subfolder="text_encoder")
+    unet = UNet2DConditionModel.from_pretrained(args.init, subfolder="unet")
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+    big_t = scheduler.config.num_train_timesteps
+    models = torch.nn.ModuleDict({"unet": unet, "text_encoder": text_encoder}).train()
+    ema = copy.deepcopy(models).requires_grad_(False)
+
+    opt = torch.optim.AdamW(models.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01)
+    rng = np.random.default_rng(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    start = last_ckpt = time.time()
+    running, last_loss = [], float("nan")
+    for step in range(args.steps):
+        images, captions = shapes.render_batch(rng, args.batch_size, args.empty_fraction)
+        x0 = torch.from_numpy(images).permute(0, 3, 1, 2) * 2 - 1  # (B, H, W, 3) [0,1] -> (B, 3, H, W) [-1,1]
+        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")
+        sigma = (torch.randint(0, big_t, (args.batch_size,), generator=gen) + 1).float() / big_t  # (B,) in (0, 1]
+        eps = torch.randn(x0.shape, generator=gen)
+        s = sigma.view(-1, 1, 1, 1)
+        xt = (1 - s) * x0 + s * eps
+
+        cond = text_encoder(ids.input_ids).last_hidden_state  # (B, 77, 64)
+        pred = unet(add_coords(xt), sigma * big_t, encoder_hidden_states=cond).sample  # (B, 3, H, W)
+        loss = (pred - (eps - x0)).pow(2).mean()  # rectified flow: velocity eps - x0; (B, 3, H, W) -> ()
+
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(models.parameters(), 1.0)
+        opt.step()
+        decay = min(args.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for e, q in zip(ema.parameters(), models.parameters()):
+                e.lerp_(q, 1 - decay)
+
+        running.append(loss.item())
+        if (step + 1) % 25 == 0:
+            elapsed = time.time() - start
+            print(
+                f"step {step + 1}/{args.steps} loss {np.mean(running):.4f} lr {opt.param_groups[0]['lr']:.2e} "
+                f"{elapsed / (step + 1):.2f}s/step elapsed {elapsed / 60:.1f}min",
+                flush=True,
+            )
+            last_loss, running = float(np.mean(running)), []
+        if time.time() - last_ckpt > args.checkpoint_minutes * 60:
+            last_ckpt = time.time()
+            info = {"step": step + 1, "minutes": (time.time() - start) / 60}
+            save(ckpt_dir / f"step-{step + 1}", tokenizer, ema["text_encoder"], ema["unet"], scheduler, info)
+            print(f"checkpoint {ckpt_dir / f'step-{step + 1}'}", flush=True)
+        if time.time() - start > args.max_minutes * 60:
+            print(f"stopping at step {step + 1}: past --max-minutes {args.max_minutes}", flush=True)
+            break
+
+    info = {
+        "command": "python -m pipelines.toy_flow_base "
+        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
+        "steps_done": step + 1,
+        "minutes": round((time.time() - start) / 60, 1),
+        "final_loss": round(last_loss, 4),
+    }
+    save(out, tokenizer, ema["text_encoder"], ema["unet"], scheduler, info)
+    print(f"saved {out} {info}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
