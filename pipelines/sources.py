@@ -148,6 +148,8 @@ def policy_step_inputs(ctx: StepContext, batch: dict, device):
         ctx.family, ctx.denoise, ctx.sampler, rnd.traj, rnd.prompts, idx, batch["k"], reference
     )
     return (lp, old_lp, advantages), {"mean": mean, "ref_mean": ref_mean, "std": std}
+
+
 def nft_inputs(ctx: StepContext, batch: dict, device):
     """DiffusionNFT: the old policy's clean samples, each forward-noised with its own keyed t and eps; the trained
     (with grad), old-adapter and reference (if kl_weight > 0) predictions at that x_t, the family's target and x0

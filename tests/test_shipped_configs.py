@@ -19,8 +19,21 @@ from pipelines.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml") if "accelerate" not in p.parts)
-TINY = {"sd15": "sd15", "sdxl": "sdxl", "sd3": "sd3", "pixart": "pixart", "flux": "flux"}  # file-name prefix -> assets/tiny/<name>
-WEIGHTED = {"pickscore", "hpsv2", "aesthetic", "clip_score", "clip_score_openclip", "geneval"}  # need downloaded weights
+TINY = {
+    "sd15": "sd15",
+    "sdxl": "sdxl",
+    "sd3": "sd3",
+    "pixart": "pixart",
+    "flux": "flux",
+}  # file-name prefix -> assets/tiny/<name>
+WEIGHTED = {
+    "pickscore",
+    "hpsv2",
+    "aesthetic",
+    "clip_score",
+    "clip_score_openclip",
+    "geneval",
+}  # need downloaded weights
 # the slow CI step runs these (each about 3-11 s on 2 shared cores: inversion forwards, T5, fp16 on a CPU, SDXL-size
 # graphs, on-line sampling); the rest of the set takes about 20 s
 SLOW = {
