@@ -26,7 +26,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler
 
 from diffalign.likelihood import gaussian_log_prob
 from diffalign.sampling import Trajectory, encode_guided, guided_prediction, initial_noise
@@ -57,9 +56,8 @@ class FlowSDESampler:
 
     @classmethod
     def for_family(cls, family, steps: int, noise_level: float, window=(0, -1)) -> FlowSDESampler:
-        """The schedule diffusers' pipeline samples with: the family's flow-matching scheduler, `set_timesteps(steps)`."""
-        scheduler = FlowMatchEulerDiscreteScheduler.from_config(family.scheduler.config)
-        scheduler.set_timesteps(steps)
+        """The schedule the family's own diffusers pipeline samples `steps` steps with (`family.flow_scheduler`)."""
+        scheduler = family.flow_scheduler(steps)  # the family's pipeline schedule (FLUX: its own sigma grid)
         return cls(scheduler.sigmas.float(), scheduler.timesteps.float(), float(noise_level), tuple(window))
 
     @property

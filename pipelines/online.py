@@ -116,6 +116,7 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
     if rc.guidance <= 0:
         rc.guidance = default_guidance(family)  # the resolved value is what config.yaml records
     rs.check(rc)
+    cfg_scale = family.sampling_cfg(rc.guidance)  # FLUX.1-dev: guidance is an input of the transformer, CFG 1
     if rc.gradient_checkpointing:
         family.enable_gradient_checkpointing()
     if rc.xformers:  # SDPA is every family's default
@@ -220,7 +221,9 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
         t0 = time.time()
         prompts, seeds, pool_index = plan_round(rc, r, pool)
         with adapter_mode(denoiser, OLD_ADAPTER if rs.old_policy else "default"):
-            traj, images = sample_share(accelerator, family, sampler, prompts, seeds, rc, r, rs.keep_predictions)
+            traj, images = sample_share(
+                accelerator, family, sampler, prompts, seeds, rc, r, rs.keep_predictions, cfg_scale
+            )
         rewards, monitored = score_round(accelerator, scorer, monitors, images, prompts)
         first, second = rs.rows(rewards.view(rc.prompts_per_round, g), rc, labels, r, pool_index)  # (N,) -> (P, G)
         rnd = Round(r, traj, prompts, first, second, experts)

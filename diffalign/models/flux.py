@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
@@ -114,6 +115,20 @@ class FluxFamily(Family):
             extra["quantization_config"] = quantization
         pipe, vae_config = load_pipe(FluxPipeline, path, cls.components, dtype, load_encoders, vae_path, **extra)
         return cls(pipe, vae_config, dtype)
+
+    def flow_scheduler(self, steps: int) -> FlowMatchEulerDiscreteScheduler:
+        """FluxPipeline's sampling schedule: sigmas linspace(1, 1/steps, steps), shifted by the training size's
+        shift (its dynamic e^mu: the same sigmas as the pipeline's time_shift at that size)."""
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler.config)  # static shift (set_resolution)
+        scheduler.set_timesteps(sigmas=np.linspace(1.0, 1.0 / steps, steps))
+        return scheduler
+
+    def sampling_cfg(self, guidance: float) -> float:
+        """FLUX has no true CFG on-line: FLUX.1-dev takes `guidance` as the transformer's input in sampling and
+        training alike (Flow-GRPO's FLUX runs: 3.5), schnell ignores it; the CFG scale is 1 (one pass)."""
+        if self.guidance_embeds:
+            self.train_guidance = guidance
+        return 1.0
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
