@@ -274,18 +274,27 @@ def test_flow_sampler_at_noise_level_zero_equals_the_flux_pipeline(flux):
     flux.train_guidance = 1.0  # the module-scoped family's offline default, for the tests after this one
 
 
-def test_grpo_round_on_flux_through_the_cli(tmp_path, monkeypatch):
-    """`diffalign online` with GRPO on the tiny FLUX pipeline: SDE sampling with log-probs, the first step on-policy
-    (ratio 1: loss = -mean advantage of the drawn rows, 0 in expectation), the LoRA saved in FLUX's format."""
+ONLINE_FLUX = {  # objective -> its overrides on top of a one-round tiny run
+    "nft": ["objective.name=nft", "online.eta=0", "online.shared_noise=false"],  # the old adapter samples by the ODE
+    "dragon": ["objective.name=dpo", "online.split=best_worst", "online.eta=0.9"],  # DRAGON's Diffusion-DPO surrogate
+}
+
+
+@pytest.mark.parametrize("objective", ["grpo", *ONLINE_FLUX])
+def test_online_round_on_flux_through_the_cli(tmp_path, monkeypatch, objective):
+    """`diffalign online` on the tiny FLUX pipeline (FLUX.1-dev style: guidance as an input, no true CFG): GRPO from
+    configs/flux_grpo.yaml (SDE sampling with log-probs), NFT and DRAGON; a finite first round and the LoRA saved in
+    FLUX's format."""
     monkeypatch.chdir(REPO)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a photo of a cat\nred dog\n")
     out = tmp_path / "run"
-    args = ["online", str(REPO / "configs" / "flux_grpo.yaml"), f"model.path={TINY}", "model.resolution=0"]
+    config = [str(REPO / "configs" / "flux_grpo.yaml")] if objective == "grpo" else ["lora.rank=4", "lora.alpha=4"]
+    args = ["online", *config, f"model.path={TINY}", "model.resolution=0", *ONLINE_FLUX.get(objective, [])]
     args += ["online.rounds=1", "online.prompts_per_round=2", "online.images_per_prompt=2", "online.steps=3"]
     args += ["online.sample_batch=4", "online.train_steps=1", "online.batch_size=2", "online.grad_accum=1"]
-    args += [f"online.prompts={prompts}", "online.reward=toy_aesthetic", "online.reward_args={}"]
-    args += ["online.tensorboard=false", "eval.prompts=", f"online.output_dir={out}"]
+    args += [f"online.prompts={prompts}", "online.reward=toy_aesthetic", "online.reward_args={}", "online.monitor=[]"]
+    args += ["online.guidance=3.5", "online.tensorboard=false", "eval.prompts=", f"online.output_dir={out}"]
     assert main(args) == 0
     row = json.loads((out / "rounds.jsonl").read_text().splitlines()[0])
     assert math.isfinite(row["train/loss"]) and row["skipped_steps"] == 0
