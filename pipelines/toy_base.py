@@ -123,48 +123,22 @@ def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
     return 0.5 * lr * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default="assets/toy_model")
-    p.add_argument("--steps", type=int, default=2400)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup", type=int, default=100)
-    p.add_argument("--ema", type=float, default=0.995, help="final EMA decay (warmed up as (1+n)/(10+n))")
-    p.add_argument("--empty-fraction", type=float, default=0.1)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--checkpoint-minutes", type=float, default=10.0)
-    p.add_argument("--checkpoint-dir", default="runs/toy_base_checkpoints", help="intermediate EMA weights")
-    p.add_argument("--max-minutes", type=float, default=48.0, help="stop early (and save) past this wall-clock time")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args()
-
-    torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    ckpt_dir = Path(args.checkpoint_dir)
-    tokenizer, text_encoder, unet, scheduler = build_components(args.seed)
-    models = torch.nn.ModuleDict({"unet": unet, "text_encoder": text_encoder})
-    ema = copy.deepcopy(models).requires_grad_(False)
-    n_params = {k: sum(q.numel() for q in m.parameters()) for k, m in models.items()}
-    print(f"params: {n_params}", flush=True)
-
+def train_loop(args, models, ema, tokenizer, text_encoder, scheduler, ckpt_dir: Path, loss_of):
+    """The toy programs' shared loop: render a batch of shapes, `loss_of(x0 (B, 3, H, W) in [-1, 1], text states
+    (B, 77, 64), generator)`, AdamW with warm-up + cosine (`lr_at`), clipping at 1, an EMA of the weights, a log line
+    every 25 steps, EMA checkpoints every --checkpoint-minutes, a --max-minutes guard.
+    Returns (last step index, last logged loss, start time)."""
     opt = torch.optim.AdamW(models.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01)
     rng = np.random.default_rng(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     start = last_ckpt = time.time()
-    running, last_loss = [], float("nan")
+    running, last_loss, step = [], float("nan"), 0
     for step in range(args.steps):
         images, captions = shapes.render_batch(rng, args.batch_size, args.empty_fraction)
         x0 = torch.from_numpy(images).permute(0, 3, 1, 2) * 2 - 1  # (B, H, W, 3) [0,1] -> (B, 3, H, W) [-1,1]
         ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (args.batch_size,), generator=gen)
-        eps = torch.randn(x0.shape, generator=gen)
-        xt = scheduler.add_noise(x0, eps, t)
-
         cond = text_encoder(ids.input_ids).last_hidden_state  # (B, 77, 64)
-        pred = unet(add_coords(xt), t, encoder_hidden_states=cond).sample  # (B, 3 + 2, H, W) -> (B, 3, H, W)
-        target = scheduler.get_velocity(x0, eps, t)  # v = sqrt(abar) eps - sqrt(1 - abar) x0
-        loss = (pred - target).pow(2).mean()  # (B, 3, H, W) -> ()
+        loss = loss_of(x0, cond, gen)
 
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
@@ -194,6 +168,43 @@ def main() -> None:
         if time.time() - start > args.max_minutes * 60:  # the CPU is shared: bound the wall-clock time
             print(f"stopping at step {step + 1}: past --max-minutes {args.max_minutes}", flush=True)
             break
+    return step, last_loss, start
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="assets/toy_model")
+    p.add_argument("--steps", type=int, default=2400)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--ema", type=float, default=0.995, help="final EMA decay (warmed up as (1+n)/(10+n))")
+    p.add_argument("--empty-fraction", type=float, default=0.1)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--checkpoint-minutes", type=float, default=10.0)
+    p.add_argument("--checkpoint-dir", default="runs/toy_base_checkpoints", help="intermediate EMA weights")
+    p.add_argument("--max-minutes", type=float, default=48.0, help="stop early (and save) past this wall-clock time")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    ckpt_dir = Path(args.checkpoint_dir)
+    tokenizer, text_encoder, unet, scheduler = build_components(args.seed)
+    models = torch.nn.ModuleDict({"unet": unet, "text_encoder": text_encoder})
+    ema = copy.deepcopy(models).requires_grad_(False)
+    n_params = {k: sum(q.numel() for q in m.parameters()) for k, m in models.items()}
+    print(f"params: {n_params}", flush=True)
+
+    def v_loss(x0, cond, gen):
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],), generator=gen)
+        eps = torch.randn(x0.shape, generator=gen)
+        xt = scheduler.add_noise(x0, eps, t)
+        pred = unet(add_coords(xt), t, encoder_hidden_states=cond).sample  # (B, 3 + 2, H, W) -> (B, 3, H, W)
+        target = scheduler.get_velocity(x0, eps, t)  # v = sqrt(abar) eps - sqrt(1 - abar) x0
+        return (pred - target).pow(2).mean()  # (B, 3, H, W) -> ()
+
+    step, last_loss, start = train_loop(args, models, ema, tokenizer, text_encoder, scheduler, ckpt_dir, v_loss)
 
     info = {
         "command": "python -m pipelines.toy_base "

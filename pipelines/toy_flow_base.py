@@ -29,14 +29,12 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # shared CPUs: see pipelines/toy_base.py
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from diffusers import FlowMatchEulerDiscreteScheduler, UNet2DConditionModel  # noqa: E402
 from transformers import CLIPTextModel, CLIPTokenizer  # noqa: E402
 
 from diffalign.models.toy import add_coords  # noqa: E402
-from diffalign.toy import shapes  # noqa: E402
-from pipelines.toy_base import MODEL_INDEX, lr_at  # noqa: E402
+from pipelines.toy_base import MODEL_INDEX, train_loop  # noqa: E402
 
 FLOW_MODEL_INDEX = {**MODEL_INDEX, "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]}
 
@@ -97,52 +95,15 @@ def main() -> None:
     models = torch.nn.ModuleDict({"unet": unet, "text_encoder": text_encoder}).train()
     ema = copy.deepcopy(models).requires_grad_(False)
 
-    opt = torch.optim.AdamW(models.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01)
-    rng = np.random.default_rng(args.seed)
-    gen = torch.Generator().manual_seed(args.seed)
-    start = last_ckpt = time.time()
-    running, last_loss = [], float("nan")
-    for step in range(args.steps):
-        images, captions = shapes.render_batch(rng, args.batch_size, args.empty_fraction)
-        x0 = torch.from_numpy(images).permute(0, 3, 1, 2) * 2 - 1  # (B, H, W, 3) [0,1] -> (B, 3, H, W) [-1,1]
-        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")
-        sigma = (torch.randint(0, big_t, (args.batch_size,), generator=gen) + 1).float() / big_t  # (B,) in (0, 1]
+    def flow_loss(x0, cond, gen):
+        sigma = (torch.randint(0, big_t, (x0.shape[0],), generator=gen) + 1).float() / big_t  # (B,) in (0, 1]
         eps = torch.randn(x0.shape, generator=gen)
         s = sigma.view(-1, 1, 1, 1)
         xt = (1 - s) * x0 + s * eps
-
-        cond = text_encoder(ids.input_ids).last_hidden_state  # (B, 77, 64)
         pred = unet(add_coords(xt), sigma * big_t, encoder_hidden_states=cond).sample  # (B, 3, H, W)
-        loss = (pred - (eps - x0)).pow(2).mean()  # rectified flow: velocity eps - x0; (B, 3, H, W) -> ()
+        return (pred - (eps - x0)).pow(2).mean()  # rectified flow: velocity eps - x0; (B, 3, H, W) -> ()
 
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(models.parameters(), 1.0)
-        opt.step()
-        decay = min(args.ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for e, q in zip(ema.parameters(), models.parameters()):
-                e.lerp_(q, 1 - decay)
-
-        running.append(loss.item())
-        if (step + 1) % 25 == 0:
-            elapsed = time.time() - start
-            print(
-                f"step {step + 1}/{args.steps} loss {np.mean(running):.4f} lr {opt.param_groups[0]['lr']:.2e} "
-                f"{elapsed / (step + 1):.2f}s/step elapsed {elapsed / 60:.1f}min",
-                flush=True,
-            )
-            last_loss, running = float(np.mean(running)), []
-        if time.time() - last_ckpt > args.checkpoint_minutes * 60:
-            last_ckpt = time.time()
-            info = {"step": step + 1, "minutes": (time.time() - start) / 60}
-            save(ckpt_dir / f"step-{step + 1}", tokenizer, ema["text_encoder"], ema["unet"], scheduler, info)
-            print(f"checkpoint {ckpt_dir / f'step-{step + 1}'}", flush=True)
-        if time.time() - start > args.max_minutes * 60:
-            print(f"stopping at step {step + 1}: past --max-minutes {args.max_minutes}", flush=True)
-            break
+    step, last_loss, start = train_loop(args, models, ema, tokenizer, text_encoder, scheduler, ckpt_dir, flow_loss)
 
     info = {
         "command": "python -m pipelines.toy_flow_base "
