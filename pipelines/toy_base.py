@@ -106,13 +106,14 @@ def build_components(seed: int):
     return tokenizer, text_encoder, unet, scheduler
 
 
-def save(out: Path, tokenizer, text_encoder, unet, scheduler, info: dict) -> None:
+def save(out: Path, tokenizer, text_encoder, unet, scheduler, info: dict, index: dict = MODEL_INDEX) -> None:
+    """A toy model folder: the components, `index` as model_index.json (the pipeline class), training_info.json."""
     out.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(out / "tokenizer")
     text_encoder.save_pretrained(out / "text_encoder")
     unet.save_pretrained(out / "unet")
     scheduler.save_pretrained(out / "scheduler")
-    (out / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2) + "\n")
+    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     (out / "training_info.json").write_text(json.dumps(info, indent=2) + "\n")
 
 
@@ -123,7 +124,7 @@ def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
     return 0.5 * lr * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
 
-def train_loop(args, models, ema, tokenizer, text_encoder, scheduler, ckpt_dir: Path, loss_of):
+def train_loop(args, models, ema, tokenizer, text_encoder, scheduler, ckpt_dir: Path, loss_of, index=MODEL_INDEX):
     """The toy programs' shared loop: render a batch of shapes, `loss_of(x0 (B, 3, H, W) in [-1, 1], text states
     (B, 77, 64), generator)`, AdamW with warm-up + cosine (`lr_at`), clipping at 1, an EMA of the weights, a log line
     every 25 steps, EMA checkpoints every --checkpoint-minutes, a --max-minutes guard.
@@ -163,7 +164,7 @@ def train_loop(args, models, ema, tokenizer, text_encoder, scheduler, ckpt_dir: 
         if time.time() - last_ckpt > args.checkpoint_minutes * 60:
             last_ckpt = time.time()
             info = {"step": step + 1, "minutes": (time.time() - start) / 60}
-            save(ckpt_dir / f"step-{step + 1}", tokenizer, ema["text_encoder"], ema["unet"], scheduler, info)
+            save(ckpt_dir / f"step-{step + 1}", tokenizer, ema["text_encoder"], ema["unet"], scheduler, info, index)
             print(f"checkpoint {ckpt_dir / f'step-{step + 1}'}", flush=True)
         if time.time() - start > args.max_minutes * 60:  # the CPU is shared: bound the wall-clock time
             print(f"stopping at step {step + 1}: past --max-minutes {args.max_minutes}", flush=True)

@@ -34,19 +34,9 @@ from diffusers import FlowMatchEulerDiscreteScheduler, UNet2DConditionModel  # n
 from transformers import CLIPTextModel, CLIPTokenizer  # noqa: E402
 
 from diffalign.models.toy import add_coords  # noqa: E402
-from pipelines.toy_base import MODEL_INDEX, train_loop  # noqa: E402
+from pipelines.toy_base import MODEL_INDEX, save, train_loop  # noqa: E402
 
 FLOW_MODEL_INDEX = {**MODEL_INDEX, "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]}
-
-
-def save(out: Path, tokenizer, text_encoder, unet, scheduler, info: dict) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    tokenizer.save_pretrained(out / "tokenizer")
-    text_encoder.save_pretrained(out / "text_encoder")
-    unet.save_pretrained(out / "unet")
-    scheduler.save_pretrained(out / "scheduler")
-    (out / "model_index.json").write_text(json.dumps(FLOW_MODEL_INDEX, indent=2) + "\n")
-    (out / "training_info.json").write_text(json.dumps(info, indent=2) + "\n")
 
 
 def evaluate_heldout(model: str, guidance: float, seeds_per_prompt: int = 8) -> dict:
@@ -103,7 +93,9 @@ def main() -> None:
         pred = unet(add_coords(xt), sigma * big_t, encoder_hidden_states=cond).sample  # (B, 3, H, W)
         return (pred - (eps - x0)).pow(2).mean()  # rectified flow: velocity eps - x0; (B, 3, H, W) -> ()
 
-    step, last_loss, start = train_loop(args, models, ema, tokenizer, text_encoder, scheduler, ckpt_dir, flow_loss)
+    step, last_loss, start = train_loop(
+        args, models, ema, tokenizer, text_encoder, scheduler, ckpt_dir, flow_loss, FLOW_MODEL_INDEX
+    )
 
     info = {
         "command": "python -m pipelines.toy_flow_base "
@@ -112,7 +104,7 @@ def main() -> None:
         "minutes": round((time.time() - start) / 60, 1),
         "final_loss": round(last_loss, 4),
     }
-    save(out, tokenizer, ema["text_encoder"], ema["unet"], scheduler, info)
+    save(out, tokenizer, ema["text_encoder"], ema["unet"], scheduler, info, FLOW_MODEL_INDEX)
     print(f"saved {out} {info}", flush=True)
 
 
