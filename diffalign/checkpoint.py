@@ -85,8 +85,12 @@ def save_checkpoint(
     generators: dict[str, torch.Generator],
     extra: dict,
     keep: int = 2,
+    tensors: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> Path:
     """Write checkpoint `step` atomically under ckpt_dir and prune to the newest `keep` complete ones.
+
+    `tensors` = {file stem: {name: tensor}}: more safetensors files in the same atomic folder (the guards' kept
+    copy); read them back with `load_checkpoint_tensors`.
 
     Call from one process only (the trainer's main process): leftover temp folders of killed saves are removed here.
     """
@@ -98,6 +102,8 @@ def save_checkpoint(
         for stale in ckpt_dir.glob("step-*.tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
+        for stem, named in (tensors or {}).items():
+            _save_tensors(named, tmp / f"{stem}.safetensors")
         _write(tmp, final, ckpt_dir, step, trainable, optimizer, lr_scheduler, generators, extra)
     except OSError as err:  # disk full, quota, read-only file system, ...: one line; older checkpoints untouched
         shutil.rmtree(tmp, ignore_errors=True)
@@ -200,3 +206,14 @@ def load_checkpoint(
     npr = state["numpy_random"]
     np.random.set_state((npr[0], np.array(npr[1], dtype=np.uint32), *npr[2:]))
     return state
+
+
+def load_checkpoint_tensors(path: Path, stem: str) -> dict[str, torch.Tensor] | None:
+    """The `stem` file that save_checkpoint(tensors=...) wrote into checkpoint `path`; None if it has none."""
+    file = Path(path) / f"{stem}.safetensors"
+    if not file.is_file():
+        return None
+    try:
+        return load_file(str(file))
+    except SafetensorError as err:
+        raise DiffalignError(f"{file}: unreadable ({err}); try an older checkpoint") from None

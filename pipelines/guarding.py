@@ -1,15 +1,19 @@
 """The reward-hacking guards inside `diffalign train` and `diffalign online` (config section `guards`).
 
     guard = GuardRun.build(cfg.guards, family, reward, named_params, out, accelerator, unit="step")  # None if off
-    guard.start()                              # base images + base values, once (adapters off)
-    ... after optimizer step / round n:  if guard and guard.due(n, last) and guard.check(n): break
+    guard.start(ckpt, saved)                   # base images + values (adapters off); a resume reloads the best
+    ... after optimizer step / round n:  tripped = guard.due(n, last) and guard.check(n)
+        save_checkpoint(..., extra={**extra, **parts[0]}, tensors=parts[1])   # parts = guard.checkpoint_parts()
+        if tripped: break
     info = guard.finish()                      # puts the best passing weights back; for summary.json
 
 Every check samples the held-out prompts with the same fixed seeds, measures each monitor (diffalign.guards) and
 the ranking reward, logs `guard/<monitor>` to tensorboard and a row to guards.jsonl, and keeps an in-memory copy of
 the LoRA when the check passes every rule with the best reward so far (step 0 is the base model, a passing
-evaluation). A trip prints one line naming the monitor, its value and the limit; the loop stops and lora/ is the
-best passing copy. Exit code 0: the stop is the guard doing its job, and the run's outputs (lora/, eval, summary)
+evaluation). The kept copy and its (reward, step) go into every checkpoint (`checkpoint_parts`), so `--resume` gets
+them back: a resumed run keeps the same weights as an uninterrupted one. The programs check before they save, so the
+checkpoint of step n has seen the check of step n. A trip prints one line naming the monitor, its value and the
+limit; the loop stops and lora/ is the best passing copy. Exit code 0: the stop is the guard doing its job, and the run's outputs (lora/, eval, summary)
 are complete; summary.json says `guards.tripped` so a script can tell. The main process measures; its verdict is
 broadcast so every process leaves the loop together.
 """
@@ -22,6 +26,7 @@ from pathlib import Path
 import torch
 from accelerate.utils import broadcast_object_list
 
+from diffalign.checkpoint import load_checkpoint_tensors
 from diffalign.config import GuardsConfig, MonitorConfig, from_dict
 from diffalign.errors import DiffalignError
 from diffalign.guards import Monitor, measure_all, trips
@@ -85,13 +90,33 @@ class GuardRun:
             images += self.family.generate(self.prompts[i : i + 64], seeds=self.seeds[i : i + 64], **self.kw)
         return images
 
-    def start(self) -> None:
-        """Base images (adapters off) and base values; the base counts as a passing evaluation at step 0."""
-        if self.main:
-            with reference_mode(self.family.denoiser):
-                self.base_images = self.sample()
-            self.base = measure_all(self.monitors, self.base_images, self.prompts, self.group, self.base_images)
+    def start(self, resumed_from: Path | None = None, saved: dict | None = None) -> None:
+        """Base images (adapters off) and base values; the base counts as a passing evaluation at step 0.
+
+        After a `--resume` (checkpoint folder `resumed_from`, its state `saved`; guards.jsonl already cut to it) the
+        base is measured again (same seeds, adapters off: the same images) but not logged twice, and the best
+        passing copy and the last check come back from the checkpoint."""
+        if not self.main:
+            return
+        with reference_mode(self.family.denoiser):
+            self.base_images = self.sample()
+        self.base = measure_all(self.monitors, self.base_images, self.prompts, self.group, self.base_images)
+        if resumed_from is None or "guards" not in saved:  # a fresh run, or guards switched on at the resume
             self._record(0, self.base_images, self.base, [])
+            return
+        state, kept = saved["guards"], load_checkpoint_tensors(resumed_from, "guards_best")
+        self.last = state["last"]
+        if state["best"] is not None and kept is not None:
+            reward, step = state["best"]
+            self.best = (reward, step, {k: kept[k].to(p) for k, p in self.params.items()})
+
+    def checkpoint_parts(self) -> tuple[dict, dict]:
+        """({"guards": state} for the checkpoint's state.json, {"guards_best": weights} for its tensors)."""
+        if not self.main:
+            return {}, {}
+        best = None if self.best is None else [self.best[0], self.best[1]]
+        tensors = {"guards_best": self.best[2]} if self.best is not None else {}
+        return {"guards": {"best": best, "last": self.last}}, tensors
 
     def due(self, n: int, last: int) -> bool:
         return n % self.gcfg.every == 0 or n == last

@@ -169,7 +169,7 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
 
     optimizer = torch.optim.AdamW(params, lr=rc.lr, weight_decay=rc.weight_decay)
     lr_scheduler = get_scheduler("constant", optimizer)
-    ckpt_dir, start_round = out / "checkpoints", 0
+    ckpt_dir, start_round, path, saved = out / "checkpoints", 0, None, None
     counts = {"skipped_steps": 0, "bad_in_a_row": 0}
     if resume == "latest" and not list_checkpoints(ckpt_dir):
         if main:
@@ -212,7 +212,7 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
     if guard:
         if main:
             truncate_metrics(out / "guards.jsonl", start_round, key="round")
-        guard.start()
+        guard.start(path, saved)
 
     # ---- rounds -----------------------------------------------------------------------------------------------
     t_start, g = time.time(), rc.images_per_prompt
@@ -270,8 +270,6 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
             for tracker in accelerator.trackers:
                 if tracker.name == "tensorboard":
                     tracker.writer.add_images("round", images[: 8 * g], r + 1)
-            extra = {"round": r + 1, "grad_scaler": scaler_state(accelerator), **counts}
-            save_checkpoint(ckpt_dir, r + 1, ckpt_params, optimizer, lr_scheduler, {}, extra, rc.keep_checkpoints)
             print(
                 f"round {r + 1}/{rc.rounds}: reward {logs['reward']:.3f} "
                 + " ".join(f"{m} {logs[f'monitor/{m}']:.3f}" for m in monitored)
@@ -281,7 +279,14 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
         if curves and (r + 1) % rc.validate_every == 0:
             curves.point(r + 1, accelerator)
         accelerator.wait_for_everyone()
-        if guard and guard.due(r + 1, rc.rounds) and guard.check(r + 1):
+        tripped = bool(guard and guard.due(r + 1, rc.rounds) and guard.check(r + 1))  # before the save
+        if main:
+            guard_state, guard_tensors = guard.checkpoint_parts() if guard else ({}, {})
+            extra = {"round": r + 1, "grad_scaler": scaler_state(accelerator), **counts, **guard_state}
+            save_checkpoint(
+                ckpt_dir, r + 1, ckpt_params, optimizer, lr_scheduler, {}, extra, rc.keep_checkpoints, guard_tensors
+            )
+        if tripped:
             break  # a reward-hacking guard tripped: keep the best passing weights (pipelines/guarding.py)
 
     # ---- outputs ----------------------------------------------------------------------------------------------

@@ -162,7 +162,7 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
 
     # ---- resume -------------------------------------------------------------------------------------------------
     ckpt_dir = out / "checkpoints"
-    start_step, position = 0, 0
+    start_step, position, path, saved = 0, 0, None, None
     counts = {"skipped_steps": 0, "skipped_rows": 0, "bad_in_a_row": 0}  # identical on every process
     sums: dict[str, float] = {}  # metric sums since the last log line, over every process
     if resume == "latest" and not list_checkpoints(ckpt_dir):
@@ -228,7 +228,7 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
     if guard:
         if main:
             truncate_metrics(out / "guards.jsonl", start_step)
-        guard.start()
+        guard.start(path, saved)
 
     # ---- loop ---------------------------------------------------------------------------------------------------
     stop = StopFlag()
@@ -283,8 +283,10 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
                 validate(family, tc.validation_prompts, out / "validation" / f"step-{step:06d}.png", accelerator, step)
             if curves and step % tc.validate_every == 0:
                 curves.point(step, accelerator)
+            tripped = bool(guard and guard.due(step, tc.max_steps) and guard.check(step))  # before the save
             want_ckpt = (tc.checkpoint_every and step % tc.checkpoint_every == 0) or stopping
             if want_ckpt and main and step < tc.max_steps:
+                guard_state, guard_tensors = guard.checkpoint_parts() if guard else ({}, {})
                 save_checkpoint(
                     ckpt_dir,
                     step,
@@ -292,10 +294,12 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
                     optimizer,
                     lr_scheduler,
                     {},
-                    {"data_position": position, "log_sums": sums, "grad_scaler": scaler_state(accelerator), **counts},
+                    {"data_position": position, "log_sums": sums, "grad_scaler": scaler_state(accelerator), **counts,
+                     **guard_state},
                     keep=tc.keep_checkpoints,
-                )
-            if guard and guard.due(step, tc.max_steps) and guard.check(step):
+                    tensors=guard_tensors,
+                )  # fmt: skip
+            if tripped:
                 break  # a reward-hacking guard tripped: keep the best passing weights (pipelines/guarding.py)
             if stopping and step < tc.max_steps:  # a signal during the last step: just finish
                 accelerator.wait_for_everyone()  # a launcher kills the others when one process exits

@@ -115,6 +115,33 @@ def test_online_stops_when_drift_rises(tmp_path, capsys):
     assert len((out / "rounds.jsonl").read_text().splitlines()) == 1
 
 
+def test_resumed_guarded_run_keeps_the_same_best_copy(tmp_path):
+    """A guarded run stopped after step 2 and resumed to step 4 logs each check once and keeps the same best passing
+    weights as the uninterrupted run (the best copy is on disk, not only in memory). Trained on -beta, the reward
+    falls, so the best is at or before the resume point: the copy must come back from guards_best.safetensors."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    monitors = "guards.monitors={fid: {kind: scorer, scorer: toy_fidelity, limit: 1.0}}"  # passes every check
+    args = ["train", "train.batch_size=2", "train.lr=1e-2", "train.validate_every=0", "train.checkpoint_every=1",
+            "objective.beta=-5000", "objective.allow_negative_beta=true", "eval.prompts=", *GUARDS, monitors]  # fmt: skip
+    assert main([*args, "train.max_steps=4", f"train.output_dir={a}"]) == 0
+    assert main([*args, "train.max_steps=2", f"train.output_dir={b}"]) == 0
+    assert main([*args, "train.max_steps=4", f"train.output_dir={b}", "--resume", "latest"]) == 0
+
+    def rows(run):
+        return [json.loads(line) for line in (run / "guards.jsonl").read_text().splitlines()]
+
+    full, resumed = rows(a), rows(b)
+    assert [r["step"] for r in resumed] == [0, 1, 2, 3, 4] == [r["step"] for r in full]
+    for x, y in zip(full, resumed):
+        assert x["reward"] == pytest.approx(y["reward"], abs=1e-4) and x["fid"] == pytest.approx(y["fid"], abs=1e-4)
+    kept = json.loads((a / "summary.json").read_text())["guards"]["kept_step"]
+    assert kept <= 2  # the premise: the best passing check is before the resume point
+    assert json.loads((b / "summary.json").read_text())["guards"]["kept_step"] == kept
+    la = load_file(a / "lora" / "pytorch_lora_weights.safetensors")
+    lb = load_file(b / "lora" / "pytorch_lora_weights.safetensors")
+    assert la.keys() == lb.keys() and all(torch.allclose(la[k], lb[k], atol=1e-6) for k in la)
+
+
 @pytest.mark.parametrize(
     "monitors,message",
     [
