@@ -400,6 +400,9 @@ class RoundsConfig:
     """Gradient clipping (0 = off)."""
     ref_refresh: Annotated[int, NON_NEGATIVE] = 0
     """Reference model: 0 = the frozen base (adapters off); N = a copy of the policy taken every N rounds."""
+    kl_weight: Annotated[float, NON_NEGATIVE] = 0.0
+    """Weight of a KL to the reference added to objectives without one of their own (D3PO, DRAGON, DRO), logged as
+    train/kl; 0 = off. GRPO (objective.beta) and NFT (objective.kl_weight) have their own and refuse it."""
     experts: str = "toy"
     """DRO: preference source whose winners are the experts ("toy" = the toy parquet)."""
     max_experts: Annotated[int, AT_LEAST_1] = 500

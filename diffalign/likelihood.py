@@ -168,6 +168,7 @@ class Errors:
     err: torch.Tensor  # (N,) policy, with grad
     ref_err: torch.Tensor | None  # (N,) reference, no grad; None when the objective has no reference
     t: torch.Tensor  # (N,)
+    kl: torch.Tensor | None = None  # (N,) prediction_kl to the reference, with grad (with_kl=True)
 
 
 def denoising_errors(
@@ -180,6 +181,7 @@ def denoising_errors(
     reference: Callable[[], AbstractContextManager] | None = None,
     xt_source: str = "noise",
     xt_kwargs: dict | None = None,
+    with_kl: bool = False,
 ) -> Errors:
     """Policy (and reference) errors at the same x_t: one forward each over the whole stacked batch.
 
@@ -191,17 +193,33 @@ def denoising_errors(
             e.g. `lambda: reference_mode(family.denoiser)`; None skips the reference forward.
         xt_source: key of XT_SOURCES.
         xt_kwargs: extra keyword arguments of that source (e.g. ddim_inversion's per-row `generator` list).
+        with_kl: also return `prediction_kl` of the policy to the reference at the same x_t (needs `reference`).
     """
     if xt_source not in XT_SOURCES:
         raise ValueError(f"unknown x_t source '{xt_source}' (known: {', '.join(XT_SOURCES)})")
     with torch.no_grad():
         xt, target = XT_SOURCES[xt_source](denoise, schedule, x0, cond, t, eps, **(xt_kwargs or {}))
-    ref_err = None
+    ref_err = ref_pred = None
     if reference is not None:
         with torch.no_grad(), reference():
-            ref_err = per_sample_error(denoise(xt, t, cond), target)  # (N,)
-    err = per_sample_error(denoise(xt, t, cond), target)  # (N,)
-    return Errors(err=err, ref_err=ref_err, t=t)
+            ref_pred = denoise(xt, t, cond)
+            ref_err = per_sample_error(ref_pred, target)  # (N,)
+    pred = denoise(xt, t, cond)
+    kl = prediction_kl(pred, ref_pred) if with_kl else None
+    return Errors(err=per_sample_error(pred, target), ref_err=ref_err, t=t, kl=kl)
+
+
+def prediction_kl(pred: torch.Tensor, ref_pred: torch.Tensor) -> torch.Tensor:
+    """mean_dims (pred - ref_pred)^2: (N, ...) -> (N,). The KL of the policy's reverse step to the reference's at
+    the same x_t, up to the step's weight (both steps Gaussian with the same variance; the weight set to 1, as
+    Diffusion-DPO's KL bound and DiffusionNFT's KL term do)."""
+    return (pred.float() - ref_pred.float().detach()).pow(2).flatten(1).mean(1)
+
+
+def step_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor | float) -> torch.Tensor:
+    """KL(N(mean, s^2 I) || N(ref_mean, s^2 I)) per dimension = mean_dims (mean - ref_mean)^2 / (2 s^2): (N,).
+    Flow-GRPO's closed-form KL at a sampled step (diffalign.objectives.grpo)."""
+    return (mean - ref_mean.detach()).pow(2).flatten(1).mean(1) / (2 * torch.as_tensor(std) ** 2)
 
 
 def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor | float) -> torch.Tensor:

@@ -22,6 +22,10 @@ DDP averages the gradients, so the LoRA is the same on every process and equals 
 batch. Exact resume: a round's draws are all keyed on (seed, round, step, row); the checkpoint after each round holds
 the LoRA (and the "ref" adapter), AdamW and the counters, and `--resume latest` drops round-log rows after it.
 
+KL regularisation: `online.kl_weight` > 0 adds a KL to the reference for the objectives without one of their own
+(D3PO: the closed-form KL of the sampled step's Gaussians; DRAGON and DRO: the squared prediction difference at the
+objective's x_t), logged as train/kl (pipelines/step.py step_loss).
+
 Reference model: `online.ref_refresh: 0` = the frozen base (LoRA adapters off, as diffusers' LoRA DPO and the
 official D3PO code, which never updates it: d3po#23); N > 0 = a second LoRA adapter "ref", a copy of the policy
 taken every N rounds (flow_grpo's `ref_update_step`; the N-round iterative scheme the D3PO author describes in #11).
@@ -97,6 +101,9 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
         raise DiffalignError(
             f"online.split '{rc.split}' does not fit objective '{name}' (options: {', '.join(rs.rules)})"
         )
+    own_kl = getattr(OBJECTIVES[name], "own_kl", "")
+    if rc.kl_weight > 0 and own_kl:
+        raise DiffalignError(f"online.kl_weight: objective '{name}' has a KL term of its own (objective.{own_kl})")
     if rc.mixed_precision not in ("no", "bf16", "fp16"):
         raise DiffalignError(f"online.mixed_precision must be no, bf16 or fp16, not '{rc.mixed_precision}'")
     traj_steps = min(rc.trajectory_steps or rc.steps, rc.steps) if SOURCES[source].stepwise else 1
@@ -199,6 +206,7 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
         params=params,
         optimizer=optimizer,
         sampler=sampler,
+        kl_weight=rc.kl_weight,
     )
     if main:
         save_config(cfg, out / "config.yaml")

@@ -11,7 +11,9 @@ micro-step (pipelines/step.py); what differs is only the batch a program makes.
     policy_steps online   {"round", "step", "rows": (B,), "k"}          step log-probs, stored ones, advantages (GRPO)
     nft          online   {"round", "step", "rows": (N,)} sample rows   v_θ, v_old, v_ref, target at forward-noised x0
 
-("step" is the optimizer step within the round, "k" a stored trajectory step.)
+("step" is the optimizer step within the round, "k" a stored trajectory step.) With `online.kl_weight` > 0 the
+round_pairs, round_sets, trajectory and experts sources also measure the KL to the reference at their x_t (the
+KL_KEY entry of their kwargs), which step_loss adds to the loss.
 
 An objective lists the sources it can learn from (`sources` class attribute); a program accepts it when one of
 them belongs to the program. Every random draw of a row (t, eps, inversion noise) comes from a generator keyed on
@@ -32,7 +34,7 @@ from diffalign.online.old_policy import OLD_ADAPTER
 from diffalign.online.steps import d3po_inputs, dro_inputs, grpo_inputs
 from diffalign.sampling import Trajectory
 from pipelines.rounds import adapter_mode
-from pipelines.step import StepContext, draw_t_and_eps, family_inputs, keyed_t_and_eps, pair_generator
+from pipelines.step import KL_KEY, StepContext, draw_t_and_eps, family_inputs, keyed_t_and_eps, pair_generator
 
 
 @dataclass
@@ -57,6 +59,11 @@ def batch_baseline(ctx: StepContext, err, ref_err) -> dict:
     return {"z": ctx.reduce_mean(z).clamp(min=0)}
 
 
+def with_kl(kl: torch.Tensor | None) -> dict:
+    """The engine's KL to the reference (online.kl_weight; step_loss adds it), as a kwargs entry when measured."""
+    return {} if kl is None else {KL_KEY: kl}
+
+
 def pair_inputs(ctx: StepContext, batch: dict, device):
     """Offline pairs: x0 stacked [w; l], keyed t and eps, x_t by the objective's xt_source (noise or inversion)."""
     x0, cond, label = family_inputs(ctx.family, batch, device)
@@ -77,8 +84,8 @@ def round_pair_inputs(ctx: StepContext, batch: dict, device):
     cond = ctx.family.encode_prompts([rnd.prompts[i] for i in idx.tolist()])
     keys = [(rnd.index, batch["step"], r) for r in rows.tolist()]
     t, eps, _ = keyed_t_and_eps(True, x0, ctx.schedule, ctx.seed, keys, ctx.estimator)
-    errors = denoising_errors(ctx.denoise, ctx.schedule, x0, cond, t, eps, ctx.reference)
-    return (errors.err, errors.ref_err, torch.ones(len(rows), device=device)), {}
+    errors = denoising_errors(ctx.denoise, ctx.schedule, x0, cond, t, eps, ctx.reference, with_kl=ctx.kl_weight > 0)
+    return (errors.err, errors.ref_err, torch.ones(len(rows), device=device)), with_kl(errors.kl)
 
 
 def round_set_inputs(ctx: StepContext, batch: dict, device):
@@ -94,15 +101,16 @@ def round_set_inputs(ctx: StepContext, batch: dict, device):
         for i, r in enumerate(rows.tolist())
     ]  # M x ((1,), (1, C, h, w))
     t, eps = torch.cat([d[0] for d in draws]), torch.cat([d[1] for d in draws])  # (M,), (M, C, h, w)
-    errors = denoising_errors(ctx.denoise, ctx.schedule, x0, cond, t, eps, ctx.reference)
+    errors = denoising_errors(ctx.denoise, ctx.schedule, x0, cond, t, eps, ctx.reference, with_kl=ctx.kl_weight > 0)
     kwargs = {"desirable": rnd.second[rows].to(device), **batch_baseline(ctx, errors.err, errors.ref_err)}
+    kwargs.update(with_kl(errors.kl))
     return (errors.err, errors.ref_err, None), kwargs
 
 
 def trajectory_inputs(ctx: StepContext, batch: dict, device):
     """D3PO: per-step log-probs of both chains of each pair at stored step k (policy with grad, reference without)."""
     rnd, rows = batch["round"], batch["rows"]
-    lp, ref_lp = d3po_inputs(
+    lp, ref_lp, kl = d3po_inputs(
         ctx.family,
         ctx.denoise,
         ctx.sampler,
@@ -112,8 +120,9 @@ def trajectory_inputs(ctx: StepContext, batch: dict, device):
         rnd.second[rows],
         batch["k"],
         ctx.reference,
+        with_kl=ctx.kl_weight > 0,
     )
-    return (lp, ref_lp, torch.ones(len(rows), device=device)), {}
+    return (lp, ref_lp, torch.ones(len(rows), device=device)), with_kl(kl)
 
 
 def expert_inputs(ctx: StepContext, batch: dict, device):
@@ -123,7 +132,7 @@ def expert_inputs(ctx: StepContext, batch: dict, device):
     idx_p, idx_e = rnd.first[rows], rnd.second[rows]  # (B,) policy chains and the experts they were prompted by
     gens = [pair_generator(ctx.seed, rnd.index, batch["step"], r) for r in rows.tolist()]
     eps = torch.cat([torch.randn((1, *expert_x0.shape[1:]), generator=g) for g in gens])  # (B, C, h, w) keyed
-    err, ref_err = dro_inputs(
+    err, ref_err, kl = dro_inputs(
         ctx.family,
         ctx.denoise,
         ctx.schedule,
@@ -134,8 +143,9 @@ def expert_inputs(ctx: StepContext, batch: dict, device):
         idx_p,
         batch["k"],
         ctx.reference,
+        with_kl=ctx.kl_weight > 0,
     )
-    return (err, ref_err, None), {}
+    return (err, ref_err, None), with_kl(kl)
 
 
 def policy_step_inputs(ctx: StepContext, batch: dict, device):

@@ -49,6 +49,10 @@ class StepContext:
     source: Callable  # SOURCES[name].inputs: (ctx, batch, device) -> (objective args, kwargs)
     sampler: object = None  # on-line: the DDIM-eta scheduler the round was sampled with (D3PO's step log-probs)
     reduce_mean: Callable = lambda x: x  # mean of a tensor over processes (accelerator.reduce(x, "mean"))
+    kl_weight: float = 0.0  # on-line: weight of the KL to the reference the sources add (online.kl_weight)
+
+
+KL_KEY = "engine_kl"  # a source's kwargs entry: (N,) KL to the reference, added by step_loss, not the objective
 
 
 def step_context(accelerator, family, prepared, source: str, run, **fields) -> StepContext:
@@ -69,10 +73,16 @@ def step_context(accelerator, family, prepared, source: str, run, **fields) -> S
 
 
 def step_loss(ctx: StepContext, batch: dict, device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Mean objective loss (scalar) and its metrics for one batch of the run's source."""
+    """Mean objective loss (scalar) and its metrics for one batch of the run's source; with `ctx.kl_weight` > 0 plus
+    kl_weight x the mean KL to the reference the source measured (metric "kl")."""
     args, kwargs = ctx.source(ctx, batch, device)
+    kl = kwargs.pop(KL_KEY, None)
     loss, metrics = ctx.objective(*args, **kwargs)
-    return loss.mean(), metrics
+    loss = loss.mean()
+    if kl is not None:
+        loss = loss + ctx.kl_weight * kl.mean()
+        metrics = {**metrics, "kl": kl.detach()}
+    return loss, metrics
 
 
 def micro_step(accelerator, prepared, ctx: StepContext, batch: dict, sums: dict) -> dict[str, torch.Tensor]:

@@ -106,3 +106,17 @@ def test_gaussian_log_prob_matches_torch_distributions_mean_over_dims():
     ref = torch.distributions.Normal(mean, std).log_prob(x).flatten(1).mean(1)
     assert torch.allclose(gaussian_log_prob(x, mean, std), ref, atol=1e-5)
     assert math.isclose(gaussian_log_prob(mean[:1], mean[:1], 1.0).item(), -0.5 * math.log(2 * math.pi), rel_tol=1e-6)
+
+
+def test_prediction_and_step_kl_by_hand():
+    """prediction_kl: mean over dims of the squared difference; step_kl: that over 2 s^2 (equal-variance Gaussians),
+    with no gradient into the reference."""
+    from diffalign.likelihood import prediction_kl, step_kl
+
+    pred = torch.tensor([[[1.0, 2.0]], [[0.0, 0.0]]], requires_grad=True)  # (2, 1, 2)
+    ref = torch.tensor([[[0.0, 0.0]], [[0.0, 3.0]]], requires_grad=True)
+    torch.testing.assert_close(prediction_kl(pred, ref), torch.tensor([2.5, 4.5]))  # (1 + 4) / 2, 9 / 2
+    kl = step_kl(pred, ref, 0.5)  # / (2 * 0.25)
+    torch.testing.assert_close(kl, torch.tensor([5.0, 9.0]))
+    kl.sum().backward()
+    assert ref.grad is None and pred.grad is not None

@@ -122,7 +122,9 @@ def tiny_round():
 
 
 def d3po_loss(family, obj, scheduler, traj, prompts, iw, il, k, reference):
-    lp, ref_lp = d3po_inputs(family, family.denoise, DDIMSampler(scheduler, 1.0), traj, prompts, iw, il, k, reference)
+    lp, ref_lp, _ = d3po_inputs(
+        family, family.denoise, DDIMSampler(scheduler, 1.0), traj, prompts, iw, il, k, reference
+    )
     return obj(lp, ref_lp, torch.ones(len(iw)))
 
 
@@ -234,6 +236,69 @@ def test_online_dro_with_parquet_winners_as_experts(tmp_path, monkeypatch):
     assert math.isclose(row["train/loss"], 0.001, rel_tol=1e-3)  # policy == reference at init: hinge = -m
     with pytest.raises(Exception, match="guidance must be <= 1"):
         run(None, [*cfg, "online.guidance=3.0", f"online.output_dir={tmp_path / 'y'}"])
+
+
+def _drift(run_dir: Path) -> float:
+    """Mean squared difference of the tiny SD1.5's predictions with the run's LoRA and without, at fixed inputs."""
+    from diffalign.lora import load_lora
+
+    family = load_family(str(TINY / "sd15"))
+    load_lora(family, run_dir / "lora")
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn((4, family.denoiser.config.in_channels, 8, 8), generator=gen)
+    t = torch.tensor([100, 400, 700, 900])
+    cond = family.encode_prompts(["a photo of a cat", "red dog", "blue bird", "a photo of a cat"])
+    with torch.no_grad():
+        pred = family.denoise(x, t, cond)
+        with reference_mode(family.denoiser):
+            ref = family.denoise(x, t, cond)
+    return float((pred - ref).pow(2).mean())
+
+
+@pytest.mark.parametrize(
+    "objective,extra",
+    [("d3po", ["online.split=all_pairs"]), ("dpo", ["online.split=best_worst"]),
+     ("kto", ["online.split=top_bottom", "objective.beta=100"]), ("dro", ["online.guidance=1.0"])],
+)  # fmt: skip
+def test_online_kl_weight_is_logged_and_holds_the_policy_near_the_reference(tmp_path, monkeypatch, objective, extra):
+    """online.kl_weight (D3PO: the sampled step's closed-form KL; DRAGON-DPO / -KTO and DRO: the squared prediction
+    difference) is logged as train/kl, is 0 on the first step (LoRA init) and positive after updates, and a large
+    weight keeps the policy's predictions nearer the reference's than the same run without it (fails if the KL's gradient is lost or
+    its sign is flipped)."""
+    from data_factory import make_rows, write_parquet
+
+    from pipelines.online import run
+
+    monkeypatch.chdir(REPO)
+    if objective == "dro":
+        extra = [*extra, f"online.experts={write_parquet(tmp_path / 'prefs.parquet', make_rows(6))}"]
+    cfg = [*TINY_ONLINE, f"objective.name={objective}", *extra, _prompts_file(tmp_path), "online.rounds=1",
+           "online.train_steps=8", "online.lr=3e-2"]  # fmt: skip
+    run(None, [*cfg, "online.train_steps=1", "online.kl_weight=1.0", f"online.output_dir={tmp_path / 'first'}"])
+    first = json.loads((tmp_path / "first" / "rounds.jsonl").read_text())
+    assert first["train/kl"] == 0.0  # policy == reference at LoRA init
+    drift = {}
+    for weight in (0.0, 1e4):
+        out = tmp_path / f"w{weight}"
+        run(None, [*cfg, f"online.kl_weight={weight}", f"online.output_dir={out}"])
+        row = json.loads((out / "rounds.jsonl").read_text())
+        assert ("train/kl" in row) == (weight > 0)
+        if weight > 0:
+            assert row["train/kl"] > 0
+        drift[weight] = _drift(out)
+    assert 0 < drift[1e4] < 0.5 * drift[0.0]
+
+
+@pytest.mark.parametrize("objective,own", [("grpo", "beta"), ("nft", "kl_weight")])
+def test_online_kl_weight_is_refused_where_the_objective_has_its_own(tmp_path, monkeypatch, capsys, objective, own):
+    from pipelines.cli import main
+
+    monkeypatch.chdir(REPO)
+    rc = main(["online", *TINY_ONLINE, f"objective.name={objective}", "online.kl_weight=0.1",
+               f"online.output_dir={tmp_path / 'x'}"])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1
+    assert f"online.kl_weight: objective '{objective}' has a KL term of its own (objective.{own})" in err[0]
 
 
 def test_online_rejects_offline_only_objectives(tmp_path):

@@ -27,6 +27,7 @@ from typing import Annotated, ClassVar
 import torch
 
 from diffalign.checks import NON_NEGATIVE, POSITIVE
+from diffalign.likelihood import step_kl
 from diffalign.online.advantages import group_advantages
 
 
@@ -42,6 +43,7 @@ class GRPO:
     """Divide by the std of all the round's rewards (Flow-GRPO's SD3.5 default) instead of the prompt group's."""
 
     needs_reference: ClassVar[bool] = True  # the KL term (skipped when beta is 0)
+    own_kl: ClassVar[str] = "beta"  # its KL weight: online.kl_weight is refused
     paired: ClassVar[bool] = False
     xt_source: ClassVar[str] = "trajectory"  # x_t from stored sampled chains, not XT_SOURCES
     sources: ClassVar[tuple[str, ...]] = ("policy_steps",)  # stored steps + log-probs: `diffalign online`
@@ -65,7 +67,7 @@ class GRPO:
             "approx_kl_old": 0.5 * log_ratio.detach() ** 2,
         }
         if self.beta > 0:
-            kl = ((mean - ref_mean.detach()) ** 2).flatten(1).mean(1) / (2 * std**2)  # (B, ...) -> (B,)
+            kl = step_kl(mean, ref_mean, std)  # (B, ...) -> (B,)
             loss = loss + self.beta * kl
             metrics["kl"] = kl.detach()
         return loss, metrics

@@ -69,6 +69,7 @@ class DiffusionNFT:
     """For sign tests only: train on −A, i.e. towards low reward."""
 
     needs_reference: ClassVar[bool] = True
+    own_kl: ClassVar[str] = "kl_weight"  # its KL weight: online.kl_weight is refused
     paired: ClassVar[bool] = False
     xt_source: ClassVar[str] = "predictions"  # forward noise, but the loss takes predictions, not errors (XT_SOURCES)
     sources: ClassVar[tuple[str, ...]] = ("nft",)  # the old policy's clean samples + advantages: `diffalign online`

@@ -22,7 +22,7 @@ from contextlib import AbstractContextManager
 
 import torch
 
-from diffalign.likelihood import Schedule, gaussian_log_prob, per_sample_error
+from diffalign.likelihood import Schedule, gaussian_log_prob, per_sample_error, prediction_kl, step_kl
 from diffalign.sampling import Trajectory, encode_guided, guided_prediction
 
 Reference = Callable[[], AbstractContextManager]
@@ -49,11 +49,13 @@ def d3po_inputs(
     idx_l: torch.Tensor,
     k: int,
     reference: Reference,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Step log-probs (2B,) with grad and reference (2B,) without, at trajectory step k for pairs (idx_w, idx_l).
+    with_kl: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Step log-probs (2B,) with grad and reference (2B,) without, at trajectory step k for pairs (idx_w, idx_l),
+    and with `with_kl` the step KL of the policy to the reference (2B,) with grad (else None).
 
     `sampler` is the one the round was sampled with (diffalign.samplers: DDIM-eta or flow SDE); its `log_prob` is
-    the step density the sampler drew from.
+    the step density the sampler drew from, its `mean_std` that density's mean and std.
     """
     device = family.denoiser.device
     idx = torch.cat([idx_w, idx_l])  # (2B,) stacked [w; l]
@@ -63,10 +65,14 @@ def d3po_inputs(
     cond = encode_guided(family, [prompts[i] for i in idx.tolist()], traj.guidance)
     policy = Through(family, denoise)
     with torch.no_grad(), reference():
-        pred = guided_prediction(policy, xt, t, cond, traj.guidance)
-        ref_lp = sampler.log_prob(pred, t, xt, x_prev)  # (2B,)
+        ref_pred = guided_prediction(policy, xt, t, cond, traj.guidance)
+        ref_lp = sampler.log_prob(ref_pred, t, xt, x_prev)  # (2B,)
     pred = guided_prediction(policy, xt, t, cond, traj.guidance)
-    return sampler.log_prob(pred, t, xt, x_prev), ref_lp  # (2B,), (2B,)
+    kl = None
+    if with_kl:
+        (mean, std), (ref_mean, _) = sampler.mean_std(pred, t, xt), sampler.mean_std(ref_pred, t, xt)
+        kl = step_kl(mean, ref_mean, std)  # (2B,)
+    return sampler.log_prob(pred, t, xt, x_prev), ref_lp, kl  # (2B,), (2B,), (2B,) | None
 
 
 def dro_inputs(
@@ -80,10 +86,12 @@ def dro_inputs(
     idx_p: torch.Tensor,
     k: int,
     reference: Reference,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    with_kl: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Errors (2B,) with grad and reference errors (2B,) of [experts expert_x0 (B, C, h, w) noised with eps (B, ...);
-    policy chains idx_p (B,) at stored step k]. The policy chains were prompted by their experts' captions, so
-    `prompts[idx_p]` conditions both halves."""
+    policy chains idx_p (B,) at stored step k], and with `with_kl` the prediction_kl (2B,) to the reference at the
+    same x_t (else None). The policy chains were prompted by their experts' captions, so `prompts[idx_p]` conditions
+    both halves."""
     if traj.predictions is None:
         raise ValueError("dro_inputs: the trajectory has no stored predictions (sample with keep_predictions=True)")
     device = family.denoiser.device
@@ -95,8 +103,10 @@ def dro_inputs(
     captions = [prompts[i] for i in idx_p.tolist()]
     cond = family.encode_prompts(captions + captions)  # (2B, ...): expert i and its negative share a caption
     with torch.no_grad(), reference():
-        ref_err = per_sample_error(denoise(xt, t, cond), target)  # (2B,)
-    return per_sample_error(denoise(xt, t, cond), target), ref_err
+        ref_pred = denoise(xt, t, cond)
+    pred = denoise(xt, t, cond)
+    kl = prediction_kl(pred, ref_pred) if with_kl else None
+    return per_sample_error(pred, target), per_sample_error(ref_pred, target), kl  # (2B,), (2B,), (2B,) | None
 
 
 def grpo_inputs(family, denoise: Denoise, sampler, traj: Trajectory, prompts: list[str], idx: torch.Tensor, k: int,
