@@ -366,6 +366,12 @@ class RoundsConfig:
     sde_window: list[int] = field(default_factory=list)
     """flow_sde: [start, end) steps that get SDE noise and are recorded and trained (Flow-GRPO-Fast); ODE outside.
     [] = every step but the last; end <= 0 counts from the last step."""
+    sde_window_size: Annotated[int, NON_NEGATIVE] = 0
+    """flow_sde, Flow-GRPO-Fast: an SDE window of this many steps at a random start each round (keyed on seed and
+    round), inside sde_window_range; 0 = the fixed sde_window."""
+    sde_window_range: list[int] = field(default_factory=list)
+    """[lo, hi): where the random window lies, start drawn from lo..hi - size (Flow-GRPO-Fast: (0, 10) with size 2
+    for 10 steps; flux_fast: (0, steps // 2) with size 3). [] = every step but the last."""
     sample_batch: Annotated[int, AT_LEAST_1] = 64
     """Images per sampler call."""
     reward: Annotated[str, SCORER] = "toy_aesthetic"

@@ -14,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
+
 from diffalign.errors import DiffalignError
 from diffalign.flow_sampling import FlowSDESampler
 from diffalign.sampling import DDIMSampler, inference_scheduler
@@ -40,6 +42,25 @@ SAMPLERS = {
     "ddim": SamplerKind(ddim_sampler, ("epsilon", "v_prediction"), window=False),
     "flow_sde": SamplerKind(flow_sampler, ("flow",), window=True),
 }
+
+
+def window_range(size: int, span, steps: int) -> tuple[int, int]:
+    """Flow-GRPO-Fast's [lo, hi) for a random window of `size` steps ([] = every step but the last); a one-line
+    error when it does not fit the steps."""
+    lo, hi = (span[0], span[1]) if span else (0, steps - 1)
+    if len(span) not in (0, 2) or not 0 <= lo < hi <= steps or not 0 < size <= hi - lo:
+        raise DiffalignError(
+            f"online.sde_window_size {size} in online.sde_window_range {[lo, hi]}: needs 0 <= lo < lo + size <= hi "
+            f"<= the {steps} steps"
+        )
+    return lo, hi
+
+
+def random_window(size: int, span: tuple[int, int], gen: torch.Generator) -> tuple[int, int]:
+    """[start, start + size) with start uniform on lo..hi - size (flow_grpo train_sd3_fast: randint(lo, hi - size))."""
+    lo, hi = span
+    start = lo + int(torch.randint(hi - size - lo + 1, (1,), generator=gen))
+    return start, start + size
 
 
 def build_sampler(family, name: str, steps: int, eta: float, window=None):

@@ -57,7 +57,7 @@ from diffalign.online.old_policy import OLD_ADAPTER, OLD_DECAY, update_old
 from diffalign.online.pairs import read_labels
 from diffalign.rewards import load_scorer
 from diffalign.runinfo import write_run_record
-from diffalign.samplers import build_sampler
+from diffalign.samplers import build_sampler, random_window, window_range
 from pipelines.common import build_objective, data_source, load_model, save_grid
 from pipelines.curves import ROUND_KEYS, Curves, plot_curves
 from pipelines.evaluate import evaluate_base_vs_lora
@@ -77,6 +77,7 @@ from pipelines.rounds import (
 from pipelines.sources import SOURCES, Round, objectives_for, source_for
 from pipelines.step import (
     ROWS_STREAM,
+    WINDOW_STREAM,
     count_bad,
     finish_step,
     keyed_generator,
@@ -153,7 +154,13 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
         update_old(named_params, old_params, 0.0)
         ckpt_params.update(old_params)
     schedule = Schedule(family.scheduler, family.prediction_type)
-    sampler = build_sampler(family, rc.sampler, rc.steps, rc.eta, rc.sde_window)  # ddim or flow_sde, by family
+    window_span = None  # Flow-GRPO-Fast: a window of sde_window_size steps at a keyed random start each round
+    if rc.sde_window_size:
+        if rc.sde_window:
+            raise DiffalignError("online: set sde_window (fixed) or sde_window_size (random start), not both")
+        window_span = window_range(rc.sde_window_size, rc.sde_window_range, rc.steps)
+    first_window = [window_span[0], window_span[0] + rc.sde_window_size] if window_span else rc.sde_window
+    sampler = build_sampler(family, rc.sampler, rc.steps, rc.eta, first_window)  # ddim or flow_sde, by family
     if SOURCES[source].stepwise:  # a flow sampler records its SDE window only: fewer steps to accumulate over
         traj_steps = min(rc.trajectory_steps or sampler.recorded_steps, sampler.recorded_steps)
         accelerator.gradient_accumulation_steps = rc.grad_accum * traj_steps
@@ -228,9 +235,12 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
     for r in range(start_round, rc.rounds):
         t0 = time.time()
         prompts, seeds, pool_index = plan_round(rc, r, pool)
+        window = None
+        if window_span:
+            window = random_window(rc.sde_window_size, window_span, keyed_generator(rc.seed, r, WINDOW_STREAM))
         with adapter_mode(denoiser, OLD_ADAPTER if rs.old_policy else "default"):
             traj, images = sample_share(
-                accelerator, family, sampler, prompts, seeds, rc, r, rs.keep_predictions, cfg_scale
+                accelerator, family, sampler, prompts, seeds, rc, r, rs.keep_predictions, cfg_scale, window
             )
         rewards, monitored = score_round(accelerator, scorer, monitors, images, prompts)
         first, second = rs.rows(rewards.view(rc.prompts_per_round, g), rc, labels, r, pool_index)  # (N,) -> (P, G)
@@ -266,6 +276,7 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
             **{f"train/{k}": v / n for k, v in sums.items()},  # objective metrics ("reward" = KTO's implicit one)
             "skipped_steps": counts["skipped_steps"],
             "round_seconds": time.time() - t0,
+            **({"sde_window_start": window[0]} if window else {}),
         }
         if main and rc.exemplars:
             logs["set_fd"] = set_fd(scorer, images)

@@ -120,9 +120,10 @@ def plan_round(rc, r: int, pool: list[str]) -> tuple[list[str], list[int], torch
     return [pool[i] for i in index.tolist()], seeds, index
 
 
-def sample_share(accelerator, family, sampler, prompts, seeds, rc, r: int, keep_predictions: bool, cfg: float):
+def sample_share(accelerator, family, sampler, prompts, seeds, rc, r: int, keep_predictions: bool, cfg: float,
+                 window: tuple[int, int] | None = None):  # fmt: skip
     """This process's chunks of the round, sampled and decoded, then every process's gathered in order; `cfg` is the
-    CFG scale (`family.sampling_cfg(online.guidance)`).
+    CFG scale (`family.sampling_cfg(online.guidance)`), `window` the round's SDE window (None: the sampler's own).
 
     Returns the round's Trajectory (N chains, CPU) and images (N, 3, H, W) in [0, 1].
     """
@@ -132,8 +133,9 @@ def sample_share(accelerator, family, sampler, prompts, seeds, rc, r: int, keep_
     for i in starts[accelerator.process_index :: accelerator.num_processes]:
         j = i + rc.sample_batch
         traj = sampler.sample(  # diffalign.samplers: DDIM-eta or flow SDE, same Trajectory
-            family, prompts[i:j], seeds[i:j], cfg, noise_seed=noise_seed + i, keep_predictions=keep_predictions
-        )
+            family, prompts[i:j], seeds[i:j], cfg, noise_seed=noise_seed + i, keep_predictions=keep_predictions,
+            window=window,
+        )  # fmt: skip
         images = (family.decode(traj.x0.to(accelerator.device)).cpu() + 1) / 2  # (n, 3, H, W) in [0, 1]
         parts.append((i, traj, images))
     if accelerator.num_processes > 1:

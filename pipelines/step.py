@@ -30,6 +30,7 @@ from diffalign.likelihood import Schedule, pair_noise, pair_timesteps, sample_ti
 MAX_BAD_STEPS = 5  # non-finite steps in a row before a run stops (one is noise, five is a diverged run)
 NOISE_STREAM = 0x6E6F69  # separates the noise keys from the augmentation keys (same seed, epoch, index)
 ROWS_STREAM = 0x726F77  # on-line: which rows and trajectory steps an optimizer step trains on (seed, round, step)
+WINDOW_STREAM = 0x77696E  # on-line: where a round's random SDE window starts (seed, round)
 
 
 @dataclass
