@@ -199,6 +199,8 @@ class EvalConfig:
     """Classifier-free guidance scale (0 = the model family's default: toy 1.5, SD 7.5, SDXL 5.0, SD3 7.0)."""
     max_prompts: Annotated[int, NON_NEGATIVE] = 0
     """Use at most this many prompts (0 = all)."""
+    curve_seeds: Annotated[int, AT_LEAST_1] = 1
+    """Learning curves (validate_every): seeds per prompt at each point, 16 prompts x this many images."""
 
 
 @dataclass

@@ -1,8 +1,10 @@
 """Learning curves: held-out reward and fidelity along a run, next to its loss and implicit accuracy.
 
 Every `train.validate_every` steps (and at step 0, where the LoRA is still zero so the point is the base model)
-`Curves.point` samples the first `MAX_PROMPTS` eval prompts with one fixed seed each, scores them with every
-eval scorer and logs the means to tensorboard (`val/<scorer>`) and to `curves.jsonl`. At the end `plot_curves`
+`Curves.point` samples the first `MAX_PROMPTS` eval prompts with `eval.curve_seeds` fixed seeds each, scores them
+with every eval scorer and logs the means to tensorboard (`val/<scorer>`) and to `curves.jsonl`, with the win rate
+of the first scorer against the base model's images on the same seeds (`win/<scorer>`: ties half; the base is the
+step-0 point, or sampled with the adapters off after a resume). At the end `plot_curves`
 draws curves.png from those rows and the run's metrics.jsonl (loss, implicit_acc). Sampling uses explicit seeds
 and the training noise comes from per-pair generators, so drawing a curve does not change the training run.
 Cost: MAX_PROMPTS images per point (the toy model: 16 images x 20 steps, about a second on 2 cores).
@@ -16,7 +18,9 @@ from pathlib import Path
 import torch
 
 from diffalign.config import EvalConfig
+from diffalign.lora import reference_mode
 from diffalign.rewards import load_scorer
+from diffalign.rewards.compare import win_rate
 from pipelines.evaluate import read_eval_prompts
 
 MAX_PROMPTS = 16  # images per curve point: one seed per prompt
@@ -28,19 +32,30 @@ class Curves:
     def __init__(self, family, ecfg: EvalConfig, path: Path):
         self.family, self.path = family, Path(path)
         self.label = "held-out" if ecfg.prompts == "toy" else "eval"  # "held-out" only for the held-out set
-        self.prompts = read_eval_prompts(ecfg)[:MAX_PROMPTS]
+        self.prompts = [p for p in read_eval_prompts(ecfg)[:MAX_PROMPTS] for _ in range(ecfg.curve_seeds)]
         self.seeds = list(range(len(self.prompts)))  # fixed: every point scores the same noise
         self.scorers = {name: load_scorer(name) for name in ecfg.scorers}
         self.kw = {"steps": ecfg.steps, **({"guidance": ecfg.guidance} if ecfg.guidance > 0 else {})}
+        self.headline = ecfg.scorers[0]
+        self.base = None  # (N,) the base model's headline scores on the same prompts and seeds
+
+    def scores(self) -> dict[str, torch.Tensor]:
+        images = self.family.generate(self.prompts, seeds=self.seeds, **self.kw)
+        with torch.no_grad():
+            return {name: scorer(images, self.prompts).float().cpu() for name, scorer in self.scorers.items()}
 
     def point(self, step: int, accelerator) -> dict:
-        """Sample, score, log and append one row {"step", "images", "<scorer>": mean}."""
-        images = self.family.generate(self.prompts, seeds=self.seeds, **self.kw)
-        row = {"step": step, "images": len(self.prompts)}
-        with torch.no_grad():
-            for name, scorer in self.scorers.items():
-                row[name] = float(scorer(images, self.prompts).float().mean())
-        accelerator.log({f"val/{k}": row[k] for k in self.scorers}, step=step)
+        """Sample, score, log and append one row {"step", "images", "<scorer>": mean, "win/<headline>": rate}."""
+        scores = self.scores()
+        row = {"step": step, "images": len(self.prompts), **{k: float(v.mean()) for k, v in scores.items()}}
+        if step == 0:
+            self.base = scores[self.headline]
+        else:
+            if self.base is None:  # resumed: the base on the same seeds, adapters off
+                with reference_mode(self.family.denoiser):
+                    self.base = self.scores()[self.headline]
+            row[f"win/{self.headline}"] = win_rate(scores[self.headline], self.base)["win_rate"]
+        accelerator.log({f"val/{k}": v for k, v in row.items() if k not in ("step", "images")}, step=step)
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
         return row
@@ -74,12 +89,18 @@ def plot_curves(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    scorers = [k for k in points[0] if k not in ("step", "images")]
+    scorers = [k for k in points[-1] if k not in ("step", "images")]  # win/<headline> is on every point but 0
     train_keys = [k for k in train_keys if metrics and k in metrics[0]]
     panels = len(scorers) + len(train_keys)
     fig, axes = plt.subplots(1, panels, figsize=(3.2 * panels, 3.0), squeeze=False)
     steps = [p["step"] for p in points]
     for ax, name in zip(axes[0], scorers):
+        if name.startswith("win/"):  # vs the base on the same seeds: 0.5 = no change
+            ax.plot(steps, [p.get(name, 0.5) for p in points], "o-", color="#2a9d4b")
+            ax.axhline(0.5, color="gray", ls="--", lw=1)
+            ax.set_ylim(0, 1)
+            ax.set_title(f"{label} win rate vs base, {name[4:]}", fontsize=9)
+            continue
         ax.plot(steps, [p[name] for p in points], "o-", color="#3b7dd8")
         ax.axhline(points[0][name], color="gray", ls="--", lw=1)  # step 0 = the base model
         ax.set_title(f"{label} {name} (mean of {points[0]['images']} images)", fontsize=9)

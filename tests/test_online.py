@@ -553,6 +553,7 @@ def test_online_learning_curve_every_round_and_in_the_report(tmp_path, monkeypat
     run(None, [*small, f"online.output_dir={out}"])
     points = [json.loads(x) for x in (out / "curves.jsonl").read_text().splitlines()]
     assert [p["step"] for p in points] == [0, 1, 2] and all("toy_aesthetic" in p for p in points)
+    assert all(0 <= p["win/toy_aesthetic"] <= 1 for p in points[1:])  # against the round-0 base, same seeds
     png = Image.open(out / "eval" / "curves.png")
     assert png.width > 300 and len(set(png.convert("L").getdata())) > 10  # drawn panels, not a blank canvas
     assert "Learning curves" in (out / "eval" / "report.html").read_text()  # embedded only when the PNG exists

@@ -182,6 +182,17 @@ def test_learning_curve_points_score_fixed_seeds_and_plot(toy_family, tmp_path):
     assert curves.label == "held-out" and len(curves.prompts) == 16
     first, again = curves.point(0, Accelerator(cpu=True)), curves.point(10, Accelerator(cpu=True))
     assert first["toy_aesthetic"] == again["toy_aesthetic"] and 0 < first["toy_aesthetic"] < 10
+    assert "win/toy_aesthetic" not in first and again["win/toy_aesthetic"] == 0.5  # all ties with the base
+    import copy
+
+    from diffalign.lora import add_lora
+
+    family = copy.copy(toy_family)  # a resumed run: the LoRA (zero at init) and no step-0 point in this process
+    family.denoiser = copy.deepcopy(toy_family.denoiser)
+    add_lora(family.denoiser, 4, 4, family.lora_target_modules)
+    resumed = Curves(family, EvalConfig(steps=4, curve_seeds=2), tmp_path / "resumed.jsonl")
+    assert len(resumed.prompts) == 32 and len(set(resumed.seeds)) == 32
+    assert resumed.point(7, Accelerator(cpu=True))["win/toy_aesthetic"] == 0.5  # base sampled with adapters off
     (tmp_path / "metrics.jsonl").write_text('{"step": 10, "loss": 0.69, "implicit_acc": 0.5}\n')
     png = plot_curves(curves.path, tmp_path / "metrics.jsonl", tmp_path / "curves.png", curves.label)
     assert Image.open(png).size[0] > 400
