@@ -7,6 +7,7 @@ peak RSS. Prints a table and writes results.json + results.png.
 
     python benchmarks/toy_alignment.py                    # every offline (SETTINGS) and on-line (ONLINE) row
     python benchmarks/toy_alignment.py --objectives dpo,mapo --out runs/bench
+    python benchmarks/toy_alignment.py --objectives nft,grpo,d3po,dragon --curves   # time to a 90% win rate
 
 Targets (issue 15): the default `diffalign train` (the dpo row's settings) Δ toy_aesthetic >= +0.4 with a win rate
 >= 95%; every offline row Δ >= +0.2 with the CI's lower bound >= 80%; fidelity within 2 points everywhere. Offline
@@ -53,24 +54,52 @@ SETTINGS: dict[str, list[str]] = {
 }
 # On-line rows: `diffalign online` with the shipped toy config (its own sampling / training budget); "steps" in the
 # table = optimizer steps (rounds x train_steps), the wall time includes the sampling of every round.
-ONLINE: dict[str, str] = {
-    "d3po": "configs/toy_d3po.yaml",
-    "dragon": "configs/toy_dragon.yaml",
-    "dragon_fd": "configs/toy_dragon_fd.yaml",
-    "dro": "configs/toy_dro.yaml",
+# A row is a shipped config plus overrides; "_flow" rows run on the flow-matching toy (assets/toy_flow_model).
+FLOW = "model.path=toy_flow"
+ONLINE: dict[str, list[str]] = {
+    "d3po": ["configs/toy_d3po.yaml"],
+    "dragon": ["configs/toy_dragon.yaml"],
+    "dragon_fd": ["configs/toy_dragon_fd.yaml"],
+    "dro": ["configs/toy_dro.yaml"],
     # the reward-hacking demo: DRAGON on the hackable toy_area reward, without and with the guards (README)
-    "hack": "configs/toy_hack.yaml",
-    "hack_guard": "configs/toy_hack_guarded.yaml",
-    "nft": "configs/toy_nft.yaml",
-    "nft_flow": "configs/toy_flow_nft.yaml",  # the flow-matching toy model (assets/toy_flow_model)
+    "hack": ["configs/toy_hack.yaml"],
+    "hack_guard": ["configs/toy_hack_guarded.yaml"],
+    "nft": ["configs/toy_nft.yaml"],
+    "grpo": ["configs/toy_grpo.yaml"],
+    "nft_flow": ["configs/toy_flow_nft.yaml"],
+    "grpo_flow": ["configs/toy_flow_grpo.yaml"],
+    "d3po_flow": ["configs/toy_d3po.yaml", FLOW],
+    "dragon_flow": ["configs/toy_dragon.yaml", FLOW],
+    "dro_flow": ["configs/toy_dro.yaml", FLOW],
 }
+# --curves: a held-out point every round (16 prompts x 4 seeds, win rate against the base on the same seeds), and
+# the sampling + training time to the first point at or above a 90% win rate (curve points are not counted).
+CURVES = ["online.validate_every=1", "eval.curve_seeds=4"]
+TARGET_WIN = 0.9
 
 
-def run_one(name: str, out: Path, extra: list[str]) -> dict:
+def time_to_win(run_dir: Path, target: float = TARGET_WIN) -> tuple[int | None, float | None]:
+    """(round, seconds of sampling + training) of the first curve point whose win rate is >= target, else Nones."""
+    points = [json.loads(x) for x in (run_dir / "curves.jsonl").read_text().splitlines() if x.strip()]
+    rounds = [json.loads(x) for x in (run_dir / "rounds.jsonl").read_text().splitlines() if x.strip()]
+    elapsed, seconds = 0.0, {}
+    for r in rounds:
+        elapsed += r["round_seconds"]
+        seconds[r["round"]] = elapsed
+    for p in points:
+        win = next((v for k, v in p.items() if k.startswith("win/")), None)
+        if win is not None and win >= target:
+            return p["step"], seconds[p["step"]]
+    return None, None
+
+
+def run_one(name: str, out: Path, extra: list[str], curves: bool = False) -> dict:
     """Train + evaluate one objective in a child process; returns the row."""
     run_dir = out / name
     if name in ONLINE:
-        args = ["online", ONLINE[name], *extra, "online.tensorboard=false", f"online.output_dir={run_dir}"]
+        config, *fixed = ONLINE[name]
+        more = CURVES if curves else []
+        args = ["online", config, *fixed, *more, *extra, "online.tensorboard=false", f"online.output_dir={run_dir}"]
     else:
         args = ["train", *COMMON, *SETTINGS[name], *extra, f"train.output_dir={run_dir}"]
     start = time.time()
@@ -107,6 +136,8 @@ def run_one(name: str, out: Path, extra: list[str]) -> dict:
         "total_seconds": time.time() - start,
         "comparisons": reward.get("n"),
     }
+    if curves and name in ONLINE:
+        row["to_90_round"], row["to_90_seconds"] = time_to_win(run_dir)
     if "toy_area" in report["scorers"]:  # the hack demo's reward, and where its guards stopped
         row["toy_area_change"] = report["scorers"]["toy_area"]["mean_delta"]
     if "guards" in summary:
@@ -165,6 +196,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )
     parser.add_argument("--out", default=f"runs/toy_alignment-{time.strftime('%Y%m%d-%H%M%S')}")
     parser.add_argument(
+        "--curves", action="store_true", help="on-line rows: a curve point every round and the time to 90%% wins"
+    )
+    parser.add_argument(
         "overrides", nargs="*", help="extra key=value overrides for every run (e.g. eval.max_prompts=8)"
     )
     args = parser.parse_args(argv)
@@ -176,10 +210,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
         raise SystemExit(f"no toy settings for {unknown} (known: {', '.join([*SETTINGS, *ONLINE])})")
     rows = []
     for name in names:
-        rows.append(run_one(name, out, args.overrides))
+        rows.append(run_one(name, out, args.overrides, args.curves))
         print(format_table(rows[-1:]).splitlines()[-1], flush=True)
     print()
     print(format_table(rows))
+    for r in rows:
+        if "to_90_round" in r:
+            reached = r["to_90_round"] is not None
+            when = f"round {r['to_90_round']}, {r['to_90_seconds']:.0f} s of sampling + training" if reached else "never"
+            print(f"{r['objective']}: first held-out win rate >= {100 * TARGET_WIN:.0f}%: {when}")
     for r in rows:
         if "fd_base" in r:
             print(

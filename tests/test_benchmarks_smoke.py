@@ -63,3 +63,34 @@ def test_scale_tiny(tmp_path):
     assert row["train"]["cache"]["steps_per_s"] > 0 and row["train"]["raw"]["steps_per_s"] > 0
     assert row["read_pass"]["pairs"] == 64 and row["read_pass"]["peak_rss_mb"] > 0
     assert result["sdxl_pickapic_v2"]["cache_bytes"] < result["sdxl_pickapic_v2"]["format1_bytes"]
+
+
+def test_sampling_tiny_sd3(tmp_path):
+    """Flow sampling next to diffusers' StableDiffusion3Pipeline: diffalign's ODE sampler draws the pipeline's
+    images; the SDE sampler with log-probs (the on-line one) has a throughput row of its own."""
+    out = tmp_path / "sampling.json"
+    _run("sampling.py", "--models", "sd3", "--images", "2", "--steps", "2", "--rounds", "1", "--json", str(out))
+    rows = json.loads(out.read_text())["models"]["sd3"]["rows"]
+    assert set(rows) == {"diffusers pipeline", "diffalign sample()", "flow SDE + log-probs"}
+    assert all(row["images_per_s"] > 0 for row in rows.values())
+    assert rows["diffalign sample()"]["max_abs_diff_uint8"] <= 1
+
+
+@pytest.mark.slow  # two tiny on-line runs on the toy models with a curve point per round (~1 min)
+def test_toy_alignment_online_rows_with_curves(tmp_path):
+    """benchmarks/toy_alignment.py --curves on a DDPM-toy and a flow-toy on-line row, shrunk: each row has a win
+    rate, a fidelity change and a time to 90% (a round or None)."""
+    small = ["online.rounds=2", "online.prompts_per_round=4", "online.train_steps=1", "eval.max_prompts=2",
+             "eval.images_per_prompt=1", "eval.steps=4"]  # fmt: skip
+    cmd = [sys.executable, str(REPO / "benchmarks" / "toy_alignment.py"), "--objectives", "dragon,dragon_flow",
+           "--curves", "--out", str(tmp_path), *small]  # fmt: skip
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    rows = json.loads((tmp_path / "results.json").read_text())
+    assert [r["objective"] for r in rows] == ["dragon", "dragon_flow"]
+    for r in rows:
+        assert 0 <= r["win_rate"] <= 1 and "to_90_round" in r
+        assert r["to_90_round"] is None or 1 <= r["to_90_round"] <= 2
+    points = [json.loads(x) for x in (tmp_path / "dragon_flow" / "curves.jsonl").read_text().splitlines()]
+    assert [p["step"] for p in points] == [0, 1, 2] and points[1]["images"] == 8  # eval.max_prompts 2 x 4 seeds
+    assert "first held-out win rate >= 90%" in done.stdout
