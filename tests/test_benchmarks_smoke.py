@@ -32,13 +32,18 @@ def test_train_step_tiny(tmp_path):
     assert result["settings"]["latents"] == [4, 8, 8]
 
 
-def test_sampling_tiny(tmp_path):
+@pytest.mark.parametrize(
+    "model,extra_row", [("sd15", "family.generate"), ("sd3", "flow SDE + log-probs")], ids=["sd15", "sd3"]
+)
+def test_sampling_tiny(tmp_path, model, extra_row):
+    """diffalign's sampler next to diffusers' pipeline (SD1.5: DDIM; SD3: the flow ODE, plus a throughput row for the
+    SDE sampler with log-probs that on-line methods use): same scheduler, seeds and guidance, the pipeline's images
+    up to rounding."""
     out = tmp_path / "sampling.json"
-    _run("sampling.py", "--models", "sd15", "--images", "2", "--steps", "2", "--rounds", "1", "--json", str(out))
-    rows = json.loads(out.read_text())["models"]["sd15"]["rows"]
-    assert set(rows) == {"diffusers pipeline", "diffalign sample()", "family.generate"}
+    _run("sampling.py", "--models", model, "--images", "2", "--steps", "2", "--rounds", "1", "--json", str(out))
+    rows = json.loads(out.read_text())["models"][model]["rows"]
+    assert set(rows) == {"diffusers pipeline", "diffalign sample()", extra_row}
     assert all(row["images_per_s"] > 0 for row in rows.values())
-    # same scheduler, seeds and guidance: diffalign's sampler draws the pipeline's images (up to rounding)
     assert rows["diffalign sample()"]["max_abs_diff_uint8"] <= 1
 
 
@@ -63,17 +68,6 @@ def test_scale_tiny(tmp_path):
     assert row["train"]["cache"]["steps_per_s"] > 0 and row["train"]["raw"]["steps_per_s"] > 0
     assert row["read_pass"]["pairs"] == 64 and row["read_pass"]["peak_rss_mb"] > 0
     assert result["sdxl_pickapic_v2"]["cache_bytes"] < result["sdxl_pickapic_v2"]["format1_bytes"]
-
-
-def test_sampling_tiny_sd3(tmp_path):
-    """Flow sampling next to diffusers' StableDiffusion3Pipeline: diffalign's ODE sampler draws the pipeline's
-    images; the SDE sampler with log-probs (the on-line one) has a throughput row of its own."""
-    out = tmp_path / "sampling.json"
-    _run("sampling.py", "--models", "sd3", "--images", "2", "--steps", "2", "--rounds", "1", "--json", str(out))
-    rows = json.loads(out.read_text())["models"]["sd3"]["rows"]
-    assert set(rows) == {"diffusers pipeline", "diffalign sample()", "flow SDE + log-probs"}
-    assert all(row["images_per_s"] > 0 for row in rows.values())
-    assert rows["diffalign sample()"]["max_abs_diff_uint8"] <= 1
 
 
 @pytest.mark.slow  # two tiny on-line runs on the toy models with a curve point per round (~1 min)
