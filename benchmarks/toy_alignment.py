@@ -54,8 +54,10 @@ SETTINGS: dict[str, list[str]] = {
 }
 # On-line rows: `diffalign online` with the shipped toy config (its own sampling / training budget); "steps" in the
 # table = optimizer steps (rounds x train_steps), the wall time includes the sampling of every round.
-# A row is a shipped config plus overrides; "_flow" rows run on the flow-matching toy (assets/toy_flow_model).
-FLOW = "model.path=toy_flow"
+# A row is a shipped config plus overrides; "_flow" rows run the DDPM toy's config on the flow-matching toy
+# (assets/toy_flow_model) with toy_flow_grpo's sampler: Flow-GRPO's SDE at a = 0.3, 10 steps (the DDPM configs' eta 1
+# would be a = 1, which leaves visible noise in this pixel-space model).
+FLOW = ["model.path=toy_flow", "online.eta=0.3", "online.steps=10"]
 ONLINE: dict[str, list[str]] = {
     "d3po": ["configs/toy_d3po.yaml"],
     "dragon": ["configs/toy_dragon.yaml"],
@@ -68,9 +70,9 @@ ONLINE: dict[str, list[str]] = {
     "grpo": ["configs/toy_grpo.yaml"],
     "nft_flow": ["configs/toy_flow_nft.yaml"],
     "grpo_flow": ["configs/toy_flow_grpo.yaml"],
-    "d3po_flow": ["configs/toy_d3po.yaml", FLOW],
-    "dragon_flow": ["configs/toy_dragon.yaml", FLOW],
-    "dro_flow": ["configs/toy_dro.yaml", FLOW],
+    "d3po_flow": ["configs/toy_d3po.yaml", *FLOW],
+    "dragon_flow": ["configs/toy_dragon.yaml", *FLOW],
+    "dro_flow": ["configs/toy_dro.yaml", *FLOW],
 }
 # --curves: a held-out point every round (16 prompts x 4 seeds, win rate against the base on the same seeds), and
 # the sampling + training time to the first point at or above a 90% win rate (curve points are not counted).
@@ -217,7 +219,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for r in rows:
         if "to_90_round" in r:
             reached = r["to_90_round"] is not None
-            when = f"round {r['to_90_round']}, {r['to_90_seconds']:.0f} s of sampling + training" if reached else "never"
+            when = (
+                f"round {r['to_90_round']}, {r['to_90_seconds']:.0f} s of sampling + training" if reached else "never"
+            )
             print(f"{r['objective']}: first held-out win rate >= {100 * TARGET_WIN:.0f}%: {when}")
     for r in rows:
         if "fd_base" in r:
