@@ -119,7 +119,7 @@ NEGATED = ["online.reward=multi", "online.reward_args={components: {toy_aestheti
 @pytest.mark.slow
 @pytest.mark.parametrize("negate", [False, True], ids=["reward", "negated_reward"])
 def test_toy_grpo_moves_aesthetic_the_rewarded_way(tmp_path, monkeypatch, negate):
-    """configs/toy_grpo.yaml (DDIM-eta steps on the DDPM toy), cut to 12 rounds, raises toy_aesthetic on held-out
+    """configs/toy_grpo.yaml (DDIM-eta steps on the DDPM toy), cut to 8 rounds (CI time), raises toy_aesthetic on held-out
     prompts; trained on -toy_aesthetic it lowers it (fails if the advantage or ratio sign were flipped anywhere)."""
     from pipelines.online import run
 
@@ -127,7 +127,7 @@ def test_toy_grpo_moves_aesthetic_the_rewarded_way(tmp_path, monkeypatch, negate
     extra = NEGATED if negate else []
     out = run(
         str(REPO / "configs/toy_grpo.yaml"),
-        [*extra, "online.rounds=12", "eval.images_per_prompt=2", f"online.output_dir={tmp_path / 'run'}",
+        [*extra, "online.rounds=8", "eval.images_per_prompt=2", f"online.output_dir={tmp_path / 'run'}",
          "online.tensorboard=false"],
     )  # fmt: skip
     report = json.loads((out / "summary.json").read_text())["eval"]["scorers"]
