@@ -172,20 +172,29 @@ def train_loop(args, models, ema, tokenizer, text_encoder, scheduler, ckpt_dir: 
     return step, last_loss, start
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default="assets/toy_model")
-    p.add_argument("--steps", type=int, default=2400)
+def add_train_args(p: argparse.ArgumentParser, *, out: str, steps: int, lr: float, warmup: int, ema: float,
+                   checkpoint_minutes: float, checkpoint_dir: str, max_minutes: float) -> None:  # fmt: skip
+    """The training flags both toy programs take (this one and pipelines/toy_flow_base.py), with their defaults."""
+    p.add_argument("--out", default=out)
+    p.add_argument("--steps", type=int, default=steps)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup", type=int, default=100)
-    p.add_argument("--ema", type=float, default=0.995, help="final EMA decay (warmed up as (1+n)/(10+n))")
+    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--warmup", type=int, default=warmup)
+    p.add_argument("--ema", type=float, default=ema, help="final EMA decay (warmed up as (1+n)/(10+n))")
     p.add_argument("--empty-fraction", type=float, default=0.1)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--checkpoint-minutes", type=float, default=10.0)
-    p.add_argument("--checkpoint-dir", default="runs/toy_base_checkpoints", help="intermediate EMA weights")
-    p.add_argument("--max-minutes", type=float, default=48.0, help="stop early (and save) past this wall-clock time")
+    p.add_argument("--checkpoint-minutes", type=float, default=checkpoint_minutes)
+    p.add_argument("--checkpoint-dir", default=checkpoint_dir, help="intermediate EMA weights")
+    p.add_argument(
+        "--max-minutes", type=float, default=max_minutes, help="stop early (and save) past this wall-clock time"
+    )
     p.add_argument("--seed", type=int, default=0)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_train_args(p, out="assets/toy_model", steps=2400, lr=1e-3, warmup=100, ema=0.995, checkpoint_minutes=10.0,
+                   checkpoint_dir="runs/toy_base_checkpoints", max_minutes=48.0)  # fmt: skip
     args = p.parse_args()
 
     torch.set_num_threads(args.threads)

@@ -34,7 +34,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, UNet2DConditionModel  # n
 from transformers import CLIPTextModel, CLIPTokenizer  # noqa: E402
 
 from diffalign.models.toy import add_coords  # noqa: E402
-from pipelines.toy_base import MODEL_INDEX, save, train_loop  # noqa: E402
+from pipelines.toy_base import MODEL_INDEX, add_train_args, save, train_loop  # noqa: E402
 
 FLOW_MODEL_INDEX = {**MODEL_INDEX, "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]}
 
@@ -54,18 +54,8 @@ def evaluate_heldout(model: str, guidance: float, seeds_per_prompt: int = 8) -> 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--init", default="assets/toy_model", help="the DDPM toy model to start from")
-    p.add_argument("--out", default="assets/toy_flow_model")
-    p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--warmup", type=int, default=20)
-    p.add_argument("--ema", type=float, default=0.99, help="final EMA decay (warmed up as (1+n)/(10+n))")
-    p.add_argument("--empty-fraction", type=float, default=0.1)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--checkpoint-minutes", type=float, default=5.0)
-    p.add_argument("--checkpoint-dir", default="runs/toy_flow_checkpoints", help="intermediate EMA weights")
-    p.add_argument("--max-minutes", type=float, default=25.0, help="stop early (and save) past this wall-clock time")
-    p.add_argument("--seed", type=int, default=0)
+    add_train_args(p, out="assets/toy_flow_model", steps=1000, lr=5e-4, warmup=20, ema=0.99, checkpoint_minutes=5.0,
+                   checkpoint_dir="runs/toy_flow_checkpoints", max_minutes=25.0)  # fmt: skip
     p.add_argument("--eval", nargs="+", default=[], help="only measure these models (toy, toy_flow or folders)")
     p.add_argument("--guidance", type=float, default=1.5, help="CFG scale of --eval")
     args = p.parse_args()
