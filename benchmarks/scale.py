@@ -12,7 +12,9 @@ does, one process per measurement (assets/tiny/sdxl, configs/tiny/sdxl_dpo.yaml,
                   (cond stored with every pair) would have used for the text
   build s         `diffalign cache` with 1 process and with `accelerate launch --num_processes 2` (CPU, gloo), each
                   process with one torch thread (one core stands for one GPU): index.json's build_seconds (from
-                  the first barrier to the index, so without start-up and model loading); ratio 2p / 1p
+                  the first barrier to the index, so without start-up and model loading); ratio 2p / 1p; and
+                  per process the seconds of each phase (build-phases.jsonl: encoding its pair shards, waiting
+                  for the others, encoding its text shards)
   steps/s         `diffalign train` (batch 4, --steps steps, DataLoader in the main process) from the cache and from
                   the raw parquet (VAE + text encoders every step), from the run's metrics.jsonl
   peak RSS MB     the cache training run's max RSS (wait4), and a pass that reads every pair of the cache once in
@@ -169,7 +171,9 @@ def measure(n: int, work: Path, args) -> dict:
         cache = work / f"cache-{n}-{p}p"
         wall, _, _ = run(cli("cache", *data_args(source, cache), processes=p), threads=1)
         build = json.loads((cache / "index.json").read_text())["build_seconds"]
-        builds[p] = {"wall_s": wall, "build_s": build}
+        lines = [json.loads(x) for x in (cache / "build-phases.jsonl").read_text().splitlines()]
+        phases = {str(x["rank"]): x["phases"] for x in lines}  # per process: pairs_s, wait_pairs_s, text_s
+        builds[p] = {"wall_s": wall, "build_s": build, "phases": phases}
     row["build"] = builds
     if len(builds) > 1:
         row["build_2p_over_1p"] = builds[max(builds)]["build_s"] / builds[1]["build_s"]
@@ -244,6 +248,13 @@ def print_table(rows: list[dict], sdxl: dict) -> None:
         print(
             f" {t['cache']['peak_rss_mb']:>9.0f} {rp['peak_rss_mb']:>8.0f} {rp['peak_rss_mb'] - rp['rss_before_mb']:>9.1f}"
         )
+    for r in rows:
+        for p, b in r["build"].items():
+            per_rank = " | ".join(
+                f"rank {k}: pairs {v['pairs_s']:.1f}, wait {v['wait_pairs_s']:.1f}, text {v['text_s']:.1f}"
+                for k, v in sorted(b["phases"].items())
+            )
+            print(f"N {r['pairs']}, {p} process(es), build phases in s: {per_rank}")
     gb = 1e9
     print(
         f"SDXL 1024² fp16 on Pick-a-Pic v2: {sdxl['cache_bytes'] / gb:.0f} GB cache "

@@ -89,6 +89,9 @@ def test_existing_cache_is_reused_and_a_different_key_is_an_error(tmp_path, sour
     stamp = (out / "index.json").stat().st_mtime_ns
     assert build_cache(sd15, _pairs(source), out, model_path=model, progress=False) == out
     assert (out / "index.json").stat().st_mtime_ns == stamp
+    (phases,) = [json.loads(x) for x in (out / "build-phases.jsonl").read_text().splitlines()]  # the one build
+    assert phases["rank"] == 0 and set(phases["phases"]) == {"pairs_s", "wait_pairs_s", "text_s"}
+    assert all(v >= 0 for v in phases["phases"].values()) and phases["phases"]["pairs_s"] > 0
     old_key = read_index(out)["key"]
     with pytest.raises(CacheError) as err:
         build_cache(sd15, _pairs(source, res=16), out, model_path=model, progress=False)

@@ -71,6 +71,8 @@ def test_two_process_build_equals_one_process_build(tmp_path):
         0: [f"pairs-{c:05d}.safetensors" for c in (0, 2, 4)],  # 14 pairs / 3 = 5 chunks, c % 2 == rank
         1: [f"pairs-{c:05d}.safetensors" for c in (1, 3)],
     }
+    phases = [json.loads(line) for line in (two / "build-phases.jsonl").read_text().splitlines()]
+    assert sorted(p["rank"] for p in phases) == [0, 1]  # each process timed its own phases
     assert sorted(e["file"] for e in log) == sorted(encoded_files(one))  # the same shards, each written once
     assert read_index(two)["captions"] == 5 and read_index(two)["pairs"] == 14
     assert_same_cache(one, two)  # every tensor of two epochs of items, bitwise

@@ -9,6 +9,7 @@ Layout of a cache folder (format 2; `build_cache` in cache_build.py writes it):
     text-00000.safetensors     unique captions, sorted by hash: caption (m,) long; cond.<key> (m, ...)
     empty.safetensors          cond.<key> (1, ...): the empty prompt's cond, swapped in for caption dropout
     build-log.jsonl            one line per shard written (file, rank, pid): what each run encoded
+    build-phases.jsonl         one line per process and run: seconds encoding pairs, waiting, encoding text
     index.json                 key, info, pair and text shard lists, counts (written last: the cache is finished)
 
 The text conditioning is stored once per unique caption (SDXL: 77 x 2048 + 1280 values, ~315 KB in fp16, against

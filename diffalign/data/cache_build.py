@@ -141,6 +141,12 @@ def _log(out_dir: Path, name: str, rank: int, pairs: int) -> None:
         f.write(json.dumps({"file": name, "rank": rank, "pid": os.getpid(), "items": pairs}) + "\n")
 
 
+def _log_phases(out_dir: Path, rank: int, seconds: dict[str, float]) -> None:
+    """This process's seconds per build phase (pairs, waiting for the others, text), for benchmarks/scale.py."""
+    with open(out_dir / "build-phases.jsonl", "a") as f:
+        f.write(json.dumps({"phases": seconds, "rank": rank, "pid": os.getpid()}) + "\n")
+
+
 def build_cache(
     family,
     dataset: PreferencePairs | PreferencePairStream,
@@ -180,6 +186,7 @@ def build_cache(
             leftover.unlink()
     wait()
     start = time.perf_counter()
+    phases: dict[str, float] = {}
     done = {p.name for p in out_dir.glob("*.safetensors")}
 
     # ---- pairs: my chunks -> pairs-<c>.safetensors ----------------------------------------------------------------
@@ -211,7 +218,10 @@ def build_cache(
         if last:  # the chunk is complete: write it now, before anything later can fail
             flush()
             buffer, skipped = [], 0
+    phases["pairs_s"] = time.perf_counter() - start
     wait()
+    phases["wait_pairs_s"] = time.perf_counter() - start - phases["pairs_s"]
+    text_start = time.perf_counter()
 
     # ---- text: every unique caption once -> text-<j>.safetensors ------------------------------------------------
     pair_files = sorted(out_dir.glob("pairs-*.safetensors"))
@@ -239,6 +249,8 @@ def build_cache(
         _log(out_dir, name, rank, len(chunk_hashes))
     if rank == 0 and "empty.safetensors" not in done:
         write_shard(_encode_prompts(family, [""], dtype), out_dir / "empty.safetensors")  # (1, ...)
+    phases["text_s"] = time.perf_counter() - text_start
+    _log_phases(out_dir, rank, phases)
     wait()
 
     # ---- index: written last, by the main process ---------------------------------------------------------------
