@@ -366,11 +366,11 @@ class RoundsConfig:
     sampler: Annotated[str, OneOf(SAMPLERS, allow_empty=True)] = ""
     """On-line sampler (diffalign.samplers): "" = the family's own (ddim for DDPM families, flow_sde for flow ones)."""
     sde_window: list[int] = field(default_factory=list)
-    """flow_sde: [start, end) steps that get SDE noise and are recorded and trained (Flow-GRPO-Fast); ODE outside.
-    [] = every step but the last; end <= 0 counts from the last step."""
+    """[start, end) steps that get the sampler's noise and are recorded and trained (Flow-GRPO-Fast); outside it the
+    deterministic step (flow: the ODE; DDIM: eta 0). [] = every step but the last; end <= 0 counts from the last."""
     sde_window_size: Annotated[int, NON_NEGATIVE] = 0
-    """flow_sde, Flow-GRPO-Fast: an SDE window of this many steps at a random start each round (keyed on seed and
-    round), inside sde_window_range; 0 = the fixed sde_window."""
+    """Flow-GRPO-Fast: a noise window of this many steps at a random start each round (keyed on seed and round),
+    inside sde_window_range; 0 = the fixed sde_window."""
     sde_window_range: list[int] = field(default_factory=list)
     """[lo, hi): where the random window lies, start drawn from lo..hi - size (Flow-GRPO-Fast: (0, 10) with size 2
     for 10 steps; flux_fast: (0, steps // 2) with size 3). [] = every step but the last."""

@@ -161,7 +161,7 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
         window_span = window_range(rc.sde_window_size, rc.sde_window_range, rc.steps)
     first_window = [window_span[0], window_span[0] + rc.sde_window_size] if window_span else rc.sde_window
     sampler = build_sampler(family, rc.sampler, rc.steps, rc.eta, first_window)  # ddim or flow_sde, by family
-    if SOURCES[source].stepwise:  # a flow sampler records its SDE window only: fewer steps to accumulate over
+    if SOURCES[source].stepwise:  # samplers record their noise window only: fewer steps to accumulate over
         traj_steps = min(rc.trajectory_steps or sampler.recorded_steps, sampler.recorded_steps)
         accelerator.gradient_accumulation_steps = rc.grad_accum * traj_steps
 

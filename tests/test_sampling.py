@@ -10,6 +10,7 @@ from numerics import assert_close_to_scale
 from diffalign.lora import add_lora
 from diffalign.models import load_family
 from diffalign.sampling import (
+    DDIMSampler,
     encode_guided,
     guided_prediction,
     inference_scheduler,
@@ -57,6 +58,33 @@ def test_recomputed_log_probs_equal_the_sampled_ones(sd15):
             mean, std = step_mean_std(scheduler, pred, t, xt, 1.0)
             z = (x_prev - mean) / std
             assert 0.5 < z.std() < 1.5 and std > 0
+
+
+def test_ddim_window_noises_and_records_only_its_steps(sd15):
+    """Window [1, 3) of 4 steps: eta 0 before it (latents[0] = the eta-0 path's x after step 0), eta's noise and
+    log-probs inside, only its two steps recorded, eta 0 after it (x0 in `final`). The on-line DDIMSampler's default
+    window leaves out the last step, whose std is a fraction of the others'."""
+    eta0 = sample_trajectories(sd15, PROMPTS, [1, 2], steps=4, guidance=3.0, eta=0.0)
+    traj = sample_trajectories(sd15, PROMPTS, [1, 2], steps=4, guidance=3.0, eta=1.0, noise_seed=7, window=(1, 3))
+    assert traj.latents.shape == (3, 2, 4, 8, 8) and traj.log_probs.shape == (2, 2)
+    scheduler = inference_scheduler(sd15, eta=1.0)
+    scheduler.set_timesteps(4)
+    torch.testing.assert_close(traj.timesteps, scheduler.timesteps[1:3].long())
+    torch.testing.assert_close(traj.latents[0], eta0.latents[1])
+    assert traj.final is not None and not torch.allclose(traj.x0, eta0.x0)  # the window's noise changed x0
+    whole = sample_trajectories(sd15, PROMPTS, [1, 2], steps=4, guidance=3.0, eta=1.0, noise_seed=7)
+    assert whole.final is None and whole.latents.shape[0] == 5  # no window: every step, as before
+    sampler = DDIMSampler(scheduler, 1.0)
+    default = sampler.sample(sd15, PROMPTS, [1, 2], 3.0, noise_seed=7)
+    assert sampler.recorded_steps == 3 and default.log_probs.shape == (3, 2)
+    torch.testing.assert_close(default.timesteps, scheduler.timesteps[:3].long())
+    _, last_std = step_mean_std(
+        scheduler, torch.zeros(1, 4, 8, 8), scheduler.timesteps[-1], torch.zeros(1, 4, 8, 8), 1.0
+    )
+    _, first_std = step_mean_std(
+        scheduler, torch.zeros(1, 4, 8, 8), scheduler.timesteps[0], torch.zeros(1, 4, 8, 8), 1.0
+    )
+    assert last_std < 0.25 * first_std  # why the default leaves it out
 
 
 def test_log_prob_prefers_the_mean_and_is_a_per_dim_mean(sd15):
