@@ -170,7 +170,7 @@ def sample_trajectories(
         seeds: N seeds for x_T (repeat a seed to start several images from the same noise).
         steps: denoising steps.
         guidance: CFG scale w (w <= 1: no unconditional branch).
-        eta: DDIM eta; > 0 makes every step stochastic, with noise from one CPU generator seeded by `noise_seed`
+        eta: DDIM eta; > 0 makes every step of the window stochastic, with noise from one CPU generator seeded by `noise_seed`
             (so images sharing x_T still differ).
         height, width: output pixels (default: the family's resolution).
         scheduler: a DDIM scheduler (default `inference_scheduler(family, eta)`); its `set_timesteps` is called here.

@@ -119,7 +119,7 @@ NEGATED = ["online.reward=multi", "online.reward_args={components: {toy_aestheti
 @pytest.mark.slow
 @pytest.mark.parametrize("negate", [False, True], ids=["reward", "negated_reward"])
 def test_toy_grpo_moves_aesthetic_the_rewarded_way(tmp_path, monkeypatch, negate):
-    """configs/toy_grpo.yaml (DDIM-eta steps on the DDPM toy), cut to 8 rounds (CI time), raises toy_aesthetic on held-out
+    """configs/toy_grpo.yaml (DDIM-eta steps on the DDPM toy), cut to 4 rounds (CI time), raises toy_aesthetic on held-out
     prompts; trained on -toy_aesthetic it lowers it (fails if the advantage or ratio sign were flipped anywhere)."""
     from pipelines.online import run
 
@@ -127,15 +127,15 @@ def test_toy_grpo_moves_aesthetic_the_rewarded_way(tmp_path, monkeypatch, negate
     extra = NEGATED if negate else []
     out = run(
         str(REPO / "configs/toy_grpo.yaml"),
-        [*extra, "online.rounds=8", "eval.images_per_prompt=2", f"online.output_dir={tmp_path / 'run'}",
+        [*extra, "online.rounds=4", "eval.images_per_prompt=2", f"online.output_dir={tmp_path / 'run'}",
          "online.tensorboard=false"],
     )  # fmt: skip
     report = json.loads((out / "summary.json").read_text())["eval"]["scorers"]
     delta, wins = report["toy_aesthetic"]["mean_delta"], report["toy_aesthetic"]["win_rate"]
-    if negate:  # measured at 12 rounds, 8 seeds per prompt: -0.171, 6.2% wins
+    if negate:
         assert delta < 0 and wins < 0.5
-    else:  # measured at 12 rounds, 8 seeds per prompt: +0.091, 78.9% wins, fidelity -0.4 points
-        assert delta > 0 and wins > 0.5
+    else:  # held-out curve (16 prompts x 4 seeds) after round 4: +0.81, 90.6% wins
+        assert delta > 0.2 and wins >= 0.75
         assert report["toy_fidelity"]["mean_delta"] > -0.05  # no reward hacking beyond 5 points of fidelity
 
 

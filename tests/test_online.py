@@ -338,6 +338,9 @@ def test_online_config_loads_and_fits_its_objective(path):
     assert rules is None or cfg.online.split in rules
 
 
+SHORTER = {"toy_d3po": ["online.rounds=4"]}  # CI time: its held-out curve (16 x 4) is at 92% wins after round 4
+
+
 @needs_toy
 @pytest.mark.slow
 @pytest.mark.parametrize("config", ["toy_d3po", "toy_dragon", "toy_dro"])
@@ -346,9 +349,8 @@ def test_toy_aesthetic_rises_on_heldout_prompts(tmp_path, monkeypatch, config):
     from pipelines.online import run
 
     monkeypatch.chdir(REPO)
-    out = run(
-        str(REPO / "configs" / f"{config}.yaml"), [f"online.output_dir={tmp_path / 'run'}", "online.tensorboard=false"]
-    )
+    extra = [*SHORTER.get(config, []), f"online.output_dir={tmp_path / 'run'}", "online.tensorboard=false"]
+    out = run(str(REPO / "configs" / f"{config}.yaml"), extra)
     report = json.loads((out / "summary.json").read_text())["eval"]["scorers"]
     assert report["toy_aesthetic"]["mean_delta"] > 0 and report["toy_aesthetic"]["win_rate"] > 0.5
     assert report["toy_fidelity"]["mean_delta"] > -0.05  # no reward hacking beyond 5 points of fidelity

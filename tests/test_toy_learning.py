@@ -47,10 +47,11 @@ def _toy_settings():
     return module.COMMON, module.SETTINGS
 
 
-STEPS = {"kto": 100, "mapo": 100, "sft": 100, "inpo": 60, "smpo": 60}  # a third of the benchmark's rows
-# the win rate each must reach on 8 prompts x 4 seeds: InPO and SmPO move the toy far less per step (README: +0.05
-# and +0.06 at 50 steps), so they keep the earlier bar, a majority of same-seed wins (the 60-step InPO run missed 75%)
-MIN_WIN = {"kto": 0.75, "mapo": 0.75, "sft": 0.75, "inpo": 0.51, "smpo": 0.51}  # 0.51: more than half
+STEPS = {"kto": 100, "mapo": 100, "sft": 100, "inpo": 60, "smpo": 80}  # a third to two thirds of the benchmark's rows
+# the win rate each must reach on 8 prompts x 4 seeds (the base against itself: 50%). InPO keeps the earlier bar, a
+# majority of same-seed wins: it gains most of its effect late (40 steps: +0.07, 62.5%; 90 steps on 16 x 8: +0.39,
+# 92.2%)
+MIN_WIN = {"kto": 0.75, "mapo": 0.75, "sft": 0.75, "inpo": 0.51, "smpo": 0.75}  # 0.51: more than half
 
 
 @pytest.mark.parametrize(
