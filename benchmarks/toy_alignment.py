@@ -3,7 +3,8 @@
 For each objective in the registry: `diffalign train` in its own process (so peak memory is per run) with the
 objective's toy-scaled settings below, then base vs aligned on the held-out prompts with the same seeds:
 reward win rate with a Wilson 95% CI, mean reward change, prompt-fidelity change, train wall time, time per step,
-peak RSS. Prints a table and writes results.json + results.png.
+peak RSS, CPU seconds of the whole child (training, sampling, evaluation). Prints a table and writes results.json +
+results.png.
 
     python benchmarks/toy_alignment.py                    # every offline (SETTINGS) and on-line (ONLINE) row
     python benchmarks/toy_alignment.py --objectives dpo,mapo --out runs/bench
@@ -140,6 +141,7 @@ def run_one(name: str, out: Path, extra: list[str], curves: bool = False) -> dic
         "train_seconds": summary["train_seconds"],
         "seconds_per_step": summary["train_seconds"] / max(steps, 1),
         "peak_rss_gb": usage.ru_maxrss / 1024**2,  # KiB -> GiB (Linux)
+        "cpu_seconds": usage.ru_utime + usage.ru_stime,  # the whole child: training, sampling and evaluation
         "total_seconds": time.time() - start,
         "comparisons": reward.get("n"),
     }
@@ -157,7 +159,7 @@ def run_one(name: str, out: Path, extra: list[str], curves: bool = False) -> dic
 def format_table(rows: list[dict]) -> str:
     head = (
         f"{'objective':<10}{'steps':>6}{'win rate [95% CI]':>24}{'reward':>16}{'Δreward':>9}"
-        f"{'fidelity':>15}{'Δfid pts':>9}{'train s':>9}{'s/step':>8}{'RSS GB':>8}"
+        f"{'fidelity':>15}{'Δfid pts':>9}{'train s':>9}{'s/step':>8}{'RSS GB':>8}{'CPU s':>7}"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -167,6 +169,7 @@ def format_table(rows: list[dict]) -> str:
             f"{r['reward_base']:>8.2f}→{r['reward_aligned']:<6.2f}{r['reward_change']:>+9.2f}"
             f"{r['fidelity_base']:>7.3f}→{r['fidelity_aligned']:<6.3f}{r['fidelity_change_points']:>+9.1f}"
             f"{r['train_seconds']:>9.0f}{r['seconds_per_step']:>8.2f}{r['peak_rss_gb']:>8.2f}"
+            f"{r.get('cpu_seconds', float('nan')):>7.0f}"
         )
     return "\n".join(lines)
 

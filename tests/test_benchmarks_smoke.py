@@ -84,6 +84,7 @@ def test_toy_alignment_online_rows_with_curves(tmp_path):
     assert [r["objective"] for r in rows] == ["dragon", "dragon_flow"]
     for r in rows:
         assert 0 <= r["win_rate"] <= 1 and "to_90_round" in r
+        assert 0 < r["cpu_seconds"]  # the child's user + system time
         assert r["to_90_round"] is None or 1 <= r["to_90_round"] <= 2
     points = [json.loads(x) for x in (tmp_path / "dragon_flow" / "curves.jsonl").read_text().splitlines()]
     assert [p["step"] for p in points] == [0, 1, 2] and points[1]["images"] == 8  # eval.max_prompts 2 x 4 seeds
