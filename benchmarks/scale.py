@@ -1,7 +1,7 @@
 """How the cache's costs grow with the number of pairs N, on a synthetic Pick-a-Pic-shaped set (tiny SDXL, 64 px).
 
     python benchmarks/scale.py                                  # N = 1000, 4000, 16000
-    python benchmarks/scale.py --sizes 64 --steps 2 --processes 1   # smoke test (tests/test_benchmarks_smoke.py)
+    python benchmarks/scale.py --sizes 64 --steps 2 --processes 1 --repeats 2   # smoke test (tests/...smoke.py)
 
 The data set is made by `make_pickapic` (seeded): N pairs, N / 16 captions (Pick-a-Pic v2: 959,040 pairs, ~16
 per caption), captions assigned to pairs in a shuffled order, two JPEGs of 64-112 px per pair (seeded noise plus
@@ -12,7 +12,9 @@ does, one process per measurement (assets/tiny/sdxl, configs/tiny/sdxl_dpo.yaml,
                   (cond stored with every pair) would have used for the text
   build s         `diffalign cache` with 1 process and with `accelerate launch --num_processes 2` (CPU, gloo), each
                   process with one torch thread (one core stands for one GPU): index.json's build_seconds (from
-                  the first barrier to the index, so without start-up and model loading); ratio 2p / 1p; and
+                  the first barrier to the index, so without start-up and model loading), the median of
+                  --repeats builds per process count (default: as many as make ~10 s of 1-process build, at most
+                  5, alternating 1 and 2 processes: a 2-second build is mostly noise); ratio 2p / 1p; and
                   per process the seconds of each phase (build-phases.jsonl: encoding its pair shards, waiting
                   for the others, encoding its text shards)
   steps/s         `diffalign train` (batch 4, --steps steps, DataLoader in the main process) from the cache and from
@@ -30,8 +32,10 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import os
 import random
+import shutil
 import socket
 import subprocess
 import sys
@@ -162,18 +166,34 @@ def read_pass(cache: str, batch: int) -> dict:
     return {"pairs": seen, "pairs_per_s": seen / seconds, "rss_before_mb": before, "peak_rss_mb": peak}
 
 
+def build_once(source: Path, cache: Path, processes: int) -> dict:
+    """One `diffalign cache` run: wall seconds, index.json's build_seconds and each process's phase seconds."""
+    wall, _, _ = run(cli("cache", *data_args(source, cache), processes=processes), threads=1)
+    build = json.loads((cache / "index.json").read_text())["build_seconds"]
+    lines = [json.loads(x) for x in (cache / "build-phases.jsonl").read_text().splitlines()]
+    phases = {str(x["rank"]): x["phases"] for x in lines}  # per process: pairs_s, wait_pairs_s, text_s
+    return {"wall_s": wall, "build_s": build, "phases": phases}
+
+
 def measure(n: int, work: Path, args) -> dict:
     source = make_pickapic(work / f"pickapic-{n}.parquet", n, seed=args.seed)
     row: dict = {"pairs": n, "captions": max(1, n // PAIRS_PER_CAPTION), "parquet_bytes": source.stat().st_size}
 
+    runs: dict[int, list[dict]] = {p: [] for p in args.processes}
+    repeats, i = args.repeats, 0
+    while i < repeats or i == 0:  # the process counts alternate, so each repeat sees the same machine
+        for p in args.processes:
+            cache = work / (f"cache-{n}-{p}p" if i == 0 else f"cache-{n}-{p}p-again")  # the first is kept
+            runs[p].append(build_once(source, cache, p))
+            if i > 0:
+                shutil.rmtree(cache)
+        if i == 0 and repeats == 0:  # auto: enough builds for ~min_build_seconds of 1-process build, at most 5
+            repeats = min(5, max(1, math.ceil(args.min_build_seconds / max(runs[1][0]["build_s"], 1e-3))))
+        i += 1
     builds = {}
-    for p in args.processes:
-        cache = work / f"cache-{n}-{p}p"
-        wall, _, _ = run(cli("cache", *data_args(source, cache), processes=p), threads=1)
-        build = json.loads((cache / "index.json").read_text())["build_seconds"]
-        lines = [json.loads(x) for x in (cache / "build-phases.jsonl").read_text().splitlines()]
-        phases = {str(x["rank"]): x["phases"] for x in lines}  # per process: pairs_s, wait_pairs_s, text_s
-        builds[p] = {"wall_s": wall, "build_s": build, "phases": phases}
+    for p, done in runs.items():  # the median build (its phases too); every repeat's seconds alongside
+        median = sorted(done, key=lambda b: b["build_s"])[len(done) // 2]
+        builds[p] = {**median, "all_build_s": [b["build_s"] for b in done]}
     row["build"] = builds
     if len(builds) > 1:
         row["build_2p_over_1p"] = builds[max(builds)]["build_s"] / builds[1]["build_s"]
@@ -254,7 +274,8 @@ def print_table(rows: list[dict], sdxl: dict) -> None:
                 f"rank {k}: pairs {v['pairs_s']:.1f}, wait {v['wait_pairs_s']:.1f}, text {v['text_s']:.1f}"
                 for k, v in sorted(b["phases"].items())
             )
-            print(f"N {r['pairs']}, {p} process(es), build phases in s: {per_rank}")
+            again = ", ".join(f"{x:.1f}" for x in b["all_build_s"])
+            print(f"N {r['pairs']}, {p} process(es), builds {again} s; the median's phases in s: {per_rank}")
     gb = 1e9
     print(
         f"SDXL 1024² fp16 on Pick-a-Pic v2: {sdxl['cache_bytes'] / gb:.0f} GB cache "
@@ -267,6 +288,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 4000, 16000], help="numbers of pairs N")
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2], help="build with these process counts")
+    parser.add_argument(
+        "--repeats", type=int, default=0, help="builds per process count, median reported (0: auto, see below)"
+    )
+    parser.add_argument(
+        "--min-build-seconds", type=float, default=10.0, help="auto repeats: until ~this much 1-process build, <= 5"
+    )
     parser.add_argument("--steps", type=int, default=20, help="training steps per run")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the training runs")
     parser.add_argument("--seed", type=int, default=0)

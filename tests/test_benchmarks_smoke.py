@@ -58,10 +58,11 @@ def test_levers_tiny(tmp_path):
 @pytest.mark.slow  # four runs as subprocesses (cache, train x2, read pass): ~20 s quiet, over a minute loaded
 def test_scale_tiny(tmp_path):
     out = tmp_path / "scale.json"
-    _run("scale.py", "--sizes", "64", "--steps", "2", "--processes", "1", "--json", str(out))
+    _run("scale.py", "--sizes", "64", "--steps", "2", "--processes", "1", "--repeats", "2", "--json", str(out))
     result = json.loads(out.read_text())
     (row,) = result["rows"]
     assert row["pairs"] == 64 and row["captions"] == 4
+    assert len(row["build"]["1"]["all_build_s"]) == 2 and row["build"]["1"]["phases"]["0"]["pairs_s"] > 0
     cache = row["cache"]
     # text stored once per caption (4 rows for 64 pairs), the pair shards hold latents only (2 x 4x8x8 fp32 + ids)
     assert cache["text_rows"] == 4 and cache["pair_bytes_per_pair"] < 2 * 4 * 8 * 8 * 4 + 200
