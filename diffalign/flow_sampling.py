@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from diffalign.likelihood import gaussian_log_prob
-from diffalign.sampling import Trajectory, encode_guided, guided_prediction, initial_noise
+from diffalign.sampling import Trajectory, encode_guided, guided_prediction, initial_noise, resolve_window
 
 
 def sde_step(x, v, sigma, sigma_next, sigma_max, noise_level: float):
@@ -65,9 +65,7 @@ class FlowSDESampler:
         return self.noise_level
 
     def resolve(self, window) -> tuple[int, int]:
-        start, end = window
-        n = len(self.timesteps)
-        return start, end if end > 0 else n + end
+        return resolve_window(window, len(self.timesteps))
 
     @property
     def recorded_steps(self) -> int:

@@ -22,7 +22,7 @@ import torch
 
 from diffalign.errors import DiffalignError
 from diffalign.flow_sampling import FlowSDESampler
-from diffalign.sampling import DDIMSampler, inference_scheduler
+from diffalign.sampling import DDIMSampler, inference_scheduler, resolve_window
 
 
 def ddim_sampler(family, steps: int, eta: float, window) -> DDIMSampler:
@@ -84,7 +84,7 @@ def build_sampler(family, name: str, steps: int, eta: float, window=None):
             f"(its samplers: {', '.join(own) or 'none'})"
         )
     if window:
-        start, end = window[0], window[1] if window[1] > 0 else steps + window[1]
-        if len(window) != 2 or not 0 <= start < end <= steps:
+        start, end = resolve_window(window, steps) if len(window) == 2 else (0, 0)
+        if not 0 <= start < end <= steps:
             raise DiffalignError(f"online.sde_window {list(window)} must be [start, end) within the {steps} steps")
     return SAMPLERS[name].build(family, steps, eta, window)

@@ -26,6 +26,12 @@ from diffusers import DDIMScheduler
 from diffalign.likelihood import gaussian_log_prob
 
 
+def resolve_window(window, steps: int) -> tuple[int, int]:
+    """A noise window [start, end) of `steps` steps as indices; end <= 0 counts from the last step."""
+    start, end = window
+    return start, end if end > 0 else steps + end
+
+
 def initial_noise(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
     """One CPU generator per image so image i depends only on seeds[i]: -> (N, *shape) fp32 on CPU.
 
@@ -170,8 +176,8 @@ def sample_trajectories(
         seeds: N seeds for x_T (repeat a seed to start several images from the same noise).
         steps: denoising steps.
         guidance: CFG scale w (w <= 1: no unconditional branch).
-        eta: DDIM eta; > 0 makes every step of the window stochastic, with noise from one CPU generator seeded by `noise_seed`
-            (so images sharing x_T still differ).
+        eta: DDIM eta; > 0 makes every step of the window stochastic, with noise from one CPU generator seeded by
+            `noise_seed` (so images sharing x_T still differ).
         height, width: output pixels (default: the family's resolution).
         scheduler: a DDIM scheduler (default `inference_scheduler(family, eta)`); its `set_timesteps` is called here.
         keep_trajectory: False keeps only x0 (latents has one entry, no log-probs): plain sampling.
@@ -189,7 +195,7 @@ def sample_trajectories(
     scheduler.set_timesteps(steps, device=device)
     x = initial_noise(seeds, (family.latent_channels, h, w)).to(device) * scheduler.init_noise_sigma  # (N, C, h, w)
     gen = torch.Generator().manual_seed(int(noise_seed))
-    start, end = (0, steps) if window is None else (window[0], window[1] if window[1] > 0 else steps + window[1])
+    start, end = (0, steps) if window is None else resolve_window(window, steps)
     latents, log_probs, preds, recorded = [], [], [], []
     for i, t in enumerate(scheduler.timesteps):
         pred = guided_prediction(family, scheduler.scale_model_input(x, t), t, cond, guidance)  # (N, C, h, w)
@@ -259,9 +265,8 @@ class DDIMSampler:
     @property
     def recorded_steps(self) -> int:
         """Steps a trajectory records with the default window."""
-        start, end = self.window
-        steps = self.scheduler.num_inference_steps
-        return (end if end > 0 else steps + end) - start
+        start, end = resolve_window(self.window, self.scheduler.num_inference_steps)
+        return end - start
 
     def mean_std(self, pred, t, xt):
         return step_mean_std(self.scheduler, pred, t, xt, self.eta)
