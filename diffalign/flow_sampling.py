@@ -139,3 +139,11 @@ class FlowSDESampler:
             predictions=torch.stack(preds).float().cpu() if recorded and preds else None,  # (W, N, C, h, w)
             final=x.float().cpu() if recorded else None,
         )
+
+
+def sample_flow(family, prompts, seeds, steps: int = 20, guidance: float = 1.0, height=None, width=None):
+    """x0 (N, C, h, w) fp32 on the model's device by the Euler ODE: `FlowSDESampler` at noise level 0 on the grid
+    the family's own pipeline samples `steps` steps with (one grid for generation, evaluation and on-line rounds)."""
+    sampler = FlowSDESampler.for_family(family, steps, 0.0)
+    traj = sampler.sample(family, prompts, seeds, guidance, keep_trajectory=False, height=height, width=width)
+    return traj.x0.to(family.denoiser.device)

@@ -159,7 +159,7 @@ def test_online_nft_on_the_toy_runs_resumes_and_keeps_the_old_adapter(tmp_path, 
 
 
 def test_online_nft_on_tiny_sd3_flow_runs_one_round(tmp_path, monkeypatch):
-    """A flow family: rounds sampled by the Euler ODE (diffalign.flow_ode), the loss on the flow target."""
+    """A flow family: rounds sampled by the Euler ODE (the flow sampler at noise level 0), the loss on the flow target."""
     from pipelines.online import run
 
     monkeypatch.chdir(REPO)

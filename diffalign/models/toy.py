@@ -8,7 +8,8 @@ from its subfolder; there is no diffusers pipeline class, so sampling uses diffa
 
 The flow-matching twin (assets/toy_flow_model, pipelines/toy_flow_base.py) has the same components with a
 FlowMatchEulerDiscreteScheduler: prediction type "flow", the UNet called at sigma_t * T, sampled by the Euler ODE
-(diffalign.flow_ode). The scheduler folder's class picks which (`SCHEDULERS`).
+(diffalign.flow_sampling.sample_flow: the flow sampler at noise level 0). The scheduler folder's class picks
+which (`SCHEDULERS`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DCond
 from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from diffalign.flow_ode import sample_flow
+from diffalign.flow_sampling import sample_flow
 from diffalign.likelihood import Schedule
 from diffalign.models.base import PREDICTION_TYPES, Family
 from diffalign.models.sd import LORA_PRESETS, check_components
