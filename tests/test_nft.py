@@ -198,15 +198,17 @@ needs_toy = pytest.mark.skipif(
 
 @needs_toy
 @pytest.mark.slow
+@pytest.mark.parametrize("config", ["toy_nft", "toy_flow_nft"], ids=["ddpm", "flow"])
 @pytest.mark.parametrize("negate", [False, True], ids=["advantages", "negated"])
-def test_toy_nft_moves_the_aesthetic_the_way_of_the_advantages(tmp_path, monkeypatch, negate):
-    """configs/toy_nft.yaml raises the held-out toy aesthetic; with the advantages negated it lowers it."""
+def test_toy_nft_moves_the_aesthetic_the_way_of_the_advantages(tmp_path, monkeypatch, negate, config):
+    """configs/toy_nft.yaml (DDPM toy) and configs/toy_flow_nft.yaml (flow toy) raise the held-out toy aesthetic;
+    with the advantages negated they lower it. One objective, both eras."""
     from pipelines.online import run
 
     monkeypatch.chdir(REPO)
     extra = ["objective.negate_advantages=true"] if negate else []
     out = run(
-        str(REPO / "configs" / "toy_nft.yaml"),
+        str(REPO / "configs" / f"{config}.yaml"),
         [f"online.output_dir={tmp_path / 'run'}", "online.tensorboard=false", *extra],
     )
     report = json.loads((out / "summary.json").read_text())["eval"]["scorers"]
