@@ -76,7 +76,7 @@ ONLINE: dict[str, list[str]] = {
     "grpo": ["configs/toy_grpo.yaml"],
     "nft_flow": ["configs/toy_flow_nft.yaml"],
     "grpo_flow": ["configs/toy_flow_grpo.yaml"],
-    "d3po_flow": ["configs/toy_d3po.yaml", *FLOW, "online.lr=1e-3", "online.rounds=6"],  # as measured (README)
+    "d3po_flow": ["configs/toy_d3po.yaml", *FLOW],
     "dragon_flow": ["configs/toy_dragon.yaml", *FLOW],
     "dro_flow": ["configs/toy_dro.yaml", *FLOW],
 }

@@ -142,18 +142,18 @@ def test_toy_grpo_moves_aesthetic_the_rewarded_way(tmp_path, monkeypatch, negate
 @pytest.mark.skipif(not (REPO / "assets/toy_flow_model/model_index.json").is_file(), reason="no flow toy model")
 @pytest.mark.slow
 def test_toy_flow_grpo_beats_the_base(tmp_path, monkeypatch):
-    """configs/toy_flow_grpo.yaml (Flow-GRPO's SDE on the flow toy), cut to 6 rounds: a held-out win rate the base
+    """configs/toy_flow_grpo.yaml (Flow-GRPO's SDE on the flow toy), cut to 8 rounds: a held-out win rate the base
     cannot have (it ties itself: 50%) and no reward hacking."""
     from pipelines.online import run
 
     monkeypatch.chdir(REPO)
     out = run(
         str(REPO / "configs/toy_flow_grpo.yaml"),
-        ["online.rounds=6", "eval.images_per_prompt=2", f"online.output_dir={tmp_path / 'run'}",
+        ["online.rounds=8", "eval.images_per_prompt=2", f"online.output_dir={tmp_path / 'run'}",
          "online.tensorboard=false"],
     )  # fmt: skip
     report = json.loads((out / "summary.json").read_text())["eval"]["scorers"]
-    # measured at 6 rounds (16 prompts x 2 seeds): +0.44, 96.9% wins, fidelity -1.6 points; 12 rounds (8 seeds): +1.06,
-    # 99.2% wins, -1.8 points
+    # held-out curve (16 prompts x 4 seeds): 72-77% wins over rounds 2-6, 93.8% (+0.70) after round 8; 12 rounds
+    # (8 seeds): +1.07, 96.9% wins, fidelity -0.4 points
     assert report["toy_aesthetic"]["win_rate"] >= 0.8 and report["toy_aesthetic"]["mean_delta"] > 0.2
     assert report["toy_fidelity"]["mean_delta"] > -0.05  # no reward hacking beyond 5 points of fidelity
