@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from diffalign.errors import DiffalignError
-from diffalign.flow_sampling import FlowSDESampler, sde_step
+from diffalign.flow_sampling import FlowSDESampler, sample_flow, sde_step
 from diffalign.models import load_family
 from diffalign.samplers import build_sampler
 from diffalign.sampling import DDIMSampler, initial_noise
@@ -24,7 +24,8 @@ def sd3():
 
 
 def test_noise_level_zero_reproduces_the_diffusers_pipeline(sd3):
-    """a = 0: the flow sampler is diffusers' FlowMatchEulerDiscreteScheduler loop, CFG included."""
+    """a = 0: the flow sampler is diffusers' FlowMatchEulerDiscreteScheduler loop, CFG included; so is `sample_flow`,
+    the generation path (toy flow family), which samples on this same grid."""
     seeds, steps, guidance = [1, 2], 5, 4.5
     ours = FlowSDESampler.for_family(sd3, steps, 0.0).sample(sd3, PROMPTS, seeds, guidance, keep_trajectory=False)
     h = sd3.resolution // sd3.vae_scale_factor
@@ -34,6 +35,8 @@ def test_noise_level_zero_reproduces_the_diffusers_pipeline(sd3):
     ).images
     assert theirs.abs().max() > 1  # a real sample, not zeros
     torch.testing.assert_close(ours.x0, theirs, rtol=1e-5, atol=1e-5)
+    generated = sample_flow(sd3, PROMPTS, seeds, steps, guidance)
+    torch.testing.assert_close(generated, theirs, rtol=1e-5, atol=1e-5)
 
 
 def test_step_log_probs_match_a_direct_gaussian(sd3):
