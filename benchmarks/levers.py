@@ -37,7 +37,7 @@ from bench_io import machine, write_results  # noqa: E402
 from train_step import DTYPES, GIB, SIZES, Bench, MemoryProbe, measure  # noqa: E402
 
 from diffalign.config import ObjectiveConfig, from_dict  # noqa: E402
-from pipelines.common import build_objective  # noqa: E402
+from diffalign.engine.common import build_objective  # noqa: E402
 
 # name -> (autocast bf16, channels_last, gradient checkpointing, fused AdamW, objective)
 LEVERS = {

@@ -9,7 +9,7 @@ Rows per model (run interleaved, median over --rounds after one warm-up round; p
   diffalign sample()   `diffalign.sampling.sample(family, ...)` -> `family.decode` -> the pipeline's postprocess
   family.generate      what `diffalign generate` calls (SD/SDXL: the pipeline to latents + `family.decode`)
 Flow models (SD3) run the pipeline with its own FlowMatchEulerDiscreteScheduler against diffalign's flow sampler
-(diffalign.flow_sampling) at noise level 0 (the same Euler steps: max |diff| should be 0) and at 0.7 with every step's
+(diffalign.sampling.flow_sde) at noise level 0 (the same Euler steps: max |diff| should be 0) and at 0.7 with every step's
 latent and log-prob kept (what an on-line GRPO round samples with).
 The toy model (pixel space) has no diffusers pipeline class; its baseline row is a plain loop over the same
 diffusers components (tokenizer, text encoder, UNet, DDIMScheduler) with no diffalign code in it.
@@ -41,11 +41,11 @@ sys.path.insert(0, str(REPO))
 
 from bench_io import machine, write_results  # noqa: E402
 
-from diffalign.flow_sampling import FlowSDESampler  # noqa: E402
 from diffalign.models import load_family  # noqa: E402
 from diffalign.models.toy import add_coords, to_pil  # noqa: E402
 from diffalign.paths import TOY_MODEL  # noqa: E402
 from diffalign.sampling import initial_noise, sample  # noqa: E402
+from diffalign.sampling.flow_sde import FlowSDESampler  # noqa: E402
 
 MODELS = {
     "sd15": REPO / "assets/tiny/sd15",

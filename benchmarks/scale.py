@@ -126,13 +126,13 @@ def run(cmd: list[str], threads: int) -> tuple[float, float, str]:
 
 def cli(*args: str, processes: int = 1) -> list[str]:
     if processes == 1:
-        return [sys.executable, "-m", "pipelines.cli", *args]
+        return [sys.executable, "-m", "diffalign.pipelines.cli", *args]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     launch = ["--multi_gpu", "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no"]
     launch += ["--dynamo_backend", "no", "--main_process_port", str(port)]
-    return [sys.executable, "-m", "accelerate.commands.launch", *launch, "-m", "pipelines.cli", *args]
+    return [sys.executable, "-m", "accelerate.commands.launch", *launch, "-m", "diffalign.pipelines.cli", *args]
 
 
 def data_args(source: Path, cache: Path | None) -> list[str]:

@@ -111,7 +111,7 @@ def run_one(name: str, out: Path, extra: list[str], curves: bool = False) -> dic
     else:
         args = ["train", *COMMON, *SETTINGS[name], *extra, f"train.output_dir={run_dir}"]
     start = time.time()
-    cmd = [sys.executable, "-m", "pipelines.cli", *args]
+    cmd = [sys.executable, "-m", "diffalign.pipelines.cli", *args]
     child = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log = child.stdout.read()
     _, status, usage = os.wait4(child.pid, 0)

@@ -6,7 +6,7 @@
 
 Rows (run interleaved a, b, c, a, b, c, ...; median over --steps rounds after --warmup rounds):
   (a) diffalign's default path: the functions the `pipelines/train.py` loop calls (`micro_step`, `finish_step`,
-      `read_sums` from pipelines/step.py) on pairs from the latent + text cache (`CachedPairs`, no VAE or text
+      `read_sums` from diffalign/engine/step.py) on pairs from the latent + text cache (`CachedPairs`, no VAE or text
       encoder in the step): `denoising_errors` with the reference = the same UNet with LoRA off (`reference_mode`),
       one stacked [w; l] forward each, `DiffusionDPO`, accelerate backward / clipping / AdamW, one host sync.
   (b) the naive research recipe: decode the images, VAE-encode winners and losers and run the text encoder(s)
@@ -69,11 +69,9 @@ from torch.utils.data import DataLoader  # noqa: E402
 from diffalign.config import EstimatorConfig, LoraConfig, ObjectiveConfig, TrainConfig, from_dict  # noqa: E402
 from diffalign.data import CachedPairs, PreferencePairs, build_cache, collate, load_preferences  # noqa: E402
 from diffalign.data.sampler import EpochView, ResumableSampler  # noqa: E402
-from diffalign.likelihood import Schedule  # noqa: E402
-from diffalign.lora import add_lora, lora_targets, reference_mode  # noqa: E402
-from pipelines.common import build_objective  # noqa: E402
-from pipelines.sources import pair_inputs  # noqa: E402
-from pipelines.step import (  # noqa: E402
+from diffalign.engine.common import build_objective  # noqa: E402
+from diffalign.engine.sources import pair_inputs  # noqa: E402
+from diffalign.engine.step import (  # noqa: E402
     StepContext,
     draw_t_and_eps,
     family_inputs,
@@ -82,6 +80,8 @@ from pipelines.step import (  # noqa: E402
     policy_through,
     read_sums,
 )
+from diffalign.likelihood import Schedule  # noqa: E402
+from diffalign.lora import add_lora, lora_targets, reference_mode  # noqa: E402
 
 GIB = 1024**3
 # size -> (pixel resolution, pairs per step, beta)
@@ -379,7 +379,7 @@ class Bench:
         hook.remove()
         self.floor_call = captured["call"]
 
-    # ---- (a) the pipelines/train.py loop body, grad_accum = 1: the same functions (pipelines/step.py) --------
+    # ---- (a) the pipelines/train.py loop body, grad_accum = 1: the same functions (diffalign/engine/step.py) --------
     def step_a(self, amp=nullcontext) -> float:
         with amp():
             sums = micro_step(self.accelerator, self.prepared, self.ctx, next(self.iter_a), {})

@@ -19,7 +19,7 @@ from diffalign.checks import AT_LEAST_1, NON_EMPTY, NON_NEGATIVE, POSITIVE, PROB
 from diffalign.confighelp import describe
 from diffalign.objectives import OBJECTIVES
 from diffalign.rewards import SCORERS
-from diffalign.samplers import SAMPLERS
+from diffalign.sampling import SAMPLERS
 from diffalign.schema import ConfigError, apply_overrides, from_dict, load_config, save_config, to_dict
 
 __all__ = ["ConfigError", "apply_overrides", "describe", "from_dict", "load_config", "save_config", "to_dict"]
@@ -175,7 +175,7 @@ class TrainConfig:
     """Log scalars every N steps."""
     validate_every: Annotated[int, NON_NEGATIVE] = 50
     """Every N steps: validation images (if validation_prompts) and a learning-curve point, the mean of each eval
-    scorer on 16 eval prompts (pipelines/curves.py); 0 = off."""
+    scorer on 16 eval prompts (diffalign/engine/curves.py); 0 = off."""
     validation_prompts: list[str] = field(default_factory=list)
     """Prompts for validation images."""
     tensorboard: bool = True
@@ -352,7 +352,10 @@ class RoundsConfig:
     prompts_per_round: Annotated[int, AT_LEAST_1] = 16
     """Prompt groups sampled per round (P)."""
     images_per_prompt: Annotated[int, AT_LEAST_1] = 2
-    """Images per prompt group (G); D3PO's groups share x_T (official: 2 per x_T; 7 for human labels)."""
+    """Images per prompt group (G); D3PO's groups share x_T (official: 2 per x_T; 7 for human labels). GRPO with G = 1:
+    advantages over the round's mean and std (Flow-GRPO's batch normalisation)."""
+    drop_zero_advantages: bool = True
+    """GRPO: train only on chains with A != 0, as Flow-GRPO does (false: keep them; with A = 0 only the KL acts)."""
     shared_noise: bool = True
     """All images of a group start from the same x_T (D3PO); DRAGON groups may use independent x_T."""
     steps: Annotated[int, AT_LEAST_1] = 20
@@ -364,7 +367,7 @@ class RoundsConfig:
     """DDIM eta of the demonstrations, or the noise level a of the flow sampler (Flow-GRPO: 0.7); > 0 needed for
     per-step log-probs (D3PO, GRPO)."""
     sampler: Annotated[str, OneOf(SAMPLERS, allow_empty=True)] = ""
-    """On-line sampler (diffalign.samplers): "" = the family's own (ddim for DDPM families, flow_sde for flow ones)."""
+    """On-line sampler (diffalign.sampling): "" = the family's own (ddim for DDPM families, flow_sde for flow ones)."""
     sde_window: list[int] = field(default_factory=list)
     """[start, end) steps that get the sampler's noise and are recorded and trained (Flow-GRPO-Fast); outside it the
     deterministic step (flow: the ODE; DDIM: eta 0). [] = every step but the last; end <= 0 counts from the last."""
@@ -404,6 +407,12 @@ class RoundsConfig:
     """AdamW learning rate of the LoRA."""
     weight_decay: Annotated[float, NON_NEGATIVE] = 1e-4
     """AdamW weight decay (official D3PO: 1e-4)."""
+    adam_8bit: bool = False
+    """bitsandbytes 8-bit AdamW (extra `bnb`, CUDA)."""
+    lr_schedule: Annotated[str, LR_SCHEDULES] = "constant"
+    """Learning-rate schedule over rounds x train_steps optimizer steps (diffusers' get_scheduler names)."""
+    warmup_steps: Annotated[int, NON_NEGATIVE] = 0
+    """Linear warm-up optimizer steps of the schedule."""
     max_grad_norm: Annotated[float, NON_NEGATIVE] = 1.0
     """Gradient clipping (0 = off)."""
     ref_refresh: Annotated[int, NON_NEGATIVE] = 0
@@ -425,9 +434,11 @@ class RoundsConfig:
     eval.scorers and draw eval/curves.png next to the round reward and loss (0 = off)."""
     tensorboard: bool = True
     """Log scalars and the round grid to tensorboard under output_dir/logs."""
-    grad_accum: int = 1
+    wandb: bool = False
+    """Also log to Weights & Biases (needs `pip install wandb` and a login)."""
+    grad_accum: Annotated[int, AT_LEAST_1] = 1
     """Micro-batches of batch_size per process per optimizer step (each over trajectory_steps steps for D3PO/DRO)."""
-    mixed_precision: str = "no"
+    mixed_precision: Annotated[str, OneOf("no", "bf16", "fp16")] = "no"
     """accelerate mixed precision of sampling and training: no, bf16, fp16."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""

@@ -25,13 +25,15 @@ The `eps` argument of the source signature is unused: inversion is deterministic
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
-from diffusers import DDIMInverseScheduler
 
-if TYPE_CHECKING:  # likelihood imports this module at its end to register the sources
-    from diffalign.likelihood import Denoise, Schedule
+from diffalign.likelihood import Denoise, Schedule, forward_noise
+
+if TYPE_CHECKING:  # imported in inverse_scheduler: diffalign.config reads XT_SOURCES and must not load diffusers
+    from diffusers import DDIMInverseScheduler
 
 
 def inverse_scheduler(schedule: Schedule, num_steps: int) -> DDIMInverseScheduler:
@@ -40,6 +42,8 @@ def inverse_scheduler(schedule: Schedule, num_steps: int) -> DDIMInverseSchedule
         raise ValueError(
             f"inversion needs a DDPM-type schedule (epsilon or v_prediction), got '{schedule.prediction_type}'"
         )
+    from diffusers import DDIMInverseScheduler
+
     inv = DDIMInverseScheduler.from_config(
         schedule.scheduler.config, prediction_type="epsilon", clip_sample=False, set_alpha_to_one=False
     )
@@ -120,3 +124,11 @@ def renoise_inversion(denoise, schedule, x0, cond, t, eps, num_steps: int = 10):
     SmPO uses num_steps 10 for SDXL and 5 for SD1.5; register a `functools.partial` under another key for 5.
     """
     return invert(denoise, schedule, x0, cond, t, num_steps, renoise=True)
+
+
+# Every x_t source by name: `objective.xt_source` is a key (checked when the config loads).
+XT_SOURCES: dict[str, Callable] = {
+    "noise": forward_noise,
+    "ddim_inversion": ddim_inversion,
+    "renoise_inversion": renoise_inversion,
+}

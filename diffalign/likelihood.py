@@ -20,8 +20,8 @@ why every objective's β means the paper's β (the ½ and T of Diffusion-DPO are
 Pairs share t and eps (`pair_timesteps`, `pair_noise`); the policy and reference errors come from one stacked
 forward each, the reference being the same network with its LoRA adapters disabled (`reference` context).
 
-Seams: x_t sources are looked up in `XT_SOURCES` ("noise" here; DDIM / ReNoise inversion register there too) and
-per-step DDIM log-probs for trajectories live with the sampler.
+Seams: x_t sources are functions (forward noise here; DDIM / ReNoise inversion and the `XT_SOURCES` registry in
+diffalign/inversion.py), and per-step log-probs for sampled trajectories live with the samplers.
 """
 
 from __future__ import annotations
@@ -33,7 +33,9 @@ from dataclasses import dataclass
 from functools import cached_property
 
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler
+
+# diffusers is imported where it is used: diffalign.config imports this module (through the objectives), and a
+# config error or `diffalign <command> --help` must answer without loading it.
 
 Denoise = Callable[[torch.Tensor, torch.Tensor, dict], torch.Tensor]
 
@@ -59,6 +61,8 @@ class Schedule:
         config = self.scheduler.config
         if config.use_dynamic_shifting:  # Flux-style: sigma depends on the image size, not on t alone
             raise ValueError("flow: schedulers with use_dynamic_shifting=True are not supported")
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
         sigmas = FlowMatchEulerDiscreteScheduler.from_config(config).sigmas  # (T,) descending, sigma = 1 first
         return sigmas.flip(0)  # (T,) ascending: sigma(0) < ... < sigma(T-1) = 1
 
@@ -73,8 +77,10 @@ class Schedule:
         """
         if self.prediction_type != "flow":
             raise ValueError(f"sigma is defined for flow schedules, not '{self.prediction_type}'")
-        if t.is_floating_point():  # a sampler's continuous timestep sigma * T (diffalign.flow_sampling), off the table
+        if t.is_floating_point():  # a sampler's continuous timestep sigma * T (diffalign.sampling.flow_sde), off the table
             return t.float() / self.num_train_timesteps
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
         if isinstance(self.scheduler, FlowMatchEulerDiscreteScheduler):
             return self._flow_sigmas.to(t.device)[t.long()]
         return t.float() / self.num_train_timesteps
@@ -150,15 +156,13 @@ def per_sample_error(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# x_t sources: (denoise, schedule, x0, cond, t, eps) -> (x_t, target). Inversion sources register here.
+# x_t sources: (denoise, schedule, x0, cond, t, eps) -> (x_t, target). The inversions and the registry of every
+# source (XT_SOURCES) are in diffalign/inversion.py.
 
 
 def forward_noise(denoise: Denoise, schedule: Schedule, x0, cond, t, eps):
     """x_t ~ q(x_t | x0) with the given eps; target by prediction type."""
     return schedule.add_noise(x0, eps, t), schedule.target(x0, eps, t)
-
-
-XT_SOURCES: dict[str, Callable] = {"noise": forward_noise}
 
 
 @dataclass
@@ -179,7 +183,7 @@ def denoising_errors(
     t: torch.Tensor,
     eps: torch.Tensor,
     reference: Callable[[], AbstractContextManager] | None = None,
-    xt_source: str = "noise",
+    xt_source: Callable = forward_noise,
     xt_kwargs: dict | None = None,
     with_kl: bool = False,
 ) -> Errors:
@@ -191,14 +195,12 @@ def denoising_errors(
         t, eps: (N,) timesteps and (N, C, h, w) noise, shared within a pair (see pair_timesteps / pair_noise).
         reference: factory of a context in which `denoise` is the reference model (LoRA adapters off),
             e.g. `lambda: reference_mode(family.denoiser)`; None skips the reference forward.
-        xt_source: key of XT_SOURCES.
+        xt_source: an x_t source, a value of diffalign.inversion.XT_SOURCES (default: forward noise).
         xt_kwargs: extra keyword arguments of that source (e.g. ddim_inversion's per-row `generator` list).
         with_kl: also return `prediction_kl` of the policy to the reference at the same x_t (needs `reference`).
     """
-    if xt_source not in XT_SOURCES:
-        raise ValueError(f"unknown x_t source '{xt_source}' (known: {', '.join(XT_SOURCES)})")
     with torch.no_grad():
-        xt, target = XT_SOURCES[xt_source](denoise, schedule, x0, cond, t, eps, **(xt_kwargs or {}))
+        xt, target = xt_source(denoise, schedule, x0, cond, t, eps, **(xt_kwargs or {}))
     ref_err = ref_pred = None
     if reference is not None:
         with torch.no_grad(), reference():
@@ -218,7 +220,8 @@ def prediction_kl(pred: torch.Tensor, ref_pred: torch.Tensor) -> torch.Tensor:
 
 def step_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor | float) -> torch.Tensor:
     """KL(N(mean, s^2 I) || N(ref_mean, s^2 I)) per dimension = mean_dims (mean - ref_mean)^2 / (2 s^2): (N,).
-    Flow-GRPO's closed-form KL at a sampled step (diffalign.objectives.grpo)."""
+    With the step's std it is the exact KL of a sampled step (D3PO's online.kl_weight); GRPO passes the sampler's
+    `kl_std` instead (flow: Flow-GRPO's s without sqrt(-dt), diffalign.objectives.grpo)."""
     return (mean - ref_mean.detach()).pow(2).flatten(1).mean(1) / (2 * torch.as_tensor(std) ** 2)
 
 
@@ -232,8 +235,3 @@ def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor | f
     lp = -((x.float() - mean.float()) ** 2) / (2 * var) - torch.log(std.float()) - 0.5 * math.log(2 * math.pi)
     return lp.flatten(1).mean(1)
 
-
-# Inversion sources live in their own module; registering them here makes `import diffalign.likelihood` enough.
-from diffalign.inversion import ddim_inversion, renoise_inversion  # noqa: E402
-
-XT_SOURCES.update(ddim_inversion=ddim_inversion, renoise_inversion=renoise_inversion)

@@ -19,7 +19,9 @@ that names both (`lora_family`).
 
 from __future__ import annotations
 
+import copy
 import json
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -61,6 +63,27 @@ def add_lora(denoiser, rank: int, alpha: float, target_modules: list[str], init:
     denoiser.add_adapter(config)
     cast_training_params(denoiser, dtype=torch.float32)  # LoRA params train in fp32 even on an fp16/bf16 base
     return [p for p in denoiser.parameters() if p.requires_grad]
+
+
+def add_adapter_copy(denoiser, name: str) -> dict[str, torch.nn.Parameter]:
+    """Add adapter `name`, a frozen fp32 copy of "default" (same config and weights); "default" stays active.
+
+    For the on-line adapters that are copied or averaged but never trained: the reference refreshed from the policy
+    (online.ref_refresh) and DiffusionNFT's old policy (diffalign.online.old_policy). peft creates them in the base's
+    dtype; on a bf16 base an EMA update smaller than half a bf16 ulp of the old weight would then be rounded away
+    (DiffusionNFT keeps its old adapter in fp32). Returns its parameters by name ("...lora_A.<name>.weight", ...).
+    """
+    with warnings.catch_warnings():  # peft warns that a second adapter is being added: that is the point
+        warnings.simplefilter("ignore", UserWarning)
+        denoiser.add_adapter(copy.deepcopy(denoiser.peft_config["default"]), adapter_name=name)
+    denoiser.set_adapter("default")  # re-marks "default" trainable and the new adapter frozen
+    params = {n: p for n, p in denoiser.named_parameters() if f".{name}." in n}
+    default = {n: p for n, p in denoiser.named_parameters() if ".default." in n}
+    with torch.no_grad():
+        for n, p in params.items():
+            p.data = default[n.replace(f".{name}.", ".default.")].detach().float().clone()
+            p.requires_grad_(False)
+    return params
 
 
 def lora_targets(family, preset: str = "", target_modules: list[str] | tuple = ()) -> list[str]:

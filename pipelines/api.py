@@ -5,7 +5,7 @@ the defaults), dotted overrides, and returns a `Result`: the output folder plus 
 from the files it wrote. Errors are the CLI's: a `DiffalignError` (ConfigError for config values) with a one-line
 message.
 
-    from pipelines.api import compare, generate, train
+    from diffalign.pipelines.api import compare, generate, train
     run = train(None, ["train.max_steps=50", "train.output_dir=runs/toy-dpo"])   # the toy world
     print(run.report["scorers"]["toy_aesthetic"]["win_rate"], run.path / "lora")
 """
@@ -17,12 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipelines import compare as _compare
-from pipelines import export as _export
-from pipelines import generate as _generate
-from pipelines import online as _online
-from pipelines import score as _score
-from pipelines import train as _train
+from diffalign.pipelines import compare as _compare
+from diffalign.pipelines import export as _export
+from diffalign.pipelines import generate as _generate
+from diffalign.pipelines import online as _online
+from diffalign.pipelines import score as _score
+from diffalign.pipelines import train as _train
 
 
 @dataclass

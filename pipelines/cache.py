@@ -18,8 +18,8 @@ from accelerate.utils import parse_flag_from_env
 
 from diffalign.config import RunConfig, load_config
 from diffalign.data import read_index
+from diffalign.engine.common import load_model, open_pairs
 from diffalign.errors import DiffalignError
-from pipelines.common import load_model, open_pairs
 
 
 def run(config: str | None = None, overrides: list[str] | tuple = ()) -> Path:

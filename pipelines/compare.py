@@ -3,9 +3,9 @@
 Both sides are `diffalign generate` outputs (or hand-written manifests); an image of one side is paired with the
 image of the other side that has the same (prompt, seed), so every pair shares its prompt and initial noise.
 Preference scores only compare within a prompt, so the statistics are per pair: win rate of aligned over base
-(ties half) with a Wilson 95% CI and mean delta with a bootstrap 95% CI (`pipelines.evaluate.summarize`).
+(ties half) with a Wilson 95% CI and mean delta with a bootstrap 95% CI (`diffalign.engine.evaluate.summarize`).
 Writes report.json, report.png, sheet.png (base | aligned side by side, the largest reward changes in both
-directions, each tile captioned with its scores; pipelines.report), pairs.jsonl (per-pair scores), a self-contained
+directions, each tile captioned with its scores; diffalign.engine.report), pairs.jsonl (per-pair scores), a self-contained
 report.html and the run record, and prints the table.
 """
 
@@ -15,13 +15,14 @@ import html
 import json
 from pathlib import Path
 
+from diffalign.pipelines.score import MANIFEST, load_scorers, open_images, read_manifest, score_rows
+
 from diffalign.config import CompareConfig, load_config, save_config
+from diffalign.engine.common import prepare_output_dir
+from diffalign.engine.evaluate import format_report, plot_report, summarize
+from diffalign.engine.report import pick_pairs, sheet_title, side_by_side, write_html
 from diffalign.errors import DiffalignError
 from diffalign.runinfo import write_run_record
-from pipelines.common import prepare_output_dir
-from pipelines.evaluate import format_report, plot_report, summarize
-from pipelines.report import pick_pairs, sheet_title, side_by_side, write_html
-from pipelines.score import MANIFEST, load_scorers, open_images, read_manifest, score_rows
 
 
 def read_side(path: str, side: str) -> tuple[Path, list[dict]]:

@@ -12,10 +12,10 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from diffalign.config import GenerateConfig, load_config, save_config
+from diffalign.engine.common import load_model, prepare_output_dir, save_grid
 from diffalign.errors import DiffalignError
 from diffalign.lora import load_lora_many
 from diffalign.runinfo import write_run_record
-from pipelines.common import load_model, prepare_output_dir, save_grid
 
 
 def parse_lora(spec: str) -> tuple[str, float]:

@@ -18,10 +18,10 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from diffalign.config import ScoreConfig, load_config, save_config
+from diffalign.engine.common import DTYPES, prepare_output_dir
 from diffalign.errors import DiffalignError
 from diffalign.rewards import SCORERS, load_scorer, scorer_class
 from diffalign.runinfo import write_run_record
-from pipelines.common import DTYPES, prepare_output_dir
 
 MANIFEST = "manifest.jsonl"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")

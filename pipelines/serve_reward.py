@@ -11,7 +11,7 @@ the scorer rejects) answers 400 with a one-line error; a scorer crash answers 50
     # in the training run
     diffalign online ... online.reward=remote online.reward_args="{endpoint: http://gpu-host:8765/score}"
 
-SCORER may also be a YAML file with the keys below.
+SCORER may also be a YAML file with the keys below; the CLI turns a bare NAME into `scorer=NAME` (its COMMANDS).
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ from __future__ import annotations
 import json
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
+from diffalign.pipelines.score import load_scorers
+
 from diffalign.config import ServeRewardConfig, load_config
 from diffalign.rewards.remote import decode_png
-from pipelines.score import load_scorers
 
 
 class BadRequest(ValueError):
@@ -97,10 +98,7 @@ def make_server(scorer, name: str, host: str, port: int, max_images: int = 256, 
 
 
 def run(config: str | None = None, overrides: list[str] | tuple = ()) -> None:
-    overrides = list(overrides)
-    if config is not None and not config.endswith((".yaml", ".yml")):
-        config, overrides = None, [f"scorer={config}", *overrides]  # `serve-reward NAME` is the common form
-    cfg: ServeRewardConfig = load_config(ServeRewardConfig, config, overrides)
+    cfg: ServeRewardConfig = load_config(ServeRewardConfig, config, list(overrides))
     scorer = load_scorers([cfg.scorer] if cfg.scorer else [], {cfg.scorer: cfg.scorer_args} if cfg.scorer_args else {})
     server = make_server(
         scorer[cfg.scorer], cfg.scorer, cfg.host, cfg.port, cfg.max_images, int(cfg.max_request_mb * 2**20)

@@ -9,8 +9,7 @@ when the config loads (no model is read); the rows marked `model` fail right aft
 from pathlib import Path
 
 import pytest
-
-from pipelines.cli import main
+from diffalign.pipelines.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_SD = str(REPO / "assets" / "tiny" / "sd15")

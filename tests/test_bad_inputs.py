@@ -13,10 +13,10 @@ import pytest
 import torch
 from bad_inputs import CASES, TRAIN, rows
 from data_factory import write_parquet
+from diffalign.pipelines.cli import main
 from safetensors.torch import load_file
 
 from diffalign.checkpoint import list_checkpoints
-from pipelines.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from data_factory import make_rows, write_parquet
+from diffalign.pipelines.cli import main
 from safetensors.torch import load_file
 from test_cache import TINY, encoded_files
 
@@ -25,7 +26,6 @@ from diffalign.data import (
 )
 from diffalign.data.shards import ShardFile, write_shard
 from diffalign.models import load_family
-from pipelines.cli import main
 
 RES = 32
 

@@ -46,7 +46,7 @@ def _rows(n: int) -> list[dict]:
 
 
 def _one_process(*args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "pipelines.cli", *args]
+    cmd = [sys.executable, "-m", "diffalign.pipelines.cli", *args]
     return subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
 
 
@@ -58,7 +58,7 @@ def test_two_process_build_equals_one_process_build(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    launch += ["--main_process_port", str(_free_port()), "-m", "pipelines.cli", *_args(source, two, 3)]
+    launch += ["--main_process_port", str(_free_port()), "-m", "diffalign.pipelines.cli", *_args(source, two, 3)]
     done = subprocess.run(launch, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     assert done.stdout.count("cache ") == 1  # the main process reports
@@ -82,7 +82,7 @@ def test_two_process_build_equals_one_process_build(tmp_path):
 def test_kill_9_mid_build_then_rerun_encodes_only_the_unfinished_shards(tmp_path):
     source = write_parquet(tmp_path / "pairs.parquet", _rows(64))
     out = tmp_path / "cache"
-    cmd = [sys.executable, "-m", "pipelines.cli", *_args(source, out, 2)]
+    cmd = [sys.executable, "-m", "diffalign.pipelines.cli", *_args(source, out, 2)]
     proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     log = out / "build-log.jsonl"
     deadline = time.time() + 240

@@ -172,7 +172,7 @@ def pairs_file(tmp_path_factory):
 @pytest.fixture
 def uninterrupted(pairs_file, tmp_path_factory):
     """The reference: the same run in this process, never interrupted (made once per session)."""
-    from pipelines.cli import main
+    from diffalign.pipelines.cli import main
 
     if "run" not in _UNINTERRUPTED:
         run = tmp_path_factory.mktemp("uninterrupted") / "run"
@@ -189,7 +189,7 @@ def _start(run: Path, pairs: Path, pause: str) -> subprocess.Popen:
     """`diffalign train` in a subprocess; pause "STEP:SECONDS" holds the save of checkpoint STEP after its first file."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), DIFFALIGN_TEST_SAVE_PAUSE=pause)
     log = open(run.parent / f"{run.name}.log", "w")
-    cmd = [sys.executable, "-m", "pipelines.cli", *ARGS, f"data.source={pairs}", f"train.output_dir={run}"]
+    cmd = [sys.executable, "-m", "diffalign.pipelines.cli", *ARGS, f"data.source={pairs}", f"train.output_dir={run}"]
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
@@ -243,7 +243,7 @@ def test_kill_during_save_keeps_the_last_good_checkpoint(killed_mid_save, uninte
 
 
 def test_sigkill_then_resume_latest_equals_the_uninterrupted_run(killed_mid_save, uninterrupted, pairs_file):
-    from pipelines.cli import main
+    from diffalign.pipelines.cli import main
 
     assert [r["step"] for r in _metrics(killed_mid_save)] == list(range(1, 7))  # logged past the checkpoint
     args = [*ARGS, f"data.source={pairs_file}", f"train.output_dir={killed_mid_save}", "--resume", "latest"]
@@ -253,7 +253,7 @@ def test_sigkill_then_resume_latest_equals_the_uninterrupted_run(killed_mid_save
 
 
 def test_sigterm_saves_at_a_step_boundary_exits_143_and_resumes(pairs_file, uninterrupted, tmp_path):
-    from pipelines.cli import main
+    from diffalign.pipelines.cli import main
 
     run = tmp_path / "stopped"
     proc = _start(run, pairs_file, pause="4:1")

@@ -84,7 +84,7 @@ def test_objective_fields_are_the_config():
     cfg = load_config(RunConfig, None, ["objective.name=smpo", "objective.gamma=10"])
     assert cfg.objective.params["gamma"] == 10.0 and isinstance(cfg.objective.params["gamma"], float)
     assert cfg.objective.params["beta"] == 5000.0  # the objective's own default, recorded
-    from pipelines.common import build_objective
+    from diffalign.engine.common import build_objective
 
     assert build_objective(cfg.objective).gamma == 10.0
     with pytest.raises(ConfigError, match="smpo has no 'gama'; did you mean 'gamma'"):

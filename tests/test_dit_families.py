@@ -10,18 +10,19 @@ import numpy as np
 import pytest
 import torch
 from data_factory import make_rows, write_parquet
+from diffalign.pipelines.cli import main
 from diffusers import FlowMatchEulerDiscreteScheduler, PixArtSigmaPipeline, StableDiffusion3Pipeline
 from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
 from PIL import Image
 from safetensors import safe_open
 
-from diffalign.likelihood import XT_SOURCES, Schedule, denoising_errors, pair_noise, pair_timesteps
+from diffalign.inversion import XT_SOURCES
+from diffalign.likelihood import Schedule, denoising_errors, pair_noise, pair_timesteps
 from diffalign.lora import add_lora, load_lora, load_lora_many, reference_mode, save_lora
 from diffalign.models import load_family
 from diffalign.models.pixart import PixArtFamily
 from diffalign.models.sd3 import SD3Family
 from diffalign.objectives import OBJECTIVES
-from pipelines.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "assets" / "tiny"
@@ -186,7 +187,7 @@ def test_every_objective_runs_through_the_estimator(name):
         if objective.xt_source not in XT_SOURCES:  # D3PO scores stored sampled trajectories
             continue
         reference = (lambda: reference_mode(fam.denoiser)) if objective.needs_reference else None
-        args = (fam.denoise, schedule, x0, cond, t, eps, reference, objective.xt_source)
+        args = (fam.denoise, schedule, x0, cond, t, eps, reference, XT_SOURCES[objective.xt_source])
         if fam.prediction_type == "flow" and objective.xt_source != "noise":
             with pytest.raises(ValueError, match="DDPM-type"):  # DDIM / ReNoise inversion need a DDPM schedule
                 denoising_errors(*args)

@@ -5,13 +5,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from diffalign.pipelines.cli import main
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from diffalign.lora import add_lora, load_lora, read_metadata, save_lora
 from diffalign.models import load_family
-from pipelines.cli import main
 
 TINY = Path(__file__).resolve().parents[1] / "assets" / "tiny"
 PIPES = {"sd15": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline}

@@ -1,4 +1,4 @@
-"""The flow-matching SDE sampler (diffalign.flow_sampling) on the tiny SD3 pipeline, and the sampler registry."""
+"""The flow-matching SDE sampler (diffalign.sampling.flow_sde) on the tiny SD3 pipeline, and the sampler registry."""
 
 import json
 import math
@@ -8,10 +8,9 @@ import pytest
 import torch
 
 from diffalign.errors import DiffalignError
-from diffalign.flow_sampling import FlowSDESampler, sample_flow, sde_step
 from diffalign.models import load_family
-from diffalign.samplers import build_sampler
-from diffalign.sampling import DDIMSampler, initial_noise
+from diffalign.sampling import DDIMSampler, build_sampler, initial_noise
+from diffalign.sampling.flow_sde import FlowSDESampler, sample_flow, sde_step
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "assets" / "tiny"
@@ -98,7 +97,7 @@ def test_registry_picks_the_family_sampler_and_refuses_the_wrong_one(sd3):
 
 def test_online_sd3_asked_for_ddim_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
     """Formerly an AttributeError (eta > 0) or silent garbage (eta 0): now one line naming the family, exit code 2."""
-    from pipelines.cli import main
+    from diffalign.pipelines.cli import main
 
     monkeypatch.chdir(REPO)
     args = ["model.path=assets/tiny/sd3", "online.sampler=ddim", "online.rounds=1", f"online.output_dir={tmp_path}/r"]
@@ -126,7 +125,7 @@ def test_online_methods_run_a_round_on_sd3(tmp_path, monkeypatch, objective, ext
     -m = 0.001 with a zero policy error (its target is the snapshot's own velocity at the stored step)."""
     import json
 
-    from pipelines.online import run
+    from diffalign.pipelines.online import run
 
     monkeypatch.chdir(REPO)
     prompts = tmp_path / "prompts.txt"
@@ -147,8 +146,8 @@ def test_online_methods_run_a_round_on_sd3(tmp_path, monkeypatch, objective, ext
 def test_random_sde_window_is_keyed_and_stays_in_its_range():
     """Flow-GRPO-Fast: start uniform on lo..hi - size; the same key draws the same window; every start is reachable;
     a window that does not fit is one line naming both settings."""
-    from diffalign.samplers import random_window, window_range
-    from pipelines.step import WINDOW_STREAM, keyed_generator
+    from diffalign.engine.step import WINDOW_STREAM, keyed_generator
+    from diffalign.sampling import random_window, window_range
 
     span = window_range(2, [1, 6], 10)
     starts = [random_window(2, span, keyed_generator(0, r, WINDOW_STREAM))[0] for r in range(200)]
@@ -162,7 +161,7 @@ def test_random_sde_window_is_keyed_and_stays_in_its_range():
 def test_online_random_sde_window_per_round_on_the_tiny_sd3(tmp_path, monkeypatch):
     """A GRPO run with sde_window_size 1 over 3 rounds logs each round's window start (keyed: a second run logs the
     same) and trains a finite loss every round."""
-    from pipelines.online import run
+    from diffalign.pipelines.online import run
 
     monkeypatch.chdir(REPO)
     prompts = tmp_path / "p.txt"

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from data_factory import make_rows, write_parquet
+from diffalign.pipelines.cli import main
 from diffusers import FluxPipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from safetensors import safe_open
@@ -19,7 +20,6 @@ from diffalign.lora import LoraError, add_lora, load_lora, reference_mode, save_
 from diffalign.models import load_family
 from diffalign.models.flux import FluxFamily
 from diffalign.objectives import OBJECTIVES
-from pipelines.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "assets" / "tiny" / "flux"
@@ -256,8 +256,8 @@ def test_flux_lora_on_sdxl_and_sdxl_lora_on_flux_name_both(tmp_path):
 def test_flow_sampler_at_noise_level_zero_equals_the_flux_pipeline(flux):
     """On-line sampling on FLUX: the flow SDE sampler at a = 0 is FluxPipeline's own loop (its sigma grid, the
     size's shift, guidance as the transformer's input, no true CFG: `sampling_cfg` gives 1)."""
-    from diffalign.flow_sampling import FlowSDESampler
     from diffalign.sampling import initial_noise
+    from diffalign.sampling.flow_sde import FlowSDESampler
 
     seeds, steps = [1, 2], 4
     cfg = flux.sampling_cfg(3.5)

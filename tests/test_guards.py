@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from diffalign.pipelines.cli import main
 from safetensors.torch import load_file
 
 from diffalign.guards import Monitor, PixelEncoder, fd_measure, vendi_measure
 from diffalign.rewards import load_scorer
 from diffalign.rewards.imagestats import hf_energy, saturation, sharpness
-from pipelines.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not (REPO / "assets/toy_model/model_index.json").is_file(), reason="no toy model")

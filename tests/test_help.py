@@ -6,10 +6,10 @@ import shlex
 
 import pytest
 import yaml
+from diffalign.pipelines.cli import COMMANDS, config_class, main
 
 from diffalign.config import load_config
 from diffalign.schema import field_types
-from pipelines.cli import COMMANDS, config_class, main
 
 
 def _keys(cls: type, prefix: str = "") -> list[str]:

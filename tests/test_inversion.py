@@ -6,8 +6,8 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 
-from diffalign.inversion import ddim_inversion, inverse_scheduler, invert, renoise_inversion
-from diffalign.likelihood import XT_SOURCES, Schedule, denoising_errors, pair_noise
+from diffalign.inversion import XT_SOURCES, ddim_inversion, inverse_scheduler, invert, renoise_inversion
+from diffalign.likelihood import Schedule, denoising_errors, pair_noise
 
 TINY = Path(__file__).resolve().parents[1] / "assets" / "tiny" / "sd15"
 
@@ -144,5 +144,5 @@ def test_real_unet_through_the_registry_shapes_and_no_grad(schedule, one_thread)
         xt, target = XT_SOURCES[name](denoise, schedule, x0, cond, t, pair_noise(x0))
         assert xt.shape == target.shape == x0.shape and not xt.requires_grad and not target.requires_grad
         assert torch.isfinite(xt).all() and torch.isfinite(target).all() and not torch.equal(xt, x0)
-    out = denoising_errors(denoise, schedule, x0, cond, t, pair_noise(x0), xt_source="renoise_inversion")
+    out = denoising_errors(denoise, schedule, x0, cond, t, pair_noise(x0), xt_source=XT_SOURCES["renoise_inversion"])
     assert out.err.shape == (4,) and out.err.requires_grad

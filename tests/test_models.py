@@ -202,7 +202,7 @@ def test_gradient_checkpointing_and_attention_backends(sd15):
 
 @pytest.mark.skipif(importlib.util.find_spec("xformers") is not None, reason="xformers is installed here")
 def test_train_xformers_without_the_package_is_a_one_line_error(tmp_path, capsys):
-    from pipelines.cli import main
+    from diffalign.pipelines.cli import main
 
     args = ["train", str(REPO / "configs/tiny/sd15_dpo.yaml"), f"model.path={TINY / 'sd15'}", "train.xformers=true"]
     assert main([*args, "train.max_steps=1", f"train.output_dir={tmp_path / 'run'}"]) == 2

@@ -18,10 +18,9 @@ from pathlib import Path
 
 import pytest
 from data_factory import make_rows, write_parquet
+from diffalign.pipelines.cli import main
 from safetensors.torch import load_file
 from test_train_cli import lora_distance
-
-from pipelines.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 ARGS = [
@@ -61,7 +60,7 @@ def _launch(*args: str) -> str:
         "--main_process_port",
         str(_free_port()),
         "-m",
-        "pipelines.cli",
+        "diffalign.pipelines.cli",
         *args,
     ]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)

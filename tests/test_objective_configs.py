@@ -6,8 +6,8 @@ import pytest
 import yaml
 
 from diffalign.config import RunConfig, load_config
+from diffalign.engine.common import build_objective
 from diffalign.objectives import OBJECTIVES
-from pipelines.common import build_objective
 
 
 def _is_offline_run_config(path: Path) -> bool:

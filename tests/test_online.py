@@ -203,7 +203,7 @@ def _prompts_file(tmp_path):
 
 @pytest.mark.parametrize("objective,split", [("d3po", "all_pairs"), ("dpo", "best_worst"), ("kto", "top_bottom")])
 def test_online_loop_runs_and_resumes(tmp_path, monkeypatch, objective, split):
-    from pipelines.online import run
+    from diffalign.pipelines.online import run
 
     monkeypatch.chdir(REPO)
     extra = [f"objective.name={objective}", f"online.split={split}", _prompts_file(tmp_path)]
@@ -224,8 +224,7 @@ def test_online_loop_runs_and_resumes(tmp_path, monkeypatch, objective, split):
 def test_online_dro_with_parquet_winners_as_experts(tmp_path, monkeypatch):
     """Diffusion-DRO: experts = winners of a preference parquet, negatives = the round's policy samples."""
     from data_factory import make_rows, write_parquet
-
-    from pipelines.online import run
+    from diffalign.pipelines.online import run
 
     monkeypatch.chdir(REPO)
     experts = write_parquet(tmp_path / "prefs.parquet", make_rows(6))
@@ -266,8 +265,7 @@ def test_online_kl_weight_is_logged_and_holds_the_policy_near_the_reference(tmp_
     weight keeps the policy's predictions nearer the reference's than the same run without it (fails if the KL's gradient is lost or
     its sign is flipped)."""
     from data_factory import make_rows, write_parquet
-
-    from pipelines.online import run
+    from diffalign.pipelines.online import run
 
     monkeypatch.chdir(REPO)
     if objective == "dro":
@@ -291,7 +289,7 @@ def test_online_kl_weight_is_logged_and_holds_the_policy_near_the_reference(tmp_
 
 @pytest.mark.parametrize("objective,own", [("grpo", "beta"), ("nft", "kl_weight")])
 def test_online_kl_weight_is_refused_where_the_objective_has_its_own(tmp_path, monkeypatch, capsys, objective, own):
-    from pipelines.cli import main
+    from diffalign.pipelines.cli import main
 
     monkeypatch.chdir(REPO)
     rc = main(["online", *TINY_ONLINE, f"objective.name={objective}", "online.kl_weight=0.1",
@@ -302,8 +300,9 @@ def test_online_kl_weight_is_refused_where_the_objective_has_its_own(tmp_path, m
 
 
 def test_online_rejects_offline_only_objectives(tmp_path):
+    from diffalign.pipelines.online import run
+
     from diffalign.errors import DiffalignError
-    from pipelines.online import run
 
     with pytest.raises(DiffalignError, match="cannot train on-line"):
         run(None, [*TINY_ONLINE, "objective.name=smpo", f"online.output_dir={tmp_path / 'x'}"])
@@ -327,9 +326,9 @@ ONLINE_CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml") if "online
 @pytest.mark.parametrize("path", ONLINE_CONFIGS, ids=lambda p: p.stem)
 def test_online_config_loads_and_fits_its_objective(path):
     from diffalign.config import OnlineConfig, load_config
-    from pipelines.common import build_objective
-    from pipelines.rounds import ROUND_SOURCES
-    from pipelines.sources import source_for
+    from diffalign.engine.common import build_objective
+    from diffalign.engine.sources import source_for
+    from diffalign.online.rounds import ROUND_SOURCES
 
     cfg = load_config(OnlineConfig, path)
     objective = build_objective(cfg.objective)
@@ -346,7 +345,7 @@ SHORTER = {"toy_d3po": ["online.rounds=4"]}  # CI time: its held-out curve (16 x
 @pytest.mark.parametrize("config", ["toy_d3po", "toy_dragon", "toy_dro"])
 def test_toy_aesthetic_rises_on_heldout_prompts(tmp_path, monkeypatch, config):
     """The shipped toy configs, seeded: the aligned model beats the base on held-out prompts (same seeds)."""
-    from pipelines.online import run
+    from diffalign.pipelines.online import run
 
     monkeypatch.chdir(REPO)
     extra = [*SHORTER.get(config, []), f"online.output_dir={tmp_path / 'run'}", "online.tensorboard=false"]
@@ -359,7 +358,7 @@ def test_toy_aesthetic_rises_on_heldout_prompts(tmp_path, monkeypatch, config):
 @needs_toy
 @pytest.mark.slow
 def test_toy_dragon_fd_to_vivid_exemplars_falls(tmp_path, monkeypatch):
-    from pipelines.online import run
+    from diffalign.pipelines.online import run
 
     monkeypatch.chdir(REPO)
     out = run(
@@ -398,7 +397,7 @@ def test_dro_experts_are_the_top_k_of_every_image_by_the_scorer(tmp_path):
 
 def test_online_sdxl_bf16_gradient_checkpointing_and_accumulation(tmp_path, monkeypatch):
     """The tiny SDXL pipeline on-line with bf16 autocast, gradient checkpointing and 2 micro-batches per step."""
-    from pipelines.online import run
+    from diffalign.pipelines.online import run
 
     monkeypatch.chdir(REPO)
     out = tmp_path / "run"
@@ -423,8 +422,9 @@ class NanD3PO(D3PO):
 def test_online_stops_after_five_non_finite_steps_naming_round_and_step(tmp_path, monkeypatch):
     """Every loss NaN: each step is skipped and counted (the round log says so), and the fifth in a row (round 2,
     step 2 with 3 steps per round) stops the run with a one-line error."""
+    from diffalign.pipelines.online import run
+
     from diffalign.errors import DiffalignError
-    from pipelines.online import run
 
     monkeypatch.chdir(REPO)
     monkeypatch.setitem(OBJECTIVES, "nan_d3po", NanD3PO)
@@ -453,9 +453,8 @@ def test_online_sigkill_mid_round_then_resume_equals_the_uninterrupted_run(tmp_p
     import sys
     import time
 
+    from diffalign.pipelines.cli import main
     from safetensors.torch import load_file
-
-    from pipelines.cli import main
 
     monkeypatch.chdir(REPO)
     args = [*KILL_ARGS, "objective.name=d3po", "online.ref_refresh=2", _prompts_file(tmp_path)]
@@ -463,7 +462,7 @@ def test_online_sigkill_mid_round_then_resume_equals_the_uninterrupted_run(tmp_p
     assert main(["online", *args, f"online.output_dir={whole}"]) == 0
 
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), DIFFALIGN_TEST_SAVE_PAUSE="2:120")
-    cmd = [sys.executable, "-m", "pipelines.cli", "online", *args, f"online.output_dir={killed}"]
+    cmd = [sys.executable, "-m", "diffalign.pipelines.cli", "online", *args, f"online.output_dir={killed}"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while not list((killed / "checkpoints").glob("step-000002.tmp-*")):  # inside the round-2 save
@@ -484,9 +483,9 @@ def test_inpo_eta_noise_comes_from_each_pairs_keyed_generator(tiny_round):
     """The pairs source gives InPO's DDIM-inversion eta noise from the pair's keyed generator: pair B's errors are
     the same whether it is drawn alone or after pair A, and do not depend on the global RNG."""
     from diffalign.config import EstimatorConfig
+    from diffalign.engine.sources import pair_inputs
+    from diffalign.engine.step import StepContext
     from diffalign.objectives.inpo import InPO
-    from pipelines.sources import pair_inputs
-    from pipelines.step import StepContext
 
     family, params, prompts, traj = tiny_round
     cond = family.encode_prompts(prompts[:1])
@@ -529,7 +528,7 @@ def test_dro_negatives_are_sampled_from_their_experts_captions():
     """Diffusion-DRO's round: the prompts are expert captions, and each policy chain is paired with the expert whose
     caption prompted it (the official code generates the negative from the expert's own caption)."""
     from diffalign.config import RoundsConfig
-    from pipelines.rounds import ROUND_SOURCES, plan_round
+    from diffalign.online.rounds import ROUND_SOURCES, plan_round
 
     captions = [f"caption {i}" for i in range(10)]
     rc = RoundsConfig(prompts_per_round=4, images_per_prompt=2)
@@ -543,9 +542,8 @@ def test_dro_negatives_are_sampled_from_their_experts_captions():
 def test_online_learning_curve_every_round_and_in_the_report(tmp_path, monkeypatch):
     """online.validate_every: held-out points at round 0 (the base) and every N rounds, drawn next to the round
     reward and loss in eval/curves.png, which report.html embeds; a resumed run keeps only the rounds it saw."""
+    from diffalign.pipelines.online import run
     from PIL import Image
-
-    from pipelines.online import run
 
     monkeypatch.chdir(REPO)
     out = tmp_path / "run"
@@ -559,3 +557,59 @@ def test_online_learning_curve_every_round_and_in_the_report(tmp_path, monkeypat
     png = Image.open(out / "eval" / "curves.png")
     assert png.width > 300 and len(set(png.convert("L").getdata())) > 10  # drawn panels, not a blank canvas
     assert "Learning curves" in (out / "eval" / "report.html").read_text()  # embedded only when the PNG exists
+
+
+@pytest.mark.slow  # two runs of 3 rounds, one a fresh subprocess: ~60 s on 2 shared cores
+def test_online_sigterm_mid_run_exits_143_and_resume_equals_the_uninterrupted_run(tmp_path, monkeypatch):
+    """SIGTERM once round 1 is saved lands in round 2 (sampling or training): the run stops at the next optimizer step
+    or round boundary with 143, keeping its last complete round; `--resume latest` redoes what was dropped (every
+    draw is keyed) and ends with the same LoRA and round log as a run never interrupted."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from diffalign.checkpoint import list_checkpoints
+    from diffalign.pipelines.cli import main
+    from safetensors.torch import load_file
+
+    monkeypatch.chdir(REPO)
+    args = [*KILL_ARGS, "objective.name=d3po", "online.ref_refresh=2", _prompts_file(tmp_path)]
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    assert main(["online", *args, f"online.output_dir={whole}"]) == 0
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "diffalign.pipelines.cli", "online", *args, f"online.output_dir={stopped}"]
+    with open(tmp_path / "stopped.log", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 240
+        while not (stopped / "checkpoints" / "step-000001" / "state.json").is_file():  # round 1 saved
+            assert proc.poll() is None and time.time() < deadline, "the run ended before it could be stopped"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 143
+    text = (tmp_path / "stopped.log").read_text()
+    assert "SIGTERM: " in text and "resume with --resume latest" in text
+    kept = [p.name for p in list_checkpoints(stopped / "checkpoints")]
+    assert kept[0] == "step-000001" and "step-000003" not in kept  # stopped before the end
+    assert not (stopped / "lora").exists()
+
+    assert main(["online", *args, f"online.output_dir={stopped}", "--resume", "latest"]) == 0
+    assert _round_rows(stopped) == _round_rows(whole)
+    a = load_file(str(whole / "lora" / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(stopped / "lora" / "pytorch_lora_weights.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_online_lr_schedule_with_warmup_is_applied(tmp_path, monkeypatch):
+    """online.lr_schedule / warmup_steps: the logged lr follows diffusers' cosine with warm-up over rounds x steps."""
+    from diffalign.pipelines.online import run
+
+    monkeypatch.chdir(REPO)
+    out = tmp_path / "run"
+    extra = ["objective.name=d3po", _prompts_file(tmp_path), "online.lr=1e-3", "online.lr_schedule=cosine"]
+    run(None, [*TINY_ONLINE, *extra, "online.warmup_steps=1", "online.tensorboard=false", f"online.output_dir={out}"])
+    rows = [json.loads(x) for x in (out / "rounds.jsonl").read_text().splitlines()]
+    # 2 rounds x 1 step: step 1 ends the warm-up (lr 1e-3), step 2 is the end of the cosine (lr 0)
+    assert [r["lr"] for r in rows] == pytest.approx([1e-3, 0.0], abs=1e-12)

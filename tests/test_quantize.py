@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 from data_factory import make_rows, write_parquet
+from diffalign.pipelines.cli import main
 from safetensors import safe_open
 
 from diffalign.errors import DiffalignError
 from diffalign.lora import add_lora, load_lora, reference_mode
 from diffalign.models import load_family
 from diffalign.quantize import QUANTIZE, check_backend
-from pipelines.cli import main
 
 pytest.importorskip("torchao", reason="the int8 backend is the optional extra diffalign[quantize]")
 

@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 from data_factory import make_rows, write_parquet
+from diffalign.pipelines.cli import main
 
 from diffalign.data import load_preferences
 from diffalign.data.relabel import Relabeled, relabel
 from diffalign.errors import DiffalignError
 from diffalign.objectives.smpo import smpo_preference
-from pipelines.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 

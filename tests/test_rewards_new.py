@@ -284,9 +284,9 @@ def test_multi_weighted_sum_and_score_cli(tmp_path):
     import json
 
     import numpy as np
+    from diffalign.pipelines.cli import main
 
     from diffalign.toy import shapes
-    from pipelines.cli import main
 
     arrays, captions = shapes.render_batch(np.random.default_rng(0), 4)
     images = [shapes.to_pil(a) for a in arrays]

@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from diffalign.pipelines.cli import main
+from diffalign.pipelines.serve_reward import make_server
 
 from diffalign.errors import DiffalignError
 from diffalign.rewards import load_scorer
 from diffalign.toy import shapes
-from pipelines.cli import main
-from pipelines.serve_reward import make_server
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -127,12 +127,12 @@ def test_serve_reward_cli_rejects_a_bad_scorer_before_serving():
 
 @pytest.mark.slow  # ~15 s on 2 busy cores, mostly the subprocess importing torch
 def test_serve_reward_cli_process(tmp_path):
-    """`python -m pipelines.cli serve-reward toy_aesthetic port=0` in a subprocess: health, one batch, then stopped."""
+    """`python -m diffalign.pipelines.cli serve-reward toy_aesthetic port=0` in a subprocess: health, one batch, then stopped."""
     import urllib.request
 
     errors = open(tmp_path / "stderr.log", "w")  # library warnings at import go to stderr, the address to stdout
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pipelines.cli", "serve-reward", "toy_aesthetic", "port=0"],
+        [sys.executable, "-m", "diffalign.pipelines.cli", "serve-reward", "toy_aesthetic", "port=0"],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=errors,

@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 import reward_factory as rf
 import torch
+from diffalign.pipelines.cli import main
 from PIL import Image, ImageDraw
 
+from diffalign.engine.report import MIN_TILE, pick_pairs, side_by_side
 from diffalign.lora import add_lora, save_lora
 from diffalign.models import load_family
 from diffalign.rewards import load_scorer
 from diffalign.rewards.compare import wilson_interval
-from pipelines.cli import main
-from pipelines.report import MIN_TILE, pick_pairs, side_by_side
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_SD = REPO / "assets/tiny/sd15"

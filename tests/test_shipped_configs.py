@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from pipelines.cli import main
+from diffalign.pipelines.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml") if "accelerate" not in p.parts)

@@ -10,9 +10,9 @@ import json
 from pathlib import Path
 
 import pytest
+from diffalign.pipelines.cli import main
 
 from diffalign.paths import TOY_MODEL, TOY_TRAIN
-from pipelines.cli import main
 
 pytestmark = pytest.mark.skipif(
     not (TOY_MODEL / "model_index.json").is_file() or not TOY_TRAIN.is_file(), reason="toy model or toy data not built"
@@ -82,9 +82,10 @@ def test_each_objective_raises_the_toy_aesthetic(tmp_path, name):
 
 def test_smpo_refuses_hard_labels_before_writing_anything(tmp_path, capsys):
     """SmPO weighs a pair by a scorer's smoothed p; on the dataset's 0/1 labels it would silently be DPO with β·γ."""
+    from diffalign.pipelines.train import check_soft_labels
+
     from diffalign.config import DataConfig
     from diffalign.objectives import OBJECTIVES
-    from pipelines.train import check_soft_labels
 
     out = tmp_path / "smpo"
     assert main(["train", "objective.name=smpo", f"train.output_dir={out}"]) == 2

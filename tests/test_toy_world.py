@@ -176,7 +176,7 @@ def test_learning_curve_points_score_fixed_seeds_and_plot(toy_family, tmp_path):
     from accelerate import Accelerator
 
     from diffalign.config import EvalConfig
-    from pipelines.curves import Curves, plot_curves
+    from diffalign.engine.curves import Curves, plot_curves
 
     curves = Curves(toy_family, EvalConfig(steps=4), tmp_path / "curves.jsonl")
     assert curves.label == "held-out" and len(curves.prompts) == 16

@@ -3,9 +3,9 @@
 import json
 
 import pytest
+from diffalign.pipelines.cli import main
 
 from diffalign.paths import TOY_MODEL
-from pipelines.cli import main
 
 pytestmark = pytest.mark.skipif(not (TOY_MODEL / "model_index.json").is_file(), reason="toy model not built")
 

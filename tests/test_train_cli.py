@@ -12,6 +12,7 @@ import pytest
 import torch
 import yaml
 from data_factory import make_rows, write_parquet
+from diffalign.pipelines.cli import main
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from diffalign.data import PreferencePairs, build_cache, load_preferences, model_inputs
@@ -20,7 +21,6 @@ from diffalign.likelihood import Schedule, denoising_errors, pair_noise, pair_ti
 from diffalign.lora import add_lora, reference_mode
 from diffalign.models import load_family
 from diffalign.objectives import DiffusionDPO
-from pipelines.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"sd": REPO / "assets/tiny/sd15", "sdxl": REPO / "assets/tiny/sdxl"}

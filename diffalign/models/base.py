@@ -80,7 +80,7 @@ class Family:
 
     def flow_scheduler(self, steps: int):
         """Flow families: a FlowMatchEulerDiscreteScheduler with the timesteps their own pipeline samples `steps`
-        steps with (SD3's pipeline: `set_timesteps(steps)`); diffalign.flow_sampling reads its sigmas."""
+        steps with (SD3's pipeline: `set_timesteps(steps)`); diffalign.sampling.flow_sde reads its sigmas."""
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler.config)

@@ -1,14 +1,14 @@
-"""The toy world's model (assets/toy_model, made by pipelines/toy_base.py): a tiny pixel-space text-to-image model.
+"""The toy world's model (assets/toy_model, made by assets/make_toy_model.py): a tiny pixel-space text-to-image model.
 
 A UNet2DConditionModel on 32x32 RGB pixels (no VAE: x0 is the image in [-1, 1]; the UNet also gets two
 coordinate channels, see `add_coords`) conditioned on a tiny
 CLIPTextModel, with a DDPMScheduler (cosine schedule, v-prediction: epsilon was ill-posed at
-the first sampling steps, see pipelines/toy_base.py). Each component is loaded with its own `from_pretrained`
+the first sampling steps, see assets/make_toy_model.py). Each component is loaded with its own `from_pretrained`
 from its subfolder; there is no diffusers pipeline class, so sampling uses diffalign.sampling.
 
-The flow-matching twin (assets/toy_flow_model, pipelines/toy_flow_base.py) has the same components with a
+The flow-matching twin (assets/toy_flow_model, assets/make_toy_flow_model.py) has the same components with a
 FlowMatchEulerDiscreteScheduler: prediction type "flow", the UNet called at sigma_t * T, sampled by the Euler ODE
-(diffalign.flow_sampling.sample_flow: the flow sampler at noise level 0). The scheduler folder's class picks
+(diffalign.sampling.flow_sde.sample_flow: the flow sampler at noise level 0). The scheduler folder's class picks
 which (`SCHEDULERS`).
 """
 
@@ -23,11 +23,11 @@ from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DCond
 from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from diffalign.flow_sampling import sample_flow
 from diffalign.likelihood import Schedule
 from diffalign.models.base import PREDICTION_TYPES, Family
 from diffalign.models.sd import LORA_PRESETS, check_components
 from diffalign.sampling import sample
+from diffalign.sampling.flow_sde import sample_flow
 
 COORD_CHANNELS = 2
 # scheduler class (scheduler_config.json) -> (class, prediction type or None = the config's, x0 sampler)
@@ -42,7 +42,7 @@ def add_coords(xt: torch.Tensor) -> torch.Tensor:
 
     A convolutional UNet has no absolute position except what zero padding leaks, and the toy prompts ask for one
     ("top left"); two constant channels make it explicit and cost nothing. (When the toy model ignored position, the
-    cause turned out to be the loss weighting, see pipelines/toy_base.py; these channels are a cheap safeguard, not
+    cause turned out to be the loss weighting, see assets/make_toy_model.py; these channels are a cheap safeguard, not
     shown to be necessary.) The UNet's in_channels is 3 + 2; the family hides this in `denoise`.
     """
     n, _, h, w = xt.shape

@@ -24,7 +24,8 @@ from typing import Annotated, ClassVar
 import torch
 import torch.nn.functional as F
 
-from diffalign.checks import KL_STRENGTH, NON_NEGATIVE
+from diffalign.checks import KL_STRENGTH, NON_NEGATIVE, OneOf
+from diffalign.inversion import XT_SOURCES
 
 
 @dataclass
@@ -33,8 +34,8 @@ class DiffusionDPO:
     """The paper's β (KL strength; larger = stay closer to the reference)."""
     sft_weight: Annotated[float, NON_NEGATIVE] = 0.0
     """Weight of an added SFT term: the policy's error on the winner."""
-    xt_source: str = "noise"
-    """Where x_t comes from (diffalign.likelihood.XT_SOURCES); "ddim_inversion" gives InPO."""
+    xt_source: Annotated[str, OneOf(XT_SOURCES)] = "noise"
+    """Where x_t comes from (diffalign.inversion.XT_SOURCES); "ddim_inversion" gives InPO."""
 
     needs_reference: ClassVar[bool] = True
     paired: ClassVar[bool] = True

@@ -24,7 +24,8 @@ from typing import Annotated, ClassVar
 
 import torch
 
-from diffalign.checks import KL_STRENGTH, NON_NEGATIVE
+from diffalign.checks import KL_STRENGTH, NON_NEGATIVE, OneOf
+from diffalign.inversion import XT_SOURCES
 from diffalign.objectives.dpo import DiffusionDPO
 
 
@@ -34,8 +35,8 @@ class InPO:
     """The paper's β (SDXL 5000, SD1.5 2000)."""
     sft_weight: Annotated[float, NON_NEGATIVE] = 0.0
     """Weight of an added SFT term (the policy's error on the winner); 0 in the paper."""
-    xt_source: str = "ddim_inversion"
-    """Key of diffalign.likelihood.XT_SOURCES the trainer must use for x_t and the target."""
+    xt_source: Annotated[str, OneOf(XT_SOURCES)] = "ddim_inversion"
+    """Key of diffalign.inversion.XT_SOURCES the trainer must use for x_t and the target."""
 
     needs_reference: ClassVar[bool] = True
     paired: ClassVar[bool] = True

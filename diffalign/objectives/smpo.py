@@ -32,7 +32,8 @@ from typing import Annotated, ClassVar
 import torch
 import torch.nn.functional as F
 
-from diffalign.checks import KL_STRENGTH, POSITIVE
+from diffalign.checks import KL_STRENGTH, POSITIVE, OneOf
+from diffalign.inversion import XT_SOURCES
 
 
 def smpo_preference(score_w: torch.Tensor, score_l: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
@@ -47,8 +48,8 @@ class SmPO:
     """The paper's β (SDXL 5000, SD1.5 2000)."""
     gamma: Annotated[float, POSITIVE] = 10.0
     """γ of the smoothed distribution; the logit is scaled by γ(2p − 1)."""
-    xt_source: str = "renoise_inversion"
-    """Key of diffalign.likelihood.XT_SOURCES the trainer must use for x_t and the target."""
+    xt_source: Annotated[str, OneOf(XT_SOURCES)] = "renoise_inversion"
+    """Key of diffalign.inversion.XT_SOURCES the trainer must use for x_t and the target."""
     hard_labels: bool = False
     """Opt-in: train on the dataset's own (0/1) labels instead of a scorer's smoothed p."""
 

@@ -16,18 +16,14 @@ from pathlib import Path
 
 import torch
 
-from diffalign.rewards.embeddings import ClipEncoder, ExemplarSet, OpenClipEncoder, read_exemplars
+from diffalign.rewards.embeddings import (  # noqa: F401  (gaussian_stats: the FD's statistics, kept importable here)
+    ClipEncoder,
+    ExemplarSet,
+    OpenClipEncoder,
+    gaussian_stats,
+    read_exemplars,
+)
 from diffalign.rewards.preprocess import Images
-
-
-def gaussian_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, D) -> mean (D,), covariance (D, D) with the N-1 denominator (numpy `np.cov`, as clean-fid), float64."""
-    if x.ndim != 2 or x.shape[0] < 2:
-        raise ValueError(f"need (N >= 2, D) embeddings, got {tuple(x.shape)}")
-    x = x.double()
-    mu = x.mean(0)
-    xc = x - mu  # (N, D)
-    return mu, xc.T @ xc / (x.shape[0] - 1)  # (D, N) @ (N, D) -> (D, D)
 
 
 def _sym_sqrt(a: torch.Tensor) -> torch.Tensor:

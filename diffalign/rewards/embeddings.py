@@ -29,6 +29,16 @@ from safetensors.torch import load_file, safe_open, save_file
 from diffalign.rewards.preprocess import ClipPreprocess, Images
 
 
+def gaussian_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, D) -> mean (D,), covariance (D, D) with the N-1 denominator (numpy `np.cov`, as clean-fid), float64."""
+    if x.ndim != 2 or x.shape[0] < 2:
+        raise ValueError(f"need (N >= 2, D) embeddings, got {tuple(x.shape)}")
+    x = x.double()
+    mu = x.mean(0)
+    xc = x - mu  # (N, D)
+    return mu, xc.T @ xc / (x.shape[0] - 1)  # (D, N) @ (N, D) -> (D, D)
+
+
 def load_weights(path: str | Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
     """Read a state dict from `.safetensors`, or from a torch pickle when `allow_pickle` (weights_only=True).
 
@@ -236,8 +246,6 @@ class ExemplarSet:
         cache_dir: str | Path | None = None,
     ) -> ExemplarSet:
         """Embed `exemplars` (images, or texts through the text tower), or read them from `cache_dir` if cached."""
-        from diffalign.rewards.distributional import gaussian_stats  # distributional imports this module
-
         texts = not isinstance(exemplars, torch.Tensor) and all(isinstance(e, str) for e in exemplars)
         tag = f"{encoder.name}|normalize={normalize}|{'text' if texts else 'image'}|{content_hash(exemplars)}"
         key = hashlib.sha256(tag.encode()).hexdigest()[:32]

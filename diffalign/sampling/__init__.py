@@ -1,7 +1,8 @@
-"""The on-line samplers, chosen by one dict: which sampler a family gets is read from its prediction type.
+"""The samplers behind one interface (common.py: noise, guidance, `Trajectory`; ddim.py; flow_sde.py), chosen by
+one dict: which sampler a family gets is read from its prediction type.
 
     ddim      DDPM families (epsilon, v_prediction): DDIM-eta (diffalign.sampling.DDIMSampler)
-    flow_sde  flow families (SD3, FLUX, flow toy): Flow-GRPO's SDE, noise level a (diffalign.flow_sampling)
+    flow_sde  flow families (SD3, FLUX, flow toy): Flow-GRPO's SDE, noise level a (diffalign.sampling.flow_sde)
 
 Both return the same `Trajectory` and give the training step kernel `mean_std(pred, t, xt)` / `log_prob(pred, t,
 xt, x_prev)`, so D3PO, GRPO and DRO use either. `online.eta` is DDIM's eta on a DDPM family and the noise level a
@@ -21,8 +22,23 @@ from dataclasses import dataclass
 import torch
 
 from diffalign.errors import DiffalignError
-from diffalign.flow_sampling import FlowSDESampler
-from diffalign.sampling import DDIMSampler, inference_scheduler, resolve_window
+from diffalign.sampling.common import (  # noqa: F401  (the package's public names)
+    Trajectory,
+    concat_cond,
+    encode_guided,
+    guided_prediction,
+    initial_noise,
+    resolve_window,
+)
+from diffalign.sampling.ddim import (  # noqa: F401
+    DDIMSampler,
+    inference_scheduler,
+    sample,
+    sample_trajectories,
+    step_log_prob,
+    step_mean_std,
+)
+from diffalign.sampling.flow_sde import FlowSDESampler, sample_flow, sde_step  # noqa: F401
 
 
 def ddim_sampler(family, steps: int, eta: float, window) -> DDIMSampler:

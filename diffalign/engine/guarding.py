@@ -171,7 +171,7 @@ class GuardRun:
 def plot_guards(path: Path, out_png: Path, unit: str, kept: int | None) -> Path | None:
     """guards.png: one panel per logged value (the ranking reward and each monitor) against step/round, the base
     value dashed, failed checks in red, the kept weights' step marked. None when guards.jsonl has no rows."""
-    from pipelines.curves import read_rows
+    from diffalign.engine.curves import read_rows
 
     rows = read_rows(path)
     if not rows:

@@ -19,31 +19,21 @@ and training cannot disagree on the maths.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-from diffusers import DDIMScheduler
 
 from diffalign.likelihood import gaussian_log_prob
+from diffalign.sampling.common import (
+    Trajectory,
+    encode_guided,
+    guided_prediction,
+    initial_noise,
+    resolve_window,
+)
 
-
-def resolve_window(window, steps: int) -> tuple[int, int]:
-    """A noise window [start, end) of `steps` steps as indices; end <= 0 counts from the last step."""
-    start, end = window
-    return start, end if end > 0 else steps + end
-
-
-def initial_noise(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
-    """One CPU generator per image so image i depends only on seeds[i]: -> (N, *shape) fp32 on CPU.
-
-    Repeating a seed gives several images the same x_T (D3PO pairs, DRAGON groups)."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
-
-
-def concat_cond(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Stack two conditioning dicts along the batch: each (N, ...) -> (2N, ...)."""
-    if a.keys() != b.keys():
-        raise ValueError(f"conditioning keys differ: {sorted(a)} vs {sorted(b)}")
-    return {k: torch.cat([a[k], b[k]]) for k in a}
+if TYPE_CHECKING:  # imported in inference_scheduler: diffalign.config reads SAMPLERS and must not load diffusers
+    from diffusers import DDIMScheduler
 
 
 def inference_scheduler(family, eta: float = 0.0) -> DDIMScheduler:
@@ -58,31 +48,9 @@ def inference_scheduler(family, eta: float = 0.0) -> DDIMScheduler:
         extra["set_alpha_to_one"] = False
         if family.scheduler.config.timestep_spacing == "leading":
             extra["steps_offset"] = max(1, family.scheduler.config.steps_offset)
+    from diffusers import DDIMScheduler
+
     return DDIMScheduler.from_config(family.scheduler.config, **extra)
-
-
-def encode_guided(family, prompts: list[str], guidance: float) -> dict[str, torch.Tensor]:
-    """cond (N, ...), or [cond; uncond] (2N, ...) when guidance > 1 (the "" prompt is the unconditional one)."""
-    cond = family.encode_prompts(list(prompts))
-    if guidance > 1.0:
-        cond = concat_cond(cond, family.encode_prompts([""] * len(prompts)))
-    return cond
-
-
-def guided_prediction(family, xt: torch.Tensor, t: torch.Tensor, cond: dict, guidance: float) -> torch.Tensor:
-    """CFG model prediction (fp32): pred = uncond + w (cond - uncond); w <= 1 is the plain conditional model.
-
-    xt (N, C, h, w); t scalar or (N,); cond from `encode_guided` ((2N, ...) when w > 1). Differentiable.
-    """
-    n = xt.shape[0]
-    use_cfg = guidance > 1.0
-    x = torch.cat([xt, xt]) if use_cfg else xt  # (2N or N, C, h, w)
-    t_batch = torch.as_tensor(t, device=xt.device).expand(x.shape[0])  # (2N or N,)
-    pred = family.denoise(x.to(family.denoiser.dtype), t_batch, cond).float()
-    if not use_cfg:
-        return pred
-    pred_cond, pred_uncond = pred[:n], pred[n:]  # (2N, ...) -> 2 x (N, ...)
-    return pred_uncond + guidance * (pred_cond - pred_uncond)
 
 
 def step_mean_std(scheduler: DDIMScheduler, pred: torch.Tensor, t, xt: torch.Tensor, eta: float):
@@ -91,11 +59,15 @@ def step_mean_std(scheduler: DDIMScheduler, pred: torch.Tensor, t, xt: torch.Ten
     The mean is diffusers' own step with zero variance noise; the std is the one that step adds.
     `scheduler.set_timesteps` must have been called (the step reads num_inference_steps).
     """
+    mean = scheduler.step(pred, int(t), xt, eta=eta, variance_noise=torch.zeros_like(xt)).prev_sample
+    return mean, step_std(scheduler, t, eta).to(xt.device)
+
+
+def step_std(scheduler: DDIMScheduler, t, eta: float) -> torch.Tensor:
+    """The std eta sqrt(var(t, t_prev)) (fp32 scalar tensor) that DDIMScheduler.step adds at timestep t."""
     t = int(t)  # the scheduler indexes its CPU alphas_cumprod with it
-    mean = scheduler.step(pred, t, xt, eta=eta, variance_noise=torch.zeros_like(xt)).prev_sample
     prev_t = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps  # as DDIMScheduler.step
-    std = eta * scheduler._get_variance(t, prev_t) ** 0.5
-    return mean, torch.as_tensor(std, dtype=torch.float32, device=xt.device)
+    return torch.as_tensor(eta * scheduler._get_variance(t, prev_t) ** 0.5, dtype=torch.float32)
 
 
 def step_log_prob(scheduler: DDIMScheduler, pred, t, xt, x_prev, eta: float) -> torch.Tensor:
@@ -109,47 +81,6 @@ def step_log_prob(scheduler: DDIMScheduler, pred, t, xt, x_prev, eta: float) -> 
     if std <= 0:
         raise ValueError(f"step_log_prob: the step at t={int(t)} is deterministic (std 0); see inference_scheduler")
     return gaussian_log_prob(x_prev, mean, std)
-
-
-@dataclass
-class Trajectory:
-    """A batch of sampled denoising chains, kept on CPU in fp32.
-
-    latents[k] is the input x_t of step k and latents[k + 1] its output x_{t-1}: latents[0] = x_T, latents[-1] = x0.
-    """
-
-    latents: torch.Tensor  # (S+1, N, C, h, w)
-    timesteps: torch.Tensor  # (S,) t of step k: long (DDIM), or float sigma * T (flow sampler)
-    log_probs: torch.Tensor | None  # (S, N) log p(latents[k+1] | latents[k]); None when eta == 0
-    eta: float  # DDIM eta, or the flow sampler's noise level a
-    guidance: float
-    predictions: torch.Tensor | None = None  # (S, N, C, h, w) the (guided) model prediction at step k, if kept
-    final: torch.Tensor | None = None  # (N, C, h, w) x0 when the recorded steps stop before it (an SDE window)
-
-    @property
-    def x0(self) -> torch.Tensor:
-        return self.latents[-1] if self.final is None else self.final
-
-    @property
-    def num_steps(self) -> int:
-        return len(self.timesteps)
-
-    def select(self, idx: torch.Tensor) -> Trajectory:
-        """The chains `idx` (M,) of the batch."""
-        lp = None if self.log_probs is None else self.log_probs[:, idx]
-        preds = None if self.predictions is None else self.predictions[:, idx]
-        final = None if self.final is None else self.final[idx]
-        return Trajectory(self.latents[:, idx], self.timesteps, lp, self.eta, self.guidance, preds, final)
-
-    @staticmethod
-    def cat(parts: list[Trajectory]) -> Trajectory:
-        """Concatenate batches of chains sampled with the same settings along N."""
-        first = parts[0]
-        lps = None if first.log_probs is None else torch.cat([p.log_probs for p in parts], 1)
-        preds = None if first.predictions is None else torch.cat([p.predictions for p in parts], 1)
-        latents = torch.cat([p.latents for p in parts], 1)  # (S+1, N_i, ...) -> (S+1, N, ...)
-        final = None if first.final is None else torch.cat([p.final for p in parts])
-        return Trajectory(latents, first.timesteps, lps, first.eta, first.guidance, preds, final)
 
 
 @torch.no_grad()
@@ -245,8 +176,8 @@ def sample(
 @dataclass
 class DDIMSampler:
     """The DDIM-eta sampler of the DDPM families as an object: the loop (`sample`) and its step kernel (`mean_std`,
-    `log_prob`), the interface the on-line engine uses for every sampler (diffalign.samplers; the flow families'
-    is diffalign.flow_sampling.FlowSDESampler)."""
+    `log_prob`), the interface the on-line engine uses for every sampler (diffalign.sampling; the flow families'
+    is diffalign.sampling.flow_sde.FlowSDESampler)."""
 
     scheduler: DDIMScheduler  # `inference_scheduler(family, eta)` with its timesteps set
     eta: float
@@ -270,6 +201,11 @@ class DDIMSampler:
 
     def mean_std(self, pred, t, xt):
         return step_mean_std(self.scheduler, pred, t, xt, self.eta)
+
+    def kl_std(self, t) -> torch.Tensor:
+        """The s of GRPO's KL mean_dims (mu - mu_ref)² / (2 s²) at step t: the step's own std, so the KL is the exact
+        per-dimension KL of the two DDIM-eta steps (DDPO has no KL; no official scale to match)."""
+        return step_std(self.scheduler, t, self.eta)
 
     def log_prob(self, pred, t, xt, x_prev):
         return step_log_prob(self.scheduler, pred, t, xt, x_prev, self.eta)

@@ -4,7 +4,7 @@ The sheet shows the pairs whose first score (the reward) changed most, in both d
 then the largest losses, so a reader sees both what the alignment did and where it hurt. Tiles are upscaled to at
 least `MIN_TILE` px with nearest-neighbour (the toy model's 32 px images stay crisp pixels) and large images are
 shrunk to `MAX_TILE`; each tile is captioned with its own scores, each pair with its prompt, seed and change.
-Used at the end of `diffalign train`, `diffalign online` (through pipelines.evaluate) and `diffalign compare`.
+Used at the end of `diffalign train`, `diffalign online` (through diffalign.engine.evaluate) and `diffalign compare`.
 """
 
 from __future__ import annotations

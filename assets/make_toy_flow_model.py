@@ -1,9 +1,9 @@
 """Make the toy world's flow-matching twin: the toy model (assets/toy_model) fine-tuned by rectified flow.
 
-    nice -n 10 python -m pipelines.toy_flow_base --out assets/toy_flow_model --max-minutes 25
-    python -m pipelines.toy_flow_base --eval toy_flow toy     # fidelity: 16 held-out prompts x 8 seeds, 20 steps
+    nice -n 10 python assets/make_toy_flow_model.py --out assets/toy_flow_model --max-minutes 25
+    python assets/make_toy_flow_model.py --eval toy_flow toy     # fidelity: 16 held-out prompts x 8 seeds, 20 steps
 
-Same tokenizer, text encoder and UNet architecture as assets/toy_model (pipelines/toy_base.py); the scheduler is a
+Same tokenizer, text encoder and UNet architecture as assets/toy_model (assets/make_toy_model.py); the scheduler is a
 FlowMatchEulerDiscreteScheduler (shift 1) and the UNet learns the velocity u = eps - x0 at
 x_s = (1 - s) x0 + s eps, called at timestep s * 1000 (diffalign.models.toy, `Schedule.model_timestep`).
 
@@ -27,23 +27,24 @@ import os
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # shared CPUs: see pipelines/toy_base.py
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # shared CPUs: see assets/make_toy_model.py
 
 import torch  # noqa: E402
 from diffusers import FlowMatchEulerDiscreteScheduler, UNet2DConditionModel  # noqa: E402
+from make_toy_model import MODEL_INDEX, add_train_args, save, train_loop  # noqa: E402
 from transformers import CLIPTextModel, CLIPTokenizer  # noqa: E402
 
 from diffalign.models.toy import add_coords  # noqa: E402
-from pipelines.toy_base import MODEL_INDEX, add_train_args, save, train_loop  # noqa: E402
 
 FLOW_MODEL_INDEX = {**MODEL_INDEX, "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]}
 
 
 def evaluate_heldout(model: str, guidance: float, seeds_per_prompt: int = 8) -> dict:
-    """Fidelity and aesthetic of `model` on the 16 held-out prompts x seeds 10^6 + i (pipelines.toy_data's)."""
+    """Fidelity and aesthetic of `model` on the 16 held-out prompts x seeds 10^6 + i (make_toy_data.py's)."""
+    from make_toy_data import evaluate
+
     from diffalign.models import load_family
     from diffalign.paths import TOY_HELDOUT
-    from pipelines.toy_data import evaluate
 
     held = [line.strip() for line in TOY_HELDOUT.read_text().splitlines() if line.strip()]
     prompts = [q for q in held for _ in range(seeds_per_prompt)]
@@ -88,7 +89,7 @@ def main() -> None:
     )
 
     info = {
-        "command": "python -m pipelines.toy_flow_base "
+        "command": "python assets/make_toy_flow_model.py "
         + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
         "steps_done": step + 1,
         "minutes": round((time.time() - start) / 60, 1),

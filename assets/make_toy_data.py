@@ -1,7 +1,7 @@
 """Sample the toy base model and write the toy preference dataset (Pick-a-Pic v2 schema) plus held-out prompts.
 
-    nice -n 10 python -m pipelines.toy_data --model assets/toy_model --out assets/toy_data      # ~6 min, 2 CPU cores
-    python -m pipelines.toy_data --model PATH --eval-only                                         # fidelity only
+    nice -n 10 python assets/make_toy_data.py --model assets/toy_model --out assets/toy_data      # ~6 min, 2 CPU cores
+    python assets/make_toy_data.py --model PATH --eval-only                                         # fidelity only
 
 Steps, top to bottom:
 1. Split the 80 attribute combinations (diffalign.toy.shapes) into 64 training and 16 held-out prompts. Whole
@@ -174,7 +174,7 @@ def main() -> None:
     ties = int((df.label_0 == 0.5).sum())
     soft = int(((df.label_0 > 0) & (df.label_0 < 1) & (df.label_0 != 0.5)).sum())
     stats = {
-        "command": "python -m pipelines.toy_data "
+        "command": "python assets/make_toy_data.py "
         + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
         "model": args.model,
         "pairs": len(df),

@@ -1,6 +1,6 @@
 """Sources of estimate: one registry from an objective's declared source to the function that turns a batch into
 the objective's inputs. `train` and `online` both call `SOURCES[name].inputs(ctx, batch, device)` inside the same
-micro-step (pipelines/step.py); what differs is only the batch a program makes.
+micro-step (diffalign/engine/step.py); what differs is only the batch a program makes.
 
     source       program  batch                                         objective inputs
     pairs        train    collated preference pairs (diffalign.data)     err, ref_err at x_t of objective.xt_source
@@ -28,13 +28,14 @@ from dataclasses import dataclass
 
 import torch
 
+from diffalign.engine.step import KL_KEY, StepContext, draw_t_and_eps, family_inputs, keyed_t_and_eps, pair_generator
+from diffalign.inversion import XT_SOURCES
 from diffalign.likelihood import denoising_errors
 from diffalign.objectives.nft import x0_scale
 from diffalign.online.old_policy import OLD_ADAPTER
+from diffalign.online.rounds import adapter_mode
 from diffalign.online.steps import d3po_inputs, dro_inputs, grpo_inputs
 from diffalign.sampling import Trajectory
-from pipelines.rounds import adapter_mode
-from pipelines.step import KL_KEY, StepContext, draw_t_and_eps, family_inputs, keyed_t_and_eps, pair_generator
 
 
 @dataclass
@@ -71,7 +72,7 @@ def pair_inputs(ctx: StepContext, batch: dict, device):
     t, eps, gens = keyed_t_and_eps(ctx.objective.paired, x0, ctx.schedule, ctx.seed, keys, ctx.estimator)
     xt_kwargs = XT_KWARGS.get(ctx.objective.xt_source, lambda g: {})(gens)
     errors = denoising_errors(
-        ctx.denoise, ctx.schedule, x0, cond, t, eps, ctx.reference, ctx.objective.xt_source, xt_kwargs
+        ctx.denoise, ctx.schedule, x0, cond, t, eps, ctx.reference, XT_SOURCES[ctx.objective.xt_source], xt_kwargs
     )
     return (errors.err, errors.ref_err, label), batch_baseline(ctx, errors.err, errors.ref_err)
 

@@ -28,18 +28,24 @@ from dataclasses import dataclass, field
 import torch
 
 from diffalign.likelihood import gaussian_log_prob
-from diffalign.sampling import Trajectory, encode_guided, guided_prediction, initial_noise, resolve_window
+from diffalign.sampling.common import Trajectory, encode_guided, guided_prediction, initial_noise, resolve_window
+
+
+def noise_scale(sigma, sigma_max, noise_level: float) -> torch.Tensor:
+    """The SDE's noise scale s_sigma = a sqrt(sigma / (1 - sigma)) (fp32 scalar tensor): the official `std_dev_t`.
+
+    sigma_max: the value used in 1 - sigma when sigma == 1 (the schedule's second sigma, as the official code)."""
+    sigma = torch.as_tensor(sigma).float()
+    safe = torch.where(sigma == 1, torch.as_tensor(sigma_max).float(), sigma)
+    return noise_level * torch.sqrt(sigma / (1 - safe))
 
 
 def sde_step(x, v, sigma, sigma_next, sigma_max, noise_level: float):
-    """Mean (N, ...) and std (scalar tensor) of Flow-GRPO's SDE step sigma -> sigma_next; everything in fp32.
-
-    sigma_max: the value used in 1 - sigma when sigma == 1 (the schedule's second sigma, as the official code)."""
+    """Mean (N, ...) and std s sqrt(-dt) (scalar tensor) of Flow-GRPO's SDE step sigma -> sigma_next; all in fp32."""
     x, v = x.float(), v.float()
     sigma, sigma_next = torch.as_tensor(sigma).float(), torch.as_tensor(sigma_next).float()
     dt = sigma_next - sigma  # < 0
-    safe = torch.where(sigma == 1, torch.as_tensor(sigma_max).float(), sigma)
-    s = noise_level * torch.sqrt(sigma / (1 - safe))  # the SDE's noise scale s_sigma
+    s = noise_scale(sigma, sigma_max, noise_level)
     mean = x + dt * v + (s**2 / (2 * sigma)) * (x + (1 - sigma) * v) * dt  # a = 0: the Euler step x + dt v exactly
     return mean, (s * torch.sqrt(-dt)).to(x.device)
 
@@ -87,6 +93,11 @@ class FlowSDESampler:
 
     def mean_std(self, pred, t, xt):
         return self.mean_std_at(self.index(t), pred, xt)
+
+    def kl_std(self, t) -> torch.Tensor:
+        """The s of GRPO's KL mean_dims (mu - mu_ref)² / (2 s²) at step t: the noise scale s_sigma, Flow-GRPO's
+        `std_dev_t` (train_sd3.py drops the sqrt(-dt) of the step std, flow_grpo#22), so objective.beta is theirs."""
+        return noise_scale(self.sigmas[self.index(t)], self.sigmas[1], self.noise_level)
 
     def log_prob(self, pred, t, xt, x_prev):
         """log p(x_prev | xt) (N,) under the step at t with velocity pred; needs noise_level > 0."""

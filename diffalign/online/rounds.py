@@ -1,4 +1,4 @@
-"""What `diffalign online` does to make a round into a small dataset, by source (pipelines/sources.py):
+"""What `diffalign online` does to make a round into a small dataset, by source (diffalign/engine/sources.py):
 which prompts are sampled, how the samples are shared among processes and gathered, and which rows the round gives.
 
 A round samples P prompt groups x G images (flat index i = p * G + g). Every process samples the chunks of
@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from accelerate.utils import broadcast_object_list, gather_object
 
+from diffalign.engine.evaluate import generate_pair_sets, read_eval_prompts
 from diffalign.errors import DiffalignError
 from diffalign.online.advantages import group_advantages
 from diffalign.online.experts import ToyStatsEncoder, toy_vivid_exemplars
@@ -28,7 +29,6 @@ from diffalign.rewards import load_scorer
 from diffalign.rewards.distributional import frechet_distance, gaussian_stats
 from diffalign.sampling import Trajectory
 from diffalign.toy import shapes
-from pipelines.evaluate import generate_pair_sets, read_eval_prompts
 
 
 def pair_rows(by_group, rc, labels, r, pool_index):
@@ -70,8 +70,13 @@ def need_eta(rc) -> None:
 
 
 def reward_rows(by_group, rc, labels, r, pool_index):
-    """GRPO: every chain is a row; the round's rewards (P, G) go along for the objective's group advantages."""
-    return torch.arange(by_group.numel()), by_group
+    """GRPO: every chain is a row, or with online.drop_zero_advantages (Flow-GRPO's mask) every chain whose group
+    advantage is not 0 (that needs no std or clip: A = 0 exactly where r = its group's mean); the round's rewards
+    (P, G) go along for the objective's group advantages."""
+    rows = torch.arange(by_group.numel())
+    if rc.drop_zero_advantages:
+        rows = rows[group_advantages(by_group, clip=math.inf).flatten() != 0]  # (P, G) -> (N,) -> (R,)
+    return rows, by_group
 
 
 def need_noise(rc) -> None:
@@ -132,7 +137,7 @@ def sample_share(accelerator, family, sampler, prompts, seeds, rc, r: int, keep_
     parts = []
     for i in starts[accelerator.process_index :: accelerator.num_processes]:
         j = i + rc.sample_batch
-        traj = sampler.sample(  # diffalign.samplers: DDIM-eta or flow SDE, same Trajectory
+        traj = sampler.sample(  # diffalign.sampling: DDIM-eta or flow SDE, same Trajectory
             family, prompts[i:j], seeds[i:j], cfg, noise_seed=noise_seed + i, keep_predictions=keep_predictions,
             window=window,
         )  # fmt: skip
@@ -171,7 +176,7 @@ def read_train_prompts(source: str) -> list[str]:
     """The toy world's 80 captions minus the held-out ones; else a .txt file, one prompt per line."""
     if source == "toy":
         if not TOY_HELDOUT.is_file():
-            raise DiffalignError(f"online.prompts=toy needs the held-out list {TOY_HELDOUT} (pipelines.toy_data)")
+            raise DiffalignError(f"online.prompts=toy needs the held-out list {TOY_HELDOUT} (assets/make_toy_data.py)")
         held = {line.strip() for line in TOY_HELDOUT.read_text().splitlines() if line.strip()}
         return [p for p in (shapes.caption(**c) for c in shapes.all_combinations()) if p not in held]
     path = Path(source)

@@ -1,6 +1,6 @@
 """Train the toy world's base text-to-image model from scratch and save it in diffusers format.
 
-    nice -n 10 python -m pipelines.toy_base --out assets/toy_model            # 30-50 min on 2 CPU cores
+    nice -n 10 python assets/make_toy_model.py --out assets/toy_model            # 30-50 min on 2 CPU cores
 
 What it builds (a few MB):
 - tokenizer/     CLIPTokenizer in which every world word is one token (diffalign.models.tokenizers)
@@ -16,7 +16,7 @@ What it builds (a few MB):
 Training: fresh rendered batches every step (diffalign.toy.shapes; no dataset on disk), 10% empty captions for
 classifier-free guidance, AdamW with linear warm-up and cosine decay, the plain (unweighted) v-prediction MSE
 (why not min-SNR: see build_components), gradient clipping, and an EMA of the weights, which is what gets saved. Every `--checkpoint-minutes` the EMA weights are also saved to
-`--checkpoint-dir`/step-N so sample quality can be measured while it runs (pipelines/toy_data.py --eval-only).
+`--checkpoint-dir`/step-N so sample quality can be measured while it runs (assets/make_toy_data.py --eval-only).
 The CPU may be shared, so `--max-minutes` stops the run early (and saves) if it is too slow; training_info.json
 records the steps actually done.
 Everything is seeded (torch, numpy); results differ across machines only by floating-point non-determinism.
@@ -174,7 +174,7 @@ def train_loop(args, models, ema, tokenizer, text_encoder, scheduler, ckpt_dir: 
 
 def add_train_args(p: argparse.ArgumentParser, *, out: str, steps: int, lr: float, warmup: int, ema: float,
                    checkpoint_minutes: float, checkpoint_dir: str, max_minutes: float) -> None:  # fmt: skip
-    """The training flags both toy programs take (this one and pipelines/toy_flow_base.py), with their defaults."""
+    """The training flags both toy programs take (this one and assets/make_toy_flow_model.py), with their defaults."""
     p.add_argument("--out", default=out)
     p.add_argument("--steps", type=int, default=steps)
     p.add_argument("--batch-size", type=int, default=32)
@@ -217,7 +217,7 @@ def main() -> None:
     step, last_loss, start = train_loop(args, models, ema, tokenizer, text_encoder, scheduler, ckpt_dir, v_loss)
 
     info = {
-        "command": "python -m pipelines.toy_base "
+        "command": "python assets/make_toy_model.py "
         + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
         "steps_done": step + 1,
         "minutes": round((time.time() - start) / 60, 1),

@@ -5,7 +5,7 @@
         sums = micro_step(accelerator, prepared, ctx, batch, sums)   # forward, backward (no host sync)
     ok = finish_step(accelerator, ctx, sums)    # clip, ONE host sync, optimizer step or skip
 
-`ctx.source` (pipelines/sources.py) turns a batch into the objective's inputs; everything else is shared: accelerate's
+`ctx.source` (diffalign/engine/sources.py) turns a batch into the objective's inputs; everything else is shared: accelerate's
 accumulation (DDP no_sync on all but the last micro-step), mixed-precision autocast of the prepared model,
 `accelerator.backward`, clipping, the non-finite policy and the optimizer step.
 
@@ -56,18 +56,17 @@ class StepContext:
 KL_KEY = "engine_kl"  # a source's kwargs entry: (N,) KL to the reference, added by step_loss, not the objective
 
 
-def step_context(accelerator, family, prepared, source: str, run, **fields) -> StepContext:
-    """The StepContext both programs build after `accelerator.prepare`: DDP-aware denoise, the source's inputs, the
+def step_context(accelerator, family, prepared, source: Callable, run, **fields) -> StepContext:
+    """The StepContext both programs build after `accelerator.prepare`: DDP-aware denoise, the source's inputs
+    (`source`: its `inputs(ctx, batch, device)`), the
     run section's seed and clipping (`run`: TrainRunConfig or OnlineRunConfig), the cross-process mean; `fields` are
     the rest (objective, schedule, reference, estimator, params, optimizer, and on-line the sampler)."""
-    from pipelines.sources import SOURCES  # sources imports this module
-
     return StepContext(
         family=family,
         denoise=policy_through(family, prepared),
         seed=run.seed,
         max_grad_norm=run.max_grad_norm,
-        source=SOURCES[source].inputs,
+        source=source,
         reduce_mean=lambda x: accelerator.reduce(x, reduction="mean"),
         **fields,
     )

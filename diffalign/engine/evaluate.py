@@ -1,5 +1,5 @@
 """Base vs aligned on held-out prompts with the same seeds: rewards, win rate with a 95% CI, a table, a plot, a
-side-by-side sheet of the largest changes (pipelines.report) and report.html.
+side-by-side sheet of the largest changes (diffalign.engine.report) and report.html.
 
 The base model is the same network with its LoRA adapters off (`reference_mode`), so both image sets come from one
 loaded model. Used at the end of `diffalign train` and `diffalign online` and by the toy-world benchmark.
@@ -14,12 +14,12 @@ from pathlib import Path
 import torch
 
 from diffalign.config import EvalConfig
+from diffalign.engine.report import sheet_title, side_by_side, write_html
 from diffalign.errors import DiffalignError
 from diffalign.lora import reference_mode
 from diffalign.paths import TOY_HELDOUT
 from diffalign.rewards import load_scorer
 from diffalign.rewards.compare import mean_delta, win_rate
-from pipelines.report import sheet_title, side_by_side, write_html
 
 
 def read_eval_prompts(ecfg: EvalConfig) -> list[str]:
@@ -77,7 +77,7 @@ def evaluate_base_vs_lora(family, ecfg: EvalConfig, out_dir: Path, verbose: bool
         ("Scores", "report.png"),
         ("Base | aligned: largest changes", "sheet.png"),
         ("Learning curves", "curves.png"),
-        ("Reward-hacking guards (pipelines/guarding.py)", "guards.png"),
+        ("Reward-hacking guards (diffalign/engine/guarding.py)", "guards.png"),
     ]
     write_html(out_dir, "aligned vs base", intro, report, figures)
     if verbose:

@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 
 from diffalign.config import EvalConfig
+from diffalign.engine.evaluate import read_eval_prompts
 from diffalign.lora import reference_mode
 from diffalign.rewards import load_scorer
 from diffalign.rewards.compare import win_rate
-from pipelines.evaluate import read_eval_prompts
 
 MAX_PROMPTS = 16  # images per curve point: one seed per prompt
 

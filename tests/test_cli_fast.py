@@ -1,0 +1,63 @@
+"""Fast answers: `diffalign <command> --help` and a bad config value answer from the config schemas alone, without
+importing diffusers, transformers or open_clip (the programs import those, and are imported only to run); the
+--flags a program takes are declared in COMMANDS, so they must stay equal to its run() parameters."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import subprocess
+import sys
+
+import pytest
+
+from diffalign.pipelines.cli import COMMANDS
+
+HEAVY = ("diffusers", "transformers", "open_clip")
+# `python -m diffalign ARGS` in this process, then one line: the exit code and the heavy modules it imported
+RUN_AND_LIST = (
+    "import runpy, sys\n"
+    "try:\n"
+    "    runpy.run_module('diffalign', run_name='__main__')\n"
+    "except SystemExit as done:\n"
+    "    print(done.code, sorted(m for m in {heavy} if m in sys.modules))\n"
+).format(heavy=HEAVY)
+
+
+def run_cli(*args: str) -> tuple[int, list[str], str, str]:
+    """-> (exit code, heavy modules imported, stdout before the last line, stderr) of `python -m diffalign ARGS`."""
+    out = subprocess.run([sys.executable, "-c", RUN_AND_LIST, *args], capture_output=True, text=True, timeout=120)
+    *printed, last = out.stdout.rstrip("\n").split("\n")
+    code, _, heavy = last.partition(" ")
+    return int(code), eval(heavy), "\n".join(printed), out.stderr  # heavy: a printed list of str  # noqa: S307
+
+
+def test_a_bad_config_value_answers_without_the_heavy_libraries():
+    code, heavy, _, err = run_cli("train", "train.lr=abc")
+    assert code == 2 and heavy == []
+    assert err.strip() == "diffalign: error: train.lr='abc': expected a number"  # one line naming the key
+
+
+def test_help_answers_without_the_heavy_libraries():
+    code, heavy, out, _ = run_cli("train", "--help")
+    assert code == 0 and heavy == []
+    assert out.startswith("usage: diffalign train ") and "  train.lr (float, default 0.0001): " in out
+
+
+@pytest.mark.parametrize("args", [("online", "--resume"), ("generate", "--resume", "latest"), ("serve-reward", "x=1")])
+def test_bad_command_lines_answer_without_the_heavy_libraries(args):
+    code, heavy, _, err = run_cli(*args)
+    assert code == 2 and heavy == [] and len(err.strip().splitlines()) == 1, err
+
+
+def test_python_m_diffalign_is_the_command():
+    out = subprocess.run([sys.executable, "-m", "diffalign", "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.startswith("usage: diffalign <command>")
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_declared_options_are_the_programs_run_parameters(command):
+    spec = COMMANDS[command]
+    params = inspect.signature(importlib.import_module(spec.module).run).parameters
+    assert list(params)[:2] == ["config", "overrides"]
+    assert list(spec.options) == list(params)[2:]
