@@ -61,27 +61,18 @@ from PIL import Image  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from accelerate import Accelerator  # noqa: E402
 from bench_io import machine, write_results  # noqa: E402
-from diffusers.optimization import get_scheduler  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from diffalign.config import EstimatorConfig, LoraConfig, ObjectiveConfig, TrainConfig, from_dict  # noqa: E402
+from diffalign.config import ObjectiveConfig, RunConfig, from_dict, load_config  # noqa: E402
 from diffalign.data import CachedPairs, PreferencePairs, build_cache, collate, load_preferences  # noqa: E402
 from diffalign.data.sampler import EpochView, ResumableSampler  # noqa: E402
 from diffalign.engine.common import build_objective  # noqa: E402
+from diffalign.engine.run import Run  # noqa: E402
 from diffalign.engine.sources import pair_inputs  # noqa: E402
-from diffalign.engine.step import (  # noqa: E402
-    StepContext,
-    draw_t_and_eps,
-    family_inputs,
-    finish_step,
-    micro_step,
-    policy_through,
-    read_sums,
-)
+from diffalign.engine.step import draw_t_and_eps, family_inputs, finish_step, micro_step, read_sums  # noqa: E402
 from diffalign.likelihood import Schedule  # noqa: E402
-from diffalign.lora import add_lora, lora_targets, reference_mode  # noqa: E402
+from diffalign.lora import reference_mode  # noqa: E402
 
 GIB = 1024**3
 # size -> (pixel resolution, pairs per step, beta)
@@ -296,9 +287,10 @@ def held_bytes(modules: list, optimizers: list = ()) -> int:
 class Bench:
     """Shared state of the three rows: family (policy UNet + LoRA), reference copy, data iterators, optimizers."""
 
-    def __init__(self, args, accelerator: Accelerator, workdir: Path):
-        self.args, self.accelerator = args, accelerator
-        self.device = accelerator.device
+    def __init__(self, args, run: Run, workdir: Path):
+        """The policy, its LoRA, optimizer, schedule and step context come from the programs' own Run (a)."""
+        self.args, self.run, self.accelerator = args, run, run.accelerator
+        self.device = run.device
         resolution, default_pairs, default_beta = SIZES[args.size]
         self.pairs = args.pairs or default_pairs
         t0 = time.perf_counter()
@@ -309,8 +301,8 @@ class Bench:
         self.objective = build_objective(
             from_dict(ObjectiveConfig, {"name": "dpo", "beta": args.beta or default_beta})
         )
-        self.estimator = EstimatorConfig()
-        self.train_cfg = TrainConfig()
+        self.estimator = run.cfg.estimator
+        self.train_cfg = tc = run.opt
 
         # Data: the same pairs, raw (b) and cached (a); both iterate them in the same order.
         parquet = write_pairs(workdir / "pairs.parquet", max(4, 2 * self.pairs), resolution)
@@ -320,45 +312,25 @@ class Bench:
         self.iter_a = endless(self.cached, self.pairs)
         self.iter_b = endless(raw, self.pairs)
 
-        denoiser = family.denoiser
         self.ref_copy = None
         if "b" in args.rows:  # (b)'s reference: a frozen copy of the base UNet, made before the LoRA exists
-            self.ref_copy = copy.deepcopy(denoiser).requires_grad_(False).eval()
+            self.ref_copy = copy.deepcopy(family.denoiser).requires_grad_(False).eval()
         else:  # as pipelines/train.py from a finished cache: no VAE or text encoders in memory
             for name in [n for n in ("vae", "text_encoder", "text_encoder_2") if n in family.pipe.components]:
                 setattr(family.pipe, name, None)
             gc.collect()
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
-        if args.gradient_checkpointing:
-            family.enable_gradient_checkpointing()  # as pipelines/train.py: before add_lora
-        lora = LoraConfig()
-        targets = lora_targets(family, lora.preset, lora.target_modules)
-        self.params = add_lora(denoiser, lora.rank, lora.alpha, targets, lora.init)
-        tc = self.train_cfg
-        self.opt_a = torch.optim.AdamW(self.params, lr=tc.lr, weight_decay=tc.weight_decay)
+        run.load_model(family=family, reference="base")  # gradient checkpointing (before the LoRA), LoRA
+        self.params = run.params
+        run.build_optimizer(10**6)
+        self.lr_a = run.lr_scheduler
         self.opt_b = torch.optim.AdamW(self.params, lr=tc.lr, weight_decay=tc.weight_decay)
-        self.lr_a = get_scheduler(
-            tc.lr_schedule, self.opt_a, num_warmup_steps=tc.warmup_steps, num_training_steps=10**6
-        )
         # accelerate patches forward() with autocast when mixed_precision="bf16"; the copy gets the same treatment
-        self.prepared, self.opt_a = accelerator.prepare(denoiser, self.opt_a)
+        self.ctx = run.prepare(pair_inputs, objective=self.objective, schedule=self.schedule, estimator=self.estimator)
+        self.prepared, self.opt_a = run.prepared, run.optimizer
         if self.ref_copy is not None:
-            self.ref_copy = accelerator.prepare(self.ref_copy)
-        self.reference = lambda: reference_mode(denoiser)
-        self.ctx = StepContext(
-            family=family,
-            denoise=policy_through(family, self.prepared),
-            objective=self.objective,
-            schedule=self.schedule,
-            reference=self.reference,
-            estimator=self.estimator,
-            seed=0,
-            params=self.params,
-            optimizer=self.opt_a,
-            max_grad_norm=tc.max_grad_norm,
-            source=pair_inputs,
-        )
+            self.ref_copy = self.accelerator.prepare(self.ref_copy)
         self.gen = torch.Generator().manual_seed(0)
         self.sums: dict[str, float] = {}
         self._floor_inputs()
@@ -563,9 +535,14 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     mixed = {"fp32": "no", "bf16": "bf16"}[args.precision]
-    accelerator = Accelerator(mixed_precision=mixed, cpu=args.device == "cpu")
+    if args.device == "cpu":
+        os.environ["ACCELERATE_USE_CPU"] = "1"  # the Run's accelerator reads it, as `accelerate launch --cpu` sets it
     with tempfile.TemporaryDirectory(prefix="diffalign-bench-") as tmp:
-        bench = Bench(args, accelerator, Path(tmp))
+        overrides = [f"train.output_dir={tmp}/run", f"train.mixed_precision={mixed}", "train.tensorboard=false"]
+        overrides.append(f"train.gradient_checkpointing={str(args.gradient_checkpointing).lower()}")
+        cfg = load_config(RunConfig, None, overrides)
+        run = Run(cfg, cfg.train, "", unit="step", log_file="metrics.jsonl", default_name="run", grad_accum=1)
+        bench = Bench(args, run, Path(tmp))
         steps = {name: getattr(bench, f"step_{name}") for name in args.rows}
         probe = MemoryProbe(bench.device)
         results = measure(steps, probe, args.steps, args.warmup, log=(lambda *_: None) if args.quiet else print)

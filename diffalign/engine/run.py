@@ -80,17 +80,19 @@ class Run:
 
     # ---- model --------------------------------------------------------------------------------------------------
     def load_model(self, load_encoders: bool = True, whole_family: bool = False, reference: str = "base",
-                   old_adapter: bool = False):  # fmt: skip
-        """The family with LoRA on its denoiser, on the device (`whole_family`: the encoders and VAE too).
+                   old_adapter: bool = False, family=None):  # fmt: skip
+        """The family with LoRA on its denoiser, on the device (`whole_family`: the encoders and VAE too); `family`:
+        one built elsewhere and already on the device (benchmarks/train_step.py's random-weight sizes).
 
         reference: "none", "base" (the same network with its adapters off) or "adapter" (a second LoRA adapter
         "ref", a copy of the policy that the program refreshes); old_adapter: an "old" adapter, an EMA of the
         policy (DiffusionNFT). Every named adapter is part of the checkpoint and kept in fp32.
         """
         cfg, opt = self.cfg, self.opt
-        family = load_model(cfg.model, load_encoders=load_encoders, lora=cfg.lora, device=self.device)
-        family.set_resolution(cfg.model.resolution or family.resolution)  # FLUX: the shift depends on the size
-        (family if whole_family else family.denoiser).to(self.device)
+        if family is None:
+            family = load_model(cfg.model, load_encoders=load_encoders, lora=cfg.lora, device=self.device)
+            family.set_resolution(cfg.model.resolution or family.resolution)  # FLUX: the shift depends on the size
+            (family if whole_family else family.denoiser).to(self.device)
         if opt.gradient_checkpointing:
             family.enable_gradient_checkpointing()
         if opt.xformers:  # SDPA is every family's default
