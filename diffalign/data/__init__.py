@@ -23,7 +23,7 @@ from diffalign.data.pairs import (
     load_pair,
     plain_view,
 )
-from diffalign.data.sources import DataError, PreferenceRecord, PreferenceRows, PreferenceStream, load_preferences
+from diffalign.data.readers import DataError, PreferenceRecord, PreferenceRows, PreferenceStream, load_preferences
 
 __all__ = [
     "CacheError",

@@ -34,7 +34,7 @@ from diffalign.data.cache import (
 from diffalign.data.images import hflip as flip_image
 from diffalign.data.pairs import PreferencePairs, PreferencePairStream, collate, load_pair, plain_view
 from diffalign.data.shards import ShardFile, write_shard
-from diffalign.data.sources import DataError
+from diffalign.data.readers import DataError
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from diffalign.data.sources import DataError
+from diffalign.data.readers import DataError
 
 WHITE = (255, 255, 255)
 

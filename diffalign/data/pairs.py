@@ -23,7 +23,7 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from diffalign.data.images import hflip as flip_image
 from diffalign.data.images import load_image
-from diffalign.data.sources import DataError, PreferenceRecord, PreferenceRows, PreferenceStream
+from diffalign.data.readers import DataError, PreferenceRecord, PreferenceRows, PreferenceStream
 
 logger = logging.getLogger(__name__)
 
