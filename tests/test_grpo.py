@@ -54,6 +54,73 @@ def test_kl_term_by_hand():
     torch.testing.assert_close(loss, torch.tensor([0.4]))
 
 
+def test_flow_kl_is_flow_grpos_line():
+    """β means Flow-GRPO's β: GRPO's KL through grpo_inputs on the tiny SD3 (policy: LoRA with random B; reference:
+    LoRA off) equals yifan123/flow_grpo scripts/train_sd3.py's line, written out below on the same velocities at
+    every trained step (σ = 1 included), with std_dev_t and prev_sample_mean as its sde_step_with_logprob computes
+    them. The step's own std, std_dev_t sqrt(-dt), would give 1/(-dt) times it (x7.0, x3.9, x1.7 on this 4-step
+    grid)."""
+    from diffalign.lora import add_lora, reference_mode
+    from diffalign.models import load_family
+    from diffalign.online.steps import grpo_inputs
+    from diffalign.sampling import encode_guided, guided_prediction
+    from diffalign.sampling.flow_sde import FlowSDESampler
+
+    sd3 = load_family(str(REPO / "assets/tiny/sd3"))
+    add_lora(sd3.denoiser, 4, 4, sd3.lora_target_modules)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in sd3.denoiser.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    noise_level, guidance, prompts = 0.7, 2.0, ["a photo of a cat", "red dog"]
+    sampler = FlowSDESampler.for_family(sd3, 4, noise_level)
+    traj = sampler.sample(sd3, prompts, [1, 2], guidance, noise_seed=3)
+    cond = encode_guided(sd3, prompts, guidance)
+    reference = lambda: reference_mode(sd3.denoiser)  # noqa: E731
+    assert traj.num_steps == 3
+    for j in range(traj.num_steps):
+        timestep, sample = traj.timesteps[j], traj.latents[j]
+        _, _, mean, ref_mean, s = grpo_inputs(sd3, sd3.denoise, sampler, traj, prompts, torch.arange(2), j, reference)
+        zeros = torch.zeros(2)
+        _, metrics = GRPO(beta=0.04)(zeros, zeros, zeros, mean=mean, ref_mean=ref_mean, std=s)
+        with torch.no_grad():  # the official code, on the same velocities
+            model_output = guided_prediction(sd3, sample, timestep, cond, guidance)
+            with reference_mode(sd3.denoiser):
+                model_output_ref = guided_prediction(sd3, sample, timestep, cond, guidance)
+        i = sampler.index(timestep)
+        sigma, sigma_prev, sigma_max = sampler.sigmas[i], sampler.sigmas[i + 1], sampler.sigmas[1].item()
+        dt = sigma_prev - sigma
+        std_dev_t = torch.sqrt(sigma / (1 - torch.where(sigma == 1, sigma_max, sigma))) * noise_level
+        prev_sample_mean, prev_sample_mean_ref = (
+            sample * (1 + std_dev_t**2 / (2 * sigma) * dt) + v * (1 + std_dev_t**2 * (1 - sigma) / (2 * sigma)) * dt
+            for v in (model_output, model_output_ref)
+        )
+        kl_loss = ((prev_sample_mean - prev_sample_mean_ref) ** 2).mean(dim=(1, 2, 3), keepdim=True) / (
+            2 * std_dev_t**2
+        )
+        assert kl_loss.min() > 0
+        torch.testing.assert_close(metrics["kl"], kl_loss.flatten(), rtol=1e-3, atol=0)
+
+
+def test_ddim_kl_is_the_exact_kl_of_the_steps():
+    """On DDIM-eta (no official KL) the KL divides by the step's own std: the exact per-dimension KL of the policy's
+    and the reference's step Gaussians (torch.distributions), at every step."""
+    from diffalign.models import load_family
+    from diffalign.sampling import build_sampler
+
+    sampler = build_sampler(load_family(str(REPO / "assets/tiny/sd15"), load_encoders=False), "", 4, 1.0)
+    g = torch.Generator().manual_seed(0)
+    for t in sampler.scheduler.timesteps[:-1]:
+        pred, xt, ref_mean = (torch.randn(2, 4, 8, 8, generator=g) for _ in range(3))
+        mean, std = sampler.mean_std(pred, t, xt)
+        _, metrics = GRPO(beta=0.04)(*torch.zeros(3, 2), mean=mean, ref_mean=ref_mean, std=sampler.kl_std(t))
+        exact = torch.distributions.kl_divergence(
+            torch.distributions.Normal(mean, std), torch.distributions.Normal(ref_mean, std)
+        )
+        torch.testing.assert_close(metrics["kl"], exact.flatten(1).mean(1))
+
+
 def test_gradient_raises_logp_of_positive_advantage_and_stops_when_clipped():
     """d L / d logp = -A rho inside the trust region (descent raises logp where A > 0, lowers it where A < 0), and 0
     once the ratio left the region on the advantage's side."""

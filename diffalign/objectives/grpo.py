@@ -8,12 +8,16 @@ region around the policy that sampled them, with a KL pull towards the reference
     A_i   = clip((r_i - mean_group r) / (std + 1e-4), -c, c)                (diffalign.online.advantages)
     rho_i = exp(logp_θ(x_{k+1} | x_k) - logp_old(x_{k+1} | x_k))             logp_old stored at sampling time
     L_i   = max(-A_i rho_i, -A_i clip(rho_i, 1 - ε, 1 + ε)) + β KL_i
-    KL_i  = mean_dims (mu_θ - mu_ref)² / (2 s_k²)                            equal-variance Gaussians, closed form
+    KL_i  = mean_dims (mu_θ - mu_ref)² / (2 s_k²)                            s_k = sampler.kl_std(t_k)
 
-logp is a mean over latent dims (diffalign.likelihood.gaussian_log_prob), as in the official code; the KL drops the
-Δt of the exact KL, as the official code does (flow_grpo#22), so β = 0.04 means the paper's β. The reference is the
-base model (LoRA off). On the first optimizer step of a round the policy is the sampler, rho = 1 and the loss is
--mean(A) (+ 0 KL at LoRA init).
+logp is a mean over latent dims (diffalign.likelihood.gaussian_log_prob), as in the official code. What β means:
+- flow sampler: s_k is the SDE's noise scale a sqrt(σ/(1 - σ)), Flow-GRPO's `std_dev_t` (scripts/train_sd3.py), not
+  the step std s_k sqrt(-Δt); the exact KL of the step Gaussians would be 1/(-Δt) times larger (x3.7-x25 on SD3.5-M's
+  10 steps). The official code drops that Δt (flow_grpo#22; their first code kept it, with β 0.004), so β is theirs.
+- DDIM-eta: s_k is the step std η sqrt(var(t, t_prev)), so the KL is the exact per-dimension KL of the two steps
+  (DDPO has no KL; diffalign's own choice, no official scale to match).
+The reference is the base model (LoRA off). On the first optimizer step of a round the policy is the sampler, rho = 1
+and the loss is -mean(A) (+ 0 KL at LoRA init).
 
 Hand-computed check (tests/test_grpo.py): ε = 0.2, A = [1, -1], logp - logp_old = [ln 1.5, ln 0.5]:
     rho = [1.5, 0.5]; L_1 = max(-1.5, -1.2) = -1.2; L_2 = max(0.5, 0.8) = 0.8 (both clipped: no gradient).
@@ -54,7 +58,8 @@ class GRPO:
 
     def __call__(self, log_prob, old_log_prob, advantages, mean=None, ref_mean=None, std=None):
         """log_prob (B,) with grad, old_log_prob (B,) and advantages (B,) from the round; for β > 0 the step means
-        mean (B, ...) with grad, ref_mean (B, ...) and the step std s. -> loss (B,), metrics (B,)."""
+        mean (B, ...) with grad, ref_mean (B, ...) and the KL's s (`sampler.kl_std`, not the flow step's std).
+        -> loss (B,), metrics (B,)."""
         log_ratio = log_prob - old_log_prob.detach()  # (B,)
         ratio = torch.exp(log_ratio)
         a = advantages.to(log_prob)

@@ -9,7 +9,7 @@ diffalign.likelihood, diffalign.sampling and the objectives; the programs' regis
 - D3PO (`d3po_inputs`): stored step k of both chains of each pair; log-probs recomputed with CFG by the same
   step density the sampler used (`sampler.log_prob`: DDIM-eta or flow SDE).
 - GRPO (`grpo_inputs`): stored step k of single chains; the policy's step mean and log-prob, the sampling-time
-  log-prob, and the reference's step mean for the closed-form KL.
+  log-prob, and the reference's step mean and the sampler's `kl_std` for the closed-form KL.
 - Diffusion-DRO (`dro_inputs`): stacked [expert; policy]; experts forward-noised at the policy sample's t, policy
   half at a stored trajectory step with the snapshot's own prediction as target (Wu et al. 2025, Alg. 1).
 DRAGON's surrogates need nothing of their own: the generated x0 go through diffalign.likelihood.denoising_errors.
@@ -112,7 +112,9 @@ def dro_inputs(
 def grpo_inputs(family, denoise: Denoise, sampler, traj: Trajectory, prompts: list[str], idx: torch.Tensor, k: int,
                 reference: Reference | None):  # fmt: skip
     """GRPO at stored step k of chains idx (B,): log_prob (B,) with grad, old_log_prob (B,) stored by the sampler,
-    the policy's step mean (B, C, h, w) with grad, the reference's (None without `reference`) and the step std.
+    the policy's step mean (B, C, h, w) with grad, the reference's (None without `reference`) and the s the KL
+    divides by, `sampler.kl_std(t)`: on the flow sampler the noise scale s_sigma without the step's sqrt(-dt), as
+    Flow-GRPO's train_sd3.py (so objective.beta means theirs); on DDIM-eta the step std (the exact KL).
 
     `sampler` is the one the round was sampled with (diffalign.samplers); its `mean_std` is the step it drew from.
     """
@@ -128,4 +130,5 @@ def grpo_inputs(family, denoise: Denoise, sampler, traj: Trajectory, prompts: li
         with torch.no_grad(), reference():
             ref_mean, _ = sampler.mean_std(guided_prediction(policy, xt, t, cond, traj.guidance), t, xt)
     mean, std = sampler.mean_std(guided_prediction(policy, xt, t, cond, traj.guidance), t, xt)
-    return gaussian_log_prob(x_next, mean, std), traj.log_probs[k][idx].to(device), mean, ref_mean, std
+    kl_std = sampler.kl_std(t).to(device)  # not `std`: flow's step std has a sqrt(-dt) the official KL drops
+    return gaussian_log_prob(x_next, mean, std), traj.log_probs[k][idx].to(device), mean, ref_mean, kl_std
