@@ -121,6 +121,35 @@ def test_ddim_kl_is_the_exact_kl_of_the_steps():
         torch.testing.assert_close(metrics["kl"], exact.flatten(1).mean(1))
 
 
+def test_one_image_per_prompt_is_normalised_over_the_round_as_flow_grpo():
+    """G = 1: a group of one is its own mean (every A was 0, so only the KL trained, silently). Flow-GRPO then turns
+    its per-prompt tracker off and normalises over the batch (scripts/train_sd3.py, numpy's population std), written
+    out below: rewards [0.2, 0.9, 0.5] -> A = [-1.16, 1.28, -0.12]; then clipped to 5 like every advantage."""
+    rewards = torch.tensor([[0.2], [0.9], [0.5]])  # (P, G = 1)
+    r = rewards.flatten().numpy()
+    advantages = (r - r.mean()) / (r.std() + 1e-4)
+    for global_std in (True, False):
+        got = GRPO(global_std=global_std).advantages(rewards)
+        torch.testing.assert_close(got.flatten(), torch.as_tensor(advantages, dtype=torch.float32))
+    assert [round(a, 2) for a in advantages.tolist()] == [-1.16, 1.28, -0.12]
+    assert GRPO(adv_clip=1.0).advantages(rewards).abs().max() == 1.0
+
+
+def test_zero_advantage_chains_are_dropped_as_flow_grpo_unless_asked_to_keep():
+    """Flow-GRPO trains only on samples whose advantage is not 0 (train_sd3.py's mask): group 0 scores alike (all 0),
+    in group 1 the middle reward is its group's mean (A = 0); so of chains 0..5 only 3 and 5 remain by default."""
+    from diffalign.config import RoundsConfig
+    from diffalign.online.rounds import ROUND_SOURCES
+
+    rows = ROUND_SOURCES["policy_steps"].rows
+    rewards = torch.tensor([[0.7, 0.7, 0.7], [0.0, 0.5, 1.0]])  # (P, G)
+    first, second = rows(rewards, RoundsConfig(images_per_prompt=3), None, 0, torch.zeros(6))
+    assert first.tolist() == [3, 5] and second is rewards
+    assert GRPO().advantages(rewards).flatten()[first].abs().min() > 0
+    first, _ = rows(rewards, RoundsConfig(images_per_prompt=3, drop_zero_advantages=False), None, 0, torch.zeros(6))
+    assert first.tolist() == [0, 1, 2, 3, 4, 5]
+
+
 def test_gradient_raises_logp_of_positive_advantage_and_stops_when_clipped():
     """d L / d logp = -A rho inside the trust region (descent raises logp where A > 0, lowers it where A < 0), and 0
     once the ratio left the region on the advantage's side."""

@@ -16,8 +16,10 @@ logp is a mean over latent dims (diffalign.likelihood.gaussian_log_prob), as in 
   10 steps). The official code drops that Δt (flow_grpo#22; their first code kept it, with β 0.004), so β is theirs.
 - DDIM-eta: s_k is the step std η sqrt(var(t, t_prev)), so the KL is the exact per-dimension KL of the two steps
   (DDPO has no KL; diffalign's own choice, no official scale to match).
-The reference is the base model (LoRA off). On the first optimizer step of a round the policy is the sampler, rho = 1
-and the loss is -mean(A) (+ 0 KL at LoRA init).
+The reference is the base model (LoRA off). With one image per prompt the advantage is over the round (Flow-GRPO's
+batch normalisation); chains with A = 0 are dropped from the round (online.drop_zero_advantages, as Flow-GRPO), so
+the KL is averaged over the informative chains only. On the first optimizer step of a round the policy is the
+sampler, rho = 1 and the loss is -mean(A) (+ 0 KL at LoRA init).
 
 Hand-computed check (tests/test_grpo.py): ε = 0.2, A = [1, -1], logp - logp_old = [ln 1.5, ln 0.5]:
     rho = [1.5, 0.5]; L_1 = max(-1.5, -1.2) = -1.2; L_2 = max(0.5, 0.8) = 0.8 (both clipped: no gradient).
