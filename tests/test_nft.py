@@ -114,6 +114,56 @@ def test_old_policy_decay_and_ema():
     assert torch.allclose(old["a.lora_A.old.weight"], torch.full((2,), 0.75))
 
 
+def test_adapters_are_fp32_on_a_bf16_base_so_a_small_ema_step_moves_the_old_policy():
+    """Tiny SD3 loaded in bf16: the trained adapter (add_lora) and the copies (add_adapter_copy: the "old" policy,
+    the refreshed "ref") are fp32; the copies are frozen and equal to "default", which stays the one trained. An EMA
+    step (decay 0.9) towards a policy 0.1 % away moves each weight by 1e-4 of itself, under half a bf16 ulp (2^-9 to
+    2^-8 of it): it moves every fp32 old weight exactly as the fp32 lerp, and no weight of a bf16 copy (what peft
+    made before). The fp32 old adapter runs on the bf16 base and gives bf16."""
+    from diffalign.lora import add_adapter_copy, add_lora
+    from diffalign.models import load_family
+    from diffalign.online.old_policy import OLD_ADAPTER
+    from diffalign.online.rounds import adapter_mode
+
+    sd3 = load_family(str(REPO / "assets/tiny/sd3"), dtype=torch.bfloat16)
+    denoiser = sd3.denoiser
+    trained = add_lora(denoiser, 4, 4, sd3.lora_target_modules)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in trained:  # lora_B is 0 at init: give every weight a value an EMA step can scale
+            p.copy_(torch.randn(p.shape, generator=g))
+    old, ref = add_adapter_copy(denoiser, OLD_ADAPTER), add_adapter_copy(denoiser, "ref")
+    policy = {n: p for n, p in denoiser.named_parameters() if p.requires_grad}
+    assert denoiser.dtype == torch.bfloat16 and denoiser.active_adapters() == ["default"]
+    assert {id(p) for p in trained} == {id(p) for p in policy.values()} and all(".default." in n for n in policy)
+    assert all(p.dtype == torch.float32 for p in trained)
+    for name, copies in ((OLD_ADAPTER, old), ("ref", ref)):
+        assert len(copies) == len(policy)
+        for n, p in policy.items():
+            c = copies[n.replace(".default.", f".{name}.")]
+            assert c.dtype == torch.float32 and not c.requires_grad and torch.equal(c, p)
+
+    before = {n: o.detach().clone() for n, o in old.items()}
+    bf16 = {n: o.detach().to(torch.bfloat16) for n, o in old.items()}  # the old adapter in the base's dtype
+    bf16_before = {n: o.clone() for n, o in bf16.items()}
+    with torch.no_grad():
+        for p in policy.values():
+            p.mul_(1.001)
+    update_old(policy, old, 0.9)
+    update_old(policy, bf16, 0.9)
+    for n, p in policy.items():
+        o = n.replace(".default.", f".{OLD_ADAPTER}.")
+        assert (old[o] != before[o]).all() and torch.equal(bf16[o], bf16_before[o])
+        torch.testing.assert_close(old[o], before[o].lerp(p.detach(), 0.1), rtol=0, atol=0)
+
+    h = sd3.resolution // sd3.vae_scale_factor
+    xt = torch.randn(1, sd3.latent_channels, h, h, generator=g).to(torch.bfloat16)
+    with torch.no_grad(), adapter_mode(denoiser, OLD_ADAPTER):
+        out = sd3.denoise(xt, torch.tensor([500.0]), sd3.encode_prompts(["a red cat"]))
+    assert out.dtype == torch.bfloat16 and out.isfinite().all()
+    assert not any(p.requires_grad for p in old.values()) and all(p.requires_grad for p in policy.values())
+
+
 # ---- the round loop ---------------------------------------------------------------------------------------------
 
 TOY_NFT = [
