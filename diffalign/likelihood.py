@@ -77,7 +77,7 @@ class Schedule:
         """
         if self.prediction_type != "flow":
             raise ValueError(f"sigma is defined for flow schedules, not '{self.prediction_type}'")
-        if t.is_floating_point():  # a sampler's continuous timestep sigma * T (diffalign.sampling.flow_sde), off the table
+        if t.is_floating_point():  # a sampler's timestep sigma * T (diffalign.sampling.flow_sde), off the table
             return t.float() / self.num_train_timesteps
         from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -234,4 +234,3 @@ def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor | f
     var = std.float() ** 2
     lp = -((x.float() - mean.float()) ** 2) / (2 * var) - torch.log(std.float()) - 0.5 * math.log(2 * math.pi)
     return lp.flatten(1).mean(1)
-

@@ -1,71 +1,86 @@
 """`diffalign <command> [CONFIG.yaml] [a.b=value ...] [--resume latest|PATH] [--print-config] [-h]`.
 
-One literal dict maps a command to the program that runs it, its config class and one runnable example.
-`diffalign <command> --help` prints the usage, the example and every config key of the command (grouped by
+One literal dict maps a command to the program that runs it, its config class, one runnable example and its
+--flags. `diffalign <command> --help` prints the usage, the example and every config key of the command (grouped by
 section, with type, default and doc, generated from the dataclasses); `--print-config` prints the resolved config
 and exits. Bad input (a DiffalignError, or a missing/unreadable file) prints one line naming the item and exits 2;
 set DIFFALIGN_DEBUG=1 for the traceback.
+
+Fast answers: help, a bad flag and a bad config value answer from COMMANDS and diffalign.config alone (torch, but
+not diffusers, transformers or open_clip); the program module, which imports those, is imported only to run.
 """
 
 from __future__ import annotations
 
 import difflib
 import importlib
-import inspect
 import os
 import sys
+from typing import NamedTuple
 
 from diffalign.errors import DiffalignError
 
-# command -> (program module, config class in diffalign.config, what it does, one runnable example)
+
+class Command(NamedTuple):
+    module: str  # the program: its run(config, overrides, **options) does the work
+    config: str  # its config class in diffalign.config
+    what: str  # one line for the command list
+    example: str  # one runnable command line
+    options: dict[str, str] = {}  # the --flags run() takes besides config and overrides -> how help shows the value
+    positional: str = ""  # the key a bare argument that is not a YAML file sets (`serve-reward NAME`)
+
+
 COMMANDS = {
-    "train": (
-        "pipelines.train",
+    "train": Command(
+        "diffalign.pipelines.train",
         "RunConfig",
         "align a model with a preference objective (no config: the toy world)",
         "diffalign train train.max_steps=20 eval.max_prompts=4 train.output_dir=runs/toy-dpo",
+        options={"resume": "latest|PATH"},
     ),
-    "generate": (
-        "pipelines.generate",
+    "generate": Command(
+        "diffalign.pipelines.generate",
         "GenerateConfig",
         "generate images with a base model and LoRAs; writes a manifest and a grid",
         'diffalign generate prompt="a small red circle at the top left" images_per_prompt=4 output_dir=outputs/base',
     ),
-    "cache": (
-        "pipelines.cache",
+    "cache": Command(
+        "diffalign.pipelines.cache",
         "RunConfig",
         "encode a preference dataset once into VAE latents + text embeddings",
         "diffalign cache data.cache_dir=cache/toy",
     ),
-    "export": (
-        "pipelines.export",
+    "export": Command(
+        "diffalign.pipelines.export",
         "ExportConfig",
         "convert a LoRA: diffusers -> kohya/A1111/ComfyUI (format=kohya) and back",
         "diffalign export src=runs/toy-dpo/lora out=toy_dpo_kohya.safetensors format=kohya",
     ),
-    "score": (
-        "pipelines.score",
+    "score": Command(
+        "diffalign.pipelines.score",
         "ScoreConfig",
         "score an image folder or generate manifest with reward models; per-image JSONL",
         "diffalign score images=outputs/base scorers=[toy_aesthetic,toy_fidelity]",
     ),
-    "compare": (
-        "pipelines.compare",
+    "compare": Command(
+        "diffalign.pipelines.compare",
         "CompareConfig",
         "aligned vs base images paired by prompt and seed: win rates, deltas, report",
         "diffalign compare base=outputs/base aligned=outputs/aligned scorers=[toy_aesthetic,toy_fidelity]",
     ),
-    "online": (
-        "pipelines.online",
+    "online": Command(
+        "diffalign.pipelines.online",
         "OnlineConfig",
         "on-policy alignment rounds: sample, score, pair, train (D3PO, DRAGON, DRO)",
         "diffalign online configs/toy_dragon.yaml online.rounds=2",
+        options={"resume": "latest|PATH"},
     ),
-    "serve-reward": (
-        "pipelines.serve_reward",
+    "serve-reward": Command(
+        "diffalign.pipelines.serve_reward",
         "ServeRewardConfig",
         "serve one scorer over HTTP for the `remote` scorer (POST /score)",
         "diffalign serve-reward scorer=toy_aesthetic port=8765",
+        positional="scorer",
     ),
 }
 
@@ -77,7 +92,7 @@ USAGE = (
 )
 HELP_FLAGS = ("-h", "--help")
 SWITCHES = ("print-config",)  # flags without a value
-OPTION_VALUES = {"resume": "latest|PATH"}  # how help shows a --flag's value
+YAML = (".yaml", ".yml")
 
 
 def split_args(args: list[str]) -> tuple[str | None, list[str], dict[str, str]]:
@@ -109,24 +124,17 @@ def split_args(args: list[str]) -> tuple[str | None, list[str], dict[str, str]]:
 def config_class(command: str) -> type:
     import diffalign.config
 
-    return getattr(diffalign.config, COMMANDS[command][1])
-
-
-def options_of(module) -> list[str]:
-    """The --flags a program takes: the keyword parameters of its run() besides config and overrides."""
-    return [p for p in inspect.signature(module.run).parameters if p not in ("config", "overrides")]
+    return getattr(diffalign.config, COMMANDS[command].config)
 
 
 def command_help(command: str) -> str:
     from diffalign.config import describe
 
-    module_name, _, what, example = COMMANDS[command]
-    options = "".join(
-        f" [--{name} {OPTION_VALUES.get(name, 'VALUE')}]" for name in options_of(importlib.import_module(module_name))
-    )
+    spec = COMMANDS[command]
+    options = "".join(f" [--{name} {value}]" for name, value in spec.options.items())
     return (
-        f"usage: diffalign {command} [CONFIG.yaml] [key=value ...]{options} [--print-config] [-h]\n\n{what}\n\n"
-        f"example:\n  {example}\n\n"
+        f"usage: diffalign {command} [CONFIG.yaml] [key=value ...]{options} [--print-config] [-h]\n\n{spec.what}\n\n"
+        f"example:\n  {spec.example}\n\n"
         'config keys (in CONFIG.yaml, or key=value; lists key=[a,b], mappings key="{a: 1}"):\n\n'
         + describe(config_class(command))
     )
@@ -149,16 +157,23 @@ def main(argv: list[str] | None = None) -> int:
         print(command_help(command))
         return 0
     try:
+        spec = COMMANDS[command]
         config, overrides, flags = split_args(rest)
-        if flags.pop("print-config", None):
-            return print_config(command, config, overrides)
-        module = importlib.import_module(COMMANDS[command][0])
-        known = options_of(module)
+        if spec.positional and config is not None and not config.endswith(YAML):
+            config, overrides = None, [f"{spec.positional}={config}", *overrides]
+        print_only = flags.pop("print-config", None)
         for name in flags:
-            if name not in known:
-                options = ", ".join(f"--{k}" for k in [*known, *SWITCHES])
+            if name not in spec.options:
+                options = ", ".join(f"--{k}" for k in [*spec.options, *SWITCHES])
                 raise DiffalignError(f"{command}: unknown option --{name} (options: {options}, -h)")
-        module.run(config, overrides, **flags)
+        from diffalign.config import load_config
+
+        # A bad value answers here, before the program's imports (diffusers, transformers, ...); the program loads
+        # the config again from the same arguments.
+        cfg = load_config(config_class(command), config, overrides)
+        if print_only:
+            return print_config(cfg)
+        importlib.import_module(spec.module).run(config, overrides, **flags)
     except (DiffalignError, OSError) as err:
         if os.environ.get("DIFFALIGN_DEBUG"):
             raise
@@ -168,13 +183,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def print_config(command: str, config: str | None, overrides: list[str]) -> int:
+def print_config(cfg) -> int:
     """Print the resolved config (every key, defaults filled in) as YAML, without running anything."""
     import yaml
 
-    from diffalign.config import load_config, to_dict
+    from diffalign.config import to_dict
 
-    cfg = load_config(config_class(command), config, overrides)
     print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
     return 0
 

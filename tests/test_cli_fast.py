@@ -6,30 +6,30 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import json
 import subprocess
 import sys
 
 import pytest
-
 from diffalign.pipelines.cli import COMMANDS
 
 HEAVY = ("diffusers", "transformers", "open_clip")
 # `python -m diffalign ARGS` in this process, then one line: the exit code and the heavy modules it imported
 RUN_AND_LIST = (
-    "import runpy, sys\n"
+    "import json, runpy, sys\n"
     "try:\n"
     "    runpy.run_module('diffalign', run_name='__main__')\n"
     "except SystemExit as done:\n"
-    "    print(done.code, sorted(m for m in {heavy} if m in sys.modules))\n"
-).format(heavy=HEAVY)
+    f"    print(json.dumps([done.code, sorted(m for m in {HEAVY} if m in sys.modules)]))\n"
+)
 
 
 def run_cli(*args: str) -> tuple[int, list[str], str, str]:
     """-> (exit code, heavy modules imported, stdout before the last line, stderr) of `python -m diffalign ARGS`."""
     out = subprocess.run([sys.executable, "-c", RUN_AND_LIST, *args], capture_output=True, text=True, timeout=120)
     *printed, last = out.stdout.rstrip("\n").split("\n")
-    code, _, heavy = last.partition(" ")
-    return int(code), eval(heavy), "\n".join(printed), out.stderr  # heavy: a printed list of str  # noqa: S307
+    code, heavy = json.loads(last)
+    return code, heavy, "\n".join(printed), out.stderr
 
 
 def test_a_bad_config_value_answers_without_the_heavy_libraries():
