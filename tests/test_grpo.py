@@ -188,7 +188,7 @@ TINY = [
 def test_online_grpo_round_first_step_is_on_policy(tmp_path, monkeypatch, model, eta):
     """One round: the first optimizer step is on-policy (ratio 1 up to float rounding, loss = -mean A of its rows,
     KL 0 at LoRA init); the second, after an update, is not."""
-    from pipelines.online import run
+    from diffalign.pipelines.online import run
 
     monkeypatch.chdir(REPO)
     prompts = tmp_path / "prompts.txt"
@@ -217,7 +217,7 @@ NEGATED = ["online.reward=multi", "online.reward_args={components: {toy_aestheti
 def test_toy_grpo_moves_aesthetic_the_rewarded_way(tmp_path, monkeypatch, negate):
     """configs/toy_grpo.yaml (DDIM-eta steps on the DDPM toy), cut to 4 rounds (CI time), raises toy_aesthetic on held-out
     prompts; trained on -toy_aesthetic it lowers it (fails if the advantage or ratio sign were flipped anywhere)."""
-    from pipelines.online import run
+    from diffalign.pipelines.online import run
 
     monkeypatch.chdir(REPO)
     extra = NEGATED if negate else []
@@ -240,7 +240,7 @@ def test_toy_grpo_moves_aesthetic_the_rewarded_way(tmp_path, monkeypatch, negate
 def test_toy_flow_grpo_beats_the_base(tmp_path, monkeypatch):
     """configs/toy_flow_grpo.yaml (Flow-GRPO's SDE on the flow toy), cut to 8 rounds: a held-out win rate the base
     cannot have (it ties itself: 50%) and no reward hacking."""
-    from pipelines.online import run
+    from diffalign.pipelines.online import run
 
     monkeypatch.chdir(REPO)
     out = run(

@@ -193,9 +193,8 @@ def _rows(out):
 def test_online_nft_on_the_toy_runs_resumes_and_keeps_the_old_adapter(tmp_path, monkeypatch):
     """Round 1 starts at LoRA init (old = θ: old_deviate 0); with d = min(0.001 step, 0.5) the old adapter moves
     almost all the way to θ after round 1; resume continues at round 2."""
+    from diffalign.pipelines.online import run
     from safetensors.torch import load_file
-
-    from pipelines.online import run
 
     monkeypatch.chdir(REPO)
     out = tmp_path / "run"
@@ -210,7 +209,7 @@ def test_online_nft_on_the_toy_runs_resumes_and_keeps_the_old_adapter(tmp_path, 
 
 def test_online_nft_on_tiny_sd3_flow_runs_one_round(tmp_path, monkeypatch):
     """A flow family: rounds sampled by the Euler ODE (the flow sampler at noise level 0), the loss on the flow target."""
-    from pipelines.online import run
+    from diffalign.pipelines.online import run
 
     monkeypatch.chdir(REPO)
     prompts = tmp_path / "prompts.txt"
@@ -228,8 +227,9 @@ def test_online_nft_on_tiny_sd3_flow_runs_one_round(tmp_path, monkeypatch):
 
 
 def test_online_nft_rejects_groups_of_one_and_shared_noise(tmp_path, monkeypatch):
+    from diffalign.pipelines.online import run
+
     from diffalign.errors import DiffalignError
-    from pipelines.online import run
 
     monkeypatch.chdir(REPO)
     with pytest.raises(DiffalignError, match="images_per_prompt must be >= 2"):
@@ -253,7 +253,7 @@ needs_toy = pytest.mark.skipif(
 def test_toy_nft_moves_the_aesthetic_the_way_of_the_advantages(tmp_path, monkeypatch, negate, config):
     """configs/toy_nft.yaml (DDPM toy) and configs/toy_flow_nft.yaml (flow toy) raise the held-out toy aesthetic;
     with the advantages negated they lower it. One objective, both eras."""
-    from pipelines.online import run
+    from diffalign.pipelines.online import run
 
     monkeypatch.chdir(REPO)
     extra = ["objective.negate_advantages=true"] if negate else []

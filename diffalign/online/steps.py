@@ -4,7 +4,7 @@ Each function gathers its tensors from a round (a diffalign.sampling.Trajectory 
 policy through `denoise` (the caller's DDP-aware `family.denoise`) and the reference under no_grad inside
 `reference()`, and returns what the objective takes in place of `(err, ref_err)`. The maths stays in
 diffalign.likelihood, diffalign.sampling and the objectives; the programs' registry of sources
-(pipelines/sources.py) calls these:
+(diffalign/engine/sources.py) calls these:
 
 - D3PO (`d3po_inputs`): stored step k of both chains of each pair; log-probs recomputed with CFG by the same
   step density the sampler used (`sampler.log_prob`: DDIM-eta or flow SDE).
@@ -54,7 +54,7 @@ def d3po_inputs(
     """Step log-probs (2B,) with grad and reference (2B,) without, at trajectory step k for pairs (idx_w, idx_l),
     and with `with_kl` the step KL of the policy to the reference (2B,) with grad (else None).
 
-    `sampler` is the one the round was sampled with (diffalign.samplers: DDIM-eta or flow SDE); its `log_prob` is
+    `sampler` is the one the round was sampled with (diffalign.sampling: DDIM-eta or flow SDE); its `log_prob` is
     the step density the sampler drew from, its `mean_std` that density's mean and std.
     """
     device = family.denoiser.device
@@ -116,7 +116,7 @@ def grpo_inputs(family, denoise: Denoise, sampler, traj: Trajectory, prompts: li
     divides by, `sampler.kl_std(t)`: on the flow sampler the noise scale s_sigma without the step's sqrt(-dt), as
     Flow-GRPO's train_sd3.py (so objective.beta means theirs); on DDIM-eta the step std (the exact KL).
 
-    `sampler` is the one the round was sampled with (diffalign.samplers); its `mean_std` is the step it drew from.
+    `sampler` is the one the round was sampled with (diffalign.sampling); its `mean_std` is the step it drew from.
     """
     if traj.log_probs is None:
         raise ValueError("grpo_inputs: the trajectory has no log-probs (sample with eta / noise level > 0)")
