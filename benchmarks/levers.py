@@ -32,9 +32,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from accelerate import Accelerator  # noqa: E402
 from bench_io import machine, write_results  # noqa: E402
-from train_step import DTYPES, GIB, SIZES, Bench, MemoryProbe, measure  # noqa: E402
+from train_step import DTYPES, GIB, SIZES, Bench, MemoryProbe, bench_run, measure  # noqa: E402
 
 from diffalign.config import ObjectiveConfig, from_dict  # noqa: E402
 from diffalign.engine.common import build_objective  # noqa: E402
@@ -136,9 +135,8 @@ def main(argv=None) -> dict:
     # Bench reads these train_step options; levers always measure row (a) from its default state.
     args.precision, args.gradient_checkpointing, args.beta, args.rows = "fp32", False, 0.0, "a"
 
-    accelerator = Accelerator(mixed_precision="no", cpu=args.device == "cpu")
     with tempfile.TemporaryDirectory(prefix="diffalign-levers-") as tmp:
-        bench = Bench(args, accelerator, Path(tmp))
+        bench = Bench(args, bench_run(args, Path(tmp)), Path(tmp))
         lever = LeverStep(bench)
         probe = MemoryProbe(bench.device)
         steps = {name: partial(lever.step, LEVERS[name]) for name in names}

@@ -69,10 +69,10 @@ from diffalign.data import CachedPairs, PreferencePairs, build_cache, collate, l
 from diffalign.data.sampler import EpochView, ResumableSampler  # noqa: E402
 from diffalign.engine.common import build_objective  # noqa: E402
 from diffalign.engine.run import Run  # noqa: E402
-from diffalign.engine.sources import pair_inputs  # noqa: E402
 from diffalign.engine.step import draw_t_and_eps, family_inputs, finish_step, micro_step, read_sums  # noqa: E402
 from diffalign.likelihood import Schedule  # noqa: E402
 from diffalign.lora import reference_mode  # noqa: E402
+from diffalign.sources.pairs import Pairs  # noqa: E402
 
 GIB = 1024**3
 # size -> (pixel resolution, pairs per step, beta)
@@ -322,12 +322,12 @@ class Bench:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
         run.load_model(family=family, reference="base")  # gradient checkpointing (before the LoRA), LoRA
-        self.params = run.params
+        self.params, self.reference = run.params, run.reference
         run.build_optimizer(10**6)
         self.lr_a = run.lr_scheduler
         self.opt_b = torch.optim.AdamW(self.params, lr=tc.lr, weight_decay=tc.weight_decay)
         # accelerate patches forward() with autocast when mixed_precision="bf16"; the copy gets the same treatment
-        self.ctx = run.prepare(pair_inputs, objective=self.objective, schedule=self.schedule, estimator=self.estimator)
+        self.ctx = run.prepare(Pairs(), objective=self.objective, schedule=self.schedule, estimator=self.estimator)
         self.prepared, self.opt_a = run.prepared, run.optimizer
         if self.ref_copy is not None:
             self.ref_copy = self.accelerator.prepare(self.ref_copy)
@@ -530,19 +530,23 @@ def parse_args(argv=None):
     return args
 
 
+def bench_run(args, tmp: Path) -> Run:
+    """The programs' Run for the benchmark: its accelerator (device, precision), LoRA, optimizer and schedule."""
+    if args.device == "cpu":
+        os.environ["ACCELERATE_USE_CPU"] = "1"  # the Run's accelerator reads it, as `accelerate launch --cpu` sets it
+    mixed = {"fp32": "no", "bf16": "bf16"}[args.precision]
+    overrides = [f"train.output_dir={tmp}/run", f"train.mixed_precision={mixed}", "train.tensorboard=false"]
+    overrides.append(f"train.gradient_checkpointing={str(args.gradient_checkpointing).lower()}")
+    cfg = load_config(RunConfig, None, overrides)
+    return Run(cfg, cfg.train, "", unit="step", log_file="metrics.jsonl", default_name="run", grad_accum=1)
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    mixed = {"fp32": "no", "bf16": "bf16"}[args.precision]
-    if args.device == "cpu":
-        os.environ["ACCELERATE_USE_CPU"] = "1"  # the Run's accelerator reads it, as `accelerate launch --cpu` sets it
     with tempfile.TemporaryDirectory(prefix="diffalign-bench-") as tmp:
-        overrides = [f"train.output_dir={tmp}/run", f"train.mixed_precision={mixed}", "train.tensorboard=false"]
-        overrides.append(f"train.gradient_checkpointing={str(args.gradient_checkpointing).lower()}")
-        cfg = load_config(RunConfig, None, overrides)
-        run = Run(cfg, cfg.train, "", unit="step", log_file="metrics.jsonl", default_name="run", grad_accum=1)
-        bench = Bench(args, run, Path(tmp))
+        bench = Bench(args, bench_run(args, Path(tmp)), Path(tmp))
         steps = {name: getattr(bench, f"step_{name}") for name in args.rows}
         probe = MemoryProbe(bench.device)
         results = measure(steps, probe, args.steps, args.warmup, log=(lambda *_: None) if args.quiet else print)

@@ -390,13 +390,13 @@ class RoundsConfig:
     monitor: Annotated[list[str], SCORER] = field(default_factory=lambda: ["toy_fidelity"])
     """Extra scorers logged per round (not trained on): the reward-hacking check."""
     split: Annotated[str, OneOf("all_pairs", "best_worst", "top_bottom")] = "all_pairs"
-    """Pair / set rule (diffalign.online.pairs): all_pairs (D3PO), best_worst (DRAGON-DPO), top_bottom (DRAGON-KTO)."""
+    """Pair / set rule (diffalign.online.pairing): all_pairs (D3PO), best_worst (DRAGON-DPO), top_bottom (DRAGON-KTO)."""
     min_gap: Annotated[float, NON_NEGATIVE] = 0.0
     """Pairs need a reward gap above this (smaller gaps count as ties and are skipped)."""
     fraction: Annotated[float, Range(gt=0, le=0.5)] = 0.25
     """top_bottom: share of the round that is desirable (and the same share undesirable)."""
     labels_file: str = ""
-    """Human pair choices (JSON, see diffalign.online.pairs.pairs_from_labels) instead of the reward; ties skipped."""
+    """Human pair choices (JSON, see diffalign.online.pairing.pairs_from_labels) instead of the reward; ties skipped."""
     train_steps: Annotated[int, AT_LEAST_1] = 4
     """Optimizer steps per round (K)."""
     batch_size: Annotated[int, AT_LEAST_1] = 8

@@ -49,7 +49,7 @@ class PixelEncoder:
 
 
 def toy_stats_encoder():
-    from diffalign.online.experts import ToyStatsEncoder
+    from diffalign.online.exemplars import ToyStatsEncoder
 
     return ToyStatsEncoder()
 

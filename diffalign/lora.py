@@ -112,6 +112,23 @@ def reference_mode(denoiser):
         denoiser.enable_adapters()
 
 
+@contextmanager
+def adapter_mode(denoiser, adapter: str):
+    """Inside the block only `adapter` is active; "default" (the trained policy) is active again on exit."""
+    denoiser.set_adapter(adapter)
+    try:
+        yield denoiser
+    finally:
+        denoiser.set_adapter("default")
+
+
+def copy_policy_to_ref(policy: dict, ref: dict) -> None:
+    """ref adapter <- current policy adapter ("...lora_A.default.weight" -> "...lora_A.ref.weight")."""
+    with torch.no_grad():
+        for n, p in policy.items():
+            ref[n.replace(".default.", ".ref.")].copy_(p)
+
+
 def lora_state_dict(denoiser, adapter_name: str = "default") -> dict[str, torch.Tensor]:
     """The adapter's weights in diffusers key format (no "unet." prefix; the writer adds it).
 

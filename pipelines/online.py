@@ -6,7 +6,7 @@ is refreshed) -> build the reward (instance, distribution-level or exemplar-set)
 with a JSONL + tensorboard log, a grid PNG and a resumable checkpoint per round -> save the LoRA -> base vs aligned
 on held-out prompts (diffalign.engine.evaluate), plus the Fréchet distance to the exemplar set when the reward has one.
 
-One engine: a round is a small dataset (`diffalign.engine.sources.Round`: rows of indices into the round's chains), and
+One engine: a round is a small dataset (`diffalign.sources.Round`: rows of indices into the round's chains), and
 its optimizer steps are the same `micro_step` / `finish_step` as `diffalign train` (accelerate prepare, accumulate,
 backward, clipping, mixed precision, the non-finite skip-and-count policy). The objective's `sources` metadata picks
 the on-line source once: trajectory (D3PO: stored steps, per-step log-probs), round_pairs / round_sets (DRAGON:
@@ -42,7 +42,6 @@ from diffalign.config import OnlineConfig, load_config
 from diffalign.engine.common import build_objective, data_source, save_grid
 from diffalign.engine.curves import ROUND_KEYS
 from diffalign.engine.run import Run
-from diffalign.engine.sources import SOURCES, Round, objectives_for, source_for
 from diffalign.engine.step import (
     ROWS_STREAM,
     WINDOW_STREAM,
@@ -53,19 +52,15 @@ from diffalign.engine.step import (
     read_sums,
     sum_over_processes,
 )
-from diffalign.errors import DiffalignError
 from diffalign.likelihood import Schedule
+from diffalign.lora import adapter_mode, copy_policy_to_ref
 from diffalign.models import default_guidance
 from diffalign.models.toy import to_pil
-from diffalign.objectives import OBJECTIVES
-from diffalign.online.experts import preference_winners
+from diffalign.online.exemplars import preference_winners
 from diffalign.online.old_policy import OLD_ADAPTER, OLD_DECAY, update_old
-from diffalign.online.pairs import read_labels
+from diffalign.online.pairing import read_labels
 from diffalign.online.rounds import (
-    ROUND_SOURCES,
-    adapter_mode,
     build_reward,
-    copy_policy_to_ref,
     eval_fd,
     plan_round,
     read_train_prompts,
@@ -75,26 +70,15 @@ from diffalign.online.rounds import (
 )
 from diffalign.rewards import load_scorer
 from diffalign.sampling import build_sampler, random_window, window_range
+from diffalign.sources import Round, source_of
 
 
 def run(config: str | None = None, overrides: list[str] | tuple = (), resume: str = "") -> Path:
     cfg: OnlineConfig = load_config(OnlineConfig, config, list(overrides))
     rc, name = cfg.online, cfg.objective.name
     objective = build_objective(cfg.objective)
-    source = source_for(OBJECTIVES[name], "online")
-    if source is None:
-        options = ", ".join(objectives_for("online", OBJECTIVES))
-        raise DiffalignError(f"online: objective '{name}' cannot train on-line (options: {options})")
-    rs, stepwise = ROUND_SOURCES[source], SOURCES[source].stepwise
-    if rs.rules is not None and rc.split not in rs.rules:
-        raise DiffalignError(
-            f"online.split '{rc.split}' does not fit objective '{name}' (options: {', '.join(rs.rules)})"
-        )
-    own_kl = getattr(OBJECTIVES[name], "own_kl", "")
-    if rc.kl_weight > 0 and own_kl:
-        raise DiffalignError(f"online.kl_weight: objective '{name}' has a KL term of its own (objective.{own_kl})")
-    if rc.sde_window_size and rc.sde_window:
-        raise DiffalignError("online: set sde_window (fixed) or sde_window_size (random start), not both")
+    source = source_of(cfg, "online")  # the objective's source, config and contract checked, before any model
+    stepwise = source.stepwise
     traj_steps = min(rc.trajectory_steps or rc.steps, rc.steps) if stepwise else 1
     run = Run(cfg, rc, resume, unit="round", log_file="rounds.jsonl", default_name=f"online-{name}",
               grad_accum=rc.grad_accum * traj_steps)  # fmt: skip
@@ -102,11 +86,11 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
 
     # ---- model, LoRA, reference, sampler ----------------------------------------------------------------------
     family = run.load_model(
-        whole_family=True, reference="adapter" if rc.ref_refresh else "base", old_adapter=rs.old_policy
+        whole_family=True, reference="adapter" if rc.ref_refresh else "base", old_adapter=source.old_policy
     )
     if rc.guidance <= 0:
         rc.guidance = default_guidance(family)  # the resolved value is what config.yaml records
-    rs.check(rc)
+    source.check(cfg)  # again, with the resolved guidance
     cfg_scale = family.sampling_cfg(rc.guidance)  # FLUX.1-dev: guidance is an input of the transformer, CFG 1
     window_span = None  # Flow-GRPO-Fast: a window of sde_window_size steps at a keyed random start each round
     if rc.sde_window_size:
@@ -122,7 +106,7 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
     monitors = {m: load_scorer(m) for m in rc.monitor} if main else {}
     labels = read_labels(rc.labels_file) if rc.labels_file else None
     experts = None
-    if rs.experts:
+    if source.experts:
         expert_scorer = load_scorer(rc.expert_scorer) if rc.expert_scorer else None
         pixels, captions = preference_winners(
             data_source(rc.experts), family.resolution, rc.max_experts, expert_scorer
@@ -131,13 +115,13 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
             by = f" (top by {rc.expert_scorer})" if expert_scorer else ""
             print(f"{name}: {len(captions)} experts from {rc.experts}{by}; negatives sampled from their captions")
         experts = (family.encode_images(pixels.to(run.device)).cpu(), captions)  # (M, C, h, w), (M,)
-    pool = experts[1] if rs.experts else read_train_prompts(rc.prompts)
+    pool = experts[1] if source.experts else read_train_prompts(rc.prompts)
 
     run.build_optimizer(rc.rounds * rc.train_steps)
     run.resume()
     schedule = Schedule(family.scheduler, family.prediction_type)
     ctx = run.prepare(
-        SOURCES[source].inputs, objective=objective, schedule=schedule, estimator=cfg.estimator, sampler=sampler,
+        source, objective=objective, schedule=schedule, estimator=cfg.estimator, sampler=sampler,
         kl_weight=rc.kl_weight,
     )  # fmt: skip
     run.begin(scorer, rc.rounds, "diffalign-online")
@@ -152,12 +136,14 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
             window = None
             if window_span:
                 window = random_window(rc.sde_window_size, window_span, keyed_generator(rc.seed, r, WINDOW_STREAM))
-            with adapter_mode(run.denoiser, OLD_ADAPTER if rs.old_policy else "default"):
+            with adapter_mode(run.denoiser, OLD_ADAPTER if source.old_policy else "default"):
                 traj, images = sample_share(
-                    accelerator, family, sampler, prompts, seeds, rc, r, rs.keep_predictions, cfg_scale, window
+                    accelerator, family, sampler, prompts, seeds, rc, r, source.keep_predictions, cfg_scale, window
                 )
             rewards, monitored = score_round(accelerator, scorer, monitors, images, prompts)
-            first, second = rs.rows(rewards.view(rc.prompts_per_round, g), rc, labels, r, pool_index)  # (N,)->(P, G)
+            first, second = source.rows(
+                rewards.view(rc.prompts_per_round, g), cfg, labels, r, pool_index
+            )  # (N,)->(P, G)
             rnd = Round(r, traj, prompts, first, second, experts)
             sums, n_rows = {}, len(first)
             for s in range(rc.train_steps if n_rows >= rc.grad_accum * world else 0):
@@ -181,7 +167,7 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
             n = sums.pop("n", 1.0)
             if rc.ref_refresh and (r + 1) % rc.ref_refresh == 0:
                 copy_policy_to_ref(run.named_params, run.ref_params)
-            if rs.old_policy:  # after the round's optimizer steps, as the official code after each epoch
+            if source.old_policy:  # after the round's optimizer steps, as the official code after each epoch
                 decay = OLD_DECAY[objective.old_decay]((r + 1) * rc.train_steps)
                 update_old(run.named_params, run.old_params, decay)
             logs = {

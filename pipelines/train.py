@@ -30,24 +30,16 @@ from diffalign.data.sampler import EpochView, ResumableSampler
 from diffalign.engine.common import build_objective, cache_ready, open_pairs, save_grid
 from diffalign.engine.outputs import ignore_stop_signals
 from diffalign.engine.run import Run
-from diffalign.engine.sources import SOURCES, source_for
 from diffalign.engine.step import count_bad, finish_step, micro_step, read_sums, sum_over_processes
 from diffalign.errors import DiffalignError
 from diffalign.likelihood import Schedule
-from diffalign.objectives import OBJECTIVES
+from diffalign.sources import source_of
 
 
 def run(config: str | None = None, overrides: list[str] | tuple = (), resume: str = "") -> Path:
     cfg: RunConfig = load_config(RunConfig, config, list(overrides))
     tc = cfg.train
-    if cfg.objective.name not in OBJECTIVES:
-        raise DiffalignError(f"unknown objective '{cfg.objective.name}' (known: {', '.join(OBJECTIVES)})")
-    source = source_for(OBJECTIVES[cfg.objective.name], "train")
-    if source is None:
-        raise DiffalignError(
-            f"objective '{cfg.objective.name}' trains on the model's own samples: run `diffalign online` "
-            f"(e.g. configs/toy_{cfg.objective.name}.yaml)"
-        )
+    source = source_of(cfg, "train")  # the objective's source, config and contract checked
     objective = build_objective(cfg.objective)
     check_soft_labels(objective, cfg.objective.name, cfg.data)  # before anything is written
     run = Run(cfg, tc, resume, unit="step", log_file="metrics.jsonl", default_name="run", grad_accum=tc.grad_accum)
@@ -98,7 +90,7 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
         generator=torch.Generator().manual_seed(tc.seed),  # iter() draws its base seed here, not from the global RNG
     )
     schedule = Schedule(family.scheduler, family.prediction_type)
-    ctx = run.prepare(SOURCES[source].inputs, objective=objective, schedule=schedule, estimator=cfg.estimator)
+    ctx = run.prepare(source, objective=objective, schedule=schedule, estimator=cfg.estimator)
     run.begin(cfg.eval.scorers[0], tc.max_steps, "diffalign")
 
     # ---- loop ---------------------------------------------------------------------------------------------------
@@ -168,7 +160,7 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
 
 def check_soft_labels(objective, name: str, dcfg) -> None:
     """An objective that weighs pairs by a smoothed preference (SmPO) needs a scorer's p, not 0/1 labels."""
-    if getattr(objective, "soft_labels", False) and not objective.hard_labels:
+    if objective.soft_labels and not objective.hard_labels:
         if not (dcfg.label_scorer and dcfg.label_mode == "smpo"):
             raise DiffalignError(
                 f"objective '{name}' needs smoothed labels: set data.label_scorer=<scorer> data.label_mode=smpo "

@@ -48,7 +48,7 @@ def test_kl_term_by_hand():
     """mean = [1, 3] vs ref [0, 0] over 2 dims, s = 0.5: KL = mean(1, 9) / (2 * 0.25) = 10; beta 0.04 adds 0.4."""
     mean, ref = torch.tensor([[1.0, 3.0]]), torch.zeros(1, 2)
     loss, m = GRPO(beta=0.04)(
-        torch.zeros(1), torch.zeros(1), torch.zeros(1), mean=mean, ref_mean=ref, std=torch.tensor(0.5)
+        torch.zeros(1), torch.zeros(1), torch.zeros(1), mean=mean, ref_mean=ref, kl_std=torch.tensor(0.5)
     )
     torch.testing.assert_close(m["kl"], torch.tensor([10.0]))
     torch.testing.assert_close(loss, torch.tensor([0.4]))
@@ -62,9 +62,9 @@ def test_flow_kl_is_flow_grpos_line():
     grid)."""
     from diffalign.lora import add_lora, reference_mode
     from diffalign.models import load_family
-    from diffalign.online.steps import grpo_inputs
     from diffalign.sampling import encode_guided, guided_prediction
     from diffalign.sampling.flow_sde import FlowSDESampler
+    from diffalign.sources.policy_steps import grpo_inputs
 
     sd3 = load_family(str(REPO / "assets/tiny/sd3"))
     add_lora(sd3.denoiser, 4, 4, sd3.lora_target_modules)
@@ -83,7 +83,7 @@ def test_flow_kl_is_flow_grpos_line():
         timestep, sample = traj.timesteps[j], traj.latents[j]
         _, _, mean, ref_mean, s = grpo_inputs(sd3, sd3.denoise, sampler, traj, prompts, torch.arange(2), j, reference)
         zeros = torch.zeros(2)
-        _, metrics = GRPO(beta=0.04)(zeros, zeros, zeros, mean=mean, ref_mean=ref_mean, std=s)
+        _, metrics = GRPO(beta=0.04)(zeros, zeros, zeros, mean=mean, ref_mean=ref_mean, kl_std=s)
         with torch.no_grad():  # the official code, on the same velocities
             model_output = guided_prediction(sd3, sample, timestep, cond, guidance)
             with reference_mode(sd3.denoiser):
@@ -114,7 +114,7 @@ def test_ddim_kl_is_the_exact_kl_of_the_steps():
     for t in sampler.scheduler.timesteps[:-1]:
         pred, xt, ref_mean = (torch.randn(2, 4, 8, 8, generator=g) for _ in range(3))
         mean, std = sampler.mean_std(pred, t, xt)
-        _, metrics = GRPO(beta=0.04)(*torch.zeros(3, 2), mean=mean, ref_mean=ref_mean, std=sampler.kl_std(t))
+        _, metrics = GRPO(beta=0.04)(*torch.zeros(3, 2), mean=mean, ref_mean=ref_mean, kl_std=sampler.kl_std(t))
         exact = torch.distributions.kl_divergence(
             torch.distributions.Normal(mean, std), torch.distributions.Normal(ref_mean, std)
         )
@@ -138,15 +138,16 @@ def test_one_image_per_prompt_is_normalised_over_the_round_as_flow_grpo():
 def test_zero_advantage_chains_are_dropped_as_flow_grpo_unless_asked_to_keep():
     """Flow-GRPO trains only on samples whose advantage is not 0 (train_sd3.py's mask): group 0 scores alike (all 0),
     in group 1 the middle reward is its group's mean (A = 0); so of chains 0..5 only 3 and 5 remain by default."""
-    from diffalign.config import RoundsConfig
-    from diffalign.online.rounds import ROUND_SOURCES
+    from diffalign.config import OnlineConfig, RoundsConfig
+    from diffalign.sources import SOURCES
 
-    rows = ROUND_SOURCES["policy_steps"].rows
+    rows = SOURCES["policy_steps"]().rows
     rewards = torch.tensor([[0.7, 0.7, 0.7], [0.0, 0.5, 1.0]])  # (P, G)
-    first, second = rows(rewards, RoundsConfig(images_per_prompt=3), None, 0, torch.zeros(6))
+    first, second = rows(rewards, OnlineConfig(online=RoundsConfig(images_per_prompt=3)), None, 0, torch.zeros(6))
     assert first.tolist() == [3, 5] and second is rewards
     assert GRPO().advantages(rewards).flatten()[first].abs().min() > 0
-    first, _ = rows(rewards, RoundsConfig(images_per_prompt=3, drop_zero_advantages=False), None, 0, torch.zeros(6))
+    keep = OnlineConfig(online=RoundsConfig(images_per_prompt=3, drop_zero_advantages=False))
+    first, _ = rows(rewards, keep, None, 0, torch.zeros(6))
     assert first.tolist() == [0, 1, 2, 3, 4, 5]
 
 

@@ -120,10 +120,9 @@ def test_adapters_are_fp32_on_a_bf16_base_so_a_small_ema_step_moves_the_old_poli
     step (decay 0.9) towards a policy 0.1 % away moves each weight by 1e-4 of itself, under half a bf16 ulp (2^-9 to
     2^-8 of it): it moves every fp32 old weight exactly as the fp32 lerp, and no weight of a bf16 copy (what peft
     made before). The fp32 old adapter runs on the bf16 base and gives bf16."""
-    from diffalign.lora import add_adapter_copy, add_lora
+    from diffalign.lora import adapter_mode, add_adapter_copy, add_lora
     from diffalign.models import load_family
     from diffalign.online.old_policy import OLD_ADAPTER
-    from diffalign.online.rounds import adapter_mode
 
     sd3 = load_family(str(REPO / "assets/tiny/sd3"), dtype=torch.bfloat16)
     denoiser = sd3.denoiser

@@ -16,12 +16,12 @@ from diffalign.models import load_family
 from diffalign.objectives import OBJECTIVES
 from diffalign.objectives.d3po import D3PO, clipped_log_ratio
 from diffalign.objectives.kto import DiffusionKTO
-from diffalign.online.experts import ToyStatsEncoder, toy_vivid_exemplars
-from diffalign.online.pairs import all_pairs, best_worst, pairs_from_labels, top_bottom
-from diffalign.online.steps import d3po_inputs
+from diffalign.online.exemplars import ToyStatsEncoder, toy_vivid_exemplars
+from diffalign.online.pairing import all_pairs, best_worst, pairs_from_labels, top_bottom
 from diffalign.paths import TOY_HELDOUT, TOY_MODEL
 from diffalign.rewards import load_scorer
 from diffalign.sampling import DDIMSampler, inference_scheduler, sample_trajectories
+from diffalign.sources.trajectory import d3po_inputs
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "assets" / "tiny"
@@ -327,14 +327,13 @@ ONLINE_CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml") if "online
 def test_online_config_loads_and_fits_its_objective(path):
     from diffalign.config import OnlineConfig, load_config
     from diffalign.engine.common import build_objective
-    from diffalign.engine.sources import source_for
-    from diffalign.online.rounds import ROUND_SOURCES
+    from diffalign.sources import source_of
 
     cfg = load_config(OnlineConfig, path)
     objective = build_objective(cfg.objective)
     assert isinstance(objective, OBJECTIVES[cfg.objective.name])
-    rules = ROUND_SOURCES[source_for(type(objective), "online")].rules
-    assert rules is None or cfg.online.split in rules
+    source = source_of(cfg, "online")  # the split, the objective's arguments and the source's checks fit
+    assert source.rules is None or cfg.online.split in source.rules
 
 
 SHORTER = {"toy_d3po": ["online.rounds=4"]}  # CI time: its held-out curve (16 x 4) is at 92% wins after round 4
@@ -373,7 +372,7 @@ def test_dro_experts_are_the_top_k_of_every_image_by_the_scorer(tmp_path):
     """expert_scorer: all images of all pairs (ties too) are scored and the best `limit` kept, best first."""
     from data_factory import make_rows, write_parquet
 
-    from diffalign.online.experts import preference_winners
+    from diffalign.online.exemplars import preference_winners
 
     path = write_parquet(tmp_path / "prefs.parquet", make_rows(6))
     seen = []
@@ -414,8 +413,8 @@ def test_online_sdxl_bf16_gradient_checkpointing_and_accumulation(tmp_path, monk
 class NanD3PO(D3PO):
     """D3PO whose every loss is NaN: a stand-in for a diverged run, registered in OBJECTIVES for the test."""
 
-    def __call__(self, *args, **kwargs):
-        loss, metrics = super().__call__(*args, **kwargs)
+    def __call__(self, log_prob, ref_log_prob, label):  # taken by name, like D3PO's
+        loss, metrics = super().__call__(log_prob, ref_log_prob, label)
         return loss * float("nan"), metrics
 
 
@@ -483,9 +482,9 @@ def test_inpo_eta_noise_comes_from_each_pairs_keyed_generator(tiny_round):
     """The pairs source gives InPO's DDIM-inversion eta noise from the pair's keyed generator: pair B's errors are
     the same whether it is drawn alone or after pair A, and do not depend on the global RNG."""
     from diffalign.config import EstimatorConfig
-    from diffalign.engine.sources import pair_inputs
     from diffalign.engine.step import StepContext
     from diffalign.objectives.inpo import InPO
+    from diffalign.sources.pairs import Pairs
 
     family, params, prompts, traj = tiny_round
     cond = family.encode_prompts(prompts[:1])
@@ -500,7 +499,7 @@ def test_inpo_eta_noise_comes_from_each_pairs_keyed_generator(tiny_round):
         params=params,
         optimizer=None,
         max_grad_norm=0.0,
-        source=pair_inputs,
+        source=Pairs(),
     )
 
     def batch(indices):  # a cached-style collated batch of pairs (x0_w, x0_l) = (chain i, chain i + 1)
@@ -518,22 +517,23 @@ def test_inpo_eta_noise_comes_from_each_pairs_keyed_generator(tiny_round):
 
     with torch.no_grad():
         torch.manual_seed(1)
-        (err_ab, _, _), _ = pair_inputs(ctx, batch([0, 2]), "cpu")  # (4,) = [w_A, w_B, l_A, l_B]
+        err_ab = Pairs().inputs(ctx, batch([0, 2]), "cpu").err  # (4,) = [w_A, w_B, l_A, l_B]
         torch.manual_seed(2)
-        (err_b, _, _), _ = pair_inputs(ctx, batch([2]), "cpu")  # (2,) = [w_B, l_B]
+        err_b = Pairs().inputs(ctx, batch([2]), "cpu").err  # (2,) = [w_B, l_B]
     torch.testing.assert_close(err_ab[[1, 3]], err_b)
 
 
 def test_dro_negatives_are_sampled_from_their_experts_captions():
     """Diffusion-DRO's round: the prompts are expert captions, and each policy chain is paired with the expert whose
     caption prompted it (the official code generates the negative from the expert's own caption)."""
-    from diffalign.config import RoundsConfig
-    from diffalign.online.rounds import ROUND_SOURCES, plan_round
+    from diffalign.config import OnlineConfig, RoundsConfig
+    from diffalign.online.rounds import plan_round
+    from diffalign.sources import SOURCES
 
     captions = [f"caption {i}" for i in range(10)]
     rc = RoundsConfig(prompts_per_round=4, images_per_prompt=2)
     prompts, seeds, pool_index = plan_round(rc, 3, captions)
-    chains, experts = ROUND_SOURCES["experts"].rows(None, rc, None, 3, pool_index)
+    chains, experts = SOURCES["experts"]().rows(None, OnlineConfig(online=rc), None, 3, pool_index)
     assert len(prompts) == len(chains) == 8
     assert [prompts[c] for c in chains.tolist()] == [captions[e] for e in experts.tolist()]
     assert plan_round(rc, 3, captions)[0] == prompts and plan_round(rc, 4, captions)[0] != prompts  # keyed by round
@@ -570,9 +570,10 @@ def test_online_sigterm_mid_run_exits_143_and_resume_equals_the_uninterrupted_ru
     import sys
     import time
 
-    from diffalign.checkpoint import list_checkpoints
     from diffalign.pipelines.cli import main
     from safetensors.torch import load_file
+
+    from diffalign.checkpoint import list_checkpoints
 
     monkeypatch.chdir(REPO)
     args = [*KILL_ARGS, "objective.name=d3po", "online.ref_refresh=2", _prompts_file(tmp_path)]

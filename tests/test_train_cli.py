@@ -21,6 +21,7 @@ from diffalign.likelihood import Schedule, denoising_errors, pair_noise, pair_ti
 from diffalign.lora import add_lora, reference_mode
 from diffalign.models import load_family
 from diffalign.objectives import DiffusionDPO
+from diffalign.objectives.base import Objective
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"sd": REPO / "assets/tiny/sd15", "sdxl": REPO / "assets/tiny/sdxl"}
@@ -217,7 +218,7 @@ def test_resume_latest_without_a_checkpoint_starts_at_step_0(pairs_file, tmp_pat
 
 
 @dataclass
-class NonFiniteOn:
+class NonFiniteOn(Objective):
     """Diffusion-DPO whose loss is NaN on chosen calls (1-based): a stand-in for a diverging step, registered in
     OBJECTIVES for the test like any other objective."""
 

@@ -33,8 +33,8 @@ from diffalign.data.cache import (
 )
 from diffalign.data.images import hflip as flip_image
 from diffalign.data.pairs import PreferencePairs, PreferencePairStream, collate, load_pair, plain_view
-from diffalign.data.shards import ShardFile, write_shard
 from diffalign.data.readers import DataError
+from diffalign.data.shards import ShardFile, write_shard
 
 logger = logging.getLogger(__name__)
 

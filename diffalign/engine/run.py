@@ -6,7 +6,7 @@ A program reads its config, then calls, in order:
     family = run.load_model(...)                                                family, LoRA, named adapters
     run.build_optimizer(total_steps)                                            AdamW (or 8-bit), LR schedule
     saved = run.resume(counts)                                                  checkpoint -> params, optimizer
-    ctx = run.prepare(inputs, objective=..., ...)                               accelerate prepare + StepContext
+    ctx = run.prepare(source, objective=..., ...)                               accelerate prepare + StepContext
     run.begin(scorer)                                                           config, record, trackers, curves,
                                                                                 guards, SIGTERM/SIGINT flag
     loop:  micro_step / finish_step (engine.step) ... run.after(n) ... run.save(n, extra) ... run.stop_if_asked(n)
@@ -42,8 +42,15 @@ from diffalign.engine.guarding import GuardRun
 from diffalign.engine.outputs import StopFlag, flat_hparams, scaler_state, shared_output_dir, truncate_metrics
 from diffalign.engine.step import step_context, sum_over_processes
 from diffalign.errors import DiffalignError
-from diffalign.lora import add_adapter_copy, add_lora, lora_targets, reference_mode, save_lora
-from diffalign.online.rounds import adapter_mode, copy_policy_to_ref
+from diffalign.lora import (
+    adapter_mode,
+    add_adapter_copy,
+    add_lora,
+    copy_policy_to_ref,
+    lora_targets,
+    reference_mode,
+    save_lora,
+)
 from diffalign.runinfo import write_run_record
 
 
@@ -161,11 +168,11 @@ class Run:
             truncate_metrics(self.out / "guards.jsonl", self.start, key=self.unit)
         return self.saved or {}
 
-    def prepare(self, inputs: Callable, **fields):
+    def prepare(self, source, **fields):
         """accelerate's prepare (the DDP wrapper when multi-process) and the StepContext of the shared step."""
         self.prepared, self.optimizer = self.accelerator.prepare(self.denoiser, self.optimizer)
         self.ctx = step_context(
-            self.accelerator, self.family, self.prepared, inputs, self.opt, reference=self.reference,
+            self.accelerator, self.family, self.prepared, source, self.opt, reference=self.reference,
             params=self.params, optimizer=self.optimizer, **fields,
         )  # fmt: skip
         return self.ctx

@@ -5,7 +5,7 @@
         sums = micro_step(accelerator, prepared, ctx, batch, sums)   # forward, backward (no host sync)
     ok = finish_step(accelerator, ctx, sums)    # clip, ONE host sync, optimizer step or skip
 
-`ctx.source` (diffalign/engine/sources.py) turns a batch into the objective's inputs; everything else is shared: accelerate's
+`ctx.source` (diffalign/sources/) turns a batch into the objective's inputs; everything else is shared: accelerate's
 accumulation (DDP no_sync on all but the last micro-step), mixed-precision autocast of the prepared model,
 `accelerator.backward`, clipping, the non-finite policy and the optimizer step.
 
@@ -18,7 +18,6 @@ counters see the same flags because the sums are all-reduced with the step's met
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,18 +46,15 @@ class StepContext:
     params: list
     optimizer: torch.optim.Optimizer
     max_grad_norm: float
-    source: Callable  # SOURCES[name].inputs: (ctx, batch, device) -> (objective args, kwargs)
+    source: object  # the run's diffalign.sources.Source: .inputs(ctx, batch, device) -> its typed Inputs
     sampler: object = None  # on-line: the DDIM-eta scheduler the round was sampled with (D3PO's step log-probs)
     reduce_mean: Callable = lambda x: x  # mean of a tensor over processes (accelerator.reduce(x, "mean"))
     kl_weight: float = 0.0  # on-line: weight of the KL to the reference the sources add (online.kl_weight)
 
 
-KL_KEY = "engine_kl"  # a source's kwargs entry: (N,) KL to the reference, added by step_loss, not the objective
-
-
-def step_context(accelerator, family, prepared, source: Callable, run, **fields) -> StepContext:
+def step_context(accelerator, family, prepared, source, run, **fields) -> StepContext:
     """The StepContext both programs build after `accelerator.prepare`: DDP-aware denoise, the source's inputs
-    (`source`: its `inputs(ctx, batch, device)`), the
+    (`source`: a diffalign.sources.Source), the
     run section's seed and clipping (`run`: TrainRunConfig or OnlineRunConfig), the cross-process mean; `fields` are
     the rest (objective, schedule, reference, estimator, params, optimizer, and on-line the sampler)."""
     return StepContext(
@@ -75,9 +71,9 @@ def step_context(accelerator, family, prepared, source: Callable, run, **fields)
 def step_loss(ctx: StepContext, batch: dict, device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Mean objective loss (scalar) and its metrics for one batch of the run's source; with `ctx.kl_weight` > 0 plus
     kl_weight x the mean KL to the reference the source measured (metric "kl")."""
-    args, kwargs = ctx.source(ctx, batch, device)
-    kl = kwargs.pop(KL_KEY, None)
-    loss, metrics = ctx.objective(*args, **kwargs)
+    inputs = ctx.source.inputs(ctx, batch, device)  # typed per source; the objective takes its fields by name
+    kl = inputs.kl
+    loss, metrics = ctx.objective(**inputs.for_objective(ctx.objective))
     loss = loss.mean()
     if kl is not None:
         loss = loss + ctx.kl_weight * kl.mean()
@@ -203,28 +199,17 @@ def draw_t_and_eps(paired: bool, x0, schedule: Schedule, gen: torch.Generator, e
     return t.to(x0.device), eps
 
 
-@contextmanager
-def _through(family, module):
-    bare = family.denoiser
-    family.denoiser = module
-    try:
-        yield
-    finally:
-        family.denoiser = bare
-
-
 def policy_through(family, wrapped):
     """`family.denoise`, running `wrapped` (the DDP module: gradients all-reduce) when gradients are on.
 
     No-grad forwards (the reference with adapters off on the bare module, inversion) skip the wrapper: nothing to
     synchronise, and DDP would otherwise prepare a reduction that never comes. With one process `wrapped` is the
-    bare module itself.
+    bare module itself. Every family's `denoise` takes the module to run (`module=`), so nothing is swapped.
     """
 
     def denoise(xt, t, cond):
         if wrapped is family.denoiser or not torch.is_grad_enabled():
             return family.denoise(xt, t, cond)
-        with _through(family, wrapped):
-            return family.denoise(xt, t, cond)
+        return family.denoise(xt, t, cond, module=wrapped)
 
     return denoise

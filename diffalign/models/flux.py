@@ -153,7 +153,7 @@ class FluxFamily(Family):
             tokens, h * self.vae_scale_factor, w * self.vae_scale_factor, self.vae_scale_factor
         )
 
-    def denoise(self, xt: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+    def denoise(self, xt: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor], module=None) -> torch.Tensor:
         """xt (N, 16, h, w), integer t (N,) in [0, 1000) -> velocity (N, 16, h, w); "size_info" is ignored.
 
         The transformer sees the packed tokens, their image ids, zero text ids, timestep sigma_t and (FLUX.1-dev)
@@ -170,7 +170,7 @@ class FluxFamily(Family):
         img_ids = FluxPipeline._prepare_latent_image_ids(n, h // 2, w // 2, xt.device, self.dtype)
         txt_ids = torch.zeros(embeds.shape[1], 3, device=xt.device, dtype=self.dtype)
         guidance = torch.full((n,), self.train_guidance, device=xt.device) if self.guidance_embeds else None
-        out = self.denoiser(
+        out = (self.denoiser if module is None else module)(
             hidden_states=self.pack(xt.to(self.dtype)),
             timestep=self.schedule.model_timestep(t).to(xt.device) / self.schedule.num_train_timesteps,
             guidance=guidance,

@@ -81,9 +81,9 @@ class PixArtFamily(Family):
         )
         return {"prompt_embeds": embeds, "prompt_attention_mask": mask}
 
-    def denoise(self, xt: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+    def denoise(self, xt: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor], module=None) -> torch.Tensor:
         """xt (N, 4, h, w), t (N,) -> eps prediction (N, 4, h, w); "size_info" is ignored."""
-        pred = self.denoiser(
+        pred = (self.denoiser if module is None else module)(
             xt.to(self.dtype),
             encoder_hidden_states=cond["prompt_embeds"].to(self.dtype),
             encoder_attention_mask=cond["prompt_attention_mask"],

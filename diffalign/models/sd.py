@@ -127,10 +127,10 @@ class SDFamily(Family):
         embeds, _ = self.pipe.encode_prompt(list(prompts), self.pipe.text_encoder.device, 1, False)
         return {"prompt_embeds": embeds}
 
-    def denoise(self, xt: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+    def denoise(self, xt: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor], module=None) -> torch.Tensor:
         """xt (N, 4, h, w), t (N,) -> prediction (N, 4, h, w) of type `prediction_type`; "size_info" is ignored."""
         embeds = cond["prompt_embeds"].to(self.dtype)
-        return self.denoiser(xt.to(self.dtype), t, encoder_hidden_states=embeds).sample
+        return (self.denoiser if module is None else module)(xt.to(self.dtype), t, encoder_hidden_states=embeds).sample
 
     def generate(self, prompts, seeds, steps: int = 30, guidance: float = 7.5, height=None, width=None):
         """-> list[PIL.Image], one per prompt; the pipeline runs the same UNet, so attached LoRAs are active."""

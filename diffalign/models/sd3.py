@@ -81,13 +81,13 @@ class SD3Family(Family):
         )
         return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
 
-    def denoise(self, xt: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+    def denoise(self, xt: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor], module=None) -> torch.Tensor:
         """xt (N, 16, h, w), integer t (N,) in [0, 1000) -> velocity (N, 16, h, w); the transformer sees sigma_t * 1000.
 
         "size_info" is ignored (SD3 has no micro-conditioning).
         """
         timestep = self.schedule.model_timestep(t)  # (N,) fp32, a value of the scheduler's timesteps
-        return self.denoiser(
+        return (self.denoiser if module is None else module)(
             hidden_states=xt.to(self.dtype),
             timestep=timestep,
             encoder_hidden_states=cond["prompt_embeds"].to(self.dtype),

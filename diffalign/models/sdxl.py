@@ -60,11 +60,13 @@ class SDXLFamily(Family):
             size_info = torch.cat([target, torch.zeros_like(target)], dim=1)  # (N, 4)
         return torch.cat([size_info.to(xt.device), target], dim=1).to(self.dtype)  # (N, 4) + (N, 2) -> (N, 6)
 
-    def denoise(self, xt: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+    def denoise(self, xt: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor], module=None) -> torch.Tensor:
         """xt (N, 4, h, w), t (N,), cond -> prediction (N, 4, h, w) of type `prediction_type`."""
         added = {"text_embeds": cond["pooled_prompt_embeds"].to(self.dtype), "time_ids": self.time_ids(xt, cond)}
         embeds = cond["prompt_embeds"].to(self.dtype)
-        return self.denoiser(xt.to(self.dtype), t, encoder_hidden_states=embeds, added_cond_kwargs=added).sample
+        return (self.denoiser if module is None else module)(
+            xt.to(self.dtype), t, encoder_hidden_states=embeds, added_cond_kwargs=added
+        ).sample
 
     def generate(self, prompts, seeds, steps: int = 30, guidance: float = 5.0, height=None, width=None):
         """-> list[PIL.Image], one per prompt; the pipeline runs the same UNet, so attached LoRAs are active."""

@@ -135,7 +135,7 @@ class ToyFamily(Family):
         ).input_ids.to(self.text_encoder.device)  # (N, 77)
         return {"prompt_embeds": self.text_encoder(ids).last_hidden_state}
 
-    def denoise(self, xt: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+    def denoise(self, xt: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor], module=None) -> torch.Tensor:
         """xt (N, 3, H, W), t (N,) -> prediction (N, 3, H, W) of type `prediction_type`; "size_info" is ignored.
 
         The UNet sees xt plus two coordinate channels (`add_coords`): always call the model through here. A flow
@@ -143,7 +143,9 @@ class ToyFamily(Family):
         """
         embeds = cond["prompt_embeds"].to(self.dtype)
         timestep = self.schedule.model_timestep(t)
-        return self.denoiser(add_coords(xt.to(self.dtype)), timestep, encoder_hidden_states=embeds).sample
+        return (self.denoiser if module is None else module)(
+            add_coords(xt.to(self.dtype)), timestep, encoder_hidden_states=embeds
+        ).sample
 
     def generate(self, prompts, seeds, steps: int = 20, guidance: float = 1.5, height=None, width=None):
         """-> list[PIL.Image], one per prompt (DDIM eta 0, or the Euler ODE for flow; attached LoRAs are active).

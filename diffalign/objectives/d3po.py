@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from diffalign.checks import KL_STRENGTH, Range
+from diffalign.objectives.base import Objective
 
 
 def clipped_log_ratio(log_prob: torch.Tensor, ref_log_prob: torch.Tensor, eps: float) -> torch.Tensor:
@@ -37,7 +38,7 @@ def clipped_log_ratio(log_prob: torch.Tensor, ref_log_prob: torch.Tensor, eps: f
 
 
 @dataclass
-class D3PO:
+class D3PO(Objective):
     beta: Annotated[float, KL_STRENGTH] = 0.1
     """The paper's β (official config: 0.1)."""
     clip: Annotated[float, Range(gt=0, lt=1)] = 0.1

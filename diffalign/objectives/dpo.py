@@ -26,10 +26,11 @@ import torch.nn.functional as F
 
 from diffalign.checks import KL_STRENGTH, NON_NEGATIVE, OneOf
 from diffalign.inversion import XT_SOURCES
+from diffalign.objectives.base import Objective
 
 
 @dataclass
-class DiffusionDPO:
+class DiffusionDPO(Objective):
     beta: Annotated[float, KL_STRENGTH] = 5000.0
     """The paper's β (KL strength; larger = stay closer to the reference)."""
     sft_weight: Annotated[float, NON_NEGATIVE] = 0.0

@@ -27,9 +27,11 @@ from typing import ClassVar
 
 import torch
 
+from diffalign.objectives.base import Objective
+
 
 @dataclass
-class DiffusionDRO:
+class DiffusionDRO(Objective):
     margin: float = -0.001
     """m of the hinge max(m, diff); the official −0.001 keeps the hinge open at init."""
 

@@ -34,11 +34,12 @@ import torch
 
 from diffalign.checks import NON_NEGATIVE, POSITIVE
 from diffalign.likelihood import step_kl
+from diffalign.objectives.base import Objective
 from diffalign.online.advantages import group_advantages
 
 
 @dataclass
-class GRPO:
+class GRPO(Objective):
     clip_range: Annotated[float, POSITIVE] = 1e-4
     """ε of the ratio clip [1 − ε, 1 + ε] (Flow-GRPO: 1e-4; Fast / CPS 1e-5; DDPO 1e-4)."""
     beta: Annotated[float, NON_NEGATIVE] = 0.04
@@ -58,7 +59,7 @@ class GRPO:
         """(P, G) rewards of a round -> (P, G) group-relative advantages."""
         return group_advantages(rewards, self.global_std, clip=self.adv_clip)
 
-    def __call__(self, log_prob, old_log_prob, advantages, mean=None, ref_mean=None, std=None):
+    def __call__(self, log_prob, old_log_prob, advantages, mean=None, ref_mean=None, kl_std=None):
         """log_prob (B,) with grad, old_log_prob (B,) and advantages (B,) from the round; for β > 0 the step means
         mean (B, ...) with grad, ref_mean (B, ...) and the KL's s (`sampler.kl_std`, not the flow step's std).
         -> loss (B,), metrics (B,)."""
@@ -74,7 +75,7 @@ class GRPO:
             "approx_kl_old": 0.5 * log_ratio.detach() ** 2,
         }
         if self.beta > 0:
-            kl = step_kl(mean, ref_mean, std)  # (B, ...) -> (B,)
+            kl = step_kl(mean, ref_mean, kl_std)  # (B, ...) -> (B,)
             loss = loss + self.beta * kl
             metrics["kl"] = kl.detach()
         return loss, metrics

@@ -26,11 +26,12 @@ import torch
 
 from diffalign.checks import KL_STRENGTH, NON_NEGATIVE, OneOf
 from diffalign.inversion import XT_SOURCES
+from diffalign.objectives.base import Objective
 from diffalign.objectives.dpo import DiffusionDPO
 
 
 @dataclass
-class InPO:
+class InPO(Objective):
     beta: Annotated[float, KL_STRENGTH] = 5000.0
     """The paper's β (SDXL 5000, SD1.5 2000)."""
     sft_weight: Annotated[float, NON_NEGATIVE] = 0.0

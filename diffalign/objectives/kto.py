@@ -30,10 +30,11 @@ from typing import Annotated, ClassVar
 import torch
 
 from diffalign.checks import KL_STRENGTH, NON_NEGATIVE
+from diffalign.objectives.base import Objective
 
 
 @dataclass
-class DiffusionKTO:
+class DiffusionKTO(Objective):
     beta: Annotated[float, KL_STRENGTH] = 5000.0
     """The paper's β (official example run: code default 1000)."""
     desirable_weight: Annotated[float, NON_NEGATIVE] = 1.0

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from diffalign.checks import NON_NEGATIVE, POSITIVE
+from diffalign.objectives.base import Objective
 
 
 def bounded_link(x: torch.Tensor) -> torch.Tensor:
@@ -35,7 +36,7 @@ def bounded_link(x: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class MaPO:
+class MaPO(Objective):
     beta: Annotated[float, NON_NEGATIVE] = 0.1
     """The code's beta_mapo: weight of the margin term against the SFT term."""
     snr_value: Annotated[float, POSITIVE] = 0.5

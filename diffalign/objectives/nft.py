@@ -31,6 +31,7 @@ from typing import Annotated, ClassVar
 import torch
 
 from diffalign.checks import POSITIVE, OneOf, Range
+from diffalign.objectives.base import Objective
 from diffalign.online.advantages import optimality
 from diffalign.online.old_policy import OLD_DECAY
 
@@ -55,7 +56,7 @@ def adaptive_x0_loss(pred, target, scale) -> torch.Tensor:
 
 
 @dataclass
-class DiffusionNFT:
+class DiffusionNFT(Objective):
     beta: Annotated[float, Range(gt=0, le=1)] = 1.0
     """β of the implicit policies v± (paper 1.0; 0.1 for OCR and multi-reward)."""
     kl_weight: Annotated[float, Range(ge=0)] = 1e-4

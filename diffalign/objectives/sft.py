@@ -18,9 +18,11 @@ from typing import ClassVar
 
 import torch
 
+from diffalign.objectives.base import Objective
+
 
 @dataclass
-class SFT:
+class SFT(Objective):
     needs_reference: ClassVar[bool] = False
     xt_source: ClassVar[str] = "noise"
     paired: ClassVar[bool] = True

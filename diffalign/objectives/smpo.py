@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from diffalign.checks import KL_STRENGTH, POSITIVE, OneOf
 from diffalign.inversion import XT_SOURCES
+from diffalign.objectives.base import Objective
 
 
 def smpo_preference(score_w: torch.Tensor, score_l: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
@@ -43,7 +44,7 @@ def smpo_preference(score_w: torch.Tensor, score_l: torch.Tensor, lo: float, hi:
 
 
 @dataclass
-class SmPO:
+class SmPO(Objective):
     beta: Annotated[float, KL_STRENGTH] = 5000.0
     """The paper's β (SDXL 5000, SD1.5 2000)."""
     gamma: Annotated[float, POSITIVE] = 10.0

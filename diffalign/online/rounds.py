@@ -1,4 +1,4 @@
-"""What `diffalign online` does to make a round into a small dataset, by source (diffalign/engine/sources.py):
+"""What `diffalign online` does to make a round into a small dataset, by source (diffalign/sources/):
 which prompts are sampled, how the samples are shared among processes and gathered, and which rows the round gives.
 
 A round samples P prompt groups x G images (flat index i = p * G + g). Every process samples the chunks of
@@ -9,10 +9,6 @@ round (set-level rewards need the whole round) and broadcasts the rewards; every
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,97 +17,12 @@ from accelerate.utils import broadcast_object_list, gather_object
 
 from diffalign.engine.evaluate import generate_pair_sets, read_eval_prompts
 from diffalign.errors import DiffalignError
-from diffalign.online.advantages import group_advantages
-from diffalign.online.experts import ToyStatsEncoder, toy_vivid_exemplars
-from diffalign.online.pairs import PAIR_RULES, SPLIT_RULES, pairs_from_labels
+from diffalign.online.exemplars import ToyStatsEncoder, toy_vivid_exemplars
 from diffalign.paths import TOY_HELDOUT
 from diffalign.rewards import load_scorer
 from diffalign.rewards.distributional import frechet_distance, gaussian_stats
 from diffalign.sampling import Trajectory
 from diffalign.toy import shapes
-
-
-def pair_rows(by_group, rc, labels, r, pool_index):
-    """Pairs (idx_w, idx_l) by the split rule, or from the human label file (round numbers as in the grids)."""
-    if labels is not None:
-        return pairs_from_labels(labels, r + 1, rc.images_per_prompt)
-    return PAIR_RULES[rc.split](by_group, rc.min_gap)
-
-
-def set_rows(by_group, rc, labels, r, pool_index):
-    """Desirable / undesirable samples (idx, desirable) by the split rule."""
-    return SPLIT_RULES[rc.split](by_group, rc.fraction)
-
-
-def expert_rows(by_group, rc, labels, r, pool_index):
-    """Every policy chain is a negative of the expert whose caption prompted it: (chain idx, expert idx)."""
-    return torch.arange(len(pool_index)), pool_index
-
-
-def advantage_rows(by_group, rc, labels, r, pool_index):
-    """Every sample, with its group-relative advantage (per-prompt mean, global std; the objective clips it)."""
-    advantages = group_advantages(by_group, global_std=True, clip=math.inf).flatten()  # (P, G) -> (N,)
-    return torch.arange(advantages.numel()), advantages
-
-
-def need_groups(rc) -> None:
-    if rc.images_per_prompt < 2:
-        raise DiffalignError("online.images_per_prompt must be >= 2 for nft (advantages are relative to the group)")
-    if rc.shared_noise and rc.eta == 0:
-        raise DiffalignError(
-            "online.shared_noise must be false for nft with eta 0: a deterministic sampler would give every image "
-            "of a group the same x_T and so the same image"
-        )
-
-
-def need_eta(rc) -> None:
-    if rc.eta <= 0:
-        raise DiffalignError("online.eta must be > 0 for d3po (per-step log-probs need a stochastic step)")
-
-
-def reward_rows(by_group, rc, labels, r, pool_index):
-    """GRPO: every chain is a row, or with online.drop_zero_advantages (Flow-GRPO's mask) every chain whose group
-    advantage is not 0 (that needs no std or clip: A = 0 exactly where r = its group's mean); the round's rewards
-    (P, G) go along for the objective's group advantages."""
-    rows = torch.arange(by_group.numel())
-    if rc.drop_zero_advantages:
-        rows = rows[group_advantages(by_group, clip=math.inf).flatten() != 0]  # (P, G) -> (N,) -> (R,)
-    return rows, by_group
-
-
-def need_noise(rc) -> None:
-    if rc.eta <= 0:
-        raise DiffalignError(
-            "online.eta must be > 0 for grpo (its ratio needs step log-probs: DDIM eta or the flow noise level)"
-        )
-
-
-def need_conditional(rc) -> None:
-    if rc.guidance > 1:
-        raise DiffalignError(
-            f"online.guidance must be <= 1 for dro (the snapshot's conditional prediction is the target), "
-            f"not {rc.guidance:g}"
-        )
-
-
-@dataclass(frozen=True)
-class RoundSource:
-    rows: Callable  # (rewards (P, G), rc, labels, round, pool index (N,)) -> (first (R,), second (R,))
-    rules: dict | None  # online.split options; None: the source has no split
-    check: Callable = lambda rc: None  # config checks once guidance is resolved
-    experts: bool = False  # prompts are the captions of expert images (Diffusion-DRO), not online.prompts
-    keep_predictions: bool = False  # keep the sampler's predictions (DRO's snapshot targets)
-    old_policy: bool = False  # an EMA "old" adapter samples the rounds (DiffusionNFT, diffalign.online.old_policy)
-
-
-ROUND_SOURCES = {
-    "round_pairs": RoundSource(pair_rows, PAIR_RULES),
-    "round_sets": RoundSource(set_rows, SPLIT_RULES),
-    "trajectory": RoundSource(pair_rows, PAIR_RULES, check=need_eta),
-    "experts": RoundSource(expert_rows, None, check=need_conditional, experts=True, keep_predictions=True),
-    "policy_steps": RoundSource(reward_rows, None, check=need_noise),
-    "nft": RoundSource(advantage_rows, None, check=need_groups, old_policy=True),
-}
 
 
 def plan_round(rc, r: int, pool: list[str]) -> tuple[list[str], list[int], torch.Tensor]:
@@ -183,23 +94,6 @@ def read_train_prompts(source: str) -> list[str]:
     if not path.is_file():
         raise DiffalignError(f"online.prompts: {path} not found")
     return [line.strip() for line in path.read_text().splitlines() if line.strip()]
-
-
-def copy_policy_to_ref(policy: dict, ref: dict) -> None:
-    """ref adapter <- current policy adapter ("...lora_A.default.weight" -> "...lora_A.ref.weight")."""
-    with torch.no_grad():
-        for n, p in policy.items():
-            ref[n.replace(".default.", ".ref.")].copy_(p)
-
-
-@contextmanager
-def adapter_mode(denoiser, adapter: str):
-    """Inside the block only `adapter` is active; "default" (the trained policy) is active again on exit."""
-    denoiser.set_adapter(adapter)
-    try:
-        yield denoiser
-    finally:
-        denoiser.set_adapter("default")
 
 
 def set_fd(scorer, images) -> float:
