@@ -63,7 +63,7 @@ SETTINGS: dict[str, list[str]] = {
 # A row is a shipped config plus overrides; "_flow" rows run the DDPM toy's config on the flow-matching toy
 # (assets/toy_flow_model) with toy_flow_grpo's sampler: Flow-GRPO's SDE at a = 0.3, 10 steps (the DDPM configs' eta 1
 # would be a = 1, which leaves visible noise in this pixel-space model).
-FLOW = ["model.path=toy_flow", "online.eta=0.3", "online.steps=10"]
+FLOW = ["model.path=toy_flow", "sampling.eta=0.3", "sampling.steps=10"]
 ONLINE: dict[str, list[str]] = {
     "d3po": ["configs/toy_d3po.yaml"],
     "dragon": ["configs/toy_dragon.yaml"],
@@ -82,7 +82,7 @@ ONLINE: dict[str, list[str]] = {
 }
 # --curves: a held-out point every round (16 prompts x 4 seeds, win rate against the base on the same seeds), and
 # the sampling + training time to the first point at or above a 90% win rate (curve points are not counted).
-CURVES = ["online.validate_every=1", "eval.curve_seeds=4"]
+CURVES = ["train.validate_every=1", "eval.curve_seeds=4"]
 TARGET_WIN = 0.9
 
 
@@ -107,7 +107,7 @@ def run_one(name: str, out: Path, extra: list[str], curves: bool = False) -> dic
     if name in ONLINE:
         config, *fixed = ONLINE[name]
         more = CURVES if curves else []
-        args = ["online", config, *fixed, *more, *extra, "online.tensorboard=false", f"online.output_dir={run_dir}"]
+        args = ["online", config, *fixed, *more, *extra, "train.tensorboard=false", f"train.output_dir={run_dir}"]
     else:
         args = ["train", *COMMON, *SETTINGS[name], *extra, f"train.output_dir={run_dir}"]
     start = time.time()

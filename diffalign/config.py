@@ -15,12 +15,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Annotated, Any, ClassVar
 
+from diffalign import schema
 from diffalign.checks import AT_LEAST_1, NON_EMPTY, NON_NEGATIVE, POSITIVE, PROBABILITY, OneOf, Range
 from diffalign.confighelp import describe
 from diffalign.objectives import OBJECTIVES
 from diffalign.rewards import SCORERS
 from diffalign.sampling import SAMPLERS
-from diffalign.schema import ConfigError, apply_overrides, from_dict, load_config, save_config, to_dict
+from diffalign.schema import ConfigError, apply_overrides, from_dict, save_config, to_dict
 
 __all__ = ["ConfigError", "apply_overrides", "describe", "from_dict", "load_config", "save_config", "to_dict"]
 
@@ -137,18 +138,19 @@ class EstimatorConfig:
 
 
 @dataclass
-class TrainConfig:
+class OptimConfig:
+    """The `train` section's keys both programs share: what the one Run reads (optimizer, schedule, precision, run
+    folder, trackers, checkpoints kept, held-out curve)."""
+
     output_dir: str = ""
-    """Where checkpoints, logs, the final LoRA and the run record go ("" = runs/run-<time>);
-    an existing run folder is only reused with --resume."""
+    """Where checkpoints, logs, the final LoRA and the run record go ("" = runs/run-<time>, on-line
+    runs/online-<objective>-<time>); an existing run folder is only reused with --resume."""
     seed: int = 0
-    """Global seed."""
-    max_steps: Annotated[int, AT_LEAST_1] = 300
-    """Optimizer steps."""
+    """Global seed (on-line: prompt order, x_T seeds, sampling noise, training noise)."""
     batch_size: Annotated[int, AT_LEAST_1] = 8
-    """Pairs per process per micro-step."""
+    """Pairs (or samples, unpaired) per process per micro-step."""
     grad_accum: Annotated[int, AT_LEAST_1] = 1
-    """Gradient accumulation micro-steps per optimizer step."""
+    """Gradient accumulation micro-steps per optimizer step (on-line: each over trajectory_steps steps)."""
     lr: Annotated[float, POSITIVE] = 1e-4
     """Peak learning rate (AdamW)."""
     weight_decay: Annotated[float, NON_NEGATIVE] = 0.0
@@ -156,32 +158,40 @@ class TrainConfig:
     adam_8bit: bool = False
     """Use bitsandbytes 8-bit AdamW (GPU, extra `bnb`)."""
     lr_schedule: Annotated[str, LR_SCHEDULES] = "constant_with_warmup"
-    """diffusers.optimization schedule name."""
+    """diffusers.optimization schedule name, over all optimizer steps (on-line: rounds x steps_per_round)."""
     warmup_steps: Annotated[int, NON_NEGATIVE] = 0
     """Linear warmup steps."""
     max_grad_norm: Annotated[float, NON_NEGATIVE] = 1.0
     """Gradient clipping (0 = off)."""
     mixed_precision: Annotated[str, OneOf("no", "bf16", "fp16")] = "no"
-    """accelerate mixed precision: no, bf16, fp16."""
+    """accelerate mixed precision: no, bf16, fp16 (on-line: of sampling and training)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
     xformers: bool = False
     """Use xformers attention (GPU only; SDPA is the default)."""
-    checkpoint_every: Annotated[int, NON_NEGATIVE] = 0
-    """Save a resumable checkpoint every N steps (0 = only at the end)."""
     keep_checkpoints: Annotated[int, AT_LEAST_1] = 2
     """How many checkpoints to keep."""
-    log_every: Annotated[int, AT_LEAST_1] = 10
-    """Log scalars every N steps."""
     validate_every: Annotated[int, NON_NEGATIVE] = 50
-    """Every N steps: validation images (if validation_prompts) and a learning-curve point, the mean of each eval
-    scorer on 16 eval prompts (diffalign/engine/curves.py); 0 = off."""
-    validation_prompts: list[str] = field(default_factory=list)
-    """Prompts for validation images."""
+    """Every N steps (on-line: rounds), and at 0 (the base), a learning-curve point: the mean of each eval scorer
+    on 16 eval prompts with fixed seeds (diffalign/engine/curves.py), drawn in eval/curves.png; 0 = off."""
     tensorboard: bool = True
     """Log to tensorboard under output_dir/logs."""
     wandb: bool = False
-    """Also log to Weights & Biases (if installed)."""
+    """Also log to Weights & Biases (needs `pip install wandb` and a login)."""
+
+
+@dataclass
+class TrainConfig(OptimConfig):
+    """`diffalign train`'s optimisation: the shared keys plus the step count and what happens every N steps."""
+
+    max_steps: Annotated[int, AT_LEAST_1] = 300
+    """Optimizer steps."""
+    checkpoint_every: Annotated[int, NON_NEGATIVE] = 0
+    """Save a resumable checkpoint every N steps (0 = none; SIGTERM / SIGINT still save one)."""
+    log_every: Annotated[int, AT_LEAST_1] = 10
+    """Log scalars every N steps."""
+    validation_prompts: list[str] = field(default_factory=list)
+    """Prompts for validation images, every validate_every steps."""
 
 
 @dataclass
@@ -338,15 +348,28 @@ class CompareConfig:
 
 
 @dataclass
-class RoundsConfig:
-    """The on-policy loop of `diffalign online`: what to sample, how to score and split it, how much to train."""
+class OnlineTrainConfig(OptimConfig):
+    """`diffalign online`'s optimisation: the shared keys (on-line defaults) plus the steps each round trains."""
 
-    output_dir: str = ""
-    """Where round logs, grids, checkpoints, the LoRA and the eval go ("" = runs/online-<objective>-<time>)."""
-    seed: int = 0
-    """Global seed (prompt order, x_T seeds, sampling noise, training noise)."""
-    rounds: Annotated[int, AT_LEAST_1] = 10
-    """Rounds of sample -> score -> pairs -> train."""
+    lr: Annotated[float, POSITIVE] = 3e-4
+    """Peak learning rate (AdamW) of the LoRA."""
+    weight_decay: Annotated[float, NON_NEGATIVE] = 1e-4
+    """AdamW weight decay (official D3PO: 1e-4)."""
+    lr_schedule: Annotated[str, LR_SCHEDULES] = "constant"
+    """diffusers.optimization schedule name, over rounds x steps_per_round optimizer steps."""
+    validate_every: Annotated[int, NON_NEGATIVE] = 0
+    """Every N rounds, and at round 0 (the base), a learning-curve point: the mean of each eval scorer on 16 eval
+    prompts with fixed seeds, drawn in eval/curves.png next to the round reward and loss; 0 = off."""
+    steps_per_round: Annotated[int, AT_LEAST_1] = 4
+    """Optimizer steps per round (K)."""
+    trajectory_steps: Annotated[int, NON_NEGATIVE] = 0
+    """D3PO / DRO / GRPO: trajectory steps per optimizer step, gradients accumulated (0 = all, as official D3PO)."""
+
+
+@dataclass
+class SamplingConfig:
+    """What each on-line round samples, and how."""
+
     prompts: str = "toy"
     """Training prompts: a .txt file (one per line) or "toy" = the toy world's prompts not in the held-out set."""
     prompts_per_round: Annotated[int, AT_LEAST_1] = 16
@@ -354,8 +377,6 @@ class RoundsConfig:
     images_per_prompt: Annotated[int, AT_LEAST_1] = 2
     """Images per prompt group (G); D3PO's groups share x_T (official: 2 per x_T; 7 for human labels). GRPO with G = 1:
     advantages over the round's mean and std (Flow-GRPO's batch normalisation)."""
-    drop_zero_advantages: bool = True
-    """GRPO: train only on chains with A != 0, as Flow-GRPO does (false: keep them; with A = 0 only the KL acts)."""
     shared_noise: bool = True
     """All images of a group start from the same x_T (D3PO); DRAGON groups may use independent x_T."""
     steps: Annotated[int, AT_LEAST_1] = 20
@@ -379,9 +400,15 @@ class RoundsConfig:
     for 10 steps; flux_fast: (0, steps // 2) with size 3). [] = every step but the last."""
     sample_batch: Annotated[int, AT_LEAST_1] = 64
     """Images per sampler call."""
-    reward: Annotated[str, SCORER] = "toy_aesthetic"
+
+
+@dataclass
+class RewardConfig:
+    """How each round is scored, and what is only watched."""
+
+    scorer: Annotated[str, SCORER] = "toy_aesthetic"
     """Scorer (diffalign.rewards.SCORERS) that labels the round; distribution-level ones score the round as a set."""
-    reward_args: dict[str, Any] = field(default_factory=dict)
+    args: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments of the scorer's `load` (e.g. exemplars: PATH for fd_exemplar / loglik_exemplar)."""
     exemplars: str = ""
     """"toy_vivid": exemplar set of high-saturation toy renders scored with the toy colour-statistics encoder."""
@@ -389,6 +416,12 @@ class RoundsConfig:
     """Images in the toy_vivid exemplar set."""
     monitor: Annotated[list[str], SCORER] = field(default_factory=lambda: ["toy_fidelity"])
     """Extra scorers logged per round (not trained on): the reward-hacking check."""
+
+
+@dataclass
+class PairingConfig:
+    """Which rows a scored round gives: pairs, desirable / undesirable sets, or the chains GRPO trains on."""
+
     split: Annotated[str, OneOf("all_pairs", "best_worst", "top_bottom")] = "all_pairs"
     """Pair / set rule (diffalign.online.pairing): all_pairs (D3PO), best_worst (DRAGON-DPO), top_bottom (DRAGON-KTO)."""
     min_gap: Annotated[float, NON_NEGATIVE] = 0.0
@@ -397,24 +430,16 @@ class RoundsConfig:
     """top_bottom: share of the round that is desirable (and the same share undesirable)."""
     labels_file: str = ""
     """Human pair choices (JSON, see diffalign.online.pairing.pairs_from_labels) instead of the reward; ties skipped."""
-    train_steps: Annotated[int, AT_LEAST_1] = 4
-    """Optimizer steps per round (K)."""
-    batch_size: Annotated[int, AT_LEAST_1] = 8
-    """Pairs (or samples, unpaired) per optimizer step."""
-    trajectory_steps: Annotated[int, NON_NEGATIVE] = 0
-    """D3PO / DRO: trajectory steps per optimizer step, gradients accumulated (0 = all, as official D3PO)."""
-    lr: Annotated[float, POSITIVE] = 3e-4
-    """AdamW learning rate of the LoRA."""
-    weight_decay: Annotated[float, NON_NEGATIVE] = 1e-4
-    """AdamW weight decay (official D3PO: 1e-4)."""
-    adam_8bit: bool = False
-    """bitsandbytes 8-bit AdamW (extra `bnb`, CUDA)."""
-    lr_schedule: Annotated[str, LR_SCHEDULES] = "constant"
-    """Learning-rate schedule over rounds x train_steps optimizer steps (diffusers' get_scheduler names)."""
-    warmup_steps: Annotated[int, NON_NEGATIVE] = 0
-    """Linear warm-up optimizer steps of the schedule."""
-    max_grad_norm: Annotated[float, NON_NEGATIVE] = 1.0
-    """Gradient clipping (0 = off)."""
+    drop_zero_advantages: bool = True
+    """GRPO: train only on chains with A != 0, as Flow-GRPO does (false: keep them; with A = 0 only the KL acts)."""
+
+
+@dataclass
+class RoundsConfig:
+    """The on-policy loop itself: how many rounds, the reference, the engine's KL, DRO's experts."""
+
+    rounds: Annotated[int, AT_LEAST_1] = 10
+    """Rounds of sample -> score -> rows -> train."""
     ref_refresh: Annotated[int, NON_NEGATIVE] = 0
     """Reference model: 0 = the frozen base (adapters off); N = a copy of the policy taken every N rounds."""
     kl_weight: Annotated[float, NON_NEGATIVE] = 0.0
@@ -427,23 +452,26 @@ class RoundsConfig:
     expert_scorer: Annotated[str, OneOf(SCORERS, allow_empty=True)] = ""
     """DRO: "" = the preferred image of each pair; a scorer name = the max_experts best images of all pairs by it
     (official: top-K Pick-a-Pic images by PickScore or HPSv2)."""
-    keep_checkpoints: Annotated[int, AT_LEAST_1] = 2
-    """Round checkpoints kept."""
-    validate_every: Annotated[int, NON_NEGATIVE] = 0
-    """Every N rounds (and at round 0, the base) sample the eval prompts with fixed seeds, score them with
-    eval.scorers and draw eval/curves.png next to the round reward and loss (0 = off)."""
-    tensorboard: bool = True
-    """Log scalars and the round grid to tensorboard under output_dir/logs."""
-    wandb: bool = False
-    """Also log to Weights & Biases (needs `pip install wandb` and a login)."""
-    grad_accum: Annotated[int, AT_LEAST_1] = 1
-    """Micro-batches of batch_size per process per optimizer step (each over trajectory_steps steps for D3PO/DRO)."""
-    mixed_precision: Annotated[str, OneOf("no", "bf16", "fp16")] = "no"
-    """accelerate mixed precision of sampling and training: no, bf16, fp16."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass to save memory."""
-    xformers: bool = False
-    """Use xformers attention (GPU only; SDPA is the default)."""
+
+
+# Keys of the one-section on-line config before it was split by concern: an old key is a one-line error naming
+# its new place (diffalign.schema reads this table).
+MOVED_KEYS = {
+    **{f"online.{k}": f"train.{k}" for k in (
+        "output_dir", "seed", "batch_size", "grad_accum", "lr", "weight_decay", "adam_8bit", "lr_schedule",
+        "warmup_steps", "max_grad_norm", "mixed_precision", "gradient_checkpointing", "xformers", "keep_checkpoints",
+        "validate_every", "tensorboard", "wandb", "trajectory_steps",
+    )},
+    "online.train_steps": "train.steps_per_round",
+    **{f"online.{k}": f"sampling.{k}" for k in (
+        "prompts", "prompts_per_round", "images_per_prompt", "shared_noise", "steps", "guidance", "eta", "sampler",
+        "sde_window", "sde_window_size", "sde_window_range", "sample_batch",
+    )},
+    "online.reward": "reward.scorer",
+    "online.reward_args": "reward.args",
+    **{f"online.{k}": f"reward.{k}" for k in ("exemplars", "exemplar_count", "monitor")},
+    **{f"online.{k}": f"pairing.{k}" for k in ("split", "min_gap", "fraction", "labels_file", "drop_zero_advantages")},
+}  # fmt: skip
 
 
 @dataclass
@@ -454,6 +482,10 @@ class OnlineConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     objective: ObjectiveConfig = field(default_factory=lambda: ObjectiveConfig(name="d3po"))
     estimator: EstimatorConfig = field(default_factory=EstimatorConfig)
+    train: OnlineTrainConfig = field(default_factory=OnlineTrainConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    pairing: PairingConfig = field(default_factory=PairingConfig)
     online: RoundsConfig = field(default_factory=RoundsConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     guards: GuardsConfig = field(default_factory=GuardsConfig)
@@ -491,3 +523,8 @@ class ServeRewardConfig:
     """Most images one request may carry."""
     max_request_mb: Annotated[float, POSITIVE] = 512.0
     """Largest request body, in MiB."""
+
+
+def load_config(cls: type, path=None, overrides: list[str] | None = None):
+    """diffalign.schema.load_config, with the keys that moved (MOVED_KEYS) refused in one line naming their place."""
+    return schema.load_config(cls, path, overrides, moved=MOVED_KEYS)

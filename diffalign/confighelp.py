@@ -23,7 +23,16 @@ def _module_classes(path: str) -> dict[str, ast.ClassDef]:
 
 
 def field_docs(cls: type) -> dict[str, str]:
-    """field name -> the string literal under it in the class body (its docstring), on one line."""
+    """field name -> the string literal under it in the class body (its docstring), on one line; a subclass's own
+    string wins over its bases' (OnlineTrainConfig's lr over OptimConfig's)."""
+    docs = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass):
+            docs.update(_own_field_docs(klass))
+    return docs
+
+
+def _own_field_docs(cls: type) -> dict[str, str]:
     try:
         klass = _module_classes(inspect.getsourcefile(cls)).get(cls.__qualname__)
     except (OSError, TypeError):

@@ -275,9 +275,20 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], cls: type) -> di
     return data
 
 
-def load_config(cls: type, path: str | Path | Any = None, overrides: list[str] | None = None) -> Any:
+def check_moved(data: dict[str, Any], overrides: list[str], moved: dict[str, str]) -> None:
+    """A key that has moved (`moved`: old dotted key -> new one), in the YAML or an override: one line naming both."""
+    keys = [f"{section}.{key}" for section, values in data.items() if isinstance(values, dict) for key in values]
+    keys += [item.split("=", 1)[0] for item in overrides]
+    for key in keys:
+        if key in moved:
+            raise ConfigError(f"config key '{key}' has moved: it is '{moved[key]}' now")
+
+
+def load_config(
+    cls: type, path: str | Path | Any = None, overrides: list[str] | None = None, moved: dict[str, str] | None = None
+) -> Any:
     """Read an optional YAML file (or take a `cls` object, for scripts), apply dotted overrides, validate into
-    `cls`; the result is always a new, checked object."""
+    `cls`; the result is always a new, checked object. `moved`: old keys that are refused naming their new place."""
     data: dict[str, Any] = {}
     if isinstance(path, cls):
         data, path = to_dict(path), None
@@ -292,6 +303,7 @@ def load_config(cls: type, path: str | Path | Any = None, overrides: list[str] |
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: top level must be a mapping")
     try:
+        check_moved(data, list(overrides or []), moved or {})
         data = apply_overrides(data, list(overrides or []), cls)
         return from_dict(cls, data)
     except ConfigError as err:

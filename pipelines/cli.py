@@ -71,7 +71,7 @@ COMMANDS = {
     "online": Command(
         "diffalign.pipelines.online",
         "OnlineConfig",
-        "on-policy alignment rounds: sample, score, pair, train (D3PO, DRAGON, DRO)",
+        "on-policy alignment in rounds: sample, score, train (GRPO, DiffusionNFT, D3PO, DRAGON, DRO)",
         "diffalign online configs/toy_dragon.yaml online.rounds=2",
         options={"resume": "latest|PATH"},
     ),

@@ -75,100 +75,100 @@ from diffalign.sources import Round, source_of
 
 def run(config: str | None = None, overrides: list[str] | tuple = (), resume: str = "") -> Path:
     cfg: OnlineConfig = load_config(OnlineConfig, config, list(overrides))
-    rc, name = cfg.online, cfg.objective.name
+    name = cfg.objective.name
+    tc, sc, oc = cfg.train, cfg.sampling, cfg.online  # optimisation, sampling, the rounds
     objective = build_objective(cfg.objective)
     source = source_of(cfg, "online")  # the objective's source, config and contract checked, before any model
     stepwise = source.stepwise
-    traj_steps = min(rc.trajectory_steps or rc.steps, rc.steps) if stepwise else 1
-    run = Run(cfg, rc, resume, unit="round", log_file="rounds.jsonl", default_name=f"online-{name}",
-              grad_accum=rc.grad_accum * traj_steps)  # fmt: skip
+    traj_steps = min(tc.trajectory_steps or sc.steps, sc.steps) if stepwise else 1
+    run = Run(cfg, tc, resume, unit="round", log_file="rounds.jsonl", default_name=f"online-{name}",
+              grad_accum=tc.grad_accum * traj_steps)  # fmt: skip
     accelerator, out, main = run.accelerator, run.out, run.main
 
     # ---- model, LoRA, reference, sampler ----------------------------------------------------------------------
     family = run.load_model(
-        whole_family=True, reference="adapter" if rc.ref_refresh else "base", old_adapter=source.old_policy
+        whole_family=True, reference="adapter" if oc.ref_refresh else "base", old_adapter=source.old_policy
     )
-    if rc.guidance <= 0:
-        rc.guidance = default_guidance(family)  # the resolved value is what config.yaml records
+    if sc.guidance <= 0:
+        sc.guidance = default_guidance(family)  # the resolved value is what config.yaml records
     source.check(cfg)  # again, with the resolved guidance
-    cfg_scale = family.sampling_cfg(rc.guidance)  # FLUX.1-dev: guidance is an input of the transformer, CFG 1
+    cfg_scale = family.sampling_cfg(sc.guidance)  # FLUX.1-dev: guidance is an input of the transformer, CFG 1
     window_span = None  # Flow-GRPO-Fast: a window of sde_window_size steps at a keyed random start each round
-    if rc.sde_window_size:
-        window_span = window_range(rc.sde_window_size, rc.sde_window_range, rc.steps)
-    first_window = [window_span[0], window_span[0] + rc.sde_window_size] if window_span else rc.sde_window
-    sampler = build_sampler(family, rc.sampler, rc.steps, rc.eta, first_window)  # ddim or flow_sde, by family
+    if sc.sde_window_size:
+        window_span = window_range(sc.sde_window_size, sc.sde_window_range, sc.steps)
+    first_window = [window_span[0], window_span[0] + sc.sde_window_size] if window_span else sc.sde_window
+    sampler = build_sampler(family, sc.sampler, sc.steps, sc.eta, first_window)  # ddim or flow_sde, by family
     if stepwise:  # samplers record their noise window only: fewer steps to accumulate over
-        traj_steps = min(rc.trajectory_steps or sampler.recorded_steps, sampler.recorded_steps)
-        accelerator.gradient_accumulation_steps = rc.grad_accum * traj_steps
+        traj_steps = min(tc.trajectory_steps or sampler.recorded_steps, sampler.recorded_steps)
+        accelerator.gradient_accumulation_steps = tc.grad_accum * traj_steps
 
     # ---- reward, prompts, labels, experts ---------------------------------------------------------------------
-    scorer = build_reward(rc) if main else None  # the main process scores every round
-    monitors = {m: load_scorer(m) for m in rc.monitor} if main else {}
-    labels = read_labels(rc.labels_file) if rc.labels_file else None
+    scorer = build_reward(cfg) if main else None  # the main process scores every round
+    monitors = {m: load_scorer(m) for m in cfg.reward.monitor} if main else {}
+    labels = read_labels(cfg.pairing.labels_file) if cfg.pairing.labels_file else None
     experts = None
     if source.experts:
-        expert_scorer = load_scorer(rc.expert_scorer) if rc.expert_scorer else None
+        expert_scorer = load_scorer(oc.expert_scorer) if oc.expert_scorer else None
         pixels, captions = preference_winners(
-            data_source(rc.experts), family.resolution, rc.max_experts, expert_scorer
+            data_source(oc.experts), family.resolution, oc.max_experts, expert_scorer
         )
         if main:
-            by = f" (top by {rc.expert_scorer})" if expert_scorer else ""
-            print(f"{name}: {len(captions)} experts from {rc.experts}{by}; negatives sampled from their captions")
+            by = f" (top by {oc.expert_scorer})" if expert_scorer else ""
+            print(f"{name}: {len(captions)} experts from {oc.experts}{by}; negatives sampled from their captions")
         experts = (family.encode_images(pixels.to(run.device)).cpu(), captions)  # (M, C, h, w), (M,)
-    pool = experts[1] if source.experts else read_train_prompts(rc.prompts)
+    pool = experts[1] if source.experts else read_train_prompts(sc.prompts)
 
-    run.build_optimizer(rc.rounds * rc.train_steps)
+    run.build_optimizer(oc.rounds * tc.steps_per_round)
     run.resume()
     schedule = Schedule(family.scheduler, family.prediction_type)
     ctx = run.prepare(
         source, objective=objective, schedule=schedule, estimator=cfg.estimator, sampler=sampler,
-        kl_weight=rc.kl_weight,
+        kl_weight=oc.kl_weight,
     )  # fmt: skip
-    run.begin(scorer, rc.rounds, "diffalign-online")
+    run.begin(scorer, oc.rounds, "diffalign-online")
 
     # ---- rounds -----------------------------------------------------------------------------------------------
-    g, counts = rc.images_per_prompt, run.counts
+    g, counts = sc.images_per_prompt, run.counts
     world, rank = accelerator.num_processes, accelerator.process_index
     try:
-        for r in range(run.start, rc.rounds):
+        for r in range(run.start, oc.rounds):
             t0 = time.time()
-            prompts, seeds, pool_index = plan_round(rc, r, pool)
+            prompts, seeds, pool_index = plan_round(cfg, r, pool)
             window = None
             if window_span:
-                window = random_window(rc.sde_window_size, window_span, keyed_generator(rc.seed, r, WINDOW_STREAM))
+                window = random_window(sc.sde_window_size, window_span, keyed_generator(tc.seed, r, WINDOW_STREAM))
             with adapter_mode(run.denoiser, OLD_ADAPTER if source.old_policy else "default"):
                 traj, images = sample_share(
-                    accelerator, family, sampler, prompts, seeds, rc, r, source.keep_predictions, cfg_scale, window
+                    accelerator, family, sampler, prompts, seeds, cfg, r, source.keep_predictions, cfg_scale, window
                 )
             rewards, monitored = score_round(accelerator, scorer, monitors, images, prompts)
-            first, second = source.rows(
-                rewards.view(rc.prompts_per_round, g), cfg, labels, r, pool_index
-            )  # (N,)->(P, G)
+            by_group = rewards.view(sc.prompts_per_round, g)  # (N,) -> (P, G)
+            first, second = source.rows(by_group, cfg, labels, r, pool_index)
             rnd = Round(r, traj, prompts, first, second, experts)
             sums, n_rows = {}, len(first)
-            for s in range(rc.train_steps if n_rows >= rc.grad_accum * world else 0):
-                gen = keyed_generator(rc.seed, r, s, ROWS_STREAM)
-                pick = torch.randperm(n_rows, generator=gen)[: rc.batch_size * rc.grad_accum * world]  # global rows
+            for s in range(tc.steps_per_round if n_rows >= tc.grad_accum * world else 0):
+                gen = keyed_generator(tc.seed, r, s, ROWS_STREAM)
+                pick = torch.randperm(n_rows, generator=gen)[: tc.batch_size * tc.grad_accum * world]  # global rows
                 ks = torch.randperm(traj.num_steps, generator=gen)[:traj_steps].tolist() if stepwise else [None]
                 tensor_sums = {}
-                for part in torch.tensor_split(pick, rc.grad_accum):  # micro-batches; process r takes r, r+W, ...
+                for part in torch.tensor_split(pick, tc.grad_accum):  # micro-batches; process r takes r, r+W, ...
                     for k in ks:  # one backward per trajectory step, gradients accumulated (official D3PO)
                         batch = {"round": rnd, "step": s, "rows": part[rank::world], "k": k}
                         tensor_sums = micro_step(accelerator, run.prepared, ctx, batch, tensor_sums)
                 losses_finite, grads_finite = finish_step(accelerator, ctx, tensor_sums)
                 run.lr_scheduler.step()
-                hint = "lower online.lr or objective.beta"
+                hint = "lower train.lr or objective.beta"
                 count_bad(counts, losses_finite, grads_finite, accelerator.scaler, f"round {r + 1} step {s + 1}", hint)
-                step_sums = {**read_sums(tensor_sums), "n": float(rc.grad_accum * len(ks))}
+                step_sums = {**read_sums(tensor_sums), "n": float(tc.grad_accum * len(ks))}
                 for key, v in sum_over_processes(accelerator, step_sums).items():
                     sums[key] = sums.get(key, 0.0) + v
                 if run.stopping():  # mid-round: drop the round; its draws are keyed, so a resume redoes it exactly
                     run.exit_stopped(r, saved=False)
             n = sums.pop("n", 1.0)
-            if rc.ref_refresh and (r + 1) % rc.ref_refresh == 0:
+            if oc.ref_refresh and (r + 1) % oc.ref_refresh == 0:
                 copy_policy_to_ref(run.named_params, run.ref_params)
             if source.old_policy:  # after the round's optimizer steps, as the official code after each epoch
-                decay = OLD_DECAY[objective.old_decay]((r + 1) * rc.train_steps)
+                decay = OLD_DECAY[objective.old_decay]((r + 1) * tc.steps_per_round)
                 update_old(run.named_params, run.old_params, decay)
             logs = {
                 "reward": float(rewards.mean()),
@@ -181,7 +181,7 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
                 "round_seconds": time.time() - t0,
                 **({"sde_window_start": window[0]} if window else {}),
             }
-            if main and rc.exemplars:
+            if main and cfg.reward.exemplars:
                 logs["set_fd"] = set_fd(scorer, images)
             run.log(r + 1, logs)
             run.bar.update(1)
@@ -192,7 +192,7 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
                     if tracker.name == "tensorboard":
                         tracker.writer.add_images("round", images[: 8 * g], r + 1)
                 run.bar.write(
-                    f"round {r + 1}/{rc.rounds}: reward {logs['reward']:.3f} "
+                    f"round {r + 1}/{oc.rounds}: reward {logs['reward']:.3f} "
                     + " ".join(f"{m} {logs[f'monitor/{m}']:.3f}" for m in monitored)
                     + f" items {n_rows} loss {logs.get('train/loss', float('nan')):.4f} ({logs['round_seconds']:.1f}s)"
                 )
@@ -201,14 +201,14 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
             run.save(r + 1, {"round": r + 1})
             if tripped:
                 break  # a reward-hacking guard tripped: keep the best passing weights (diffalign/engine/guarding.py)
-            if run.stopping() and r + 1 < rc.rounds:
+            if run.stopping() and r + 1 < oc.rounds:
                 run.exit_stopped(r + 1)
     finally:
         run.close_loop()
 
     # ---- outputs ----------------------------------------------------------------------------------------------
-    extra_eval = (lambda fam: {"eval_fd": eval_fd(fam, cfg.eval, scorer)}) if rc.exemplars else None
-    summary = run.finish({"objective": name, "online": True}, {"rounds": rc.rounds}, (ROUND_KEYS, "round"), extra_eval)
+    extra_eval = (lambda fam: {"eval_fd": eval_fd(fam, cfg.eval, scorer)}) if cfg.reward.exemplars else None
+    summary = run.finish({"objective": name, "online": True}, {"rounds": oc.rounds}, (ROUND_KEYS, "round"), extra_eval)
     if main and "eval_fd" in summary:
         fd = summary["eval_fd"]
         print(f"FD to the exemplar set on held-out prompts: base {fd['base']:.3f} -> aligned {fd['aligned']:.3f}")

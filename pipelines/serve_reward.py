@@ -9,7 +9,7 @@ the scorer rejects) answers 400 with a one-line error; a scorer crash answers 50
     # on the GPU machine
     diffalign serve-reward vlm_judge scorer_args="{device: cuda}" host=0.0.0.0 port=8765
     # in the training run
-    diffalign online ... online.reward=remote online.reward_args="{endpoint: http://gpu-host:8765/score}"
+    diffalign online ... reward.scorer=remote reward.args="{endpoint: http://gpu-host:8765/score}"
 
 SCORER may also be a YAML file with the keys below; the CLI turns a bare NAME into `scorer=NAME` (its COMMANDS).
 """

@@ -48,13 +48,13 @@ CORPUS = [
         id="train-resolution",
     ),
     # online
-    ("online", ["online.fraction=0.9"], "online.fraction=0.9: must be > 0 and <= 0.5"),
+    ("online", ["pairing.fraction=0.9"], "pairing.fraction=0.9: must be > 0 and <= 0.5"),
     ("online", ["objective.clip=2"], "objective.clip=2.0: must be > 0 and < 1"),
     ("online", ["objective.beta=-0.1"], "objective.beta=-0.1: must be > 0"),
-    ("online", ["online.split=pairs_all"], "online.split='pairs_all': must be one of all_pairs, best_worst"),
+    ("online", ["pairing.split=pairs_all"], "pairing.split='pairs_all': must be one of all_pairs, best_worst"),
     ("online", ["online.rounds=0"], "online.rounds=0: must be >= 1"),
-    ("online", ["online.reward=pickscor"], "did you mean 'pickscore'?"),
-    ("online", ["online.lr=0"], "online.lr=0.0: must be > 0"),
+    ("online", ["reward.scorer=pickscor"], "did you mean 'pickscore'?"),
+    ("online", ["train.lr=0"], "train.lr=0.0: must be > 0"),
     # generate
     ("generate", ["prompt=a cat", "images_per_prompt=0"], "images_per_prompt=0: must be >= 1"),
     ("generate", ["prompt=a cat", "guidance=-1"], "guidance=-1.0: must be >= 0"),
@@ -77,7 +77,7 @@ CORPUS = [
     ("export", ["src=x", "out=y.safetensors", "fromat=kohya"], "unknown config key 'fromat'; did you mean 'format'?"),
 ]
 
-OUTPUT_KEY = {"train": "train.output_dir", "online": "online.output_dir", "export": "out"}
+OUTPUT_KEY = {"train": "train.output_dir", "online": "train.output_dir", "export": "out"}
 
 
 def _case_id(case) -> str:

@@ -75,7 +75,7 @@ def test_scale_tiny(tmp_path):
 def test_toy_alignment_online_rows_with_curves(tmp_path):
     """benchmarks/toy_alignment.py --curves on a DDPM-toy and a flow-toy on-line row, shrunk: each row has a win
     rate, a fidelity change and a time to 90% (a round or None)."""
-    small = ["online.rounds=2", "online.prompts_per_round=4", "online.train_steps=1", "eval.max_prompts=2",
+    small = ["online.rounds=2", "sampling.prompts_per_round=4", "train.steps_per_round=1", "eval.max_prompts=2",
              "eval.images_per_prompt=1", "eval.steps=4"]  # fmt: skip
     cmd = [sys.executable, str(REPO / "benchmarks" / "toy_alignment.py"), "--objectives", "dragon,dragon_flow",
            "--curves", "--out", str(tmp_path), *small]  # fmt: skip

@@ -141,3 +141,23 @@ def test_describe_lists_every_key_with_type_default_and_doc():
     assert "with objective.name=smpo:" in text and "objective.gamma (float, default 10.0)" in text
     for name in OBJECTIVES:
         assert f"with objective.name={name}:" in text
+
+
+@pytest.mark.parametrize(
+    "old,new",
+    [("online.lr", "train.lr"), ("online.train_steps", "train.steps_per_round"), ("online.reward", "reward.scorer"),
+     ("online.steps", "sampling.steps"), ("online.split", "pairing.split")],
+)  # fmt: skip
+def test_an_old_online_key_names_its_new_place(old, new, tmp_path):
+    """The on-line config is split by concern (train, sampling, reward, pairing, online): a key of the old one-section
+    layout, in an override or in a YAML file, is a one-line error that names where it lives now."""
+    from diffalign.config import ConfigError, OnlineConfig, load_config
+
+    with pytest.raises(ConfigError, match=f"'{old}' has moved: it is '{new}' now"):
+        load_config(OnlineConfig, None, [f"{old}=1"])
+    section, key = old.split(".")
+    path = tmp_path / "old.yaml"
+    path.write_text(f"{section}:\n  {key}: 1\n")
+    with pytest.raises(ConfigError, match=f"'{old}' has moved: it is '{new}' now") as err:
+        load_config(OnlineConfig, path)
+    assert "\n" not in str(err.value)

@@ -100,7 +100,7 @@ def test_online_sd3_asked_for_ddim_is_one_line_exit_2(tmp_path, monkeypatch, cap
     from diffalign.pipelines.cli import main
 
     monkeypatch.chdir(REPO)
-    args = ["model.path=assets/tiny/sd3", "online.sampler=ddim", "online.rounds=1", f"online.output_dir={tmp_path}/r"]
+    args = ["model.path=assets/tiny/sd3", "sampling.sampler=ddim", "online.rounds=1", f"train.output_dir={tmp_path}/r"]
     assert main(["online", *args]) == 2
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if "family 'sd3'" in line]  # (loading progress bars aside)
@@ -114,9 +114,9 @@ def test_online_sd3_asked_for_ddim_is_one_line_exit_2(tmp_path, monkeypatch, cap
 @pytest.mark.parametrize(
     "objective,extra",
     [
-        ("d3po", ["online.split=all_pairs", "online.guidance=2.0"]),
-        ("dpo", ["online.split=best_worst", "online.guidance=2.0"]),  # DRAGON with the Diffusion-DPO surrogate
-        ("dro", ["online.guidance=1.0", "online.max_experts=8"]),
+        ("d3po", ["pairing.split=all_pairs", "sampling.guidance=2.0"]),
+        ("dpo", ["pairing.split=best_worst", "sampling.guidance=2.0"]),  # DRAGON with the Diffusion-DPO surrogate
+        ("dro", ["sampling.guidance=1.0", "online.max_experts=8"]),
     ],
     ids=["d3po", "dragon", "dro"],
 )
@@ -131,11 +131,11 @@ def test_online_methods_run_a_round_on_sd3(tmp_path, monkeypatch, objective, ext
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a photo of a cat\nred dog\n")
     args = ["model.path=assets/tiny/sd3", "lora.rank=4", "lora.alpha=4", f"objective.name={objective}"]
-    args += ["online.prompts_per_round=2", "online.images_per_prompt=2", "online.steps=3", "online.eta=0.7"]
-    args += ["online.train_steps=1", "online.batch_size=2", "online.reward=toy_aesthetic", "online.monitor=[]"]
-    args += ["online.rounds=1", "online.tensorboard=false", "eval.prompts=", f"online.prompts={prompts}"]
+    args += ["sampling.prompts_per_round=2", "sampling.images_per_prompt=2", "sampling.steps=3", "sampling.eta=0.7"]
+    args += ["train.steps_per_round=1", "train.batch_size=2", "reward.scorer=toy_aesthetic", "reward.monitor=[]"]
+    args += ["online.rounds=1", "train.tensorboard=false", "eval.prompts=", f"sampling.prompts={prompts}"]
     out = tmp_path / "run"
-    run(None, [*args, *extra, f"online.output_dir={out}"])
+    run(None, [*args, *extra, f"train.output_dir={out}"])
     row = json.loads((out / "rounds.jsonl").read_text())
     expected = {"d3po": math.log(2), "dpo": math.log(2), "dro": 0.001}[objective]
     assert math.isclose(row["train/loss"], expected, rel_tol=1e-4) and row["skipped_steps"] == 0
@@ -154,7 +154,7 @@ def test_random_sde_window_is_keyed_and_stays_in_its_range():
     assert set(starts) == {1, 2, 3, 4}  # 1..6-2
     assert random_window(2, span, keyed_generator(0, 7, WINDOW_STREAM)) == (starts[7], starts[7] + 2)
     assert window_range(3, [], 10) == (0, 9)  # default: every step but the last
-    with pytest.raises(DiffalignError, match=r"sde_window_size 4 in online.sde_window_range \[0, 3\]"):
+    with pytest.raises(DiffalignError, match=r"sde_window_size 4 in sampling.sde_window_range \[0, 3\]"):
         window_range(4, [0, 3], 10)
 
 
@@ -167,13 +167,13 @@ def test_online_random_sde_window_per_round_on_the_tiny_sd3(tmp_path, monkeypatc
     prompts = tmp_path / "p.txt"
     prompts.write_text("a photo of a cat\nred dog\n")
     cfg = ["model.path=assets/tiny/sd3", "lora.rank=4", "lora.alpha=4", "objective.name=grpo", "online.rounds=3",
-           "online.prompts_per_round=2", "online.images_per_prompt=2", "online.steps=4", "online.eta=0.7",
-           "online.train_steps=1", "online.batch_size=4", "online.monitor=[]", "online.tensorboard=false",
-           "online.reward=toy_aesthetic", f"online.prompts={prompts}", "eval.prompts=",
-           "online.sde_window_size=1", "online.sde_window_range=[0,3]"]  # fmt: skip
+           "sampling.prompts_per_round=2", "sampling.images_per_prompt=2", "sampling.steps=4", "sampling.eta=0.7",
+           "train.steps_per_round=1", "train.batch_size=4", "reward.monitor=[]", "train.tensorboard=false",
+           "reward.scorer=toy_aesthetic", f"sampling.prompts={prompts}", "eval.prompts=",
+           "sampling.sde_window_size=1", "sampling.sde_window_range=[0,3]"]  # fmt: skip
     logs = []
     for name in ("a", "b"):
-        run(None, [*cfg, f"online.output_dir={tmp_path / name}"])
+        run(None, [*cfg, f"train.output_dir={tmp_path / name}"])
         rows = [json.loads(x) for x in (tmp_path / name / "rounds.jsonl").read_text().splitlines()]
         logs.append([r["sde_window_start"] for r in rows])
         assert all(0 <= s <= 2 for s in logs[-1]) and all(math.isfinite(r["train/loss"]) for r in rows)

@@ -275,8 +275,16 @@ def test_flow_sampler_at_noise_level_zero_equals_the_flux_pipeline(flux):
 
 
 ONLINE_FLUX = {  # objective -> its overrides on top of a one-round tiny run
-    "nft": ["objective.name=nft", "online.eta=0", "online.shared_noise=false"],  # the old adapter samples by the ODE
-    "dragon": ["objective.name=dpo", "online.split=best_worst", "online.eta=0.9"],  # DRAGON's Diffusion-DPO surrogate
+    "nft": [
+        "objective.name=nft",
+        "sampling.eta=0",
+        "sampling.shared_noise=false",
+    ],  # the old adapter samples by the ODE
+    "dragon": [
+        "objective.name=dpo",
+        "pairing.split=best_worst",
+        "sampling.eta=0.9",
+    ],  # DRAGON's Diffusion-DPO surrogate
 }
 
 
@@ -291,10 +299,10 @@ def test_online_round_on_flux_through_the_cli(tmp_path, monkeypatch, objective):
     out = tmp_path / "run"
     config = [str(REPO / "configs" / "flux_grpo.yaml")] if objective == "grpo" else ["lora.rank=4", "lora.alpha=4"]
     args = ["online", *config, f"model.path={TINY}", "model.resolution=0", *ONLINE_FLUX.get(objective, [])]
-    args += ["online.rounds=1", "online.prompts_per_round=2", "online.images_per_prompt=2", "online.steps=3"]
-    args += ["online.sample_batch=4", "online.train_steps=1", "online.batch_size=2", "online.grad_accum=1"]
-    args += [f"online.prompts={prompts}", "online.reward=toy_aesthetic", "online.reward_args={}", "online.monitor=[]"]
-    args += ["online.guidance=3.5", "online.tensorboard=false", "eval.prompts=", f"online.output_dir={out}"]
+    args += ["online.rounds=1", "sampling.prompts_per_round=2", "sampling.images_per_prompt=2", "sampling.steps=3"]
+    args += ["sampling.sample_batch=4", "train.steps_per_round=1", "train.batch_size=2", "train.grad_accum=1"]
+    args += [f"sampling.prompts={prompts}", "reward.scorer=toy_aesthetic", "reward.args={}", "reward.monitor=[]"]
+    args += ["sampling.guidance=3.5", "train.tensorboard=false", "eval.prompts=", f"train.output_dir={out}"]
     assert main(args) == 0
     row = json.loads((out / "rounds.jsonl").read_text().splitlines()[0])
     assert math.isfinite(row["train/loss"]) and row["skipped_steps"] == 0

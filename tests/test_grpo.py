@@ -138,15 +138,16 @@ def test_one_image_per_prompt_is_normalised_over_the_round_as_flow_grpo():
 def test_zero_advantage_chains_are_dropped_as_flow_grpo_unless_asked_to_keep():
     """Flow-GRPO trains only on samples whose advantage is not 0 (train_sd3.py's mask): group 0 scores alike (all 0),
     in group 1 the middle reward is its group's mean (A = 0); so of chains 0..5 only 3 and 5 remain by default."""
-    from diffalign.config import OnlineConfig, RoundsConfig
+    from diffalign.config import OnlineConfig, PairingConfig, SamplingConfig
     from diffalign.sources import SOURCES
 
     rows = SOURCES["policy_steps"]().rows
     rewards = torch.tensor([[0.7, 0.7, 0.7], [0.0, 0.5, 1.0]])  # (P, G)
-    first, second = rows(rewards, OnlineConfig(online=RoundsConfig(images_per_prompt=3)), None, 0, torch.zeros(6))
+    cfg = OnlineConfig(sampling=SamplingConfig(images_per_prompt=3))
+    first, second = rows(rewards, cfg, None, 0, torch.zeros(6))
     assert first.tolist() == [3, 5] and second is rewards
     assert GRPO().advantages(rewards).flatten()[first].abs().min() > 0
-    keep = OnlineConfig(online=RoundsConfig(images_per_prompt=3, drop_zero_advantages=False))
+    keep = OnlineConfig(sampling=SamplingConfig(images_per_prompt=3), pairing=PairingConfig(drop_zero_advantages=False))
     first, _ = rows(rewards, keep, None, 0, torch.zeros(6))
     assert first.tolist() == [0, 1, 2, 3, 4, 5]
 
@@ -170,17 +171,17 @@ TINY = [
     "lora.rank=4",
     "lora.alpha=4",
     "objective.name=grpo",
-    "online.prompts_per_round=2",
-    "online.images_per_prompt=3",
-    "online.shared_noise=false",
-    "online.steps=3",
-    "online.guidance=2.0",
-    "online.train_steps=2",
-    "online.batch_size=4",
-    "online.reward=toy_aesthetic",
-    "online.monitor=[]",
+    "sampling.prompts_per_round=2",
+    "sampling.images_per_prompt=3",
+    "sampling.shared_noise=false",
+    "sampling.steps=3",
+    "sampling.guidance=2.0",
+    "train.steps_per_round=2",
+    "train.batch_size=4",
+    "reward.scorer=toy_aesthetic",
+    "reward.monitor=[]",
     "online.rounds=1",
-    "online.tensorboard=false",
+    "train.tensorboard=false",
     "eval.prompts=",
 ]
 
@@ -195,8 +196,8 @@ def test_online_grpo_round_first_step_is_on_policy(tmp_path, monkeypatch, model,
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a photo of a cat\nred dog\nblue bird\n")
     out = tmp_path / "run"
-    cfg = [*TINY, f"model.path=assets/tiny/{model}", f"online.eta={eta}", f"online.prompts={prompts}"]
-    run(None, [*cfg, "online.train_steps=1", "online.lr=1e-2", f"online.output_dir={out}"])
+    cfg = [*TINY, f"model.path=assets/tiny/{model}", f"sampling.eta={eta}", f"sampling.prompts={prompts}"]
+    run(None, [*cfg, "train.steps_per_round=1", "train.lr=1e-2", f"train.output_dir={out}"])
     row = json.loads((out / "rounds.jsonl").read_text())
     assert abs(row["train/ratio"] - 1) < 1e-5 and row["train/kl"] == 0
     assert math.isclose(row["train/loss"], -row["train/advantage"], abs_tol=1e-5)
@@ -209,7 +210,7 @@ needs_toy = pytest.mark.skipif(
     not (TOY_MODEL / "model_index.json").is_file() or not TOY_HELDOUT.is_file(),
     reason="assets/toy_model or the held-out prompts are not built yet",
 )
-NEGATED = ["online.reward=multi", "online.reward_args={components: {toy_aesthetic: {weight: -1.0}}, normalize: none}"]
+NEGATED = ["reward.scorer=multi", "reward.args={components: {toy_aesthetic: {weight: -1.0}}, normalize: none}"]
 
 
 @needs_toy
@@ -224,8 +225,8 @@ def test_toy_grpo_moves_aesthetic_the_rewarded_way(tmp_path, monkeypatch, negate
     extra = NEGATED if negate else []
     out = run(
         str(REPO / "configs/toy_grpo.yaml"),
-        [*extra, "online.rounds=4", "eval.images_per_prompt=2", f"online.output_dir={tmp_path / 'run'}",
-         "online.tensorboard=false"],
+        [*extra, "online.rounds=4", "eval.images_per_prompt=2", f"train.output_dir={tmp_path / 'run'}",
+         "train.tensorboard=false"],
     )  # fmt: skip
     report = json.loads((out / "summary.json").read_text())["eval"]["scorers"]
     delta, wins = report["toy_aesthetic"]["mean_delta"], report["toy_aesthetic"]["win_rate"]
@@ -246,8 +247,8 @@ def test_toy_flow_grpo_beats_the_base(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     out = run(
         str(REPO / "configs/toy_flow_grpo.yaml"),
-        ["online.rounds=8", "eval.images_per_prompt=2", f"online.output_dir={tmp_path / 'run'}",
-         "online.tensorboard=false"],
+        ["online.rounds=8", "eval.images_per_prompt=2", f"train.output_dir={tmp_path / 'run'}",
+         "train.tensorboard=false"],
     )  # fmt: skip
     report = json.loads((out / "summary.json").read_text())["eval"]["scorers"]
     # held-out curve (16 prompts x 4 seeds): 72-77% wins over rounds 2-6, 93.8% (+0.70) after round 8; 12 rounds

@@ -97,17 +97,17 @@ def test_online_stops_when_drift_rises(tmp_path, capsys):
     out = tmp_path / "run"
     online = [
         "online.rounds=3",
-        "online.prompts_per_round=4",
-        "online.steps=4",
-        "online.train_steps=2",
-        "online.batch_size=4",
-        "online.lr=3e-2",
-        "online.monitor=[]",
-        "online.tensorboard=false",
+        "sampling.prompts_per_round=4",
+        "sampling.steps=4",
+        "train.steps_per_round=2",
+        "train.batch_size=4",
+        "train.lr=3e-2",
+        "reward.monitor=[]",
+        "train.tensorboard=false",
     ]
     monitors = "guards.monitors={vivid: {kind: cmmd, encoder: toy_stats, rule: max_rise, limit: 0.0}}"
-    rc = main(["online", "objective.name=dpo", "online.split=best_worst", *online, "eval.prompts=",
-               f"online.output_dir={out}", *GUARDS, monitors])  # fmt: skip
+    rc = main(["online", "objective.name=dpo", "pairing.split=best_worst", *online, "eval.prompts=",
+               f"train.output_dir={out}", *GUARDS, monitors])  # fmt: skip
     assert rc == 0
     assert "guard tripped at round 1: vivid " in capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
@@ -170,7 +170,7 @@ def test_hackable_reward_degrades_unguarded_and_guards_stop_it(tmp_path, monkeyp
     reports = {}
     for name in ("toy_hack", "toy_hack_guarded"):
         out = tmp_path / name
-        assert main(["online", f"configs/{name}.yaml", f"online.output_dir={out}", "online.tensorboard=false"]) == 0
+        assert main(["online", f"configs/{name}.yaml", f"train.output_dir={out}", "train.tensorboard=false"]) == 0
         reports[name] = json.loads((out / "summary.json").read_text())
     hacked = reports["toy_hack"]["eval"]["scorers"]
     assert hacked["toy_area"]["mean_delta"] > 0  # the hackable reward went up ...

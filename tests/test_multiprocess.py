@@ -138,16 +138,16 @@ ONLINE = [
     f"model.path={REPO / 'assets/tiny/sd15'}",
     "lora.rank=4",
     "lora.alpha=4",
-    "online.prompts_per_round=4",
-    "online.images_per_prompt=2",
-    "online.sample_batch=4",  # 2 chunks: one per process, or both in one process (same keyed noise either way)
-    "online.steps=2",
-    "online.guidance=2.0",
-    "online.train_steps=2",
-    "online.reward=toy_aesthetic",
-    "online.monitor=[]",
+    "sampling.prompts_per_round=4",
+    "sampling.images_per_prompt=2",
+    "sampling.sample_batch=4",  # 2 chunks: one per process, or both in one process (same keyed noise either way)
+    "sampling.steps=2",
+    "sampling.guidance=2.0",
+    "train.steps_per_round=2",
+    "reward.scorer=toy_aesthetic",
+    "reward.monitor=[]",
     "online.rounds=2",
-    "online.tensorboard=false",
+    "train.tensorboard=false",
     "eval.prompts=",
 ]
 ONLINE_LORA_TOL = 1e-5  # measured 8e-7 (d3po); without the all-reduce of KTO z the losses differ by 3e-2
@@ -165,12 +165,12 @@ def test_online_two_processes_equal_one_with_the_doubled_batch(tmp_path, objecti
     process alone would see only half the batch)."""
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a photo of a cat\nred dog\nblue bird\n")
-    split = {"d3po": ["online.split=all_pairs"], "kto": ["online.split=top_bottom", "objective.beta=1000"]}
-    args = [*ONLINE, f"online.prompts={prompts}", f"objective.name={objective}", *split[objective]]
+    split = {"d3po": ["pairing.split=all_pairs"], "kto": ["pairing.split=top_bottom", "objective.beta=1000"]}
+    args = [*ONLINE, f"sampling.prompts={prompts}", f"objective.name={objective}", *split[objective]]
     one, control, two = (tmp_path / name for name in ("one", "control", "two"))
-    assert main([*args, "online.batch_size=4", f"online.output_dir={one}"]) == 0
-    assert main([*args, "online.batch_size=2", f"online.output_dir={control}"]) == 0
-    output = _launch(*args, "online.batch_size=2", f"online.output_dir={two}")
+    assert main([*args, "train.batch_size=4", f"train.output_dir={one}"]) == 0
+    assert main([*args, "train.batch_size=2", f"train.output_dir={control}"]) == 0
+    output = _launch(*args, "train.batch_size=2", f"train.output_dir={two}")
     assert output.count("round 2/2") == 1  # only the main process logs and writes
 
     for a, b in zip(_rounds(one), _rounds(two), strict=True):

@@ -169,18 +169,18 @@ TOY_NFT = [
     "objective.name=nft",
     "lora.rank=4",
     "lora.alpha=4",
-    "online.prompts_per_round=2",
-    "online.images_per_prompt=2",
-    "online.shared_noise=false",
-    "online.steps=2",
-    "online.eta=0",
-    "online.guidance=1.0",
-    "online.train_steps=1",
-    "online.batch_size=4",
-    "online.reward=toy_aesthetic",
-    "online.monitor=[]",
+    "sampling.prompts_per_round=2",
+    "sampling.images_per_prompt=2",
+    "sampling.shared_noise=false",
+    "sampling.steps=2",
+    "sampling.eta=0",
+    "sampling.guidance=1.0",
+    "train.steps_per_round=1",
+    "train.batch_size=4",
+    "reward.scorer=toy_aesthetic",
+    "reward.monitor=[]",
     "online.rounds=2",
-    "online.tensorboard=false",
+    "train.tensorboard=false",
     "eval.prompts=",
 ]
 
@@ -197,10 +197,10 @@ def test_online_nft_on_the_toy_runs_resumes_and_keeps_the_old_adapter(tmp_path, 
 
     monkeypatch.chdir(REPO)
     out = tmp_path / "run"
-    run(None, [*TOY_NFT, "model.path=toy", f"online.output_dir={out}", "online.rounds=1"])
+    run(None, [*TOY_NFT, "model.path=toy", f"train.output_dir={out}", "online.rounds=1"])
     row = _rows(out)[0]
     assert row["train/old_deviate"] == 0.0 and 0 <= row["train/optimality"] <= 1 and math.isfinite(row["train/loss"])
-    run(None, [*TOY_NFT, "model.path=toy", f"online.output_dir={out}"], resume="latest")
+    run(None, [*TOY_NFT, "model.path=toy", f"train.output_dir={out}"], resume="latest")
     assert [r["round"] for r in _rows(out)] == [1, 2]
     state = load_file(out / "checkpoints" / "step-000002" / "trainable.safetensors")
     assert any(".old." in k for k in state), "the old adapter is part of the resumable state"
@@ -218,9 +218,9 @@ def test_online_nft_on_tiny_sd3_flow_runs_one_round(tmp_path, monkeypatch):
         *TOY_NFT,
         f"model.path={REPO / 'assets' / 'tiny' / 'sd3'}",
         "model.resolution=0",
-        f"online.prompts={prompts}",
+        f"sampling.prompts={prompts}",
     ]
-    run(None, [*args, f"online.output_dir={out}", "online.rounds=1"])
+    run(None, [*args, f"train.output_dir={out}", "online.rounds=1"])
     row = _rows(out)[0]
     assert math.isfinite(row["train/loss"]) and row["train/old_deviate"] == 0.0
 
@@ -232,9 +232,9 @@ def test_online_nft_rejects_groups_of_one_and_shared_noise(tmp_path, monkeypatch
 
     monkeypatch.chdir(REPO)
     with pytest.raises(DiffalignError, match="images_per_prompt must be >= 2"):
-        run(None, [*TOY_NFT, "model.path=toy", "online.images_per_prompt=1", f"online.output_dir={tmp_path / 'a'}"])
+        run(None, [*TOY_NFT, "model.path=toy", "sampling.images_per_prompt=1", f"train.output_dir={tmp_path / 'a'}"])
     with pytest.raises(DiffalignError, match="shared_noise must be false"):
-        run(None, [*TOY_NFT, "model.path=toy", "online.shared_noise=true", f"online.output_dir={tmp_path / 'b'}"])
+        run(None, [*TOY_NFT, "model.path=toy", "sampling.shared_noise=true", f"train.output_dir={tmp_path / 'b'}"])
 
 
 # ---- learning checks on the toy world ---------------------------------------------------------------------------
@@ -258,7 +258,7 @@ def test_toy_nft_moves_the_aesthetic_the_way_of_the_advantages(tmp_path, monkeyp
     extra = ["objective.negate_advantages=true"] if negate else []
     out = run(
         str(REPO / "configs" / f"{config}.yaml"),
-        [f"online.output_dir={tmp_path / 'run'}", "online.tensorboard=false", *extra],
+        [f"train.output_dir={tmp_path / 'run'}", "train.tensorboard=false", *extra],
     )
     report = json.loads((out / "summary.json").read_text())["eval"]["scorers"]
     delta = report["toy_aesthetic"]["mean_delta"]

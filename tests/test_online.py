@@ -182,14 +182,14 @@ TINY_ONLINE = [
     "model.path=assets/tiny/sd15",
     "lora.rank=4",
     "lora.alpha=4",
-    "online.prompts_per_round=2",
-    "online.images_per_prompt=2",
-    "online.steps=2",
-    "online.guidance=2.0",
-    "online.train_steps=1",
-    "online.batch_size=2",
-    "online.reward=toy_aesthetic",
-    "online.monitor=[]",
+    "sampling.prompts_per_round=2",
+    "sampling.images_per_prompt=2",
+    "sampling.steps=2",
+    "sampling.guidance=2.0",
+    "train.steps_per_round=1",
+    "train.batch_size=2",
+    "reward.scorer=toy_aesthetic",
+    "reward.monitor=[]",
     "online.rounds=2",
     "eval.prompts=",
 ]
@@ -198,7 +198,7 @@ TINY_ONLINE = [
 def _prompts_file(tmp_path):
     path = tmp_path / "prompts.txt"
     path.write_text("a photo of a cat\nred dog\nblue bird\n")
-    return f"online.prompts={path}"
+    return f"sampling.prompts={path}"
 
 
 @pytest.mark.parametrize("objective,split", [("d3po", "all_pairs"), ("dpo", "best_worst"), ("kto", "top_bottom")])
@@ -206,16 +206,16 @@ def test_online_loop_runs_and_resumes(tmp_path, monkeypatch, objective, split):
     from diffalign.pipelines.online import run
 
     monkeypatch.chdir(REPO)
-    extra = [f"objective.name={objective}", f"online.split={split}", _prompts_file(tmp_path)]
+    extra = [f"objective.name={objective}", f"pairing.split={split}", _prompts_file(tmp_path)]
     if objective == "kto":
         extra.append("objective.beta=100")
     if objective == "d3po":
         extra.append("online.ref_refresh=1")  # exercises the "ref" adapter copy
     out = tmp_path / "run"
-    run(None, [*TINY_ONLINE, *extra, f"online.output_dir={out}", "online.rounds=1"])
+    run(None, [*TINY_ONLINE, *extra, f"train.output_dir={out}", "online.rounds=1"])
     rows = [json.loads(x) for x in (out / "rounds.jsonl").read_text().splitlines()]
     assert len(rows) == 1 and (out / "rounds" / "round-0001.png").is_file()
-    run(None, [*TINY_ONLINE, *extra, f"online.output_dir={out}"], resume="latest")  # rounds=2: one more
+    run(None, [*TINY_ONLINE, *extra, f"train.output_dir={out}"], resume="latest")  # rounds=2: one more
     rows = [json.loads(x) for x in (out / "rounds.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2]
     assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
@@ -229,12 +229,12 @@ def test_online_dro_with_parquet_winners_as_experts(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     experts = write_parquet(tmp_path / "prefs.parquet", make_rows(6))
     out = tmp_path / "run"
-    cfg = [*TINY_ONLINE, "objective.name=dro", "online.guidance=1.0", f"online.experts={experts}"]
-    run(None, [*cfg, _prompts_file(tmp_path), f"online.output_dir={out}", "online.rounds=1"])
+    cfg = [*TINY_ONLINE, "objective.name=dro", "sampling.guidance=1.0", f"online.experts={experts}"]
+    run(None, [*cfg, _prompts_file(tmp_path), f"train.output_dir={out}", "online.rounds=1"])
     row = json.loads((out / "rounds.jsonl").read_text().splitlines()[0])
     assert math.isclose(row["train/loss"], 0.001, rel_tol=1e-3)  # policy == reference at init: hinge = -m
     with pytest.raises(Exception, match="guidance must be <= 1"):
-        run(None, [*cfg, "online.guidance=3.0", f"online.output_dir={tmp_path / 'y'}"])
+        run(None, [*cfg, "sampling.guidance=3.0", f"train.output_dir={tmp_path / 'y'}"])
 
 
 def _drift(run_dir: Path) -> float:
@@ -256,8 +256,8 @@ def _drift(run_dir: Path) -> float:
 
 @pytest.mark.parametrize(
     "objective,extra",
-    [("d3po", ["online.split=all_pairs"]), ("dpo", ["online.split=best_worst"]),
-     ("kto", ["online.split=top_bottom", "objective.beta=100"]), ("dro", ["online.guidance=1.0"])],
+    [("d3po", ["pairing.split=all_pairs"]), ("dpo", ["pairing.split=best_worst"]),
+     ("kto", ["pairing.split=top_bottom", "objective.beta=100"]), ("dro", ["sampling.guidance=1.0"])],
 )  # fmt: skip
 def test_online_kl_weight_is_logged_and_holds_the_policy_near_the_reference(tmp_path, monkeypatch, objective, extra):
     """online.kl_weight (D3PO: the sampled step's closed-form KL; DRAGON-DPO / -KTO and DRO: the squared prediction
@@ -271,14 +271,14 @@ def test_online_kl_weight_is_logged_and_holds_the_policy_near_the_reference(tmp_
     if objective == "dro":
         extra = [*extra, f"online.experts={write_parquet(tmp_path / 'prefs.parquet', make_rows(6))}"]
     cfg = [*TINY_ONLINE, f"objective.name={objective}", *extra, _prompts_file(tmp_path), "online.rounds=1",
-           "online.train_steps=8", "online.lr=3e-2"]  # fmt: skip
-    run(None, [*cfg, "online.train_steps=1", "online.kl_weight=1.0", f"online.output_dir={tmp_path / 'first'}"])
+           "train.steps_per_round=8", "train.lr=3e-2"]  # fmt: skip
+    run(None, [*cfg, "train.steps_per_round=1", "online.kl_weight=1.0", f"train.output_dir={tmp_path / 'first'}"])
     first = json.loads((tmp_path / "first" / "rounds.jsonl").read_text())
     assert first["train/kl"] == 0.0  # policy == reference at LoRA init
     drift = {}
     for weight in (0.0, 1e4):
         out = tmp_path / f"w{weight}"
-        run(None, [*cfg, f"online.kl_weight={weight}", f"online.output_dir={out}"])
+        run(None, [*cfg, f"online.kl_weight={weight}", f"train.output_dir={out}"])
         row = json.loads((out / "rounds.jsonl").read_text())
         assert ("train/kl" in row) == (weight > 0)
         if weight > 0:
@@ -293,7 +293,7 @@ def test_online_kl_weight_is_refused_where_the_objective_has_its_own(tmp_path, m
 
     monkeypatch.chdir(REPO)
     rc = main(["online", *TINY_ONLINE, f"objective.name={objective}", "online.kl_weight=0.1",
-               f"online.output_dir={tmp_path / 'x'}"])  # fmt: skip
+               f"train.output_dir={tmp_path / 'x'}"])  # fmt: skip
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1
     assert f"online.kl_weight: objective '{objective}' has a KL term of its own (objective.{own})" in err[0]
@@ -305,7 +305,7 @@ def test_online_rejects_offline_only_objectives(tmp_path):
     from diffalign.errors import DiffalignError
 
     with pytest.raises(DiffalignError, match="cannot train on-line"):
-        run(None, [*TINY_ONLINE, "objective.name=smpo", f"online.output_dir={tmp_path / 'x'}"])
+        run(None, [*TINY_ONLINE, "objective.name=smpo", f"train.output_dir={tmp_path / 'x'}"])
 
 
 # ---- learning checks on the toy world ---------------------------------------------------------------------------
@@ -333,7 +333,7 @@ def test_online_config_loads_and_fits_its_objective(path):
     objective = build_objective(cfg.objective)
     assert isinstance(objective, OBJECTIVES[cfg.objective.name])
     source = source_of(cfg, "online")  # the split, the objective's arguments and the source's checks fit
-    assert source.rules is None or cfg.online.split in source.rules
+    assert source.rules is None or cfg.pairing.split in source.rules
 
 
 SHORTER = {"toy_d3po": ["online.rounds=4"]}  # CI time: its held-out curve (16 x 4) is at 92% wins after round 4
@@ -347,7 +347,7 @@ def test_toy_aesthetic_rises_on_heldout_prompts(tmp_path, monkeypatch, config):
     from diffalign.pipelines.online import run
 
     monkeypatch.chdir(REPO)
-    extra = [*SHORTER.get(config, []), f"online.output_dir={tmp_path / 'run'}", "online.tensorboard=false"]
+    extra = [*SHORTER.get(config, []), f"train.output_dir={tmp_path / 'run'}", "train.tensorboard=false"]
     out = run(str(REPO / "configs" / f"{config}.yaml"), extra)
     report = json.loads((out / "summary.json").read_text())["eval"]["scorers"]
     assert report["toy_aesthetic"]["mean_delta"] > 0 and report["toy_aesthetic"]["win_rate"] > 0.5
@@ -362,7 +362,7 @@ def test_toy_dragon_fd_to_vivid_exemplars_falls(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     out = run(
         str(REPO / "configs" / "toy_dragon_fd.yaml"),
-        [f"online.output_dir={tmp_path / 'run'}", "online.tensorboard=false"],
+        [f"train.output_dir={tmp_path / 'run'}", "train.tensorboard=false"],
     )
     fd = json.loads((out / "summary.json").read_text())["eval_fd"]
     assert fd["aligned"] < fd["base"]
@@ -400,9 +400,9 @@ def test_online_sdxl_bf16_gradient_checkpointing_and_accumulation(tmp_path, monk
 
     monkeypatch.chdir(REPO)
     out = tmp_path / "run"
-    sdxl = ["model.path=assets/tiny/sdxl", "online.mixed_precision=bf16", "online.gradient_checkpointing=true"]
-    args = [*TINY_ONLINE, *sdxl, "online.grad_accum=2", "online.batch_size=1", "online.trajectory_steps=1"]
-    run(None, [*args, _prompts_file(tmp_path), "online.rounds=1", f"online.output_dir={out}"])
+    sdxl = ["model.path=assets/tiny/sdxl", "train.mixed_precision=bf16", "train.gradient_checkpointing=true"]
+    args = [*TINY_ONLINE, *sdxl, "train.grad_accum=2", "train.batch_size=1", "train.trajectory_steps=1"]
+    run(None, [*args, _prompts_file(tmp_path), "online.rounds=1", f"train.output_dir={out}"])
     row = json.loads((out / "rounds.jsonl").read_text())
     assert math.isclose(row["train/loss"], math.log(2), rel_tol=1e-2)  # D3PO at LoRA init, in bf16
     assert row["skipped_steps"] == 0
@@ -428,13 +428,13 @@ def test_online_stops_after_five_non_finite_steps_naming_round_and_step(tmp_path
     monkeypatch.chdir(REPO)
     monkeypatch.setitem(OBJECTIVES, "nan_d3po", NanD3PO)
     out = tmp_path / "run"
-    args = [*TINY_ONLINE, "online.train_steps=3", "online.rounds=3", "objective.name=nan_d3po"]
+    args = [*TINY_ONLINE, "train.steps_per_round=3", "online.rounds=3", "objective.name=nan_d3po"]
     with pytest.raises(DiffalignError, match=r"5 steps in a row, the last at round 2 step 2"):
-        run(None, [*args, f"online.output_dir={out}", _prompts_file(tmp_path)])
+        run(None, [*args, f"train.output_dir={out}", _prompts_file(tmp_path)])
     assert json.loads((out / "rounds.jsonl").read_text())["skipped_steps"] == 3  # round 1: skipped, not stopped
 
 
-KILL_ARGS = [*TINY_ONLINE, "online.rounds=3", "online.train_steps=2", "online.tensorboard=false"]
+KILL_ARGS = [*TINY_ONLINE, "online.rounds=3", "train.steps_per_round=2", "train.tensorboard=false"]
 
 
 def _round_rows(run_dir: Path) -> list[dict]:
@@ -458,10 +458,10 @@ def test_online_sigkill_mid_round_then_resume_equals_the_uninterrupted_run(tmp_p
     monkeypatch.chdir(REPO)
     args = [*KILL_ARGS, "objective.name=d3po", "online.ref_refresh=2", _prompts_file(tmp_path)]
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    assert main(["online", *args, f"online.output_dir={whole}"]) == 0
+    assert main(["online", *args, f"train.output_dir={whole}"]) == 0
 
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), DIFFALIGN_TEST_SAVE_PAUSE="2:120")
-    cmd = [sys.executable, "-m", "diffalign.pipelines.cli", "online", *args, f"online.output_dir={killed}"]
+    cmd = [sys.executable, "-m", "diffalign.pipelines.cli", "online", *args, f"train.output_dir={killed}"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while not list((killed / "checkpoints").glob("step-000002.tmp-*")):  # inside the round-2 save
@@ -471,7 +471,7 @@ def test_online_sigkill_mid_round_then_resume_equals_the_uninterrupted_run(tmp_p
     assert proc.wait(timeout=30) == -signal.SIGKILL
     assert [r["round"] for r in _round_rows(killed)] == [1, 2]  # logged past its last good checkpoint (round 1)
 
-    assert main(["online", *args, f"online.output_dir={killed}", "--resume", "latest"]) == 0
+    assert main(["online", *args, f"train.output_dir={killed}", "--resume", "latest"]) == 0
     assert _round_rows(killed) == _round_rows(whole)
     a = load_file(str(whole / "lora" / "pytorch_lora_weights.safetensors"))
     b = load_file(str(killed / "lora" / "pytorch_lora_weights.safetensors"))
@@ -526,31 +526,31 @@ def test_inpo_eta_noise_comes_from_each_pairs_keyed_generator(tiny_round):
 def test_dro_negatives_are_sampled_from_their_experts_captions():
     """Diffusion-DRO's round: the prompts are expert captions, and each policy chain is paired with the expert whose
     caption prompted it (the official code generates the negative from the expert's own caption)."""
-    from diffalign.config import OnlineConfig, RoundsConfig
+    from diffalign.config import OnlineConfig, SamplingConfig
     from diffalign.online.rounds import plan_round
     from diffalign.sources import SOURCES
 
     captions = [f"caption {i}" for i in range(10)]
-    rc = RoundsConfig(prompts_per_round=4, images_per_prompt=2)
-    prompts, seeds, pool_index = plan_round(rc, 3, captions)
-    chains, experts = SOURCES["experts"]().rows(None, OnlineConfig(online=rc), None, 3, pool_index)
+    cfg = OnlineConfig(sampling=SamplingConfig(prompts_per_round=4, images_per_prompt=2))
+    prompts, seeds, pool_index = plan_round(cfg, 3, captions)
+    chains, experts = SOURCES["experts"]().rows(None, cfg, None, 3, pool_index)
     assert len(prompts) == len(chains) == 8
     assert [prompts[c] for c in chains.tolist()] == [captions[e] for e in experts.tolist()]
-    assert plan_round(rc, 3, captions)[0] == prompts and plan_round(rc, 4, captions)[0] != prompts  # keyed by round
+    assert plan_round(cfg, 3, captions)[0] == prompts and plan_round(cfg, 4, captions)[0] != prompts  # keyed by round
 
 
 def test_online_learning_curve_every_round_and_in_the_report(tmp_path, monkeypatch):
-    """online.validate_every: held-out points at round 0 (the base) and every N rounds, drawn next to the round
+    """train.validate_every: held-out points at round 0 (the base) and every N rounds, drawn next to the round
     reward and loss in eval/curves.png, which report.html embeds; a resumed run keeps only the rounds it saw."""
     from diffalign.pipelines.online import run
     from PIL import Image
 
     monkeypatch.chdir(REPO)
     out = tmp_path / "run"
-    small = ["model.path=assets/toy_model", *TINY_ONLINE[1:-1], "online.validate_every=1", "online.rounds=2"]
-    small += ["objective.name=dpo", "online.split=best_worst", "eval.prompts=toy", "eval.max_prompts=2"]
+    small = ["model.path=assets/toy_model", *TINY_ONLINE[1:-1], "train.validate_every=1", "online.rounds=2"]
+    small += ["objective.name=dpo", "pairing.split=best_worst", "eval.prompts=toy", "eval.max_prompts=2"]
     small += ["eval.images_per_prompt=1", "eval.steps=2", "eval.scorers=[toy_aesthetic]"]
-    run(None, [*small, f"online.output_dir={out}"])
+    run(None, [*small, f"train.output_dir={out}"])
     points = [json.loads(x) for x in (out / "curves.jsonl").read_text().splitlines()]
     assert [p["step"] for p in points] == [0, 1, 2] and all("toy_aesthetic" in p for p in points)
     assert all(0 <= p["win/toy_aesthetic"] <= 1 for p in points[1:])  # against the round-0 base, same seeds
@@ -578,10 +578,10 @@ def test_online_sigterm_mid_run_exits_143_and_resume_equals_the_uninterrupted_ru
     monkeypatch.chdir(REPO)
     args = [*KILL_ARGS, "objective.name=d3po", "online.ref_refresh=2", _prompts_file(tmp_path)]
     whole, stopped = tmp_path / "whole", tmp_path / "stopped"
-    assert main(["online", *args, f"online.output_dir={whole}"]) == 0
+    assert main(["online", *args, f"train.output_dir={whole}"]) == 0
 
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    cmd = [sys.executable, "-m", "diffalign.pipelines.cli", "online", *args, f"online.output_dir={stopped}"]
+    cmd = [sys.executable, "-m", "diffalign.pipelines.cli", "online", *args, f"train.output_dir={stopped}"]
     with open(tmp_path / "stopped.log", "w") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.time() + 240
@@ -596,7 +596,7 @@ def test_online_sigterm_mid_run_exits_143_and_resume_equals_the_uninterrupted_ru
     assert kept[0] == "step-000001" and "step-000003" not in kept  # stopped before the end
     assert not (stopped / "lora").exists()
 
-    assert main(["online", *args, f"online.output_dir={stopped}", "--resume", "latest"]) == 0
+    assert main(["online", *args, f"train.output_dir={stopped}", "--resume", "latest"]) == 0
     assert _round_rows(stopped) == _round_rows(whole)
     a = load_file(str(whole / "lora" / "pytorch_lora_weights.safetensors"))
     b = load_file(str(stopped / "lora" / "pytorch_lora_weights.safetensors"))
@@ -604,13 +604,13 @@ def test_online_sigterm_mid_run_exits_143_and_resume_equals_the_uninterrupted_ru
 
 
 def test_online_lr_schedule_with_warmup_is_applied(tmp_path, monkeypatch):
-    """online.lr_schedule / warmup_steps: the logged lr follows diffusers' cosine with warm-up over rounds x steps."""
+    """train.lr_schedule / warmup_steps: the logged lr follows diffusers' cosine with warm-up over rounds x steps."""
     from diffalign.pipelines.online import run
 
     monkeypatch.chdir(REPO)
     out = tmp_path / "run"
-    extra = ["objective.name=d3po", _prompts_file(tmp_path), "online.lr=1e-3", "online.lr_schedule=cosine"]
-    run(None, [*TINY_ONLINE, *extra, "online.warmup_steps=1", "online.tensorboard=false", f"online.output_dir={out}"])
+    extra = ["objective.name=d3po", _prompts_file(tmp_path), "train.lr=1e-3", "train.lr_schedule=cosine"]
+    run(None, [*TINY_ONLINE, *extra, "train.warmup_steps=1", "train.tensorboard=false", f"train.output_dir={out}"])
     rows = [json.loads(x) for x in (out / "rounds.jsonl").read_text().splitlines()]
     # 2 rounds x 1 step: step 1 ends the warm-up (lr 1e-3), step 2 is the end of the cosine (lr 0)
     assert [r["lr"] for r in rows] == pytest.approx([1e-3, 0.0], abs=1e-12)

@@ -186,17 +186,17 @@ def test_score_and_compare_cli_with_the_remote_scorer(tmp_path):
 
 
 def test_online_toy_round_through_the_reward_server(tmp_path, monkeypatch):
-    """`diffalign online` with online.reward=remote: the round's rewards are the server's scores."""
+    """`diffalign online` with reward.scorer=remote: the round's rewards are the server's scores."""
     monkeypatch.chdir(REPO)
     (tmp_path / "prompts.txt").write_text("a small red circle at the top left\na large blue square at the center\n")
     served = Counting(load_scorer("toy_aesthetic"))
     with Serving(served) as s:
         code = main(["online", "model.path=assets/tiny/sd15", "lora.rank=4", "lora.alpha=4",
-                     f"online.prompts={tmp_path / 'prompts.txt'}", "online.prompts_per_round=2",
-                     "online.images_per_prompt=2", "online.steps=2", "online.guidance=2.0", "online.train_steps=1",
-                     "online.batch_size=2", "online.monitor=[]", "online.rounds=1", "online.reward=remote",
-                     f"online.reward_args={{endpoint: '{s.url}', timeout: 30}}", "online.tensorboard=false",
-                     f"online.output_dir={tmp_path / 'run'}"])  # fmt: skip
+                     f"sampling.prompts={tmp_path / 'prompts.txt'}", "sampling.prompts_per_round=2",
+                     "sampling.images_per_prompt=2", "sampling.steps=2", "sampling.guidance=2.0", "train.steps_per_round=1",
+                     "train.batch_size=2", "reward.monitor=[]", "online.rounds=1", "reward.scorer=remote",
+                     f"reward.args={{endpoint: '{s.url}', timeout: 30}}", "train.tensorboard=false",
+                     f"train.output_dir={tmp_path / 'run'}"])  # fmt: skip
     assert code == 0 and served.calls >= 1 and sum(served.sizes[:1]) == 4  # the round's 2 x 2 images
     row = json.loads((tmp_path / "run" / "rounds.jsonl").read_text().splitlines()[0])
     assert row["reward"] == pytest.approx(float(served.returned[0].mean()), abs=1e-5)

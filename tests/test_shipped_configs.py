@@ -84,26 +84,27 @@ def _train_overrides(path: Path, raw: dict, tmp: Path, pairs: Path) -> list[str]
 
 
 def _online_overrides(raw: dict, tmp: Path, pairs: Path, prompts: Path) -> list[str]:
-    rc, ev = raw.get("online", {}), raw.get("eval", {})
-    out = [f"online.output_dir={tmp / 'run'}", "online.rounds=1", "online.prompts_per_round=2", "online.steps=2"]
-    out += ["online.sample_batch=4", "online.train_steps=1", "online.batch_size=2", "online.tensorboard=false"]
-    if rc.get("trajectory_steps"):
-        out.append("online.trajectory_steps=1")
-    if rc.get("grad_accum", 1) > 1:
-        out.append("online.grad_accum=1")
-    if rc.get("prompts", "toy") != "toy":
-        out.append(f"online.prompts={prompts}")
-    if rc.get("reward", "toy_aesthetic") in WEIGHTED:
-        out += ["online.reward=toy_aesthetic", "online.reward_args={}"]
-    out += _scorers("online.monitor", rc.get("monitor", []))
-    if rc.get("experts", "toy") != "toy":
+    tc, sc, ev = raw.get("train", {}), raw.get("sampling", {}), raw.get("eval", {})
+    rw, oc = raw.get("reward", {}), raw.get("online", {})
+    out = [f"train.output_dir={tmp / 'run'}", "online.rounds=1", "sampling.prompts_per_round=2", "sampling.steps=2"]
+    out += ["sampling.sample_batch=4", "train.steps_per_round=1", "train.batch_size=2", "train.tensorboard=false"]
+    if tc.get("trajectory_steps"):
+        out.append("train.trajectory_steps=1")
+    if tc.get("grad_accum", 1) > 1:
+        out.append("train.grad_accum=1")
+    if sc.get("prompts", "toy") != "toy":
+        out.append(f"sampling.prompts={prompts}")
+    if rw.get("scorer", "toy_aesthetic") in WEIGHTED:
+        out += ["reward.scorer=toy_aesthetic", "reward.args={}"]
+    out += _scorers("reward.monitor", rw.get("monitor", []))
+    if oc.get("experts", "toy") != "toy":
         out.append(f"online.experts={pairs}")
-    if "experts" in rc or rc.get("expert_scorer"):
+    if "experts" in oc or oc.get("expert_scorer"):
         out.append("online.max_experts=4")
-    if rc.get("expert_scorer") in WEIGHTED:
+    if oc.get("expert_scorer") in WEIGHTED:
         out.append("online.expert_scorer=toy_aesthetic")
-    if rc.get("exemplars"):
-        out.append("online.exemplar_count=8")
+    if rw.get("exemplars"):
+        out.append("reward.exemplar_count=8")
     if ev.get("prompts", "toy") not in ("toy", ""):
         out.append(f"eval.prompts={prompts}")
     out += _scorers("eval.scorers", ev.get("scorers", []), keep_one=True)

@@ -50,11 +50,11 @@ def test_inputs_go_to_the_objective_by_name():
     [
         ("train", ["objective.name=grpo"], "objective 'grpo' trains on the model's own samples"),
         ("online", ["objective.name=mapo"], "online: objective 'mapo' cannot train on-line"),
-        ("online", ["objective.name=kto", "online.split=all_pairs"], "online.split 'all_pairs' does not fit"),
-        ("online", ["objective.name=d3po", "online.eta=0"], "online.eta must be > 0 for d3po"),
+        ("online", ["objective.name=kto", "pairing.split=all_pairs"], "pairing.split 'all_pairs' does not fit"),
+        ("online", ["objective.name=d3po", "sampling.eta=0"], "sampling.eta must be > 0 for d3po"),
         ("online", ["objective.name=grpo", "online.kl_weight=0.1"], r"has a KL term of its own \(objective.beta\)"),
-        ("online", ["objective.name=nft", "online.images_per_prompt=1"], "images_per_prompt must be >= 2 for nft"),
-        ("online", ["objective.name=dro", "online.guidance=3"], "online.guidance must be <= 1 for dro"),
+        ("online", ["objective.name=nft", "sampling.images_per_prompt=1"], "images_per_prompt must be >= 2 for nft"),
+        ("online", ["objective.name=dro", "sampling.guidance=3"], "sampling.guidance must be <= 1 for dro"),
     ],
 )
 def test_misfit_configs_are_one_line_errors_before_any_model(program, overrides, message):

@@ -2,7 +2,7 @@
 
 A program reads its config, then calls, in order:
 
-    run = Run(cfg, cfg.train or cfg.online, resume, unit="step"|"round", ...)   accelerator, output folder, seed
+    run = Run(cfg, cfg.train, resume, unit="step"|"round", ...)                accelerator, output folder, seed
     family = run.load_model(...)                                                family, LoRA, named adapters
     run.build_optimizer(total_steps)                                            AdamW (or 8-bit), LR schedule
     saved = run.resume(counts)                                                  checkpoint -> params, optimizer
@@ -14,8 +14,8 @@ A program reads its config, then calls, in order:
 
 so setup, resume, signals, schedules, trackers, guards, curves, checkpoints and the final outputs exist once, and a
 program's loop differs from the other's only in where its micro-batches come from (a data loader or a round).
-`opt` is the section with the optimisation and run keys (`train` offline, `online` on-line): output_dir, seed, lr,
-lr_schedule, warmup_steps, weight_decay, adam_8bit, grad_accum, max_grad_norm, mixed_precision,
+`opt` is the `train` section, whose shared keys (diffalign.config.OptimConfig) both programs have: output_dir, seed,
+lr, lr_schedule, warmup_steps, weight_decay, adam_8bit, grad_accum, max_grad_norm, mixed_precision,
 gradient_checkpointing, xformers, keep_checkpoints, validate_every, tensorboard, wandb.
 
 Sharding is not supported yet: FSDP and DeepSpeed launches are refused with one line (checkpoints, the LoRA file and

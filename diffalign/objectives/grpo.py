@@ -17,7 +17,7 @@ logp is a mean over latent dims (diffalign.likelihood.gaussian_log_prob), as in 
 - DDIM-eta: s_k is the step std η sqrt(var(t, t_prev)), so the KL is the exact per-dimension KL of the two steps
   (DDPO has no KL; diffalign's own choice, no official scale to match).
 The reference is the base model (LoRA off). With one image per prompt the advantage is over the round (Flow-GRPO's
-batch normalisation); chains with A = 0 are dropped from the round (online.drop_zero_advantages, as Flow-GRPO), so
+batch normalisation); chains with A = 0 are dropped from the round (pairing.drop_zero_advantages, as Flow-GRPO), so
 the KL is averaged over the informative chains only. On the first optimizer step of a round the policy is the
 sampler, rho = 1 and the loss is -mean(A) (+ 0 KL at LoRA init).
 

@@ -80,7 +80,7 @@ def pairs_from_labels(labels: list[dict], round_index: int, group_size: int) -> 
     Each label: {"round": r, "prompt": p (index within the round), "a": i, "b": j (indices within the group),
     "choice": "a" | "b" | "tie"}, as a person fills it in from the round's grid (`rounds/round-XXXX.png`, r = XXXX:
     row p = prompt group p, column = image index). Sampling is seeded per round, so a preview run with
-    `online.train_steps=0` writes the same grid the labelled run will train on (from the same starting policy). The D3PO human-feedback script likewise uses all labelled pairs, ties skipped.
+    `train.steps_per_round=0` writes the same grid the labelled run will train on (from the same starting policy). The D3PO human-feedback script likewise uses all labelled pairs, ties skipped.
     """
     idx_w, idx_l = [], []
     for item in labels:

@@ -2,7 +2,7 @@
 which prompts are sampled, how the samples are shared among processes and gathered, and which rows the round gives.
 
 A round samples P prompt groups x G images (flat index i = p * G + g). Every process samples the chunks of
-`online.sample_batch` images whose chunk number is its rank modulo the process count; chunk i's noise is keyed on its
+`sampling.sample_batch` images whose chunk number is its rank modulo the process count; chunk i's noise is keyed on its
 first index, so the images do not depend on how many processes sample them. The main process scores the gathered
 round (set-level rewards need the whole round) and broadcasts the rewards; every process then builds the same rows.
 """
@@ -25,31 +25,32 @@ from diffalign.sampling import Trajectory
 from diffalign.toy import shapes
 
 
-def plan_round(rc, r: int, pool: list[str]) -> tuple[list[str], list[int], torch.Tensor]:
+def plan_round(cfg, r: int, pool: list[str]) -> tuple[list[str], list[int], torch.Tensor]:
     """Round r's flat prompts (N = P*G; group p = rows p*G .. p*G+G-1), x_T seeds, and pool index of each row."""
-    rng = np.random.default_rng([rc.seed, r])
-    chosen = rng.choice(len(pool), rc.prompts_per_round, replace=rc.prompts_per_round > len(pool))
-    g = rc.images_per_prompt
+    rng = np.random.default_rng([cfg.train.seed, r])
+    chosen = rng.choice(len(pool), cfg.sampling.prompts_per_round, replace=cfg.sampling.prompts_per_round > len(pool))
+    g = cfg.sampling.images_per_prompt
     index = torch.as_tensor(chosen).repeat_interleave(g)  # (P,) -> (N,)
-    base = (rc.seed * 1000 + r) * 100_000
-    seeds = [base + (i // g if rc.shared_noise else i) for i in range(len(index))]
+    base = (cfg.train.seed * 1000 + r) * 100_000
+    seeds = [base + (i // g if cfg.sampling.shared_noise else i) for i in range(len(index))]
     return [pool[i] for i in index.tolist()], seeds, index
 
 
-def sample_share(accelerator, family, sampler, prompts, seeds, rc, r: int, keep_predictions: bool, cfg: float,
+def sample_share(accelerator, family, sampler, prompts, seeds, cfg, r: int, keep_predictions: bool, cfg_scale: float,
                  window: tuple[int, int] | None = None):  # fmt: skip
-    """This process's chunks of the round, sampled and decoded, then every process's gathered in order; `cfg` is the
-    CFG scale (`family.sampling_cfg(online.guidance)`), `window` the round's SDE window (None: the sampler's own).
+    """This process's chunks of the round, sampled and decoded, then every process's gathered in order; `cfg_scale`
+    is the CFG scale (`family.sampling_cfg(sampling.guidance)`), `window` the round's SDE window (None: the
+    sampler's own).
 
     Returns the round's Trajectory (N chains, CPU) and images (N, 3, H, W) in [0, 1].
     """
-    noise_seed = (rc.seed * 1000 + r) * 100_000
-    starts = list(range(0, len(prompts), rc.sample_batch))
+    noise_seed = (cfg.train.seed * 1000 + r) * 100_000
+    starts = list(range(0, len(prompts), cfg.sampling.sample_batch))
     parts = []
     for i in starts[accelerator.process_index :: accelerator.num_processes]:
-        j = i + rc.sample_batch
+        j = i + cfg.sampling.sample_batch
         traj = sampler.sample(  # diffalign.sampling: DDIM-eta or flow SDE, same Trajectory
-            family, prompts[i:j], seeds[i:j], cfg, noise_seed=noise_seed + i, keep_predictions=keep_predictions,
+            family, prompts[i:j], seeds[i:j], cfg_scale, noise_seed=noise_seed + i, keep_predictions=keep_predictions,
             window=window,
         )  # fmt: skip
         images = (family.decode(traj.x0.to(accelerator.device)).cpu() + 1) / 2  # (n, 3, H, W) in [0, 1]
@@ -73,26 +74,30 @@ def score_round(accelerator, scorer, monitors, images, prompts):
     return reply[0]
 
 
-def build_reward(rc):
+def build_reward(cfg):
     """The round's scorer; exemplars "toy_vivid" = high-saturation toy renders under the toy colour encoder."""
-    if rc.exemplars == "toy_vivid":
-        exemplars = toy_vivid_exemplars(rc.exemplar_count, seed=rc.seed + 1)
-        return load_scorer(rc.reward, exemplars=exemplars, encoder=ToyStatsEncoder(), **rc.reward_args)
-    if rc.exemplars:
-        raise DiffalignError(f"online.exemplars: '{rc.exemplars}' unknown (toy_vivid, or reward_args.exemplars)")
-    return load_scorer(rc.reward, **rc.reward_args)
+    if cfg.reward.exemplars == "toy_vivid":
+        exemplars = toy_vivid_exemplars(cfg.reward.exemplar_count, seed=cfg.train.seed + 1)
+        return load_scorer(cfg.reward.scorer, exemplars=exemplars, encoder=ToyStatsEncoder(), **cfg.reward.args)
+    if cfg.reward.exemplars:
+        raise DiffalignError(
+            f"reward.exemplars: '{cfg.reward.exemplars}' unknown (toy_vivid, or reward.args.exemplars)"
+        )
+    return load_scorer(cfg.reward.scorer, **cfg.reward.args)
 
 
 def read_train_prompts(source: str) -> list[str]:
     """The toy world's 80 captions minus the held-out ones; else a .txt file, one prompt per line."""
     if source == "toy":
         if not TOY_HELDOUT.is_file():
-            raise DiffalignError(f"online.prompts=toy needs the held-out list {TOY_HELDOUT} (assets/make_toy_data.py)")
+            raise DiffalignError(
+                f"sampling.prompts=toy needs the held-out list {TOY_HELDOUT} (assets/make_toy_data.py)"
+            )
         held = {line.strip() for line in TOY_HELDOUT.read_text().splitlines() if line.strip()}
         return [p for p in (shapes.caption(**c) for c in shapes.all_combinations()) if p not in held]
     path = Path(source)
     if not path.is_file():
-        raise DiffalignError(f"online.prompts: {path} not found")
+        raise DiffalignError(f"sampling.prompts: {path} not found")
     return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
 

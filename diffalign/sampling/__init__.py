@@ -5,9 +5,9 @@ one dict: which sampler a family gets is read from its prediction type.
     flow_sde  flow families (SD3, FLUX, flow toy): Flow-GRPO's SDE, noise level a (diffalign.sampling.flow_sde)
 
 Both return the same `Trajectory` and give the training step kernel `mean_std(pred, t, xt)` / `log_prob(pred, t,
-xt, x_prev)`, so D3PO, GRPO and DRO use either. `online.eta` is DDIM's eta on a DDPM family and the noise level a
-on a flow family (0: deterministic in both). Both put the noise on a window of steps (`online.sde_window`, or
-Flow-GRPO-Fast's random `online.sde_window_size`) and take the others deterministically; only the window's steps
+xt, x_prev)`, so D3PO, GRPO and DRO use either. `sampling.eta` is DDIM's eta on a DDPM family and the noise level a
+on a flow family (0: deterministic in both). Both put the noise on a window of steps (`sampling.sde_window`, or
+Flow-GRPO-Fast's random `sampling.sde_window_size`) and take the others deterministically; only the window's steps
 are recorded and trained. The default window is every step but the last, whose Gaussian is too sharp to train on
 (DDIM on the toy's cosine schedule: std eta · 0.006 at the last step against 0.2-1.0 at the others; Flow-GRPO takes
 its last step deterministically for the same reason). Asking a family for a sampler it has no maths for (a flow
@@ -69,7 +69,7 @@ def window_range(size: int, span, steps: int) -> tuple[int, int]:
     lo, hi = (span[0], span[1]) if span else (0, steps - 1)
     if len(span) not in (0, 2) or not 0 <= lo < hi <= steps or not 0 < size <= hi - lo:
         raise DiffalignError(
-            f"online.sde_window_size {size} in online.sde_window_range {[lo, hi]}: needs 0 <= lo < lo + size <= hi "
+            f"sampling.sde_window_size {size} in sampling.sde_window_range {[lo, hi]}: needs 0 <= lo < lo + size <= hi "
             f"<= the {steps} steps"
         )
     return lo, hi
@@ -93,7 +93,7 @@ def build_sampler(family, name: str, steps: int, eta: float, window=None):
             )
         name = own[0]
     if name not in SAMPLERS:
-        raise DiffalignError(f"online.sampler '{name}' unknown (options: {', '.join(SAMPLERS)})")
+        raise DiffalignError(f"sampling.sampler '{name}' unknown (options: {', '.join(SAMPLERS)})")
     if name not in own:
         raise DiffalignError(
             f"family '{family.name}' (prediction type '{family.prediction_type}') has no '{name}' sampler "
@@ -102,5 +102,5 @@ def build_sampler(family, name: str, steps: int, eta: float, window=None):
     if window:
         start, end = resolve_window(window, steps) if len(window) == 2 else (0, 0)
         if not 0 <= start < end <= steps:
-            raise DiffalignError(f"online.sde_window {list(window)} must be [start, end) within the {steps} steps")
+            raise DiffalignError(f"sampling.sde_window {list(window)} must be [start, end) within the {steps} steps")
     return SAMPLERS[name].build(family, steps, eta, window)

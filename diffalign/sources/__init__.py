@@ -79,7 +79,7 @@ def source_of(cfg, program: str) -> Source:
             raise DiffalignError(
                 f"online.kl_weight: objective '{name}' has a KL term of its own (objective.{objective_cls.own_kl})"
             )
-        if cfg.online.sde_window_size and cfg.online.sde_window:
+        if cfg.sampling.sde_window_size and cfg.sampling.sde_window:
             raise DiffalignError("online: set sde_window (fixed) or sde_window_size (random start), not both")
         source.check(cfg)
     return source

@@ -117,18 +117,18 @@ class Source:
     name: ClassVar[str]
     program: ClassVar[str] = "online"  # "train" (a data loader) or "online" (rounds)
     inputs_type: ClassVar[type[Inputs]] = ErrorInputs
-    stepwise: ClassVar[bool] = False  # one micro-step per stored trajectory step (online.trajectory_steps of them)
-    rules: ClassVar[dict | None] = None  # online.split's options; None: the source has no split
-    experts: ClassVar[bool] = False  # prompts are the captions of expert images (Diffusion-DRO), not online.prompts
+    stepwise: ClassVar[bool] = False  # one micro-step per stored trajectory step (train.trajectory_steps of them)
+    rules: ClassVar[dict | None] = None  # pairing.split's options; None: the source has no split
+    experts: ClassVar[bool] = False  # prompts are the captions of expert images (Diffusion-DRO), not sampling.prompts
     keep_predictions: ClassVar[bool] = False  # the sampler keeps its predictions (DRO's snapshot targets)
     old_policy: ClassVar[bool] = False  # an EMA "old" adapter samples the rounds (DiffusionNFT)
 
     def check(self, cfg) -> None:
         """Config checks (cfg: the whole OnlineConfig), once at load and again once guidance is resolved."""
-        split = cfg.online.split
+        split = cfg.pairing.split
         if self.rules is not None and split not in self.rules:
             raise DiffalignError(
-                f"online.split '{split}' does not fit objective '{cfg.objective.name}' "
+                f"pairing.split '{split}' does not fit objective '{cfg.objective.name}' "
                 f"(options: {', '.join(self.rules)})"
             )
 

@@ -54,10 +54,10 @@ class Experts(Source):
     keep_predictions = True
 
     def check(self, cfg) -> None:
-        if cfg.online.guidance > 1:
+        if cfg.sampling.guidance > 1:
             raise DiffalignError(
-                f"online.guidance must be <= 1 for dro (the snapshot's conditional prediction is the target), "
-                f"not {cfg.online.guidance:g}"
+                f"sampling.guidance must be <= 1 for dro (the snapshot's conditional prediction is the target), "
+                f"not {cfg.sampling.guidance:g}"
             )
 
     def rows(self, by_group, cfg, labels, r, pool_index):

@@ -23,14 +23,13 @@ class NFT(Source):
     old_policy = True
 
     def check(self, cfg) -> None:
-        rc = cfg.online
-        if rc.images_per_prompt < 2:
+        if cfg.sampling.images_per_prompt < 2:
             raise DiffalignError(
-                "online.images_per_prompt must be >= 2 for nft (advantages are relative to the group)"
+                "sampling.images_per_prompt must be >= 2 for nft (advantages are relative to the group)"
             )
-        if rc.shared_noise and rc.eta == 0:
+        if cfg.sampling.shared_noise and cfg.sampling.eta == 0:
             raise DiffalignError(
-                "online.shared_noise must be false for nft with eta 0: a deterministic sampler would give every "
+                "sampling.shared_noise must be false for nft with eta 0: a deterministic sampler would give every "
                 "image of a group the same x_T and so the same image"
             )
 

@@ -47,17 +47,17 @@ class PolicyStepsSource(Source):
     stepwise = True
 
     def check(self, cfg) -> None:
-        if cfg.online.eta <= 0:
+        if cfg.sampling.eta <= 0:
             raise DiffalignError(
-                "online.eta must be > 0 for grpo (its ratio needs step log-probs: DDIM eta or the flow noise level)"
+                "sampling.eta must be > 0 for grpo (its ratio needs step log-probs: DDIM eta or the flow noise level)"
             )
 
     def rows(self, by_group, cfg, labels, r, pool_index):
-        """Every chain is a row, or with online.drop_zero_advantages (Flow-GRPO's mask) every chain whose group
+        """Every chain is a row, or with pairing.drop_zero_advantages (Flow-GRPO's mask) every chain whose group
         advantage is not 0 (that needs no std or clip: A = 0 exactly where r = its group's mean); the round's rewards
         (P, G) go along for the objective's group advantages."""
         rows = torch.arange(by_group.numel())
-        if cfg.online.drop_zero_advantages:
+        if cfg.pairing.drop_zero_advantages:
             rows = rows[group_advantages(by_group, clip=math.inf).flatten() != 0]  # (P, G) -> (N,) -> (R,)
         return rows, by_group
 

@@ -1,4 +1,4 @@
-"""DRAGON with Diffusion-DPO: the round's pairs by online.split (or a human label file), the generated x0 treated as
+"""DRAGON with Diffusion-DPO: the round's pairs by pairing.split (or a human label file), the generated x0 treated as
 offline data: forward noise shared within a pair, keyed on (seed, round, optimizer step, row)."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from diffalign.sources.base import ErrorInputs, Round, Source
 def pair_rows(by_group: torch.Tensor, cfg, labels, r: int, pool_index) -> tuple[torch.Tensor, torch.Tensor]:
     """Pairs (idx_w, idx_l) by the split rule, or from the human label file (round numbers as in the grids)."""
     if labels is not None:
-        return pairs_from_labels(labels, r + 1, cfg.online.images_per_prompt)
-    return PAIR_RULES[cfg.online.split](by_group, cfg.online.min_gap)
+        return pairs_from_labels(labels, r + 1, cfg.sampling.images_per_prompt)
+    return PAIR_RULES[cfg.pairing.split](by_group, cfg.pairing.min_gap)
 
 
 class RoundPairs(Source):

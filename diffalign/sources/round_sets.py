@@ -1,4 +1,4 @@
-"""DRAGON with Diffusion-KTO: desirable / undesirable samples of the round (online.split top_bottom), each with its
+"""DRAGON with Diffusion-KTO: desirable / undesirable samples of the round (pairing.split top_bottom), each with its
 own keyed t and eps."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ class RoundSets(Source):
 
     def rows(self, by_group, cfg, labels, r, pool_index):
         """Desirable / undesirable samples (idx, desirable) by the split rule."""
-        return SPLIT_RULES[cfg.online.split](by_group, cfg.online.fraction)
+        return SPLIT_RULES[cfg.pairing.split](by_group, cfg.pairing.fraction)
 
     def inputs(self, ctx: StepContext, batch: dict, device) -> ErrorInputs:
         rnd: Round = batch["round"]

@@ -1,6 +1,6 @@
 """D3PO: both chains of each pair at a stored trajectory step k, their step log-probs recomputed with CFG by the
 same step density the sampler drew from (`sampler.log_prob`: DDIM-eta or the flow SDE); the policy with grad, the
-reference without. Pairs by online.split (or a human label file), as DRAGON's."""
+reference without. Pairs by pairing.split (or a human label file), as DRAGON's."""
 
 from __future__ import annotations
 
@@ -59,8 +59,8 @@ class TrajectorySteps(Source):
 
     def check(self, cfg) -> None:
         super().check(cfg)
-        if cfg.online.eta <= 0:
-            raise DiffalignError("online.eta must be > 0 for d3po (per-step log-probs need a stochastic step)")
+        if cfg.sampling.eta <= 0:
+            raise DiffalignError("sampling.eta must be > 0 for d3po (per-step log-probs need a stochastic step)")
 
     def rows(self, by_group, cfg, labels, r, pool_index):
         return pair_rows(by_group, cfg, labels, r, pool_index)
