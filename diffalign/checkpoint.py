@@ -57,14 +57,24 @@ def _test_pause(step: int) -> None:
 
 
 def _optimizer_parts(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors "<param idx>.<name>" (safetensors) and the rest (JSON). A nested dict in a parameter's state
+    (bitsandbytes' 8-bit AdamW keeps its quantized moments under `__bnb_optimizer_quant_state__`) is flattened with
+    "/" between the levels."""
     sd = optimizer.state_dict()
     tensors, scalars = {}, {}
+
+    def put(key: str, value) -> None:
+        if isinstance(value, dict):
+            for sub, inner in value.items():
+                put(f"{key}/{sub}", inner)
+        elif torch.is_tensor(value):
+            tensors[key] = value
+        else:
+            scalars[key] = value
+
     for idx, state in sd["state"].items():
         for name, value in state.items():
-            if torch.is_tensor(value):
-                tensors[f"{idx}.{name}"] = value
-            else:
-                scalars[f"{idx}.{name}"] = value
+            put(f"{idx}.{name}", value)
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
@@ -72,7 +82,11 @@ def _optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     state: dict[int, dict] = {}
     for key, value in list(tensors.items()) + list(meta["scalars"].items()):
         idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = value
+        node = state.setdefault(int(idx), {})
+        *parents, leaf = name.split("/")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
     return {"state": state, "param_groups": meta["param_groups"]}
 
 

@@ -614,3 +614,24 @@ def test_online_lr_schedule_with_warmup_is_applied(tmp_path, monkeypatch):
     rows = [json.loads(x) for x in (out / "rounds.jsonl").read_text().splitlines()]
     # 2 rounds x 1 step: step 1 ends the warm-up (lr 1e-3), step 2 is the end of the cosine (lr 0)
     assert [r["lr"] for r in rows] == pytest.approx([1e-3, 0.0], abs=1e-12)
+
+
+def test_online_trains_with_8bit_adamw_and_resumes_it_exactly(tmp_path, monkeypatch):
+    """train.adam_8bit works on-line (the Run builds the optimizer for both programs): bitsandbytes' AdamW8bit, whose
+    nested state goes into the checkpoint and comes back, so 1 round + --resume latest = 2 rounds."""
+    from safetensors.torch import load_file
+
+    from diffalign.pipelines.online import run
+
+    monkeypatch.chdir(REPO)
+    extra = ["objective.name=d3po", _prompts_file(tmp_path), "train.adam_8bit=true", "train.tensorboard=false"]
+    whole, halves = tmp_path / "whole", tmp_path / "halves"
+    run(None, [*TINY_ONLINE, *extra, f"train.output_dir={whole}"])
+    run(None, [*TINY_ONLINE, *extra, "online.rounds=1", f"train.output_dir={halves}"])
+    state = load_file(str(halves / "checkpoints" / "step-000001" / "optimizer.safetensors"))
+    assert any(k.endswith("__bnb_optimizer_quant_state__/state1") for k in state)  # bitsandbytes' moments
+    run(None, [*TINY_ONLINE, *extra, f"train.output_dir={halves}"], resume="latest")
+    a = load_file(str(whole / "lora" / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(halves / "lora" / "pytorch_lora_weights.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(v.abs().max() > 0 for k, v in a.items() if "lora_B" in k or "lora.up" in k)  # it trained
