@@ -619,9 +619,8 @@ def test_online_lr_schedule_with_warmup_is_applied(tmp_path, monkeypatch):
 def test_online_trains_with_8bit_adamw_and_resumes_it_exactly(tmp_path, monkeypatch):
     """train.adam_8bit works on-line (the Run builds the optimizer for both programs): bitsandbytes' AdamW8bit, whose
     nested state goes into the checkpoint and comes back, so 1 round + --resume latest = 2 rounds."""
-    from safetensors.torch import load_file
-
     from diffalign.pipelines.online import run
+    from safetensors.torch import load_file
 
     monkeypatch.chdir(REPO)
     extra = ["objective.name=d3po", _prompts_file(tmp_path), "train.adam_8bit=true", "train.tensorboard=false"]
