@@ -147,7 +147,9 @@ def test_zero_advantage_chains_are_dropped_as_flow_grpo_unless_asked_to_keep():
     first, second = rows(rewards, cfg, None, 0, torch.zeros(6))
     assert first.tolist() == [3, 5] and second is rewards
     assert GRPO().advantages(rewards).flatten()[first].abs().min() > 0
-    keep = OnlineConfig(sampling=SamplingConfig(images_per_prompt=3), pairing=PairingConfig(drop_zero_advantages=False))
+    keep = OnlineConfig(
+        sampling=SamplingConfig(images_per_prompt=3), pairing=PairingConfig(drop_zero_advantages=False)
+    )
     first, _ = rows(rewards, keep, None, 0, torch.zeros(6))
     assert first.tolist() == [0, 1, 2, 3, 4, 5]
 
