@@ -20,6 +20,12 @@ from typing import NamedTuple
 
 from diffalign.errors import DiffalignError
 
+# Before torch (and its OpenMP runtime) loads: with OpenMP's default active wait, threads that finished a parallel
+# region spin for their next one, and on a machine whose cores other jobs share the spinning threads and the others
+# slow each other down (an on-line epoch on the tiny SD3 swung from 5.8 to 44 s on a loaded 2-core machine with the
+# default, and stayed steady with PASSIVE). A value the user set is kept.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 
 class Command(NamedTuple):
     module: str  # the program: its run(config, overrides, **options) does the work

@@ -69,7 +69,7 @@ from diffalign.online.rounds import (
     set_fd,
 )
 from diffalign.rewards import load_scorer
-from diffalign.sampling import build_sampler, random_window, window_range
+from diffalign.sampling import EncodedPrompts, build_sampler, random_window, window_range
 from diffalign.sources import Round, source_of
 
 
@@ -144,7 +144,8 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
             rewards, monitored = score_round(accelerator, scorer, monitors, images, prompts)
             by_group = rewards.view(sc.prompts_per_round, g)  # (N,) -> (P, G)
             first, second = source.rows(by_group, cfg, labels, r, pool_index)
-            rnd = Round(r, traj, prompts, first, second, experts)
+            text = EncodedPrompts.encode(family, prompts, with_uncond=traj.guidance > 1)  # once, for every step
+            rnd = Round(r, traj, prompts, first, second, experts, text)
             sums, n_rows = {}, len(first)
             for s in range(tc.steps_per_round if n_rows >= tc.grad_accum * world else 0):
                 gen = keyed_generator(tc.seed, r, s, ROWS_STREAM)

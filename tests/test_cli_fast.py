@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import os
 import subprocess
 import sys
 
@@ -61,3 +62,17 @@ def test_declared_options_are_the_programs_run_parameters(command):
     params = inspect.signature(importlib.import_module(spec.module).run).parameters
     assert list(params)[:2] == ["config", "overrides"]
     assert list(spec.options) == list(params)[2:]
+
+
+def test_the_cli_sets_a_passive_openmp_wait_before_torch_loads_and_keeps_a_users_value():
+    """OMP_WAIT_POLICY=PASSIVE by default (steady epochs on shared cores), set before torch is imported; a value in
+    the environment wins."""
+    code = (
+        "import os, sys; import diffalign.pipelines.cli; print(os.environ['OMP_WAIT_POLICY'], 'torch' in sys.modules)"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["PASSIVE", "False"]
+    env["OMP_WAIT_POLICY"] = "ACTIVE"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["ACTIVE", "False"]

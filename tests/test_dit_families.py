@@ -277,3 +277,22 @@ def test_save_load_several_loras_scales_and_fuse(name, request, tmp_path):
     load_lora_many(fresh, [(loras[0], 1.0), (loras[1], 0.5)], fuse=True)
     assert not getattr(fresh.denoiser, "peft_config", None)
     torch.testing.assert_close(out(fresh, xt, t, cond), unfused, rtol=1e-4, atol=1e-5)
+
+
+def test_max_sequence_length_sets_the_t5_tokens_and_the_clip_families_refuse_it():
+    """model.max_sequence_length: the T5 length of the prompt encoding (Flow-GRPO's SD3 recipe: 128), default the
+    pipeline's own; a family without T5 refuses it in one line."""
+    from diffalign.config import ModelConfig
+    from diffalign.engine.common import load_model
+    from diffalign.errors import DiffalignError
+
+    sd3 = load_model(ModelConfig(path=str(TINY / "sd3")))
+    default = sd3.encode_prompts(["a red circle"])["prompt_embeds"].shape[1]  # CLIP 77 + T5 256
+    short = load_model(ModelConfig(path=str(TINY / "sd3"), max_sequence_length=16))
+    assert (
+        short.max_sequence_length == 16
+        and default - 256 + 16 == short.encode_prompts(["a red circle"])["prompt_embeds"].shape[1]
+    )
+    with pytest.raises(DiffalignError, match="model.max_sequence_length: family 'sd' has no T5 encoder") as err:
+        load_model(ModelConfig(path=str(TINY / "sd15"), max_sequence_length=16))
+    assert "\n" not in str(err.value)

@@ -140,7 +140,8 @@ def test_online_methods_run_a_round_on_sd3(tmp_path, monkeypatch, objective, ext
     expected = {"d3po": math.log(2), "dpo": math.log(2), "dro": 0.001}[objective]
     assert math.isclose(row["train/loss"], expected, rel_tol=1e-4) and row["skipped_steps"] == 0
     if objective == "dro":
-        assert row["train/err_policy"] == 0
+        assert row["train/err_policy"] < 1e-10  # 0 up to float rounding: the round's prompts are encoded once, in
+        # a batch of distinct prompts, not in the sampler's chunks (a few 1e-15 with T5 on the CPU)
 
 
 def test_random_sde_window_is_keyed_and_stays_in_its_range():

@@ -81,7 +81,7 @@ def test_flow_kl_is_flow_grpos_line():
     assert traj.num_steps == 3
     for j in range(traj.num_steps):
         timestep, sample = traj.timesteps[j], traj.latents[j]
-        _, _, mean, ref_mean, s = grpo_inputs(sd3, sd3.denoise, sampler, traj, prompts, torch.arange(2), j, reference)
+        _, _, mean, ref_mean, s = grpo_inputs(sd3, sd3.denoise, sampler, traj, cond, torch.arange(2), j, reference)
         zeros = torch.zeros(2)
         _, metrics = GRPO(beta=0.04)(zeros, zeros, zeros, mean=mean, ref_mean=ref_mean, kl_std=s)
         with torch.no_grad():  # the official code, on the same velocities

@@ -20,7 +20,7 @@ from diffalign.online.exemplars import ToyStatsEncoder, toy_vivid_exemplars
 from diffalign.online.pairing import all_pairs, best_worst, pairs_from_labels, top_bottom
 from diffalign.paths import TOY_HELDOUT, TOY_MODEL
 from diffalign.rewards import load_scorer
-from diffalign.sampling import DDIMSampler, inference_scheduler, sample_trajectories
+from diffalign.sampling import DDIMSampler, encode_guided, inference_scheduler, sample_trajectories
 from diffalign.sources.trajectory import d3po_inputs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -122,9 +122,8 @@ def tiny_round():
 
 
 def d3po_loss(family, obj, scheduler, traj, prompts, iw, il, k, reference):
-    lp, ref_lp, _ = d3po_inputs(
-        family, family.denoise, DDIMSampler(scheduler, 1.0), traj, prompts, iw, il, k, reference
-    )
+    cond = encode_guided(family, [prompts[i] for i in torch.cat([iw, il]).tolist()], traj.guidance)
+    lp, ref_lp, _ = d3po_inputs(family, family.denoise, DDIMSampler(scheduler, 1.0), traj, cond, iw, il, k, reference)
     return obj(lp, ref_lp, torch.ones(len(iw)))
 
 
@@ -634,3 +633,42 @@ def test_online_trains_with_8bit_adamw_and_resumes_it_exactly(tmp_path, monkeypa
     b = load_file(str(halves / "lora" / "pytorch_lora_weights.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any(v.abs().max() > 0 for k, v in a.items() if "lora_B" in k or "lora.up" in k)  # it trained
+
+
+@pytest.mark.parametrize(
+    "objective,extra",
+    [("d3po", []), ("dpo", ["pairing.split=best_worst"]), ("kto", ["pairing.split=top_bottom", "objective.beta=100"]),
+     ("grpo", ["objective.beta=0.04"]), ("nft", [])],
+)  # fmt: skip
+def test_a_rounds_training_steps_never_run_the_text_encoders(tmp_path, monkeypatch, objective, extra):
+    """The round's prompts are encoded once when it is sampled (EncodedPrompts); every source's training steps then
+    select rows of that conditioning: zero text-encoder calls inside the steps, for each on-line source."""
+    from diffalign.pipelines.online import run
+
+    import diffalign.engine.step as step
+    from diffalign.models import FAMILIES
+
+    calls = {"in_steps": 0, "outside": 0}
+    inside = [False]
+    for cls in {*FAMILIES.values()}:
+        original = cls.encode_prompts
+
+        def counted(self, prompts, _original=original):
+            calls["in_steps" if inside[0] else "outside"] += 1
+            return _original(self, prompts)
+
+        monkeypatch.setattr(cls, "encode_prompts", counted)
+    step_loss = step.step_loss
+
+    def flagged(ctx, batch, device):
+        inside[0] = True
+        try:
+            return step_loss(ctx, batch, device)
+        finally:
+            inside[0] = False
+
+    monkeypatch.setattr(step, "step_loss", flagged)
+    monkeypatch.chdir(REPO)
+    args = [*TINY_ONLINE, f"objective.name={objective}", *extra, _prompts_file(tmp_path), "online.rounds=1"]
+    run(None, [*args, "train.tensorboard=false", f"train.output_dir={tmp_path / 'run'}"])
+    assert calls["in_steps"] == 0 and calls["outside"] > 0

@@ -81,6 +81,12 @@ def load_model(
         **extra,
     )
     check_sizes(sizes, latent_factor(family), family.name)
+    if mcfg.max_sequence_length:
+        if family.max_sequence_length is None:
+            raise DiffalignError(
+                f"model.max_sequence_length: family '{family.name}' has no T5 encoder (its CLIP prompts are 77 tokens)"
+            )
+        family.max_sequence_length = mcfg.max_sequence_length
     if lora is not None:
         check_target_modules(family, lora_targets(family, lora.preset, lora.target_modules))
     return family

@@ -77,6 +77,9 @@ class Family:
     """Key style of the saved LoRA (diffalign.lora.KEY_STYLES): "diffusers" (UNet lora.down/up) or "peft"."""
     sdpa_processor: ClassVar[type | None] = AttnProcessor2_0
     """Attention processor for backend "sdpa"; None when the model's own processors already use SDPA."""
+    max_sequence_length: int | None = None
+    """T5 tokens of the prompt encoding (SD3, FLUX, PixArt: their pipeline's default, `model.max_sequence_length`
+    sets it); None for the CLIP-only families (77 tokens, fixed)."""
 
     def flow_scheduler(self, steps: int):
         """Flow families: a FlowMatchEulerDiscreteScheduler with the timesteps their own pipeline samples `steps`

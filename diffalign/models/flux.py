@@ -61,6 +61,8 @@ def flow_shift(scheduler_config, image_seq_len: int) -> float:
 class FluxFamily(Family):
     """FLUX.1 checkpoint (FluxPipeline folder or hub id)."""
 
+    max_sequence_length = MAX_SEQUENCE_LENGTH  # T5 tokens; model.max_sequence_length overrides it
+
     name = "flux"
     lora_prefix = "transformer"
     lora_target_modules = LORA_TARGET_MODULES
@@ -138,7 +140,7 @@ class FluxFamily(Family):
             None,
             device=self.pipe.text_encoder.device,
             num_images_per_prompt=1,
-            max_sequence_length=MAX_SEQUENCE_LENGTH,
+            max_sequence_length=self.max_sequence_length,
         )
         return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
 
@@ -198,7 +200,7 @@ class FluxFamily(Family):
             height=height,
             width=width,
             generator=[torch.Generator().manual_seed(int(s)) for s in seeds],
-            max_sequence_length=MAX_SEQUENCE_LENGTH,
+            max_sequence_length=self.max_sequence_length,
             output_type="latent",
         ).images
         return FluxPipeline._unpack_latents(packed, height, width, self.vae_scale_factor)

@@ -27,7 +27,7 @@ from diffalign.models.base import Family
 from diffalign.models.sd import LORA_TARGET_MODULES, _one_line, check_components, generate_images, load_pipe
 
 MAX_SEQUENCE_LENGTH = 300  # T5 tokens, PixArt-Σ's default (α: 120)
-PIPE_KWARGS = dict(clean_caption=False, use_resolution_binning=False, max_sequence_length=MAX_SEQUENCE_LENGTH)
+PIPE_KWARGS = dict(clean_caption=False, use_resolution_binning=False)
 
 
 class PixArtTransformer(PixArtTransformer2DModel, PeftAdapterMixin):
@@ -36,6 +36,8 @@ class PixArtTransformer(PixArtTransformer2DModel, PeftAdapterMixin):
 
 class PixArtFamily(Family):
     """PixArt-Σ checkpoint (PixArtSigmaPipeline folder or hub id)."""
+
+    max_sequence_length = MAX_SEQUENCE_LENGTH  # T5 tokens; model.max_sequence_length overrides it
 
     name = "pixart"
     lora_prefix = "transformer"
@@ -77,7 +79,7 @@ class PixArtFamily(Family):
             do_classifier_free_guidance=False,
             device=self.pipe.text_encoder.device,
             clean_caption=PIPE_KWARGS["clean_caption"],
-            max_sequence_length=MAX_SEQUENCE_LENGTH,
+            max_sequence_length=self.max_sequence_length,
         )
         return {"prompt_embeds": embeds, "prompt_attention_mask": mask}
 
@@ -98,4 +100,7 @@ class PixArtFamily(Family):
     def generate(self, prompts, seeds, steps: int = 20, guidance: float = 4.5, height=None, width=None):
         """-> list[PIL.Image], one per prompt; the pipeline runs the same transformer, so attached LoRAs are active.
         Defaults are the PixArt-Σ pipeline's (20 DPM-Solver steps, CFG 4.5)."""
-        return generate_images(self, prompts, seeds, steps, guidance, height, width, **PIPE_KWARGS)
+        return generate_images(
+            self, prompts, seeds, steps, guidance, height, width, max_sequence_length=self.max_sequence_length,
+            **PIPE_KWARGS,
+        )  # fmt: skip

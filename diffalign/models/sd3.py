@@ -30,6 +30,8 @@ MAX_SEQUENCE_LENGTH = 256  # T5 tokens, the pipeline's default
 class SD3Family(Family):
     """SD3 / SD3.5 checkpoint (StableDiffusion3Pipeline folder or hub id)."""
 
+    max_sequence_length = MAX_SEQUENCE_LENGTH  # T5 tokens; model.max_sequence_length overrides it
+
     name = "sd3"
     lora_prefix = "transformer"
     lora_presets = {"attention": LORA_TARGET_MODULES}  # no convolutions in the blocks (only the patch embed)
@@ -77,7 +79,7 @@ class SD3Family(Family):
             device=self.pipe.text_encoder.device,
             num_images_per_prompt=1,
             do_classifier_free_guidance=False,
-            max_sequence_length=MAX_SEQUENCE_LENGTH,
+            max_sequence_length=self.max_sequence_length,
         )
         return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
 
@@ -98,4 +100,6 @@ class SD3Family(Family):
     def generate(self, prompts, seeds, steps: int = 28, guidance: float = 7.0, height=None, width=None):
         """-> list[PIL.Image], one per prompt; the pipeline runs the same transformer, so attached LoRAs are active.
         Defaults are the SD3 pipeline's (28 steps, CFG 7.0; SD3.5 model cards use CFG 3.5-4.5)."""
-        return generate_images(self, prompts, seeds, steps, guidance, height, width)
+        return generate_images(
+            self, prompts, seeds, steps, guidance, height, width, max_sequence_length=self.max_sequence_length
+        )

@@ -23,6 +23,7 @@ import torch
 
 from diffalign.errors import DiffalignError
 from diffalign.sampling.common import (  # noqa: F401  (the package's public names)
+    EncodedPrompts,
     Trajectory,
     concat_cond,
     encode_guided,

@@ -36,6 +36,40 @@ def encode_guided(family, prompts: list[str], guidance: float) -> dict[str, torc
     return cond
 
 
+@dataclass
+class EncodedPrompts:
+    """A round's prompts encoded once: each distinct prompt's conditioning (U, ...) and, for CFG, the "" prompt's
+    (1, ...), on the text encoder's device; the training steps select rows instead of running the text encoders
+    again (Flow-GRPO keeps the embeddings it sampled with and encodes the negative prompt once)."""
+
+    cond: dict[str, torch.Tensor]  # (U, ...) one row per distinct prompt
+    index: torch.Tensor  # (N,) chain -> its row of cond
+    uncond: dict[str, torch.Tensor] | None  # (1, ...) the "" prompt; None without CFG
+
+    @classmethod
+    @torch.no_grad()
+    def encode(cls, family, prompts: list[str], with_uncond: bool) -> EncodedPrompts:
+        distinct = list(dict.fromkeys(prompts))
+        row = {p: i for i, p in enumerate(distinct)}
+        uncond = family.encode_prompts([""]) if with_uncond else None
+        index = torch.tensor([row[p] for p in prompts])
+        return cls(family.encode_prompts(distinct), index, uncond)
+
+    def rows(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The conditioning of chains idx (B,): each (B, ...), as `family.encode_prompts` of their prompts gives."""
+        at = self.index[idx.cpu()]
+        return {k: v[at.to(v.device)] for k, v in self.cond.items()}
+
+    def guided(self, idx: torch.Tensor, guidance: float) -> dict[str, torch.Tensor]:
+        """cond (B, ...), or [cond; uncond] (2B, ...) when guidance > 1: what `encode_guided` gives."""
+        cond = self.rows(idx)
+        if guidance <= 1.0:
+            return cond
+        if self.uncond is None:
+            raise ValueError("EncodedPrompts.guided: encoded without the unconditional prompt (with_uncond=False)")
+        return concat_cond(cond, {k: v.expand(len(idx), *v.shape[1:]) for k, v in self.uncond.items()})
+
+
 def guided_prediction(family, xt: torch.Tensor, t: torch.Tensor, cond: dict, guidance: float) -> torch.Tensor:
     """CFG model prediction (fp32): pred = uncond + w (cond - uncond); w <= 1 is the plain conditional model.
 

@@ -23,7 +23,7 @@ import torch
 
 from diffalign.engine.step import StepContext, draw_t_and_eps, pair_generator
 from diffalign.errors import DiffalignError
-from diffalign.sampling import Trajectory
+from diffalign.sampling import EncodedPrompts, Trajectory
 
 Reference = Callable[[], AbstractContextManager]  # () -> a context in which the denoiser is the reference
 Denoise = Callable[[torch.Tensor, torch.Tensor, dict], torch.Tensor]  # (xt, t, cond) -> prediction
@@ -109,6 +109,7 @@ class Round:
     first: torch.Tensor  # (R,) winners, set members or policy chains (DRO)
     second: torch.Tensor | None  # (R,) losers, desirable flags, expert indices (DRO), advantages; GRPO: rewards (P, G)
     experts: tuple[torch.Tensor, list[str]] | None = None  # DRO: expert x0 (M, C, h, w) and captions
+    text: EncodedPrompts | None = None  # the prompts' conditioning, encoded once when the round was sampled
 
 
 class Source:

@@ -20,7 +20,7 @@ def dro_inputs(
     expert_x0: torch.Tensor,
     eps: torch.Tensor,
     traj: Trajectory,
-    prompts: list[str],
+    cond: dict[str, torch.Tensor],
     idx_p: torch.Tensor,
     k: int,
     reference: Reference,
@@ -28,8 +28,8 @@ def dro_inputs(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Errors (2B,) with grad and reference errors (2B,) of [experts expert_x0 (B, C, h, w) noised with eps (B, ...);
     policy chains idx_p (B,) at stored step k], and with `with_kl` the prediction_kl (2B,) to the reference at the
-    same x_t (else None). The policy chains were prompted by their experts' captions, so `prompts[idx_p]` conditions
-    both halves."""
+    same x_t (else None). The policy chains were prompted by their experts' captions, so their conditioning `cond`
+    (2B, ...) = [caption rows; the same rows] conditions both halves."""
     if traj.predictions is None:
         raise ValueError("dro_inputs: the trajectory has no stored predictions (sample with keep_predictions=True)")
     device = family.denoiser.device
@@ -38,8 +38,6 @@ def dro_inputs(
     x0_e, eps = expert_x0.to(device), eps.to(device)  # (B, C, h, w)
     xt = torch.cat([schedule.add_noise(x0_e, eps, t[:b]), traj.latents[k][idx_p].to(device)])  # (2B, C, h, w)
     target = torch.cat([schedule.target(x0_e, eps, t[:b]), traj.predictions[k][idx_p].to(device)])
-    captions = [prompts[i] for i in idx_p.tolist()]
-    cond = family.encode_prompts(captions + captions)  # (2B, ...): expert i and its negative share a caption
     with torch.no_grad(), reference():
         ref_pred = denoise(xt, t, cond)
     pred = denoise(xt, t, cond)
@@ -72,7 +70,7 @@ class Experts(Source):
         gens = [pair_generator(ctx.seed, rnd.index, batch["step"], r) for r in rows.tolist()]
         eps = torch.cat([torch.randn((1, *expert_x0.shape[1:]), generator=g) for g in gens])  # (B, C, h, w) keyed
         err, ref_err, kl = dro_inputs(
-            ctx.family, ctx.denoise, ctx.schedule, expert_x0[idx_e], eps, rnd.traj, rnd.prompts, idx_p, batch["k"],
+            ctx.family, ctx.denoise, ctx.schedule, expert_x0[idx_e], eps, rnd.traj, rnd.text.rows(torch.cat([idx_p, idx_p])), idx_p, batch["k"],
             ctx.reference, with_kl=ctx.kl_weight > 0,
         )  # fmt: skip
         return ErrorInputs(err, ref_err, kl=kl)

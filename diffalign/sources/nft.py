@@ -43,7 +43,7 @@ class NFT(Source):
         rows = batch["rows"]
         idx = rnd.first[rows]  # (N,)
         x0 = rnd.traj.x0[idx].to(device)  # (N, C, h, w)
-        cond = ctx.family.encode_prompts([rnd.prompts[i] for i in idx.tolist()])
+        cond = rnd.text.rows(idx)  # encoded once per round
         t, eps = keyed_draws(ctx, x0, rnd, batch["step"], rows)  # (N,), (N, C, h, w)
         xt, target = ctx.schedule.add_noise(x0, eps, t), ctx.schedule.target(x0, eps, t)
         with torch.no_grad(), adapter_mode(ctx.family.denoiser, OLD_ADAPTER):

@@ -12,11 +12,11 @@ from diffalign.engine.step import StepContext
 from diffalign.errors import DiffalignError
 from diffalign.likelihood import gaussian_log_prob
 from diffalign.online.advantages import group_advantages
-from diffalign.sampling import Trajectory, encode_guided, guided_prediction
+from diffalign.sampling import Trajectory, guided_prediction
 from diffalign.sources.base import Denoise, PolicySteps, Reference, Round, Source, Through
 
 
-def grpo_inputs(family, denoise: Denoise, sampler, traj: Trajectory, prompts: list[str], idx: torch.Tensor, k: int,
+def grpo_inputs(family, denoise: Denoise, sampler, traj: Trajectory, cond: dict, idx: torch.Tensor, k: int,
                 reference: Reference | None):  # fmt: skip
     """GRPO at stored step k of chains idx (B,): log_prob (B,) with grad, old_log_prob (B,) stored by the sampler,
     the policy's step mean (B, C, h, w) with grad, the reference's (None without `reference`) and the s the KL
@@ -30,7 +30,6 @@ def grpo_inputs(family, denoise: Denoise, sampler, traj: Trajectory, prompts: li
     device = family.denoiser.device
     xt, x_next = traj.latents[k][idx].to(device), traj.latents[k + 1][idx].to(device)  # (B, C, h, w)
     t = traj.timesteps[k]
-    cond = encode_guided(family, [prompts[i] for i in idx.tolist()], traj.guidance)
     policy = Through(family, denoise)
     ref_mean = None
     if reference is not None:
@@ -68,6 +67,13 @@ class PolicyStepsSource(Source):
         advantages = ctx.objective.advantages(rnd.second).flatten()[idx].to(device)  # (P, G) -> (N,) -> (B,)
         reference = ctx.reference if ctx.objective.beta > 0 else None  # beta 0: no reference forward
         lp, old_lp, mean, ref_mean, kl_std = grpo_inputs(
-            ctx.family, ctx.denoise, ctx.sampler, rnd.traj, rnd.prompts, idx, batch["k"], reference
+            ctx.family,
+            ctx.denoise,
+            ctx.sampler,
+            rnd.traj,
+            rnd.text.guided(idx, rnd.traj.guidance),
+            idx,
+            batch["k"],
+            reference,
         )
         return PolicySteps(lp, old_lp, advantages, mean, ref_mean, kl_std)

@@ -30,7 +30,7 @@ class RoundPairs(Source):
         rows = batch["rows"]
         idx = torch.cat([rnd.first[rows], rnd.second[rows]])  # (2B,) stacked [w; l]
         x0 = rnd.traj.x0[idx].to(device)  # (2B, C, h, w)
-        cond = ctx.family.encode_prompts([rnd.prompts[i] for i in idx.tolist()])
+        cond = rnd.text.rows(idx)  # encoded once per round
         keys = [(rnd.index, batch["step"], r) for r in rows.tolist()]
         t, eps, _ = keyed_t_and_eps(True, x0, ctx.schedule, ctx.seed, keys, ctx.estimator)
         e = denoising_errors(ctx.denoise, ctx.schedule, x0, cond, t, eps, ctx.reference, with_kl=ctx.kl_weight > 0)

@@ -22,7 +22,7 @@ class RoundSets(Source):
         rows = batch["rows"]
         idx = rnd.first[rows]  # (M,)
         x0 = rnd.traj.x0[idx].to(device)  # (M, C, h, w)
-        cond = ctx.family.encode_prompts([rnd.prompts[i] for i in idx.tolist()])
+        cond = rnd.text.rows(idx)  # encoded once per round
         t, eps = keyed_draws(ctx, x0, rnd, batch["step"], rows)  # (M,), (M, C, h, w)
         e = denoising_errors(ctx.denoise, ctx.schedule, x0, cond, t, eps, ctx.reference, with_kl=ctx.kl_weight > 0)
         desirable = rnd.second[rows].to(device)

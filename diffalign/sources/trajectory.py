@@ -10,7 +10,7 @@ from diffalign.engine.step import StepContext
 from diffalign.errors import DiffalignError
 from diffalign.likelihood import step_kl
 from diffalign.online.pairing import PAIR_RULES
-from diffalign.sampling import Trajectory, encode_guided, guided_prediction
+from diffalign.sampling import Trajectory, guided_prediction
 from diffalign.sources.base import Denoise, Reference, Round, Source, StepLogProbs, Through
 from diffalign.sources.round_pairs import pair_rows
 
@@ -20,7 +20,7 @@ def d3po_inputs(
     denoise: Denoise,
     sampler,
     traj: Trajectory,
-    prompts: list[str],
+    cond: dict[str, torch.Tensor],
     idx_w: torch.Tensor,
     idx_l: torch.Tensor,
     k: int,
@@ -28,7 +28,8 @@ def d3po_inputs(
     with_kl: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Step log-probs (2B,) with grad and reference (2B,) without, at trajectory step k for pairs (idx_w, idx_l),
-    and with `with_kl` the step KL of the policy to the reference (2B,) with grad (else None).
+    and with `with_kl` the step KL of the policy to the reference (2B,) with grad (else None). `cond`: the stacked
+    [w; l] rows' guided conditioning (`EncodedPrompts.guided` or `encode_guided`: (2B, ...), (4B, ...) with CFG).
 
     `sampler` is the one the round was sampled with (diffalign.sampling: DDIM-eta or flow SDE); its `log_prob` is
     the step density the sampler drew from, its `mean_std` that density's mean and std.
@@ -38,7 +39,6 @@ def d3po_inputs(
     xt = traj.latents[k][idx].to(device)  # (2B, C, h, w)
     x_prev = traj.latents[k + 1][idx].to(device)
     t = traj.timesteps[k]
-    cond = encode_guided(family, [prompts[i] for i in idx.tolist()], traj.guidance)
     policy = Through(family, denoise)
     with torch.no_grad(), reference():
         ref_pred = guided_prediction(policy, xt, t, cond, traj.guidance)
@@ -68,8 +68,9 @@ class TrajectorySteps(Source):
     def inputs(self, ctx: StepContext, batch: dict, device) -> StepLogProbs:
         rnd: Round = batch["round"]
         rows = batch["rows"]
+        idx = torch.cat([rnd.first[rows], rnd.second[rows]])  # (2B,) stacked [w; l]
         lp, ref_lp, kl = d3po_inputs(
-            ctx.family, ctx.denoise, ctx.sampler, rnd.traj, rnd.prompts, rnd.first[rows], rnd.second[rows],
-            batch["k"], ctx.reference, with_kl=ctx.kl_weight > 0,
+            ctx.family, ctx.denoise, ctx.sampler, rnd.traj, rnd.text.guided(idx, rnd.traj.guidance), rnd.first[rows],
+            rnd.second[rows], batch["k"], ctx.reference, with_kl=ctx.kl_weight > 0,
         )  # fmt: skip
         return StepLogProbs(lp, ref_lp, torch.ones(len(rows), device=device), kl=kl)
