@@ -59,7 +59,7 @@ SETTINGS: dict[str, list[str]] = {
     "sft": ["objective.name=sft"],
 }
 # On-line rows: `diffalign online` with the shipped toy config (its own sampling / training budget); "steps" in the
-# table = optimizer steps (rounds x train_steps), the wall time includes the sampling of every round.
+# table = optimizer steps (online.rounds x train.steps_per_round), the wall time includes the sampling of every round.
 # A row is a shipped config plus overrides; "_flow" rows run the DDPM toy's config on the flow-matching toy
 # (assets/toy_flow_model) with toy_flow_grpo's sampler: Flow-GRPO's SDE at a = 0.3, 10 steps (the DDPM configs' eta 1
 # would be a = 1, which leaves visible noise in this pixel-space model).
@@ -122,8 +122,8 @@ def run_one(name: str, out: Path, extra: list[str], curves: bool = False) -> dic
     summary = json.loads((run_dir / "summary.json").read_text())
     report = json.loads((run_dir / "eval" / "report.json").read_text())
     if name in ONLINE:
-        cfg = yaml.safe_load((run_dir / "config.yaml").read_text())["online"]
-        steps = cfg["rounds"] * cfg["train_steps"]
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+        steps = cfg["online"]["rounds"] * cfg["train"]["steps_per_round"]
     else:
         steps = summary["steps"]
     reward, fidelity = report["scorers"]["toy_aesthetic"], report["scorers"]["toy_fidelity"]
