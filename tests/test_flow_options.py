@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from diffalign.models import load_family
 from diffalign.sampling import build_sampler, sliding_window, window_range
@@ -119,7 +120,8 @@ def online_args(tmp_path, objective, extra):
 
 def test_online_sliding_window_over_rounds_on_the_tiny_sd3(tmp_path, monkeypatch):
     """GRPO, window size 1 sliding 1 step every round in [0, 1] (4 steps): starts 0, 1, 0; round 2's window
-    [1, 1) is empty, as MixGRPO's last position, so it samples the ODE and trains nothing (no loss logged)."""
+    [1, 1) is empty, as MixGRPO's last position, so it samples the ODE and trains nothing (no loss logged). A run
+    stopped after round 2 and resumed takes the same windows and ends with the same LoRA."""
     from diffalign.pipelines.online import run
 
     monkeypatch.chdir(REPO)
@@ -130,6 +132,18 @@ def test_online_sliding_window_over_rounds_on_the_tiny_sd3(tmp_path, monkeypatch
     assert [r["sde_window_start"] for r in rows] == [0, 1, 0]
     assert math.isfinite(rows[0]["train/loss"]) and math.isfinite(rows[2]["train/loss"])
     assert "train/loss" not in rows[1] and rows[1]["skipped_steps"] == 0
+    resumed = tmp_path / "resumed"  # the window is a function of the round: 2 rounds + --resume == 3 rounds
+    run(None, [*online_args(tmp_path, "grpo", extra), "online.rounds=2", f"train.output_dir={resumed}"])
+    run(
+        None,
+        [*online_args(tmp_path, "grpo", extra), "online.rounds=3", f"train.output_dir={resumed}"],
+        resume="latest",
+    )
+    again = [json.loads(x) for x in (resumed / "rounds.jsonl").read_text().splitlines()]
+    assert [r["sde_window_start"] for r in again] == [0, 1, 0] and again[2]["train/loss"] == rows[2]["train/loss"]
+    lora = "lora/pytorch_lora_weights.safetensors"
+    a, b = load_file(str(out / lora)), load_file(str(resumed / lora))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 # ---- CFG-free rounds --------------------------------------------------------------------------------------------
