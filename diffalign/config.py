@@ -391,7 +391,8 @@ class SamplingConfig:
     """DDIM eta of the demonstrations, or the noise level a of the flow sampler (Flow-GRPO: 0.7); > 0 needed for
     per-step log-probs (D3PO, GRPO)."""
     sampler: Annotated[str, OneOf(SAMPLERS, allow_empty=True)] = ""
-    """On-line sampler (diffalign.sampling): "" = the family's own (ddim for DDPM families, flow_sde for flow ones)."""
+    """On-line sampler (diffalign.sampling): "" = the family's own (ddim for DDPM families, flow_sde for flow ones);
+    flow_cps: coefficients-preserving sampling on a flow family (Flow-GRPO's CPS configs: eta 0.8)."""
     sde_window: list[int] = field(default_factory=list)
     """[start, end) steps that get the sampler's noise and are recorded and trained (Flow-GRPO-Fast); outside it the
     deterministic step (flow: the ODE; DDIM: eta 0). [] = every step but the last; end <= 0 counts from the last."""
@@ -401,6 +402,12 @@ class SamplingConfig:
     sde_window_range: list[int] = field(default_factory=list)
     """[lo, hi): where the random window lies, start drawn from lo..hi - size (Flow-GRPO-Fast: (0, 10) with size 2
     for 10 steps; flux_fast: (0, steps // 2) with size 3). [] = every step but the last."""
+    sde_window_shift_every: Annotated[int, NON_NEGATIVE] = 0
+    """MixGRPO: the sde_window_size window slides instead of being drawn: it starts at sde_window_range's lo and
+    moves sde_window_stride steps every this many rounds up to its hi (their max_timesteps, steps - 2), then back
+    to lo (MixGRPO: 25 rounds, stride 1, size 4, range [0, 23] for 25 steps); 0 = Flow-GRPO-Fast's random start."""
+    sde_window_stride: Annotated[int, AT_LEAST_1] = 1
+    """MixGRPO: steps the sliding window moves at each shift (their prog_overlap_step)."""
     sample_batch: Annotated[int, AT_LEAST_1] = 64
     """Images per sampler call."""
 
@@ -468,7 +475,8 @@ MOVED_KEYS = {
     "online.train_steps": "train.steps_per_round",
     **{f"online.{k}": f"sampling.{k}" for k in (
         "prompts", "prompts_per_round", "images_per_prompt", "shared_noise", "steps", "guidance", "eta", "sampler",
-        "sde_window", "sde_window_size", "sde_window_range", "sample_batch",
+        "sde_window", "sde_window_size", "sde_window_range", "sde_window_shift_every", "sde_window_stride",
+        "sample_batch",
     )},
     "online.reward": "reward.scorer",
     "online.reward_args": "reward.args",

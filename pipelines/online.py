@@ -52,6 +52,7 @@ from diffalign.engine.step import (
     read_sums,
     sum_over_processes,
 )
+from diffalign.errors import DiffalignError
 from diffalign.likelihood import Schedule
 from diffalign.lora import adapter_mode, copy_policy_to_ref
 from diffalign.models import default_guidance
@@ -69,7 +70,7 @@ from diffalign.online.rounds import (
     set_fd,
 )
 from diffalign.rewards import load_scorer
-from diffalign.sampling import EncodedPrompts, build_sampler, random_window, window_range
+from diffalign.sampling import EncodedPrompts, build_sampler, random_window, sliding_window, window_range
 from diffalign.sources import Round, source_of
 
 
@@ -96,6 +97,8 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
     window_span = None  # Flow-GRPO-Fast: a window of sde_window_size steps at a keyed random start each round
     if sc.sde_window_size:
         window_span = window_range(sc.sde_window_size, sc.sde_window_range, sc.steps)
+    elif sc.sde_window_shift_every:
+        raise DiffalignError("sampling.sde_window_shift_every needs sampling.sde_window_size (the window to slide)")
     first_window = [window_span[0], window_span[0] + sc.sde_window_size] if window_span else sc.sde_window
     sampler = build_sampler(family, sc.sampler, sc.steps, sc.eta, first_window)  # ddim or flow_sde, by family
     if stepwise:  # samplers record their noise window only: fewer steps to accumulate over
@@ -135,7 +138,10 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
             t0 = time.time()
             prompts, seeds, pool_index = plan_round(cfg, r, pool)
             window = None
-            if window_span:
+            if window_span and sc.sde_window_shift_every:  # MixGRPO: a function of the round alone
+                window = sliding_window(r, sc.sde_window_size, sc.sde_window_shift_every, sc.sde_window_stride,
+                                        window_span)  # fmt: skip
+            elif window_span:
                 window = random_window(sc.sde_window_size, window_span, keyed_generator(tc.seed, r, WINDOW_STREAM))
             with adapter_mode(run.denoiser, OLD_ADAPTER if source.old_policy else "default"):
                 traj, images = sample_share(
@@ -147,7 +153,8 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
             text = EncodedPrompts.encode(family, prompts, with_uncond=traj.guidance > 1)  # once, for every step
             rnd = Round(r, traj, prompts, first, second, experts, text)
             sums, n_rows = {}, len(first)
-            for s in range(tc.steps_per_round if n_rows >= tc.grad_accum * world else 0):
+            trains = n_rows >= tc.grad_accum * world and not (stepwise and traj.num_steps == 0)  # MixGRPO's last
+            for s in range(tc.steps_per_round if trains else 0):  # window is empty: that round trains nothing
                 gen = keyed_generator(tc.seed, r, s, ROWS_STREAM)
                 pick = torch.randperm(n_rows, generator=gen)[: tc.batch_size * tc.grad_accum * world]  # global rows
                 ks = torch.randperm(traj.num_steps, generator=gen)[:traj_steps].tolist() if stepwise else [None]

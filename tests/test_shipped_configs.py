@@ -92,6 +92,8 @@ def _online_overrides(raw: dict, tmp: Path, pairs: Path, prompts: Path) -> list[
         out.append("train.trajectory_steps=1")
     if tc.get("grad_accum", 1) > 1:
         out.append("train.grad_accum=1")
+    if sc.get("sde_window_size"):  # a window of the 2 steps: its first (a sliding one starts there too)
+        out += ["sampling.sde_window_size=1", "sampling.sde_window_range=[0,1]"]
     if sc.get("prompts", "toy") != "toy":
         out.append(f"sampling.prompts={prompts}")
     if rw.get("scorer", "toy_aesthetic") in WEIGHTED:

@@ -3,11 +3,13 @@ one dict: which sampler a family gets is read from its prediction type.
 
     ddim      DDPM families (epsilon, v_prediction): DDIM-eta (diffalign.sampling.DDIMSampler)
     flow_sde  flow families (SD3, FLUX, flow toy): Flow-GRPO's SDE, noise level a (diffalign.sampling.flow_sde)
+    flow_cps  flow families: coefficients-preserving sampling (CPS, arXiv 2509.05952), noise level a (flow_sde.py)
 
 Both return the same `Trajectory` and give the training step kernel `mean_std(pred, t, xt)` / `log_prob(pred, t,
 xt, x_prev)`, so D3PO, GRPO and DRO use either. `sampling.eta` is DDIM's eta on a DDPM family and the noise level a
 on a flow family (0: deterministic in both). Both put the noise on a window of steps (`sampling.sde_window`, or
-Flow-GRPO-Fast's random `sampling.sde_window_size`) and take the others deterministically; only the window's steps
+Flow-GRPO-Fast's random `sampling.sde_window_size`, or MixGRPO's window sliding over training,
+`sampling.sde_window_shift_every`) and take the others deterministically; only the window's steps
 are recorded and trained. The default window is every step but the last, whose Gaussian is too sharp to train on
 (DDIM on the toy's cosine schedule: std eta · 0.006 at the last step against 0.2-1.0 at the others; Flow-GRPO takes
 its last step deterministically for the same reason). Asking a family for a sampler it has no maths for (a flow
@@ -39,7 +41,7 @@ from diffalign.sampling.ddim import (  # noqa: F401
     step_log_prob,
     step_mean_std,
 )
-from diffalign.sampling.flow_sde import FlowSDESampler, sample_flow, sde_step  # noqa: F401
+from diffalign.sampling.flow_sde import FlowCPSSampler, FlowSDESampler, cps_step, sample_flow, sde_step  # noqa: F401
 
 
 def ddim_sampler(family, steps: int, eta: float, window) -> DDIMSampler:
@@ -52,6 +54,10 @@ def flow_sampler(family, steps: int, eta: float, window) -> FlowSDESampler:
     return FlowSDESampler.for_family(family, steps, eta, tuple(window) if window else (0, -1))
 
 
+def cps_sampler(family, steps: int, eta: float, window) -> FlowCPSSampler:
+    return FlowCPSSampler.for_family(family, steps, eta, tuple(window) if window else (0, -1))
+
+
 @dataclass(frozen=True)
 class SamplerKind:
     build: Callable  # (family, steps, eta or noise level, window [start, end) or None) -> sampler
@@ -61,6 +67,7 @@ class SamplerKind:
 SAMPLERS = {
     "ddim": SamplerKind(ddim_sampler, ("epsilon", "v_prediction")),
     "flow_sde": SamplerKind(flow_sampler, ("flow",)),
+    "flow_cps": SamplerKind(cps_sampler, ("flow",)),
 }
 
 
@@ -81,6 +88,17 @@ def random_window(size: int, span: tuple[int, int], gen: torch.Generator) -> tup
     lo, hi = span
     start = lo + int(torch.randint(hi - size - lo + 1, (1,), generator=gen))
     return start, start + size
+
+
+def sliding_window(r: int, size: int, every: int, stride: int, span: tuple[int, int]) -> tuple[int, int]:
+    """MixGRPO's progressive window at round r (0-based): [start, min(start + size, hi)), start lo for the first
+    `every` rounds, then lo + stride, ..., while start <= hi, then back to lo (Tencent-Hunyuan/MixGRPO
+    fastvideo/utils/grpo_states.py `GRPOTrainingStates.update_iteration`, sample_strategy "progressive" with
+    prog_overlap and roll_back; hi is their max_timesteps = steps - 2). A function of r alone: a resume redoes it.
+    At start = hi the window is empty, as theirs (that round samples the ODE and trains nothing)."""
+    lo, hi = span
+    start = lo + ((r // every) % ((hi - lo) // stride + 1)) * stride  # positions lo, lo + stride, ... <= hi
+    return start, min(start + size, hi)
 
 
 def build_sampler(family, name: str, steps: int, eta: float, window=None):

@@ -209,3 +209,7 @@ class DDIMSampler:
 
     def log_prob(self, pred, t, xt, x_prev):
         return step_log_prob(self.scheduler, pred, t, xt, x_prev, self.eta)
+
+    def density(self, x_next, mean, std) -> torch.Tensor:
+        """log p(x_next | step) (N,) of the step's Gaussian: mean over latent dims (diffalign.likelihood)."""
+        return gaussian_log_prob(x_next, mean, std)

@@ -19,10 +19,22 @@ The noise level `a` (Flow-GRPO: 0.7 for SD3.5, 0.9 for FLUX) is the only new hyp
 (Flow-GRPO-Fast, MixGRPO) puts the noise on steps [start, end) only and integrates the ODE elsewhere; only the window
 steps are recorded, so training sees just them. The default window is every step but the last: the last step's
 Gaussian is so sharp that its log-prob overflows (the official refactored pipeline makes it deterministic too).
+
+CPS, coefficients-preserving sampling (Wang & Yu 2025, arXiv 2509.05952; IamCreateAI/FlowCPS, and flow_grpo's
+`sde_step_with_logprob(sde_type="cps")`), `FlowCPSSampler`: the SDE step above adds more noise than the next
+sigma's marginal has room for at few steps (noisy images). CPS keeps x' = (1 - sigma') x0 + sigma' eps exactly in
+its coefficients: with x0^ = x - sigma v and eps^ = x + (1 - sigma) v, and s = sigma' sin(a pi / 2),
+
+    mean = (1 - sigma') x0^ + sqrt(sigma'² - s²) eps^,    std = s,    x' = mean + s eps
+    log p(x' | x) = -mean_dims (x' - mean)²                       (the official code drops every constant and 1/2s²)
+
+At a = 0 it is the Euler step again; at the last step (sigma' = 0) it is x0^ with std 0. Flow-GRPO's CPS configs
+use a = 0.8 (`pickscore_sd3_fast_nocfg`).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -48,6 +60,16 @@ def sde_step(x, v, sigma, sigma_next, sigma_max, noise_level: float):
     s = noise_scale(sigma, sigma_max, noise_level)
     mean = x + dt * v + (s**2 / (2 * sigma)) * (x + (1 - sigma) * v) * dt  # a = 0: the Euler step x + dt v exactly
     return mean, (s * torch.sqrt(-dt)).to(x.device)
+
+
+def cps_step(x, v, sigma, sigma_next, noise_level: float):
+    """Mean (N, ...) and std s = sigma' sin(a pi / 2) (scalar tensor) of the CPS step sigma -> sigma_next; fp32."""
+    x, v = x.float(), v.float()
+    sigma, sigma_next = torch.as_tensor(sigma).float(), torch.as_tensor(sigma_next).float()
+    s = sigma_next * math.sin(noise_level * math.pi / 2)
+    x0, eps = x - sigma * v, x + (1 - sigma) * v  # the step's predicted x0 and noise
+    mean = (1 - sigma_next) * x0 + torch.sqrt(sigma_next**2 - s**2) * eps  # a = 0: x + (sigma' - sigma) v
+    return mean, s.to(x.device)
 
 
 @dataclass
@@ -104,7 +126,11 @@ class FlowSDESampler:
         if self.noise_level <= 0:
             raise ValueError("flow sampler: noise level 0 is the ODE, which has no step density")
         mean, std = self.mean_std(pred, t, xt)
-        return gaussian_log_prob(x_prev, mean, std)
+        return self.density(x_prev, mean, std)
+
+    def density(self, x_next, mean, std) -> torch.Tensor:
+        """log p(x_next | step) (N,) of the step's Gaussian: mean over latent dims (diffalign.likelihood)."""
+        return gaussian_log_prob(x_next, mean, std)
 
     @torch.no_grad()
     def sample(self, family, prompts, seeds, guidance, noise_seed=0, keep_predictions=False, window=None,
@@ -130,7 +156,7 @@ class FlowSDESampler:
             mean, std = self.mean_std_at(i, pred, x, sde=inside)
             if inside and self.noise_level > 0:
                 x_next = mean + std * torch.randn(x.shape, generator=gen).to(mean)
-                log_probs.append(gaussian_log_prob(x_next, mean, std))  # (N,)
+                log_probs.append(self.density(x_next, mean, std))  # (N,)
             else:
                 x_next = mean
             if inside and keep_trajectory:
@@ -150,6 +176,23 @@ class FlowSDESampler:
             predictions=torch.stack(preds).float().cpu() if recorded and preds else None,  # (W, N, C, h, w)
             final=x.float().cpu() if recorded else None,
         )
+
+
+@dataclass
+class FlowCPSSampler(FlowSDESampler):
+    """CPS (module docstring): the same loop and window, the CPS step and its constant-free log-density."""
+
+    def mean_std_at(self, i: int, pred, xt, sde: bool = True):
+        return cps_step(xt, pred, self.sigmas[i], self.sigmas[i + 1], self.noise_level if sde else 0.0)
+
+    def density(self, x_next, mean, std) -> torch.Tensor:
+        """-mean_dims (x_next - mean)² (N,): flow_grpo's CPS log_prob, constants and 1/(2 s²) dropped."""
+        return -((x_next.float() - mean.float()) ** 2).mean(dim=tuple(range(1, mean.ndim)))
+
+    def kl_std(self, t) -> torch.Tensor:
+        """The CPS step's std s = sigma' sin(a pi / 2): the `std_dev_t` flow_grpo's KL divides by with CPS."""
+        i = self.index(t)
+        return self.sigmas[i + 1] * math.sin(self.noise_level * math.pi / 2)
 
 
 def sample_flow(family, prompts, seeds, steps: int = 20, guidance: float = 1.0, height=None, width=None):

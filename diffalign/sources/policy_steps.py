@@ -10,7 +10,6 @@ import torch
 
 from diffalign.engine.step import StepContext
 from diffalign.errors import DiffalignError
-from diffalign.likelihood import gaussian_log_prob
 from diffalign.online.advantages import group_advantages
 from diffalign.sampling import Trajectory, guided_prediction
 from diffalign.sources.base import Denoise, PolicySteps, Reference, Round, Source, Through
@@ -37,7 +36,7 @@ def grpo_inputs(family, denoise: Denoise, sampler, traj: Trajectory, cond: dict,
             ref_mean, _ = sampler.mean_std(guided_prediction(policy, xt, t, cond, traj.guidance), t, xt)
     mean, std = sampler.mean_std(guided_prediction(policy, xt, t, cond, traj.guidance), t, xt)
     kl_std = sampler.kl_std(t).to(device)  # not `std`: flow's step std has a sqrt(-dt) the official KL drops
-    return gaussian_log_prob(x_next, mean, std), traj.log_probs[k][idx].to(device), mean, ref_mean, kl_std
+    return sampler.density(x_next, mean, std), traj.log_probs[k][idx].to(device), mean, ref_mean, kl_std
 
 
 class PolicyStepsSource(Source):
