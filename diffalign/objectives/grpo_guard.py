@@ -1,4 +1,4 @@
-"""GRPO-Guard (Wang et al. 2025, arXiv 2510.22319; yifan123/flow_grpo scripts/train_sd3_GRPO_Guard.py): Flow-GRPO
+"""GRPO-Guard (arXiv 2510.22319, 2025; yifan123/flow_grpo scripts/train_sd3_GRPO_Guard.py): Flow-GRPO
 with the importance ratio re-centred and rescaled per step (RatioNorm) and each step's gradient reweighted.
 
 Idea: with logp a mean over dims and x' = mu_old + s eps, log rho = mean(eps Δmu)/s - mean(Δmu²)/(2 s²): the second
