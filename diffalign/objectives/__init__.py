@@ -9,7 +9,9 @@ sees the model, the config or the accelerator.
 from diffalign.objectives.d3po import D3PO
 from diffalign.objectives.dpo import DiffusionDPO
 from diffalign.objectives.dro import DiffusionDRO
+from diffalign.objectives.flow_dppo import FlowDPPO
 from diffalign.objectives.grpo import GRPO
+from diffalign.objectives.grpo_guard import GRPOGuard
 from diffalign.objectives.inpo import InPO
 from diffalign.objectives.kto import DiffusionKTO
 from diffalign.objectives.mapo import MaPO
@@ -27,5 +29,7 @@ OBJECTIVES = {
     "sft": SFT,
     "d3po": D3PO,
     "grpo": GRPO,
+    "grpo_guard": GRPOGuard,
+    "flow_dppo": FlowDPPO,
     "nft": DiffusionNFT,
 }

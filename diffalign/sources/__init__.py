@@ -7,6 +7,7 @@
     trajectory    online   {"round", "step", "rows": (B,), "k"}           StepLogProbs of both chains (D3PO)
     experts       online   {"round", "step", "rows": (B,), "k"}           ErrorInputs of [expert; policy] (DRO)
     policy_steps  online   {"round", "step", "rows": (B,), "k"}           PolicySteps: log-probs, advantages (GRPO)
+    old_policy_steps  online, as policy_steps      OldPolicySteps: + the sampler's step mean and std (GRPO-Guard, Flow-DPPO)
     nft           online   {"round", "step", "rows": (N,)} sample rows    Predictions: v_θ, v_old, v_ref, target
 
 ("step" is the optimizer step within the round, "k" a stored trajectory step.) With `online.kl_weight` > 0 the
@@ -27,6 +28,7 @@ from diffalign.errors import DiffalignError
 from diffalign.sources.base import Round, Source, fits
 from diffalign.sources.experts import Experts
 from diffalign.sources.nft import NFT
+from diffalign.sources.old_policy_steps import OldPolicyStepsSource
 from diffalign.sources.pairs import Pairs
 from diffalign.sources.policy_steps import PolicyStepsSource
 from diffalign.sources.round_pairs import RoundPairs
@@ -42,6 +44,7 @@ SOURCES: dict[str, type[Source]] = {
     "trajectory": TrajectorySteps,
     "experts": Experts,
     "policy_steps": PolicyStepsSource,
+    "old_policy_steps": OldPolicyStepsSource,
     "nft": NFT,
 }
 

@@ -88,6 +88,14 @@ class PolicySteps(Inputs):
 
 
 @dataclass
+class OldPolicySteps(PolicySteps):
+    """PolicySteps plus the sampling (old) policy's step: GRPO-Guard's ratio normalisation, Flow-DPPO's exact KL."""
+
+    old_mean: torch.Tensor  # (B, C, h, w) the sampler's step mean, from its stored prediction
+    std: torch.Tensor  # the step's std (flow: s_sigma sqrt(-dt); DDIM-eta: its own std)
+
+
+@dataclass
 class Predictions(Inputs):
     """DiffusionNFT: predictions of the trained, old and reference policies at forward-noised clean samples."""
 

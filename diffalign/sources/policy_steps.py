@@ -47,7 +47,8 @@ class PolicyStepsSource(Source):
     def check(self, cfg) -> None:
         if cfg.sampling.eta <= 0:
             raise DiffalignError(
-                "sampling.eta must be > 0 for grpo (its ratio needs step log-probs: DDIM eta or the flow noise level)"
+                f"sampling.eta must be > 0 for {cfg.objective.name} (its ratio needs step log-probs: DDIM eta or "
+                "the flow noise level)"
             )
 
     def rows(self, by_group, cfg, labels, r, pool_index):
