@@ -143,7 +143,7 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
                                         window_span)  # fmt: skip
             elif window_span:
                 window = random_window(sc.sde_window_size, window_span, keyed_generator(tc.seed, r, WINDOW_STREAM))
-            with adapter_mode(run.denoiser, OLD_ADAPTER if source.old_policy else "default"):
+            with adapter_mode(run.denoiser, OLD_ADAPTER if source.old_policy and source.old_samples else "default"):
                 traj, images = sample_share(
                     accelerator, family, sampler, prompts, seeds, cfg, r, source.keep_predictions, cfg_scale, window
                 )

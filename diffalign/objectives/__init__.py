@@ -6,6 +6,7 @@ False) and `label` (B,) = P(w preferred). It returns a per-pair loss (B,) and a 
 sees the model, the config or the accelerator.
 """
 
+from diffalign.objectives.awm import AWM
 from diffalign.objectives.d3po import D3PO
 from diffalign.objectives.dpo import DiffusionDPO
 from diffalign.objectives.dro import DiffusionDRO
@@ -32,4 +33,5 @@ OBJECTIVES = {
     "grpo_guard": GRPOGuard,
     "flow_dppo": FlowDPPO,
     "nft": DiffusionNFT,
+    "awm": AWM,
 }

@@ -5,6 +5,7 @@ far (NVlabs/DiffusionNFT `return_decay`):
 
     θ_old ← d θ_old + (1 − d) θ,    linear (type 1, default): d = min(0.001 step, 0.5)
                                     delayed (type 2, OCR): d = 0 for step < 75, then min(0.0075 (step − 75), 0.999)
+                                    awm (AWM's KL-EMA, kl_ema_decay 0.3 linear): d = min(0.001 step, 0.3)
 
 d = 0 is fully on-policy (old = θ); a larger d keeps the sampler and the v_old of the loss behind θ, which the
 authors found more stable (DiffusionNFT issue #30).
@@ -21,11 +22,15 @@ def linear_decay(step: int) -> float:
     return min(0.001 * step, 0.5)
 
 
+def awm_decay(step: int) -> float:
+    return min(0.001 * step, 0.3)
+
+
 def delayed_decay(step: int) -> float:
     return 0.0 if step < 75 else min(0.0075 * (step - 75), 0.999)
 
 
-OLD_DECAY = {"linear": linear_decay, "delayed": delayed_decay}
+OLD_DECAY = {"linear": linear_decay, "delayed": delayed_decay, "awm": awm_decay}
 
 
 @torch.no_grad()

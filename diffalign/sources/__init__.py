@@ -9,6 +9,7 @@
     policy_steps  online   {"round", "step", "rows": (B,), "k"}           PolicySteps: log-probs, advantages (GRPO)
     old_policy_steps  online, as policy_steps      OldPolicySteps: + the sampler's step mean and std (GRPO-Guard, Flow-DPPO)
     nft           online   {"round", "step", "rows": (N,)} sample rows    Predictions: v_θ, v_old, v_ref, target
+    awm           online, as nft, but the trained policy samples the rounds (the old adapter only anchors a KL)
 
 ("step" is the optimizer step within the round, "k" a stored trajectory step.) With `online.kl_weight` > 0 the
 round_pairs, round_sets, trajectory and experts sources also measure the KL to the reference at their x_t
@@ -25,6 +26,7 @@ Adding a method that learns from something new: its objective file, one source f
 from __future__ import annotations
 
 from diffalign.errors import DiffalignError
+from diffalign.sources.awm import AWMSource
 from diffalign.sources.base import Round, Source, fits
 from diffalign.sources.experts import Experts
 from diffalign.sources.nft import NFT
@@ -46,6 +48,7 @@ SOURCES: dict[str, type[Source]] = {
     "policy_steps": PolicyStepsSource,
     "old_policy_steps": OldPolicyStepsSource,
     "nft": NFT,
+    "awm": AWMSource,
 }
 
 

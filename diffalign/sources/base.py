@@ -130,7 +130,8 @@ class Source:
     rules: ClassVar[dict | None] = None  # pairing.split's options; None: the source has no split
     experts: ClassVar[bool] = False  # prompts are the captions of expert images (Diffusion-DRO), not sampling.prompts
     keep_predictions: ClassVar[bool] = False  # the sampler keeps its predictions (DRO's snapshot targets)
-    old_policy: ClassVar[bool] = False  # an EMA "old" adapter samples the rounds (DiffusionNFT)
+    old_policy: ClassVar[bool] = False  # an EMA "old" adapter, updated after each round (DiffusionNFT, AWM)
+    old_samples: ClassVar[bool] = True  # with old_policy: it samples the rounds (NFT); False: the trained one (AWM)
 
     def check(self, cfg) -> None:
         """Config checks (cfg: the whole OnlineConfig), once at load and again once guidance is resolved."""

@@ -25,11 +25,11 @@ class NFT(Source):
     def check(self, cfg) -> None:
         if cfg.sampling.images_per_prompt < 2:
             raise DiffalignError(
-                "sampling.images_per_prompt must be >= 2 for nft (advantages are relative to the group)"
+                f"sampling.images_per_prompt must be >= 2 for {self.name} (advantages are relative to the group)"
             )
         if cfg.sampling.shared_noise and cfg.sampling.eta == 0:
             raise DiffalignError(
-                "sampling.shared_noise must be false for nft with eta 0: a deterministic sampler would give every "
+                f"sampling.shared_noise must be false for {self.name} with eta 0: a deterministic sampler would give every "
                 "image of a group the same x_T and so the same image"
             )
 
