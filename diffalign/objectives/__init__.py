@@ -7,6 +7,7 @@ sees the model, the config or the accelerator.
 """
 
 from diffalign.objectives.d3po import D3PO
+from diffalign.objectives.dgpo import DGPO
 from diffalign.objectives.dpo import DiffusionDPO
 from diffalign.objectives.dro import DiffusionDRO
 from diffalign.objectives.flow_dppo import FlowDPPO
@@ -32,4 +33,5 @@ OBJECTIVES = {
     "grpo_guard": GRPOGuard,
     "flow_dppo": FlowDPPO,
     "nft": DiffusionNFT,
+    "dgpo": DGPO,
 }
