@@ -51,6 +51,7 @@ SLOW = {
     "sd3_nft",  # 80 s measured on a loaded box: 48 images (groups of 24), 18 accumulation micro-steps
     "toy_nft",  # toy NFT configs: 12 s each on a loaded box
     "toy_flow_nft",
+    "toy_flow_dgpo",  # on-line sampling and scoring, as toy_flow_nft
 }  # top-level stems
 
 
