@@ -52,6 +52,7 @@ SLOW = {
     "toy_nft",  # toy NFT configs: 12 s each on a loaded box
     "toy_flow_nft",
     "toy_flow_awm",  # as toy_flow_nft
+    "toy_flow_dgpo",  # on-line sampling and scoring, as toy_flow_nft
 }  # top-level stems
 
 

@@ -8,6 +8,7 @@ sees the model, the config or the accelerator.
 
 from diffalign.objectives.awm import AWM
 from diffalign.objectives.d3po import D3PO
+from diffalign.objectives.dgpo import DGPO
 from diffalign.objectives.dpo import DiffusionDPO
 from diffalign.objectives.dro import DiffusionDRO
 from diffalign.objectives.flow_dppo import FlowDPPO
@@ -34,4 +35,5 @@ OBJECTIVES = {
     "flow_dppo": FlowDPPO,
     "nft": DiffusionNFT,
     "awm": AWM,
+    "dgpo": DGPO,
 }

@@ -4,6 +4,7 @@
     pairs         train    collated preference pairs (diffalign.data)      ErrorInputs at x_t of objective.xt_source
     round_pairs   online   {"round", "step", "rows": (B,)} pair rows       ErrorInputs at forward-noised generated x0
     round_sets    online   {"round", "step", "rows": (M,)} set rows        ErrorInputs (+ desirable, z) per sample
+    round_groups  online   {"round", "step", "rows": (B,)} prompt groups   GroupErrors: errors of B·G, advantages (DGPO)
     trajectory    online   {"round", "step", "rows": (B,), "k"}           StepLogProbs of both chains (D3PO)
     experts       online   {"round", "step", "rows": (B,), "k"}           ErrorInputs of [expert; policy] (DRO)
     policy_steps  online   {"round", "step", "rows": (B,), "k"}           PolicySteps: log-probs, advantages (GRPO)
@@ -12,8 +13,8 @@
     awm           online, as nft, but the trained policy samples the rounds (the old adapter only anchors a KL)
 
 ("step" is the optimizer step within the round, "k" a stored trajectory step.) With `online.kl_weight` > 0 the
-round_pairs, round_sets, trajectory and experts sources also measure the KL to the reference at their x_t
-(`Inputs.kl`), which the step adds to the loss.
+round_pairs, round_sets, round_groups, trajectory and experts sources also measure the KL to the reference at their
+x_t (`Inputs.kl`), which the step adds to the loss.
 
 An objective lists the sources it can learn from (`sources`); a program takes the first one that belongs to it.
 Every random draw of a row (t, eps, inversion noise) comes from a generator keyed on (seed, epoch, pair index)
@@ -33,6 +34,7 @@ from diffalign.sources.nft import NFT
 from diffalign.sources.old_policy_steps import OldPolicyStepsSource
 from diffalign.sources.pairs import Pairs
 from diffalign.sources.policy_steps import PolicyStepsSource
+from diffalign.sources.round_groups import RoundGroups
 from diffalign.sources.round_pairs import RoundPairs
 from diffalign.sources.round_sets import RoundSets
 from diffalign.sources.trajectory import TrajectorySteps
@@ -43,6 +45,7 @@ SOURCES: dict[str, type[Source]] = {
     "pairs": Pairs,
     "round_pairs": RoundPairs,
     "round_sets": RoundSets,
+    "round_groups": RoundGroups,
     "trajectory": TrajectorySteps,
     "experts": Experts,
     "policy_steps": PolicyStepsSource,

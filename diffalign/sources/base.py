@@ -67,6 +67,15 @@ class ErrorInputs(Inputs):
 
 
 @dataclass
+class GroupErrors(Inputs):
+    """Denoising errors of whole groups of a round's samples, group by group, with their advantages (DGPO)."""
+
+    err: torch.Tensor  # (B·G,) policy, with grad
+    ref_err: torch.Tensor  # (B·G,) reference, no grad
+    advantages: torch.Tensor  # (B, G) group-relative
+
+
+@dataclass
 class StepLogProbs(Inputs):
     """Per-step log-probs of both chains of each pair at a stored trajectory step (D3PO)."""
 
