@@ -80,7 +80,8 @@ def test_matches_the_official_loss_and_gradient(power, beta):
     x0, eps = torch.randn(6, 4, 4, 4, generator=g), torch.randn(6, 4, 4, 4, generator=g)
     sigma = torch.rand(6, generator=g) * 0.9 + 0.05
     pred = (eps - x0 + 0.5 * torch.randn(6, 4, 4, 4, generator=g)).requires_grad_(True)
-    ref, old = pred.detach() + 0.1 * torch.randn_like(pred), pred.detach() + 0.05 * torch.randn_like(pred)
+    ref = pred.detach() + 0.1 * torch.randn(pred.shape, generator=g)  # every draw seeded: the test is repeatable
+    old = pred.detach() + 0.05 * torch.randn(pred.shape, generator=g)
     adv = torch.randn(6, generator=g) * 4
     cfg = dict(ghuber_power=power, adv_clip_max=5, advantage_max=1, clip_range=1, beta=beta, ema_beta=1)
     official = _official(pred, ref, old, eps, x0, sigma, adv, cfg)
@@ -88,7 +89,7 @@ def test_matches_the_official_loss_and_gradient(power, beta):
     loss, _ = AWM(ghuber_power=power, kl_weight=beta)(pred, old, ref, eps - x0, sigma, adv)
     (grad,) = torch.autograd.grad(loss.mean(), pred)
     assert loss.mean().item() == pytest.approx(official.item(), rel=1e-6)
-    torch.testing.assert_close(grad, grad_official.float(), rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(grad, grad_official.float(), rtol=1e-5, atol=1e-7)  # float32 rounding
 
 
 def test_zero_advantage_gives_no_policy_gradient_and_the_sign_sets_the_direction():
