@@ -483,3 +483,56 @@ def test_online_toy_round_through_the_reward_server(tmp_path, monkeypatch):
     assert code == 0 and served.calls >= 1 and sum(served.sizes[:1]) == 4  # the round's 2 x 2 images
     row = json.loads((tmp_path / "run" / "rounds.jsonl").read_text().splitlines()[0])
     assert row["reward"] == pytest.approx(float(served.returned[0].mean()), abs=1e-5)
+
+
+class SleepyToy:
+    """toy_aesthetic that sleeps `seconds_per_image` per image first: a reward of known latency (a judge thinking)."""
+
+    def __init__(self, seconds_per_image: float):
+        self.seconds_per_image, self.scorer = seconds_per_image, load_scorer("toy_aesthetic")
+
+    @classmethod
+    def load(cls, seconds_per_image: float = 0.2) -> SleepyToy:
+        return cls(seconds_per_image)
+
+    def __call__(self, images, prompts):
+        time.sleep(self.seconds_per_image * len(images))
+        return self.scorer(images, prompts)
+
+
+@pytest.mark.slow  # two runs of 3 rounds each, x2: ~60 s; in CI's serial step (it measures time)
+@pytest.mark.parametrize("where", ["local", "remote"])
+def test_online_overlapped_scoring_is_faster_and_gives_the_same_lora(tmp_path, monkeypatch, where):
+    """A scorer that sleeps 0.3 s per image (2.4 s per round of 8, about the sampling time on a quiet CPU): scoring
+    chunks of 2 while the next ones are sampled hides most of the sleep (a thread for a local scorer, concurrent
+    requests to the server for a remote one), and the rewards, round log and LoRA equal those of scoring after the
+    round."""
+    from diffalign.pipelines.online import run
+    from safetensors.torch import load_file
+
+    from diffalign.rewards import SCORERS
+
+    monkeypatch.chdir(REPO)
+    (tmp_path / "prompts.txt").write_text("a photo of a cat\nred dog\nblue bird\n")
+    args = ["model.path=assets/tiny/sd15", "lora.rank=4", "lora.alpha=4", f"sampling.prompts={tmp_path / 'prompts.txt'}",
+            "sampling.prompts_per_round=4", "sampling.images_per_prompt=2", "sampling.sample_batch=2",
+            "sampling.steps=16", "sampling.guidance=2.0", "train.steps_per_round=1", "train.batch_size=2",
+            "reward.monitor=[]", "online.rounds=3", "eval.prompts=", "train.tensorboard=false"]  # fmt: skip
+    sleep = 0.3 * 8 * 2  # seconds of scoring in rounds 2 and 3 (round 1 of the first run also pays the warm-up)
+    with Serving(SleepyToy(0.3), max_batch=2) as s:
+        if where == "local":
+            monkeypatch.setitem(SCORERS, "sleepy_toy", f"{__name__}:SleepyToy")
+            args += ["reward.scorer=sleepy_toy", "reward.args={seconds_per_image: 0.3}"]
+        else:
+            args += ["reward.scorer=remote", f"reward.args={{endpoint: '{s.url}', timeout: 30, batch_size: 2}}"]
+        rows = {}
+        for overlap in ("true", "false"):  # overlapped first: any warm-up cost counts against it
+            run(None, [*args, f"reward.overlap={overlap}", f"train.output_dir={tmp_path / overlap}"])
+            rows[overlap] = [json.loads(x) for x in (tmp_path / overlap / "rounds.jsonl").read_text().splitlines()]
+    seconds = {k: [r.pop("round_seconds") for r in v] for k, v in rows.items()}
+    seconds = {k: sum(v[1:]) for k, v in seconds.items()}  # rounds 2 and 3
+    assert rows["true"] == rows["false"]  # the same rewards, losses, metrics
+    a = load_file(str(tmp_path / "false" / "lora" / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(tmp_path / "true" / "lora" / "pytorch_lora_weights.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert seconds["true"] < seconds["false"] - 0.4 * sleep, seconds  # at least 40% of the sleep hidden
