@@ -3,8 +3,8 @@
     python benchmarks/reward_server.py                         # clients 1, 2, 4, 8; on-line rounds
     python benchmarks/reward_server.py --clients 1,8 --seconds 5 --skip-online
 
-(1) Throughput: C concurrent clients (threads of this process, each the `remote` scorer with its own connections)
-send requests of `--images` toy images (64 px PNG) for `--seconds` each, to a server in a process of its own:
+(1) Throughput: C concurrent clients (threads of this process, each sending its own request of `--images` toy
+images, 64 px PNG, again as soon as its answer is in) for `--seconds` each, to a server in a process of its own:
   old: the server as it was before issue 32 (kept below, not a product feature): Python's http.server, one
        request at a time, each request scored alone;
   new: `diffalign serve-reward` (pipelines/serve_reward.py): uvicorn + starlette, requests that arrive within
@@ -24,6 +24,7 @@ The machine is recorded next to the numbers (bench_io.machine: cores, 1-min load
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import signal
@@ -36,6 +37,7 @@ import time
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
+from urllib.parse import urlsplit
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -52,6 +54,7 @@ from diffalign.pipelines.serve_reward import BadRequest, make_server, parse_requ
 
 from diffalign.config import ServeRewardConfig  # noqa: E402
 from diffalign.rewards import SCORERS, load_scorer  # noqa: E402
+from diffalign.rewards.remote import encode_png  # noqa: E402
 from diffalign.toy import shapes  # noqa: E402
 
 
@@ -129,19 +132,35 @@ def serving(kind: str, args):
 
 
 def load_test(url: str, clients: int, seconds: float, images: int) -> dict:
-    """`clients` threads send requests of `images` images for `seconds` -> images/s, p50 / p99 latency (ms)."""
-    data = [shapes.render_batch(np.random.default_rng(k), images) for k in range(clients)]
-    data = [([shapes.to_pil(im) for im in ims], caps) for ims, caps in data]
+    """`clients` threads send requests of `images` images for `seconds` -> images/s, p50 / p99 latency (ms).
+
+    Each client is a load generator: its request body is encoded once and sent again as soon as its answer is in,
+    over a kept-alive connection where the server keeps it (the old server closes each one), so what is measured is
+    the server, not the clients' PNG encoding (the `remote` client itself runs in the on-line rows)."""
+    host, port = urlsplit(url).hostname, urlsplit(url).port
+    bodies = []
+    for k in range(clients):
+        pixels, captions = shapes.render_batch(np.random.default_rng(k), images)
+        pils = [shapes.to_pil(im) for im in pixels]
+        bodies.append(json.dumps({"prompts": captions, "images": [encode_png(im) for im in pils]}).encode())
     latencies, errors = [], []
     start = time.perf_counter()
     stop = start + seconds
 
     def client(k):
-        remote = load_scorer("remote", endpoint=url, batch_size=images, retries=0, timeout=60)
+        conn = None
         while time.perf_counter() < stop:
             t0 = time.perf_counter()
             try:
-                remote(*data[k])
+                conn = conn or http.client.HTTPConnection(host, port, timeout=60)
+                conn.request("POST", "/score", body=bodies[k], headers={"Content-Type": "application/json"})
+                answer = conn.getresponse()
+                scores = json.loads(answer.read()).get("scores")
+                if answer.status != 200 or len(scores) != images:
+                    raise RuntimeError(f"HTTP {answer.status}")
+                if answer.will_close:
+                    conn.close()
+                    conn = None
             except Exception as err:  # counted, reported
                 errors.append(str(err))
                 return
