@@ -190,7 +190,7 @@ def test_a_stalled_client_does_not_delay_another():
     """One client sends its headers (Content-Length 100) and then nothing, another only half a head: a third
     client's answer comes at once; the first gets 408 after read_timeout, the second is cut off."""
     images, captions = _toy_images(2)
-    read_timeout = 2.0
+    read_timeout = 3.0
     with Serving(load_scorer("toy_aesthetic"), read_timeout=read_timeout) as s:
         host, port = urlsplit(s.url).hostname, urlsplit(s.url).port
         body_stall = socket.create_connection((host, port), timeout=10)
@@ -536,3 +536,36 @@ def test_online_overlapped_scoring_is_faster_and_gives_the_same_lora(tmp_path, m
     b = load_file(str(tmp_path / "true" / "lora" / "pytorch_lora_weights.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert seconds["true"] < seconds["false"] - 0.4 * sleep, seconds  # at least 40% of the sleep hidden
+
+
+def test_set_level_scorers_are_never_split_or_merged():
+    """A set-level scorer's score depends on the other images of its call: the server scores each request alone,
+    and on-line rounds score the whole round (no ChunkScorer)."""
+    from diffalign.config import OnlineConfig
+    from diffalign.online.rounds import chunk_scorer
+    from diffalign.rewards import scores_each_image
+
+    assert scores_each_image("toy_aesthetic") and scores_each_image("remote")
+    assert not scores_each_image("vendi") and not scores_each_image("fd_exemplar")
+    toy = {"toy_aesthetic": {"weight": 1.0}}
+    assert scores_each_image("multi", {"components": toy})
+    assert not scores_each_image("multi", {"components": toy, "normalize": "group"})
+    assert not scores_each_image("multi", {"components": {"vendi": {"weight": 1.0}}})
+
+    cfg = OnlineConfig()
+    assert chunk_scorer(cfg, load_scorer("toy_aesthetic")) is not None
+    cfg.reward.scorer = "vendi"
+    assert chunk_scorer(cfg, load_scorer("toy_aesthetic")) is None
+    cfg.reward.scorer, cfg.reward.overlap = "toy_aesthetic", False
+    assert chunk_scorer(cfg, load_scorer("toy_aesthetic")) is None
+
+    served = Counting(load_scorer("toy_aesthetic"))  # served under a set-level name: no merging
+    sets = [_toy_images(2, seed=k) for k in range(2)]
+    with Serving(served, "vendi", max_batch=4, max_wait_ms=10_000) as s:
+        threads = [threading.Thread(target=_request, args=(s.url, "POST", _body(*sets[k]))) for k in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+        assert s.health()["max_batch"] is None
+    assert served.sizes == [2, 2]
