@@ -426,6 +426,9 @@ class RewardConfig:
     """Images in the toy_vivid exemplar set."""
     monitor: Annotated[list[str], SCORER] = field(default_factory=lambda: ["toy_fidelity"])
     """Extra scorers logged per round (not trained on): the reward-hacking check."""
+    overlap: bool = True
+    """Score each sampled chunk (sampling.sample_batch images) while the next is sampled; set-level scorers
+    (distributional, multi with normalize) always score the whole round after it."""
 
 
 @dataclass
@@ -527,13 +530,25 @@ class ServeRewardConfig:
     scorer_args: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments of its `load` ({model: PATH, device: cuda})."""
     host: str = "127.0.0.1"
-    """Interface to listen on (0.0.0.0 = every interface; the server has no authentication)."""
+    """Interface to listen on (0.0.0.0 = every interface: set a token, DIFFALIGN_REWARD_TOKEN or token_file)."""
     port: Annotated[int, Range(ge=0, le=65535)] = 8765
     """TCP port (0 = any free port, printed at start)."""
     max_images: Annotated[int, AT_LEAST_1] = 256
     """Most images one request may carry."""
     max_request_mb: Annotated[float, POSITIVE] = 512.0
     """Largest request body, in MiB."""
+    max_batch: Annotated[int, AT_LEAST_1] = 64
+    """Most images of several requests scored in one scorer call (a larger request is scored alone)."""
+    max_wait_ms: Annotated[float, NON_NEGATIVE] = 10.0
+    """How long the first waiting request waits for others to join its batch, in milliseconds."""
+    max_queue: Annotated[int, AT_LEAST_1] = 64
+    """Requests that may wait to be scored; more answer 503 with Retry-After."""
+    read_timeout: Annotated[float, POSITIVE] = 30.0
+    """Seconds a client may take to send a request's headers, and at most between two pieces of its body (408)."""
+    token_file: str = ""
+    """File holding the token clients must send (Authorization: Bearer); "" = DIFFALIGN_REWARD_TOKEN, if set."""
+    shutdown_timeout: Annotated[float, POSITIVE] = 60.0
+    """On SIGTERM / Ctrl-C: seconds to finish the requests in flight (new ones are refused) before stopping."""
 
 
 def load_config(cls: type, path=None, overrides: list[str] | None = None):

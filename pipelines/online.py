@@ -16,7 +16,8 @@ from the experts' own captions, at stored steps; the snapshot = the policy that 
 every round, which samples the rounds). The sampler comes from diffalign.sampling by the family's prediction type.
 
 Several processes (`accelerate launch`): each samples its share of the round (diffalign.online.rounds), the round is
-gathered, the main process scores it and broadcasts the rewards, so pairing and splitting see whole groups; each
+gathered chunk by chunk, the main process scores it (each chunk while the next is sampled, `reward.overlap`) and
+broadcasts the rewards, so pairing and splitting see whole groups; each
 optimizer step draws one global set of rows (keyed on seed, round, step) and process r trains on its r-th share,
 DDP averages the gradients, so the LoRA is the same on every process and equals a one-process run with the whole
 batch. Exact resume: a round's draws are all keyed on (seed, round, step, row); the checkpoint after each round holds
@@ -62,6 +63,7 @@ from diffalign.online.old_policy import OLD_ADAPTER, OLD_DECAY, update_old
 from diffalign.online.pairing import read_labels
 from diffalign.online.rounds import (
     build_reward,
+    chunk_scorer,
     eval_fd,
     plan_round,
     read_train_prompts,
@@ -108,6 +110,7 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
     # ---- reward, prompts, labels, experts ---------------------------------------------------------------------
     scorer = build_reward(cfg) if main else None  # the main process scores every round
     monitors = {m: load_scorer(m) for m in cfg.reward.monitor} if main else {}
+    chunks = chunk_scorer(cfg, scorer)  # reward.overlap: chunks scored in threads while the next are sampled
     labels = read_labels(cfg.pairing.labels_file) if cfg.pairing.labels_file else None
     experts = None
     if source.experts:
@@ -145,9 +148,10 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
                 window = random_window(sc.sde_window_size, window_span, keyed_generator(tc.seed, r, WINDOW_STREAM))
             with adapter_mode(run.denoiser, OLD_ADAPTER if source.old_policy and source.old_samples else "default"):
                 traj, images = sample_share(
-                    accelerator, family, sampler, prompts, seeds, cfg, r, source.keep_predictions, cfg_scale, window
-                )
-            rewards, monitored = score_round(accelerator, scorer, monitors, images, prompts)
+                    accelerator, family, sampler, prompts, seeds, cfg, r, source.keep_predictions, cfg_scale, window,
+                    on_chunk=chunks.submit if chunks else None,
+                )  # fmt: skip
+            rewards, monitored = score_round(accelerator, scorer, monitors, images, prompts, chunks)
             by_group = rewards.view(sc.prompts_per_round, g)  # (N,) -> (P, G)
             first, second = source.rows(by_group, cfg, labels, r, pool_index)
             text = EncodedPrompts.encode(family, prompts, with_uncond=traj.guidance > 1)  # once, for every step
@@ -212,6 +216,8 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
             if run.stopping() and r + 1 < oc.rounds:
                 run.exit_stopped(r + 1)
     finally:
+        if chunks:
+            chunks.close()
         run.close_loop()
 
     # ---- outputs ----------------------------------------------------------------------------------------------

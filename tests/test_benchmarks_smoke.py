@@ -90,3 +90,16 @@ def test_toy_alignment_online_rows_with_curves(tmp_path):
     points = [json.loads(x) for x in (tmp_path / "dragon_flow" / "curves.jsonl").read_text().splitlines()]
     assert [p["step"] for p in points] == [0, 1, 2] and points[1]["images"] == 8  # eval.max_prompts 2 x 4 seeds
     assert "first held-out win rate >= 90%" in done.stdout
+
+
+@pytest.mark.slow  # the old and the new server as subprocesses, then 4 tiny on-line runs: ~60 s
+def test_reward_server_tiny(tmp_path):
+    out = tmp_path / "reward_server.json"
+    _run("reward_server.py", "--clients", "2", "--seconds", "1", "--rounds", "2", "--steps", "2", "--online-ms", "20",
+         "--json", str(out))  # fmt: skip
+    result = json.loads(out.read_text())
+    assert set(result["load"]) == {"2"}
+    for row in result["load"].values():
+        for kind in ("old", "new"):
+            assert row[kind]["requests"] > 0 and row[kind]["images_per_s"] > 0 and not row[kind]["errors"]
+    assert result["online"]["same_rewards"] and len(result["online"]["rows"]) == 4

@@ -40,6 +40,22 @@ SCORERS: dict[str, str] = {
     "toy_area": "diffalign.rewards.imagestats:ToyArea",
 }
 
+# Scorers whose score of one image depends on the other images of the call (a set statistic): a call is never
+# split into chunks or merged with another (on-line overlap, the reward server's batching).
+SET_LEVEL = frozenset({"fd_exemplar", "loglik_exemplar", "cmmd_exemplar", "vendi"})
+# Scorers that hold no model and may be called from several threads at once (their calls wait on a server).
+CONCURRENT = frozenset({"remote"})
+
+
+def scores_each_image(name: str, args: dict | None = None) -> bool:
+    """Whether scorer `name` loaded with `args` scores every image on its own, so that its calls may be split or
+    merged without changing a score. `multi` does when it does not normalise and each of its components does."""
+    args = args or {}
+    if name == "multi":
+        parts = args.get("components") or {}
+        return args.get("normalize", "none") == "none" and all(scores_each_image(n, o) for n, o in parts.items())
+    return name not in SET_LEVEL
+
 
 def scorer_class(name: str) -> type:
     if name not in SCORERS:
