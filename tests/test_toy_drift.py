@@ -111,7 +111,9 @@ def test_prompt_errors_by_hand_on_other_prompts_and_no_shape():
     """Against "large": |4.5 - 8.5| = 4 px; against "bottom right" (22.5, 22.5) from (10, 9.5): hypot(12.5, 13) =
     18.035 px; against "blue" (240 degrees): 120 degrees the short way round. A blank image: 16 px, 4.5 px, 180."""
     x = tensor(shapes.render(SCENE))
-    assert float(load_scorer("toy_size_error")(x, ["a large red circle at the top left"])) == pytest.approx(4.0, abs=0.02)
+    assert float(load_scorer("toy_size_error")(x, ["a large red circle at the top left"])) == pytest.approx(
+        4.0, abs=0.02
+    )
     pos = float(load_scorer("toy_position_error")(x, ["a small red circle at the bottom right"]))
     assert pos == pytest.approx(math.hypot(12.5, 13.0), abs=1e-3)
     assert float(load_scorer("toy_colour_error")(x, ["a small blue circle"])) == pytest.approx(120.0, abs=1e-3)
@@ -141,3 +143,18 @@ def test_base_relative_scorers_are_registered_and_take_the_base():
     for name in SCORERS:
         params = inspect.signature(scorer_class(name).__call__).parameters
         assert ("base_images" in params) == (name in BASE_RELATIVE), name
+
+
+@pytest.mark.parametrize(
+    "cls, key",
+    [("OnlineConfig", "reward.scorer"), ("OnlineConfig", "reward.monitor"), ("RunConfig", "data.label_scorer")],
+)
+def test_where_no_base_image_exists_a_base_relative_scorer_is_refused_at_load(cls, key):
+    """A round's samples and a preference pair have no base image on the same seed: one config error naming the key."""
+    from diffalign import config
+
+    value = "[toy_outline_change]" if key == "reward.monitor" else "toy_outline_change"
+    with pytest.raises(config.ConfigError, match=key.replace(".", r"\.")):
+        config.load_config(getattr(config, cls), None, [f"{key}={value}"])
+    drift = config.load_config(config.RunConfig, None, ["eval.scorers=[toy_aesthetic,toy_outline_change]"])
+    assert drift.eval.drift == ["auto"]  # the end-of-run report has the base images: accepted there
