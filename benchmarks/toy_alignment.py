@@ -2,7 +2,9 @@
 
 For each objective in the registry: `diffalign train` in its own process (so peak memory is per run) with the
 objective's toy-scaled settings below, then base vs aligned on the held-out prompts with the same seeds:
-reward win rate with a Wilson 95% CI, mean reward change, prompt-fidelity change, train wall time, time per step,
+reward win rate with a Wilson 95% CI, mean reward change, prompt-fidelity change, the drift from the base on the same
+seeds (DRIFT_COLUMNS: the shape's move from its anchor and its size change in pixels, the background's colour cast and
+texture change in levels of 255, the outline's 1 - IoU; diffalign.rewards.toy_drift), train wall time, time per step,
 peak RSS, CPU seconds of the whole child (training, sampling, evaluation). Prints a table and writes results.json +
 results.png.
 
@@ -80,6 +82,16 @@ ONLINE: dict[str, list[str]] = {
     "dragon_flow": ["configs/toy_dragon.yaml", *FLOW],
     "dro_flow": ["configs/toy_dro.yaml", *FLOW],
 }
+# drift columns: (header, scorer in the report's drift block, statistic): "change" = aligned - base mean (the prompt
+# errors), "aligned" = the aligned mean (base-relative scorers, 0 at the base)
+DRIFT_COLUMNS = (
+    ("Δpos px", "toy_position_error", "mean_delta"),
+    ("Δsize px", "toy_size_error", "mean_delta"),
+    ("Δhue°", "toy_colour_error", "mean_delta"),
+    ("bg/255", "toy_background_shift", "mean_new"),
+    ("Δtex/255", "toy_background_texture", "mean_new"),
+    ("outline", "toy_outline_change", "mean_new"),
+)
 # --curves: a held-out point every round (16 prompts x 4 seeds, win rate against the base on the same seeds), and
 # the sampling + training time to the first point at or above a 90% win rate (curve points are not counted).
 CURVES = ["train.validate_every=1", "eval.curve_seeds=4"]
@@ -144,6 +156,7 @@ def run_one(name: str, out: Path, extra: list[str], curves: bool = False) -> dic
         "cpu_seconds": usage.ru_utime + usage.ru_stime,  # the whole child: training, sampling and evaluation
         "total_seconds": time.time() - start,
         "comparisons": reward.get("n"),
+        "drift": {name: report["drift"][name][stat] for _, name, stat in DRIFT_COLUMNS},
     }
     if curves and name in ONLINE:
         row["to_90_round"], row["to_90_seconds"] = time_to_win(run_dir)
@@ -159,15 +172,18 @@ def run_one(name: str, out: Path, extra: list[str], curves: bool = False) -> dic
 def format_table(rows: list[dict]) -> str:
     head = (
         f"{'objective':<10}{'steps':>6}{'win rate [95% CI]':>24}{'reward':>16}{'Δreward':>9}"
-        f"{'fidelity':>15}{'Δfid pts':>9}{'train s':>9}{'s/step':>8}{'RSS GB':>8}{'CPU s':>7}"
+        f"{'fidelity':>15}{'Δfid pts':>9}{''.join(f'{h:>9}' for h, _, _ in DRIFT_COLUMNS)}"
+        f"{'train s':>9}{'s/step':>8}{'RSS GB':>8}{'CPU s':>7}"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
+        drift = "".join(f"{r['drift'][name]:>+9.2f}" for _, name, _ in DRIFT_COLUMNS)
         lines.append(
             f"{r['objective']:<10}{r['steps']:>6}"
             f"{100 * r['win_rate']:>9.1f}% [{100 * r['ci'][0]:4.1f}, {100 * r['ci'][1]:5.1f}]"
             f"{r['reward_base']:>8.2f}→{r['reward_aligned']:<6.2f}{r['reward_change']:>+9.2f}"
             f"{r['fidelity_base']:>7.3f}→{r['fidelity_aligned']:<6.3f}{r['fidelity_change_points']:>+9.1f}"
+            f"{drift}"
             f"{r['train_seconds']:>9.0f}{r['seconds_per_step']:>8.2f}{r['peak_rss_gb']:>8.2f}"
             f"{r.get('cpu_seconds', float('nan')):>7.0f}"
         )
@@ -181,7 +197,7 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = [r["objective"] for r in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    fig, axes = plt.subplots(1, 5, figsize=(20, 3.4))
     win = [100 * r["win_rate"] for r in rows]
     err = [[100 * (r["win_rate"] - r["ci"][0]) for r in rows], [100 * (r["ci"][1] - r["win_rate"]) for r in rows]]
     axes[0].bar(names, win, yerr=err, capsize=4, color="#3b7dd8")
@@ -190,8 +206,12 @@ def plot(rows: list[dict], path: Path) -> None:
     axes[1].bar(names, [r["fidelity_change_points"] for r in rows], color="#d8823b")
     axes[1].axhline(-5, color="red", ls="--", lw=1)
     axes[1].set_title("prompt-fidelity change (points)")
-    axes[2].bar(names, [r["train_seconds"] for r in rows], color="#777777")
-    axes[2].set_title("train wall time (s)")
+    axes[2].bar(names, [r["drift"]["toy_background_shift"] for r in rows], color="#9b59b6")
+    axes[2].set_title("background cast vs base (/255)")
+    axes[3].bar(names, [r["drift"]["toy_position_error"] for r in rows], color="#2a9d4b")
+    axes[3].set_title("shape centre: Δ distance to anchor (px)")
+    axes[4].bar(names, [r["train_seconds"] for r in rows], color="#777777")
+    axes[4].set_title("train wall time (s)")
     for ax in axes:
         ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()
@@ -231,6 +251,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 f"round {r['to_90_round']}, {r['to_90_seconds']:.0f} s of sampling + training" if reached else "never"
             )
             print(f"{r['objective']}: first held-out win rate >= {100 * TARGET_WIN:.0f}%: {when}")
+    for r in rows:
+        if "guards_tripped" in r:  # which guarded rows the guards stopped, and which weights they kept
+            how = f"stopped by {r['guards_tripped'][0]}" if r["guards_tripped"] else "passed every check"
+            print(f"{r['objective']}: guards {how}; lora/ holds round {r['guards_kept_round']}")
     for r in rows:
         if "fd_base" in r:
             print(

@@ -19,7 +19,7 @@ from diffalign import schema
 from diffalign.checks import AT_LEAST_1, NON_EMPTY, NON_NEGATIVE, POSITIVE, PROBABILITY, OneOf, Range
 from diffalign.confighelp import describe
 from diffalign.objectives import OBJECTIVES
-from diffalign.rewards import SCORERS
+from diffalign.rewards import BASE_RELATIVE, SCORERS
 from diffalign.sampling import SAMPLERS
 from diffalign.schema import ConfigError, apply_overrides, from_dict, save_config, to_dict
 
@@ -35,6 +35,12 @@ FAMILY_NAMES = (
     "toy",
 )  # "auto" + diffalign.models.FAMILIES (a test keeps them equal)
 SCORER = OneOf(SCORERS)
+# where no base image is at hand (a round's samples, a preference pair, a served request): no BASE_RELATIVE scorer
+UNPAIRED = [name for name in SCORERS if name not in BASE_RELATIVE]
+UNPAIRED_SCORER = OneOf(*UNPAIRED)
+# drift next to the reward in a report: a scorer (base-relative or not), the set-level fd / cmmd to the base's own
+# images, or "auto": the toy drift scorers on toy-world prompts, else fd, cmmd, saturation, hf_energy (engine/drift.py)
+DRIFT = OneOf(*SCORERS, "fd", "cmmd", "auto")
 LR_SCHEDULES = OneOf(
     "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial", "piecewise_constant"
 )
@@ -105,7 +111,7 @@ class DataConfig:
     """Pairs (and unique captions) per cache shard: each process's unit of work, and what a killed build redoes."""
     num_workers: Annotated[int, NON_NEGATIVE] = 0
     """DataLoader workers."""
-    label_scorer: Annotated[str, OneOf(SCORERS, allow_empty=True)] = ""
+    label_scorer: Annotated[str, OneOf(*UNPAIRED, allow_empty=True)] = ""
     """Relabel every pair with this scorer (diffalign.rewards.SCORERS), scored once ("" = the dataset's labels)."""
     label_mode: Annotated[str, OneOf("argmax", "smpo")] = "argmax"
     """With label_scorer: "argmax" (AI feedback, Diffusion-DPO Sec. 5.4) or "smpo" (smoothed p for SmPO)."""
@@ -214,6 +220,12 @@ class EvalConfig:
     """Use at most this many prompts (0 = all)."""
     curve_seeds: Annotated[int, AT_LEAST_1] = 1
     """Learning curves (validate_every): seeds per prompt at each point, 16 prompts x this many images."""
+    drift: Annotated[list[str], DRIFT] = field(default_factory=lambda: ["auto"])
+    """Drift reported next to the reward, aligned vs the base's image on the same prompt and seed: scorers, fd / cmmd
+    (the set against the base's own images), or auto: the toy drift scorers on toy prompts, else fd, cmmd,
+    saturation, hf_energy; [] = none."""
+    drift_encoder: str = "pixels"
+    """Embedding of fd / cmmd drift: pixels (8x8 pooled), toy_stats or a CLIP model id/path."""
 
 
 @dataclass
@@ -259,7 +271,7 @@ class GuardsConfig:
     """Sampling steps of the guard images."""
     guidance: Annotated[float, NON_NEGATIVE] = 0.0
     """CFG scale (0 = the family's default)."""
-    reward: Annotated[str, OneOf(SCORERS, allow_empty=True)] = ""
+    reward: Annotated[str, OneOf(*UNPAIRED, allow_empty=True)] = ""
     """Scorer that ranks passing evaluations for the kept LoRA ("" = online.reward, or eval.scorers[0] for train)."""
     keep_best: bool = True
     """Save as lora/ the best passing evaluation by the reward (false: the last weights, unless a guard tripped)."""
@@ -324,6 +336,9 @@ class ScoreConfig:
     """Scorer names (diffalign.rewards.SCORERS)."""
     scorer_args: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments of each scorer's `load`, by scorer name: {clip_score: {model: PATH, device: cuda}}."""
+    base: str = ""
+    """The base model's images on the same prompts and seeds (folder with a manifest.jsonl, or the manifest), paired
+    by (prompt, seed): what the base-relative scorers (toy_background_shift, ...) measure against."""
     batch_size: Annotated[int, AT_LEAST_1] = 32
     """Images per scorer call (set-level scorers such as vendi score each batch as one set)."""
     output_dir: str = ""
@@ -346,6 +361,12 @@ class CompareConfig:
     """Images per scorer call."""
     grid_pairs: Annotated[int, AT_LEAST_1] = 8
     """Pairs on the side-by-side sheet (base | aligned): the largest changes of the first scorer, both ways."""
+    drift: Annotated[list[str], DRIFT] = field(default_factory=lambda: ["auto"])
+    """Drift reported next to the scores, aligned vs the base image of each pair: scorers, fd / cmmd (the set
+    against the base's images), or auto: the toy drift scorers on toy prompts, else fd, cmmd, saturation, hf_energy;
+    [] = none."""
+    drift_encoder: str = "pixels"
+    """Embedding of fd / cmmd drift: pixels (8x8 pooled), toy_stats or a CLIP model id/path."""
     output_dir: str = ""
     """Where report.json, report.png, pairs.png, pairs.jsonl and report.html go ("" = runs/compare-<time>)."""
 
@@ -416,7 +437,7 @@ class SamplingConfig:
 class RewardConfig:
     """How each round is scored, and what is only watched."""
 
-    scorer: Annotated[str, SCORER] = "toy_aesthetic"
+    scorer: Annotated[str, UNPAIRED_SCORER] = "toy_aesthetic"
     """Scorer (diffalign.rewards.SCORERS) that labels the round; distribution-level ones score the round as a set."""
     args: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments of the scorer's `load` (e.g. exemplars: PATH for fd_exemplar / loglik_exemplar)."""
@@ -424,7 +445,7 @@ class RewardConfig:
     """"toy_vivid": exemplar set of high-saturation toy renders scored with the toy colour-statistics encoder."""
     exemplar_count: Annotated[int, AT_LEAST_1] = 256
     """Images in the toy_vivid exemplar set."""
-    monitor: Annotated[list[str], SCORER] = field(default_factory=lambda: ["toy_fidelity"])
+    monitor: Annotated[list[str], UNPAIRED_SCORER] = field(default_factory=lambda: ["toy_fidelity"])
     """Extra scorers logged per round (not trained on): the reward-hacking check."""
     overlap: bool = True
     """Score each sampled chunk (sampling.sample_batch images) while the next is sampled; set-level scorers
@@ -462,7 +483,7 @@ class RoundsConfig:
     """DRO: preference source whose winners are the experts ("toy" = the toy parquet)."""
     max_experts: Annotated[int, AT_LEAST_1] = 500
     """DRO: use at most this many experts (official K = 500)."""
-    expert_scorer: Annotated[str, OneOf(SCORERS, allow_empty=True)] = ""
+    expert_scorer: Annotated[str, OneOf(*UNPAIRED, allow_empty=True)] = ""
     """DRO: "" = the preferred image of each pair; a scorer name = the max_experts best images of all pairs by it
     (official: top-K Pick-a-Pic images by PickScore or HPSv2)."""
 
@@ -525,7 +546,7 @@ class ExportConfig:
 class ServeRewardConfig:
     """Everything `diffalign serve-reward` reads."""
 
-    scorer: Annotated[str, SCORER] = ""
+    scorer: Annotated[str, UNPAIRED_SCORER] = ""
     """The scorer to serve (diffalign.rewards.SCORERS)."""
     scorer_args: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments of its `load` ({model: PATH, device: cuda})."""

@@ -9,7 +9,9 @@ metrics. This module automates that watch.
 A monitor is a function (images (N, 3, H, W) in [0, 1], prompts (N,), group G, base images (N, 3, H, W)) -> float,
 where the N images are P prompts x G seeds (flat index p * G + g) and the base images are the base model's on the
 same prompts and seeds. Kinds (MONITOR_KINDS):
-- scorer: the mean of any registered scorer (a gold reward: use one other than the training reward);
+- scorer: the mean of any registered scorer (a gold reward: use one other than the training reward); a base-relative
+  one (diffalign.rewards.BASE_RELATIVE: toy_background_shift, ...) measures each image against the base image on the
+  same prompt and seed, so its base value is 0 and `max_rise` bounds the drift itself;
 - vendi: diversity, the mean over prompts of the Vendi score (Friedman & Dieng 2023, exp of the entropy of the
   cosine-kernel eigenvalues, 1 ... G) of the G same-prompt samples;
 - fd / cmmd: drift, the Fréchet distance (Heusel et al. 2017) or CMMD (Jayasumana et al. 2024, scale 1000, RBF
@@ -29,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from diffalign.rewards import load_scorer
+from diffalign.rewards import load_scorer, score_against_base
 from diffalign.rewards.distributional import cmmd, frechet_distance, gaussian_stats, vendi_score
 from diffalign.rewards.toy import as_tensor
 
@@ -69,10 +71,12 @@ def load_encoder(name: str):
 # ---- monitor kinds --------------------------------------------------------------------------------------------
 
 
-def scorer_measure(scorer) -> Measure:
+def scorer_measure(name: str, scorer) -> Measure:
+    """The mean of scorer `name`; a base-relative one (diffalign.rewards.BASE_RELATIVE) against the base images."""
+
     def measure(images, prompts, group, base):
         with torch.no_grad():
-            return float(scorer(images, list(prompts)).float().mean())
+            return float(score_against_base(name, scorer, images, list(prompts), base).float().mean())
 
     return measure
 
@@ -88,31 +92,37 @@ def vendi_measure(encoder) -> Measure:
     return measure
 
 
-def fd_measure(encoder) -> Measure:
+def fd_between(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Fréchet distance between two embedding sets (N, D) and (M, D), float64."""
+    mu, cov = gaussian_stats(x.double().cpu())
+    mu0, cov0 = gaussian_stats(y.double().cpu())
+    return max(float(frechet_distance(mu, cov, mu0, cov0)), 0.0)  # tiny negatives are round-off
+
+
+def cmmd_between(x: torch.Tensor, y: torch.Tensor) -> float:
+    """CMMD (biased) between two embedding sets, each embedding normalised to unit length."""
+    x, y = x.float().cpu(), y.float().cpu()
+    return float(cmmd(x / x.norm(dim=-1, keepdim=True), y / y.norm(dim=-1, keepdim=True), unbiased=False))
+
+
+SET_MEASURES = {"fd": fd_between, "cmmd": cmmd_between}  # a set of images against the base's own images
+
+
+def set_measure(between, encoder) -> Measure:
     def measure(images, prompts, group, base):
-        mu, cov = gaussian_stats(encoder.embed_images(images).double().cpu())
-        mu0, cov0 = gaussian_stats(encoder.embed_images(base).double().cpu())
-        return max(float(frechet_distance(mu, cov, mu0, cov0)), 0.0)  # tiny negatives are round-off
-
-    return measure
-
-
-def cmmd_measure(encoder) -> Measure:
-    def measure(images, prompts, group, base):
-        x, y = encoder.embed_images(images).float().cpu(), encoder.embed_images(base).float().cpu()
-        return float(cmmd(x / x.norm(dim=-1, keepdim=True), y / y.norm(dim=-1, keepdim=True), unbiased=False))
+        return between(encoder.embed_images(images), encoder.embed_images(base))
 
     return measure
 
 
 MONITOR_KINDS: dict[str, Callable[..., Measure]] = {
-    "scorer": lambda scorer, scorer_args, encoder: scorer_measure(load_scorer(scorer, **scorer_args)),
+    "scorer": lambda scorer, scorer_args, encoder: scorer_measure(scorer, load_scorer(scorer, **scorer_args)),
     "vendi": lambda scorer, scorer_args, encoder: vendi_measure(load_encoder(encoder)),
-    "fd": lambda scorer, scorer_args, encoder: fd_measure(load_encoder(encoder)),
-    "cmmd": lambda scorer, scorer_args, encoder: cmmd_measure(load_encoder(encoder)),
-    "saturation": lambda scorer, scorer_args, encoder: scorer_measure(load_scorer("saturation")),
-    "hf_energy": lambda scorer, scorer_args, encoder: scorer_measure(load_scorer("hf_energy")),
-    "sharpness": lambda scorer, scorer_args, encoder: scorer_measure(load_scorer("sharpness")),
+    "fd": lambda scorer, scorer_args, encoder: set_measure(fd_between, load_encoder(encoder)),
+    "cmmd": lambda scorer, scorer_args, encoder: set_measure(cmmd_between, load_encoder(encoder)),
+    "saturation": lambda scorer, scorer_args, encoder: scorer_measure("saturation", load_scorer("saturation")),
+    "hf_energy": lambda scorer, scorer_args, encoder: scorer_measure("hf_energy", load_scorer("hf_energy")),
+    "sharpness": lambda scorer, scorer_args, encoder: scorer_measure("sharpness", load_scorer("sharpness")),
 }
 
 

@@ -3,10 +3,13 @@
 Both sides are `diffalign generate` outputs (or hand-written manifests); an image of one side is paired with the
 image of the other side that has the same (prompt, seed), so every pair shares its prompt and initial noise.
 Preference scores only compare within a prompt, so the statistics are per pair: win rate of aligned over base
-(ties half) with a Wilson 95% CI and mean delta with a bootstrap 95% CI (`diffalign.engine.evaluate.summarize`).
+(ties half) with a Wilson 95% CI and mean delta with a bootstrap 95% CI (`diffalign.rewards.compare.summarize`).
+Next to the scores, the drift of the aligned images from the base image of each pair (`drift`, default auto: the toy
+drift scorers on toy prompts, else FD / CMMD to the base's images, saturation and high-frequency energy;
+diffalign.engine.drift). Base-relative scorers (diffalign.rewards.BASE_RELATIVE) get the base image of each pair.
 Writes report.json, report.png, sheet.png (base | aligned side by side, the largest reward changes in both
 directions, each tile captioned with its scores; diffalign.engine.report), pairs.jsonl (per-pair scores), a self-contained
-report.html and the run record, and prints the table.
+report.html and the run record, and prints the table (pairs.jsonl holds each pair's drift as `drift/<name>`).
 """
 
 from __future__ import annotations
@@ -15,47 +18,49 @@ import html
 import json
 from pathlib import Path
 
-from diffalign.pipelines.score import MANIFEST, load_scorers, open_images, read_manifest, score_rows
+import torch
+from diffalign.pipelines.score import load_scorers, open_images, pair_rows, read_side, score_rows
 
 from diffalign.config import CompareConfig, load_config, save_config
 from diffalign.engine.common import prepare_output_dir
-from diffalign.engine.evaluate import format_report, plot_report, summarize
+from diffalign.engine.drift import resolve_drift, set_entry
+from diffalign.engine.evaluate import format_report, plot_report
 from diffalign.engine.report import pick_pairs, sheet_title, side_by_side, write_html
 from diffalign.errors import DiffalignError
+from diffalign.guards import SET_MEASURES, load_encoder
+from diffalign.rewards.compare import summarize
 from diffalign.runinfo import write_run_record
 
 
-def read_side(path: str, side: str) -> tuple[Path, list[dict]]:
-    """`base=` / `aligned=` -> (root, rows); a folder must hold a manifest (pairing needs prompts and seeds)."""
-    p = Path(path)
-    if not path or not p.exists():
-        raise DiffalignError(f"{side}: {p} not found" if path else f"{side}: set {side}=DIR or {side}=MANIFEST")
-    if p.is_dir() and not (p / MANIFEST).is_file():
-        raise DiffalignError(f"{side}: {p} has no {MANIFEST} (compare pairs images by prompt and seed)")
-    return read_manifest(p if p.is_file() else p / MANIFEST)
+@torch.no_grad()
+def embed_rows(encoder, root: Path, rows: list[dict], batch_size: int) -> torch.Tensor:
+    """(N, D) embeddings of the images `rows` name, read one batch at a time."""
+    parts = [
+        encoder.embed_images(open_images(root, rows[i : i + batch_size])) for i in range(0, len(rows), batch_size)
+    ]
+    return torch.cat([p.float().cpu() for p in parts])
 
 
-def pair_rows(base: list[dict], aligned: list[dict]) -> list[tuple[dict, dict]]:
-    """(base row, aligned row) with equal (prompt, seed), in base order; every row must find exactly one partner."""
-    by_key = {}
-    for side, rows in (("base", base), ("aligned", aligned)):
-        seen = {}
-        for row in rows:
-            key = (row["prompt"], row["seed"])
-            if key in seen:
-                raise DiffalignError(
-                    f"{side}: {row['file']} and {seen[key]} have the same prompt {key[0]!r} and seed {key[1]}"
-                )
-            seen[key] = row["file"]
-        by_key[side] = {(r["prompt"], r["seed"]): r for r in rows}
-    for side, other in (("base", "aligned"), ("aligned", "base")):
-        for key, row in by_key[side].items():
-            if key not in by_key[other]:
-                raise DiffalignError(
-                    f"{side} image {row['file']} (prompt {key[0]!r}, seed {key[1]}) has no {other} image with the "
-                    "same prompt and seed"
-                )
-    return [(row, by_key["aligned"][key]) for key, row in by_key["base"].items()]
+def measure_drift(cfg: CompareConfig, prompts: list[str], base: tuple, aligned: tuple) -> tuple[dict, dict]:
+    """The report's drift block (diffalign.engine.drift) and {name: aligned scores (N,)} of its per-pair measures.
+
+    base, aligned: (root, rows), row i of both on one prompt and seed."""
+    names = resolve_drift(cfg.drift, prompts)
+    per_pair = [n for n in names if n not in SET_MEASURES]
+    scorers = load_scorers(per_pair, {}) if per_pair else {}
+    s_base = score_rows(scorers, *base, cfg.batch_size, desc="drift base", base=base) if scorers else {}
+    s_aligned = score_rows(scorers, *aligned, cfg.batch_size, desc="drift aligned", base=base) if scorers else {}
+    embedded = {}
+    if len(per_pair) < len(names):
+        encoder = load_encoder(cfg.drift_encoder)
+        embedded = {side: embed_rows(encoder, *rows, cfg.batch_size) for side, rows in (("b", base), ("a", aligned))}
+    drift = {
+        name: set_entry(SET_MEASURES[name](embedded["a"], embedded["b"]), cfg.drift_encoder, len(prompts))
+        if name in SET_MEASURES
+        else summarize(s_aligned[name], s_base[name])
+        for name in names
+    }
+    return drift, s_aligned
 
 
 def run(config: str | None = None, overrides: list[str] | tuple = ()) -> Path:
@@ -69,8 +74,10 @@ def run(config: str | None = None, overrides: list[str] | tuple = ()) -> Path:
     out = prepare_output_dir(cfg.output_dir, default_name="compare")
 
     base_rows, aligned_rows = [b for b, _ in pairs], [a for _, a in pairs]
-    s_base = score_rows(scorers, base_root, base_rows, cfg.batch_size, desc="score base")
-    s_aligned = score_rows(scorers, aligned_root, aligned_rows, cfg.batch_size, desc="score aligned")
+    base = (base_root, base_rows)  # what the base-relative scorers measure against, pair by pair
+    s_base = score_rows(scorers, base_root, base_rows, cfg.batch_size, desc="score base", base=base)
+    s_aligned = score_rows(scorers, aligned_root, aligned_rows, cfg.batch_size, desc="score aligned", base=base)
+    drift, drift_aligned = measure_drift(cfg, [b["prompt"] for b in base_rows], base, (aligned_root, aligned_rows))
     n_show = min(cfg.grid_pairs, len(pairs))
     report = {
         "base": str(base_root),
@@ -79,6 +86,7 @@ def run(config: str | None = None, overrides: list[str] | tuple = ()) -> Path:
         "images": len(pairs),
         "grid_pairs": n_show,
         "scorers": {name: summarize(s_aligned[name], s_base[name]) for name in scorers},  # new = aligned, old = base
+        "drift": drift,
     }
 
     with open(out / "pairs.jsonl", "w") as f:
@@ -86,6 +94,8 @@ def run(config: str | None = None, overrides: list[str] | tuple = ()) -> Path:
             row = {"prompt": b["prompt"], "seed": b["seed"], "base_file": b["file"], "aligned_file": a["file"]}
             for name in scorers:
                 row[f"{name}_base"], row[f"{name}_aligned"] = float(s_base[name][i]), float(s_aligned[name][i])
+            for name, s in drift_aligned.items():
+                row[f"drift/{name}"] = float(s[i])
             f.write(json.dumps(row) + "\n")
     (out / "report.json").write_text(json.dumps(report, indent=2))
     plot_report(report, out / "report.png")

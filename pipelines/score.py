@@ -2,6 +2,8 @@
 
 The images come from a `diffalign generate` folder (its manifest.jsonl gives file, prompt and seed), a manifest
 file, or a plain folder with one `prompt` for every image or a `prompts_file` (one line per image, sorted names).
+`base=DIR` names the base model's images on the same prompts and seeds (paired by prompt and seed, as `compare` does):
+the base-relative scorers (diffalign.rewards.BASE_RELATIVE: toy_background_shift, ...) measure against them.
 Writes `scores.jsonl` (file, prompt, seed and one column per scorer, one row per image), `summary.json` (mean, std,
 n per scorer) and the run record, and prints the summary table. `diffalign compare` reuses the readers below.
 """
@@ -20,7 +22,7 @@ from tqdm.auto import tqdm
 from diffalign.config import ScoreConfig, load_config, save_config
 from diffalign.engine.common import DTYPES, prepare_output_dir
 from diffalign.errors import DiffalignError
-from diffalign.rewards import SCORERS, load_scorer, scorer_class
+from diffalign.rewards import BASE_RELATIVE, SCORERS, load_scorer, score_against_base, scorer_class
 from diffalign.runinfo import write_run_record
 
 MANIFEST = "manifest.jsonl"
@@ -74,6 +76,40 @@ def read_image_set(images: str, prompt: str = "", prompts_file: str = "") -> tup
     return path, [{"file": f, "prompt": p, "seed": None} for f, p in zip(files, prompts)]
 
 
+def read_side(path: str, side: str) -> tuple[Path, list[dict]]:
+    """`base=` / `aligned=` -> (root, rows); a folder must hold a manifest (pairing needs prompts and seeds)."""
+    p = Path(path)
+    if not path or not p.exists():
+        raise DiffalignError(f"{side}: {p} not found" if path else f"{side}: set {side}=DIR or {side}=MANIFEST")
+    if p.is_dir() and not (p / MANIFEST).is_file():
+        raise DiffalignError(f"{side}: {p} has no {MANIFEST} (compare pairs images by prompt and seed)")
+    return read_manifest(p if p.is_file() else p / MANIFEST)
+
+
+def pair_rows(base: list[dict], aligned: list[dict], other: str = "aligned") -> list[tuple[dict, dict]]:
+    """(base row, aligned row) with equal (prompt, seed), in base order; every row must find exactly one partner.
+    `other` names the second side in the errors ("aligned" in compare, "images" in score)."""
+    by_key = {}
+    for side, rows in (("base", base), (other, aligned)):
+        seen = {}
+        for row in rows:
+            key = (row["prompt"], row["seed"])
+            if key in seen:
+                raise DiffalignError(
+                    f"{side}: {row['file']} and {seen[key]} have the same prompt {key[0]!r} and seed {key[1]}"
+                )
+            seen[key] = row["file"]
+        by_key[side] = {(r["prompt"], r["seed"]): r for r in rows}
+    for side, partner in (("base", other), (other, "base")):
+        for key, row in by_key[side].items():
+            if key not in by_key[partner]:
+                raise DiffalignError(
+                    f"{side} image {row['file']} (prompt {key[0]!r}, seed {key[1]}) has no {partner} image with the "
+                    "same prompt and seed"
+                )
+    return [(row, by_key[other][key]) for key, row in by_key["base"].items()]
+
+
 def load_scorers(names: list[str], scorer_args: dict) -> dict:
     """name -> loaded scorer; each `scorer_args[name]` is checked against the scorer's `load` signature first."""
     if not names:
@@ -118,20 +154,36 @@ def open_images(root: Path, rows: list[dict]) -> list[Image.Image]:
 
 
 @torch.no_grad()
-def score_rows(scorers: dict, root: Path, rows: list[dict], batch_size: int, desc: str = "score") -> dict:
-    """name -> (N,) float32 scores of the images `rows` name, in row order; images are read one batch at a time."""
+def score_rows(scorers: dict, root: Path, rows: list[dict], batch_size: int, desc: str = "score", base=None) -> dict:
+    """name -> (N,) float32 scores of the images `rows` name, in row order; images are read one batch at a time.
+
+    base: (root, rows) of the base model's images, row i on the same prompt and seed as `rows[i]`; the base-relative
+    scorers (diffalign.rewards.BASE_RELATIVE) measure against them, and need them."""
     if batch_size < 1:
         raise DiffalignError(f"batch_size must be >= 1, not {batch_size}")
+    check_base(list(scorers), base is not None)
+    paired = base is not None and any(name in BASE_RELATIVE for name in scorers)
     scores = {name: [] for name in scorers}
     for start in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch"):
         chunk = rows[start : start + batch_size]
         images, prompts = open_images(root, chunk), [row["prompt"] for row in chunk]
+        base_images = open_images(base[0], base[1][start : start + batch_size]) if paired else None
         for name, scorer in scorers.items():
             try:
-                scores[name].append(scorer(images, prompts).float().cpu())  # (b,)
+                scores[name].append(score_against_base(name, scorer, images, prompts, base_images).float().cpu())
             except ValueError as err:  # a scorer's bad-input error (prompt it cannot parse, too few images, ...)
                 raise DiffalignError(f"scorer '{name}' on {root / chunk[0]['file']} ...: {err}") from None
     return {name: torch.cat(parts) for name, parts in scores.items()}  # b-sized pieces -> (N,)
+
+
+def check_base(names: list[str], have_base: bool) -> None:
+    """One line when a base-relative scorer has no base images to measure against."""
+    needs = [n for n in names if n in BASE_RELATIVE]
+    if needs and not have_base:
+        raise DiffalignError(
+            f"scorer '{needs[0]}' measures images against the base model's images on the same prompts and seeds: "
+            "set base=DIR (a diffalign generate folder of the base model; pairs by prompt and seed)"
+        )
 
 
 def summarize_scores(scores: dict) -> dict:
@@ -155,9 +207,15 @@ def format_scores(summary: dict) -> str:
 def run(config: str | None = None, overrides: list[str] | tuple = ()) -> Path:
     cfg: ScoreConfig = load_config(ScoreConfig, config, list(overrides))
     root, rows = read_image_set(cfg.images, cfg.prompt, cfg.prompts_file)
+    check_base(cfg.scorers, bool(cfg.base))
+    base = None
+    if cfg.base:  # row i of base = the base model's image with rows[i]'s prompt and seed
+        base_root, base_rows = read_side(cfg.base, "base")
+        by_image = {id(a): b for b, a in pair_rows(base_rows, rows, other="images")}
+        base = (base_root, [by_image[id(row)] for row in rows])
     scorers = load_scorers(cfg.scorers, cfg.scorer_args)
     out = prepare_output_dir(cfg.output_dir, default_name="score")
-    scores = score_rows(scorers, root, rows, cfg.batch_size)
+    scores = score_rows(scorers, root, rows, cfg.batch_size, base=base)
 
     with open(out / "scores.jsonl", "w") as f:
         for i, row in enumerate(rows):

@@ -19,6 +19,16 @@ def _run(script: str, *args: str) -> None:
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
 
 
+def _bench():
+    """benchmarks/toy_alignment.py as a module (benchmarks/ is not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("toy_alignment", REPO / "benchmarks" / "toy_alignment.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_train_step_tiny(tmp_path):
     out = tmp_path / "train_step.json"
     _run("train_step.py", "--size", "tiny", "--steps", "2", "--warmup", "1", "--quiet", "--json", str(out))
@@ -87,9 +97,23 @@ def test_toy_alignment_online_rows_with_curves(tmp_path):
         assert 0 <= r["win_rate"] <= 1 and "to_90_round" in r
         assert 0 < r["cpu_seconds"]  # the child's user + system time
         assert r["to_90_round"] is None or 1 <= r["to_90_round"] <= 2
+        assert set(r["drift"]) == {name for _, name, _ in _bench().DRIFT_COLUMNS}  # drift columns on every row
     points = [json.loads(x) for x in (tmp_path / "dragon_flow" / "curves.jsonl").read_text().splitlines()]
     assert [p["step"] for p in points] == [0, 1, 2] and points[1]["images"] == 8  # eval.max_prompts 2 x 4 seeds
     assert "first held-out win rate >= 90%" in done.stdout
+    assert "bg/255" in done.stdout and "Δpos px" in done.stdout
+
+
+def test_toy_alignment_table_has_drift_columns():
+    """Every row of the table prints the drift columns, under their headers."""
+    bench = _bench()
+    row = {"objective": "dpo", "steps": 300, "win_rate": 0.9, "ci": [0.8, 0.95], "reward_base": 4.8,
+           "reward_aligned": 5.3, "reward_change": 0.5, "fidelity_base": 0.98, "fidelity_aligned": 0.98,
+           "fidelity_change_points": 0.0, "train_seconds": 100, "seconds_per_step": 0.3, "peak_rss_gb": 1.0,
+           "drift": {name: 0.25 * k for k, (_, name, _) in enumerate(bench.DRIFT_COLUMNS)}}  # fmt: skip
+    head, _, line = bench.format_table([row]).splitlines()
+    for k, (title, _, _) in enumerate(bench.DRIFT_COLUMNS):
+        assert title in head and f"{0.25 * k:+.2f}" in line
 
 
 @pytest.mark.slow  # the old and the new server as subprocesses, then 4 tiny on-line runs: ~60 s

@@ -12,7 +12,7 @@ import yaml
 from diffalign.pipelines.cli import main
 from safetensors.torch import load_file
 
-from diffalign.guards import Monitor, PixelEncoder, fd_measure, vendi_measure
+from diffalign.guards import Monitor, PixelEncoder, fd_between, measure_all, set_measure, vendi_measure
 from diffalign.rewards import load_scorer
 from diffalign.rewards.imagestats import hf_energy, saturation, sharpness
 
@@ -48,9 +48,26 @@ def test_vendi_counts_distinct_samples_and_fd_is_zero_on_itself():
     vendi = vendi_measure(PixelEncoder())
     assert math.isclose(vendi(same, ["p"] * 4, 4, same), 1.0, abs_tol=1e-4)  # one distinct image
     assert math.isclose(vendi(two, ["p"] * 4, 4, two), 2.0, abs_tol=1e-4)  # two orthogonal ones, equal shares
-    fd = fd_measure(PixelEncoder())
+    fd = set_measure(fd_between, PixelEncoder())
     x = torch.rand(6, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     assert fd(x, [""] * 6, 2, x) < 1e-6 < fd(x.flip(0) * 0.5, [""] * 6, 2, x)
+
+
+def test_a_base_relative_scorer_monitor_is_zero_at_the_base_and_measures_the_drift():
+    """kind scorer with toy_background_shift: each image against the base image of its prompt and seed; a background
+    tinted by (+10, 0, -10) levels in one image of two: mean sqrt(200) / 2 = 7.07 levels, past a 5-level limit."""
+    base = torch.full((2, 3, 32, 32), 0.86)
+    base[:, 0, 8:20, 8:20], base[:, 1:, 8:20, 8:20] = 0.9, 0.1  # a red square on a grey background
+    tinted = base.clone()
+    tinted[1, 0] += torch.where(base[1, 1] > 0.5, 10 / 255, 0.0)
+    tinted[1, 2] -= torch.where(base[1, 1] > 0.5, 10 / 255, 0.0)
+    monitor = Monitor.build("cast", "scorer", "max_rise", 5.0, scorer="toy_background_shift")
+    prompts = ["a large red square at the center"] * 2
+    at_base = measure_all([monitor], base, prompts, 2, base)
+    values = measure_all([monitor], tinted, prompts, 2, base)
+    assert at_base == {"cast": 0.0} and values["cast"] == pytest.approx(200**0.5 / 2, abs=1e-3)
+    line = monitor.trip(values["cast"], at_base["cast"])
+    assert line.startswith("cast 7.07") and "from base 0 (limit 5)" in line
 
 
 # ---- rules ----------------------------------------------------------------------------------------------------

@@ -73,6 +73,8 @@ def test_the_toy_tour_runs(workdir, capsys):
     assert (workdir / "runs/toy-dpo/lora/pytorch_lora_weights.safetensors").is_file()
     report = json.loads((workdir / "runs/cmp/report.json").read_text())
     assert report["images"] == 4 and set(report["scorers"]) == {"toy_aesthetic", "toy_fidelity"}
+    drift = json.loads((workdir / "runs/toy-dpo/eval/report.json").read_text())["drift"]  # the end-of-run report
+    assert "toy_background_shift" in drift and "toy_position_error" in report["drift"]  # and compare's
     summary = json.loads((workdir / "runs/score-aligned/summary.json").read_text())
     assert summary["images"] == 4
     assert (workdir / "toy-dpo-kohya.safetensors").is_file()

@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw
 from diffalign.engine.report import MIN_TILE, pick_pairs, side_by_side
 from diffalign.lora import add_lora, save_lora
 from diffalign.models import load_family
-from diffalign.rewards import load_scorer
+from diffalign.rewards import TOY_DRIFT, load_scorer
 from diffalign.rewards.compare import wilson_interval
 
 REPO = Path(__file__).resolve().parents[1]
@@ -172,6 +172,81 @@ def test_compare_hand_made_wins_ties_losses(tmp_path):
     assert r["win_rate"] == 0.625 and (r["ci_low"], r["ci_high"]) == pytest.approx(wilson_interval(2.5, 4))
     assert r["mean_delta"] == pytest.approx((s_vivid - s_dull) / 4, abs=1e-5)  # (+d + d + 0 - d) / 4
     assert r["mean_old"] == pytest.approx((2 * s_dull + 2 * s_vivid) / 4, abs=1e-5)
+
+
+def _scene(offset: int = 0, background: tuple[int, int, int] = (220, 220, 220)) -> Image.Image:
+    """A red square of side 12 (half-size 6) at (10 + offset .. 21 + offset, 10 .. 21) on a flat background."""
+    im = Image.new("RGB", (32, 32), background)
+    ImageDraw.Draw(im).rectangle([10 + offset, 10, 21 + offset, 21], fill=(230, 20, 20))
+    return im
+
+
+def _sides(tmp_path: Path, sides: dict[str, list[Image.Image]], prompt: str) -> dict[str, Path]:
+    for side, images in sides.items():
+        (tmp_path / side).mkdir()
+        for i, im in enumerate(images):
+            im.save(tmp_path / side / f"{i}.png")
+        _write_manifest(
+            tmp_path / side, [{"file": f"{i}.png", "prompt": prompt, "seed": i} for i in range(len(images))]
+        )
+    return {side: tmp_path / side for side in sides}
+
+
+def test_compare_reports_toy_drift_next_to_the_reward(tmp_path, capsys):
+    """Pairs (base, aligned): the same image, the square moved 2 px right, the background tinted by (+10, 0, -10)
+    levels. Toy prompts, so drift is the toy drift scorers: the centre of the square, (16, 16), sits on the
+    "center" anchor, so the moved square's position error is 2 px; background shift 255 x |(10, 0, -10) / 255| =
+    sqrt(200) = 14.14 levels, in one pair of three; the moved square's outline: two 12 x 12 squares 2 px apart,
+    overlap 10 x 12, union 14 x 12: 1 - 120 / 168 = 0.2857."""
+    dirs = _sides(tmp_path, {"base": [_scene()] * 3, "aligned": [_scene(), _scene(2), _scene(0, (230, 220, 210))]},
+                  "a large red square at the center")  # fmt: skip
+    out = tmp_path / "cmp"
+    assert main(["compare", f"base={dirs['base']}", f"aligned={dirs['aligned']}", "scorers=[toy_aesthetic]",
+                 f"output_dir={out}"]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    drift = json.loads((out / "report.json").read_text())["drift"]
+    assert list(drift) == list(TOY_DRIFT) and "drift from the base" in printed
+    pairs = _jsonl(out / "pairs.jsonl")
+    assert [p["drift/toy_position_error"] for p in pairs] == pytest.approx([0.0, 2.0, 0.0], abs=1e-4)
+    assert [p["drift/toy_background_shift"] for p in pairs] == pytest.approx([0.0, 0.0, 200**0.5], abs=1e-3)
+    assert [p["drift/toy_outline_change"] for p in pairs] == pytest.approx([0.0, 1 - 120 / 168, 0.0], abs=1e-4)
+    assert drift["toy_background_shift"]["mean_new"] == pytest.approx(200**0.5 / 3, abs=1e-3)
+    assert drift["toy_background_shift"]["mean_old"] == 0.0  # the base against itself
+    assert drift["toy_position_error"]["mean_delta"] == pytest.approx(2 / 3, abs=1e-4)
+    assert "Drift from the base" in (out / "report.html").read_text()
+
+
+def test_compare_drift_off_real_prompts_is_fd_cmmd_and_image_statistics(tmp_path):
+    """Prompts that are not the toy world's: FD and CMMD of the aligned set to the base's own images (pixels), 0
+    when the images are the base's; saturation and high-frequency energy per pair."""
+    dirs = _sides(tmp_path, {"base": [_scene(k) for k in range(4)], "aligned": [_scene(k) for k in range(4)]},
+                  "a photo of a cat")  # fmt: skip
+    out = tmp_path / "cmp"
+    assert main(["compare", f"base={dirs['base']}", f"aligned={dirs['aligned']}", "scorers=[toy_aesthetic]",
+                 f"output_dir={out}"]) == 0  # fmt: skip
+    drift = json.loads((out / "report.json").read_text())["drift"]
+    assert list(drift) == ["fd", "cmmd", "saturation", "hf_energy"]
+    assert drift["fd"]["value"] == pytest.approx(0.0, abs=1e-6) and drift["cmmd"]["value"] == pytest.approx(
+        0.0, abs=1e-6
+    )
+    assert drift["saturation"]["mean_delta"] == 0.0
+    assert main(["compare", f"base={dirs['base']}", f"aligned={dirs['aligned']}", "scorers=[toy_aesthetic]",
+                 "drift=[]", f"output_dir={tmp_path / 'none'}"]) == 0  # fmt: skip
+    assert json.loads((tmp_path / "none" / "report.json").read_text())["drift"] == {}
+
+
+def test_score_with_base_feeds_the_base_relative_scorers(tmp_path, capsys):
+    """score base=DIR pairs by (prompt, seed), in any order; without base= a base-relative scorer is one line."""
+    dirs = _sides(tmp_path, {"base": [_scene()] * 2, "images": [_scene(0, (230, 220, 210)), _scene()]},
+                  "a large red square at the center")  # fmt: skip
+    _write_manifest(dirs["base"], _jsonl(dirs["base"] / "manifest.jsonl")[::-1])
+    out = tmp_path / "s"
+    assert main(["score", f"images={dirs['images']}", f"base={dirs['base']}",
+                 "scorers=[toy_background_shift,toy_fidelity]", f"output_dir={out}"]) == 0  # fmt: skip
+    rows = _jsonl(out / "scores.jsonl")
+    assert [r["toy_background_shift"] for r in rows] == pytest.approx([200**0.5, 0.0], abs=1e-3)
+    err = _error(capsys, ["score", f"images={dirs['images']}", "scorers=[toy_outline_change]"])
+    assert "toy_outline_change' measures images against the base model's images" in err and "base=DIR" in err
 
 
 def _error(capsys, argv: list[str]) -> str:

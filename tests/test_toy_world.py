@@ -190,9 +190,11 @@ def test_learning_curve_points_score_fixed_seeds_and_plot(toy_family, tmp_path):
     family = copy.copy(toy_family)  # a resumed run: the LoRA (zero at init) and no step-0 point in this process
     family.denoiser = copy.deepcopy(toy_family.denoiser)
     add_lora(family.denoiser, 4, 4, family.lora_target_modules)
-    resumed = Curves(family, EvalConfig(steps=4, curve_seeds=2), tmp_path / "resumed.jsonl")
+    scorers = ["toy_aesthetic", "toy_background_shift"]  # a base-relative scorer measures against the base images
+    resumed = Curves(family, EvalConfig(steps=4, curve_seeds=2, scorers=scorers), tmp_path / "resumed.jsonl")
     assert len(resumed.prompts) == 32 and len(set(resumed.seeds)) == 32
-    assert resumed.point(7, Accelerator(cpu=True))["win/toy_aesthetic"] == 0.5  # base sampled with adapters off
+    point = resumed.point(7, Accelerator(cpu=True))
+    assert point["win/toy_aesthetic"] == 0.5 and point["toy_background_shift"] == 0.0  # base sampled, adapters off
     (tmp_path / "metrics.jsonl").write_text('{"step": 10, "loss": 0.69, "implicit_acc": 0.5}\n')
     png = plot_curves(curves.path, tmp_path / "metrics.jsonl", tmp_path / "curves.png", curves.label)
     assert Image.open(png).size[0] > 400

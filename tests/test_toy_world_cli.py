@@ -6,6 +6,7 @@ import pytest
 from diffalign.pipelines.cli import main
 
 from diffalign.paths import TOY_MODEL
+from diffalign.rewards import TOY_DRIFT
 
 pytestmark = pytest.mark.skipif(not (TOY_MODEL / "model_index.json").is_file(), reason="toy model not built")
 
@@ -38,4 +39,6 @@ def test_generate_score_compare_on_the_toy_model(tmp_path):
     )
     report = json.loads((tmp_path / "c" / "report.json").read_text())
     assert report["scorers"]["toy_aesthetic"]["win_rate"] == 0.5  # same model, same seeds: all ties
+    assert list(report["drift"]) == list(TOY_DRIFT)  # toy prompts: the toy drift scorers, and no drift at all
+    assert all(r["mean_delta"] == 0.0 and r["win_rate"] == 0.5 for r in report["drift"].values())
     assert (tmp_path / "c" / "report.html").is_file() and (tmp_path / "c" / "report.png").is_file()

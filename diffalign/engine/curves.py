@@ -4,7 +4,8 @@ Every `train.validate_every` steps (and at step 0, where the LoRA is still zero 
 `Curves.point` samples the first `MAX_PROMPTS` eval prompts with `eval.curve_seeds` fixed seeds each, scores them
 with every eval scorer and logs the means to tensorboard (`val/<scorer>`) and to `curves.jsonl`, with the win rate
 of the first scorer against the base model's images on the same seeds (`win/<scorer>`: ties half; the base is the
-step-0 point, or sampled with the adapters off after a resume). At the end `plot_curves`
+step-0 point, or sampled with the adapters off after a resume; base-relative scorers such as toy_background_shift
+measure against those base images). At the end `plot_curves`
 draws curves.png from those rows and the run's metrics.jsonl (loss, implicit_acc). Sampling uses explicit seeds
 and the training noise comes from per-pair generators, so drawing a curve does not change the training run.
 Cost: MAX_PROMPTS images per point (the toy model: 16 images x 20 steps, about a second on 2 cores).
@@ -20,7 +21,7 @@ import torch
 from diffalign.config import EvalConfig
 from diffalign.engine.evaluate import read_eval_prompts
 from diffalign.lora import reference_mode
-from diffalign.rewards import load_scorer
+from diffalign.rewards import BASE_RELATIVE, load_scorer, score_against_base
 from diffalign.rewards.compare import win_rate
 
 MAX_PROMPTS = 16  # images per curve point: one seed per prompt
@@ -38,22 +39,32 @@ class Curves:
         self.kw = {"steps": ecfg.steps, **({"guidance": ecfg.guidance} if ecfg.guidance > 0 else {})}
         self.headline = ecfg.scorers[0]
         self.base = None  # (N,) the base model's headline scores on the same prompts and seeds
+        self.base_images = None  # the base model's images, kept for the base-relative scorers
 
     def scores(self) -> dict[str, torch.Tensor]:
         images = self.family.generate(self.prompts, seeds=self.seeds, **self.kw)
+        if self.base_images is None and self.paired:  # the first point: step 0 or, resumed, the base itself
+            self.base_images = images
         with torch.no_grad():
-            return {name: scorer(images, self.prompts).float().cpu() for name, scorer in self.scorers.items()}
+            return {
+                name: score_against_base(name, scorer, images, self.prompts, self.base_images).float().cpu()
+                for name, scorer in self.scorers.items()
+            }
+
+    @property
+    def paired(self) -> bool:
+        return any(name in BASE_RELATIVE for name in self.scorers)
 
     def point(self, step: int, accelerator) -> dict:
         """Sample, score, log and append one row {"step", "images", "<scorer>": mean, "win/<headline>": rate}."""
+        if step > 0 and self.base is None:  # resumed: the base on the same seeds, adapters off
+            with reference_mode(self.family.denoiser):
+                self.base = self.scores()[self.headline]
         scores = self.scores()
         row = {"step": step, "images": len(self.prompts), **{k: float(v.mean()) for k, v in scores.items()}}
         if step == 0:
             self.base = scores[self.headline]
         else:
-            if self.base is None:  # resumed: the base on the same seeds, adapters off
-                with reference_mode(self.family.denoiser):
-                    self.base = self.scores()[self.headline]
             row[f"win/{self.headline}"] = win_rate(scores[self.headline], self.base)["win_rate"]
         accelerator.log({f"val/{k}": v for k, v in row.items() if k not in ("step", "images")}, step=step)
         with open(self.path, "a") as f:

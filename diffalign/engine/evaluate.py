@@ -1,5 +1,6 @@
-"""Base vs aligned on held-out prompts with the same seeds: rewards, win rate with a 95% CI, a table, a plot, a
-side-by-side sheet of the largest changes (diffalign.engine.report) and report.html.
+"""Base vs aligned on held-out prompts with the same seeds: rewards, win rate with a 95% CI, the drift from the base
+next to them (diffalign.engine.drift), a table, a plot, a side-by-side sheet of the largest changes
+(diffalign.engine.report) and report.html.
 
 The base model is the same network with its LoRA adapters off (`reference_mode`), so both image sets come from one
 loaded model. Used at the end of `diffalign train` and `diffalign online` and by the toy-world benchmark.
@@ -14,12 +15,13 @@ from pathlib import Path
 import torch
 
 from diffalign.config import EvalConfig
+from diffalign.engine.drift import format_drift, measure_drift, resolve_drift
 from diffalign.engine.report import sheet_title, side_by_side, write_html
 from diffalign.errors import DiffalignError
 from diffalign.lora import reference_mode
 from diffalign.paths import TOY_HELDOUT
-from diffalign.rewards import load_scorer
-from diffalign.rewards.compare import mean_delta, win_rate
+from diffalign.rewards import load_scorer, score_against_base
+from diffalign.rewards.compare import summarize
 
 
 def read_eval_prompts(ecfg: EvalConfig) -> list[str]:
@@ -50,8 +52,9 @@ def generate_pair_sets(family, prompts: list[str], ecfg: EvalConfig, batch_size:
 
 
 def evaluate_base_vs_lora(family, ecfg: EvalConfig, out_dir: Path, verbose: bool = True) -> dict:
-    """Score base vs aligned with every scorer in ecfg.scorers; write report.json, report.png, sheet.png (base |
-    aligned, largest changes) and report.html (which also embeds curves.png when the run drew one)."""
+    """Score base vs aligned with every scorer in ecfg.scorers and measure the drift (ecfg.drift); write report.json,
+    report.png, sheet.png (base | aligned, largest changes) and report.html (which also embeds curves.png when the
+    run drew one)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     prompts = read_eval_prompts(ecfg)
@@ -62,9 +65,12 @@ def evaluate_base_vs_lora(family, ecfg: EvalConfig, out_dir: Path, verbose: bool
     for name in ecfg.scorers:
         scorer = load_scorer(name)
         with torch.no_grad():
-            s_base, s_aligned = scorer(base, job_prompts).float().cpu(), scorer(aligned, job_prompts).float().cpu()
+            s_base = score_against_base(name, scorer, base, job_prompts, base).float().cpu()
+            s_aligned = score_against_base(name, scorer, aligned, job_prompts, base).float().cpu()
         report["scorers"][name] = summarize(s_aligned, s_base)
         per_image["base"][name], per_image["aligned"][name] = s_base.tolist(), s_aligned.tolist()
+    drift = resolve_drift(ecfg.drift, prompts)
+    report["drift"] = measure_drift(drift, job_prompts, base, aligned, ecfg.drift_encoder)
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
     plot_report(report, out_dir / "report.png")
     seeds = [s for _, s in pair_jobs(prompts, ecfg.images_per_prompt)]
@@ -86,24 +92,6 @@ def evaluate_base_vs_lora(family, ecfg: EvalConfig, out_dir: Path, verbose: bool
     return report
 
 
-def summarize(new: torch.Tensor, old: torch.Tensor) -> dict:
-    """Means (± s.e.m.) of both, win rate of new over old (ties half) with a Wilson 95% CI, mean delta with CI."""
-    wins, delta = win_rate(new, old), mean_delta(new, old)
-    sem = lambda x: float(x.std() / len(x) ** 0.5) if len(x) > 1 else 0.0  # noqa: E731
-    return {
-        "mean_old": float(old.mean()),
-        "mean_new": float(new.mean()),
-        "sem_old": sem(old),
-        "sem_new": sem(new),
-        "mean_delta": delta["mean_delta"],
-        "delta_ci": [delta["ci_low"], delta["ci_high"]],
-        "win_rate": wins["win_rate"],
-        "ci_low": wins["ci_low"],
-        "ci_high": wins["ci_high"],
-        "n": len(new),
-    }
-
-
 def format_report(report: dict) -> str:
     """The report as a table; "held-out" only when report["held_out"] says the prompts were held out."""
     lines = [
@@ -116,7 +104,7 @@ def format_report(report: dict) -> str:
             f"{name:<16}{r['mean_old']:>9.3f}{r['mean_new']:>9.3f}{r['mean_delta']:>+9.3f}   "
             f"{100 * r['win_rate']:.1f}% [{100 * r['ci_low']:.1f}, {100 * r['ci_high']:.1f}]"
         )
-    return "\n".join(lines)
+    return "\n".join(lines + format_drift(report.get("drift", {})))
 
 
 def plot_report(report: dict, path: Path) -> None:

@@ -136,9 +136,35 @@ def score_table(report: dict) -> str:
     )
 
 
+def drift_table(report: dict) -> str:
+    """The drift block as HTML (diffalign.engine.drift): per-pair measures with their change and the share of pairs
+    where they rose, set measures (fd, cmmd) as one value; "" when the report has none."""
+    drift = report.get("drift") or {}
+    if not drift:
+        return ""
+    rows = []
+    for name, r in drift.items():
+        if "value" in r:
+            rows.append(
+                f"<tr><td>{html.escape(name)} ({html.escape(r['encoder'])}, the set)</td><td>0</td>"
+                f"<td>{r['value']:.4f}</td><td></td><td></td></tr>"
+            )
+        else:
+            rows.append(
+                f"<tr><td>{html.escape(name)}</td><td>{r['mean_old']:.4f} ± {r['sem_old']:.4f}</td>"
+                f"<td>{r['mean_new']:.4f} ± {r['sem_new']:.4f}</td>"
+                f"<td>{r['mean_delta']:+.4f} [{r['delta_ci'][0]:+.4f}, {r['delta_ci'][1]:+.4f}]</td>"
+                f"<td>{100 * r['win_rate']:.1f}%</td></tr>"
+            )
+    return (
+        "<h2>Drift from the base (same prompt and seed; 0 = none)</h2><table><tr><th>measure</th><th>base</th>"
+        f"<th>aligned</th><th>mean change [95% CI]</th><th>rose in (pairs)</th></tr>\n{''.join(rows)}</table>"
+    )
+
+
 def write_html(out: Path, title: str, intro: str, report: dict, figures: list[tuple[str, str]]) -> Path:
-    """out/report.html: `intro` (HTML), the score table and each (heading, PNG file in out) embedded as a data URI,
-    so the page can be sent on its own. Missing PNGs are left out."""
+    """out/report.html: `intro` (HTML), the score table, the drift table and each (heading, PNG file in out)
+    embedded as a data URI, so the page can be sent on its own. Missing PNGs are left out."""
     out = Path(out)
     parts = []
     for heading, name in figures:
@@ -155,6 +181,7 @@ img{{max-width:100%;image-rendering:pixelated}}</style></head><body>
 Mean ± s.e.m.; delta = aligned − base with a paired bootstrap 95% CI; win rate of aligned over base, ties counted
 half, with a Wilson 95% CI.</p>
 {score_table(report)}
+{drift_table(report)}
 {"".join(parts)}
 </body></html>
 """

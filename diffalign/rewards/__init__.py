@@ -7,6 +7,9 @@ package is cheap.
     from diffalign.rewards import load_scorer
     scorer = load_scorer("toy_aesthetic")
     scores = scorer(images, prompts)   # (N,)
+
+The scorers in `BASE_RELATIVE` measure drift: an image against the base model's image on the same prompt and seed,
+`scorer(images, prompts, base_images) -> (N,)`. `score_against_base` calls any scorer by name with what it needs.
 """
 
 from __future__ import annotations
@@ -17,6 +20,12 @@ import importlib
 SCORERS: dict[str, str] = {
     "toy_aesthetic": "diffalign.rewards.toy:ToyAesthetic",
     "toy_fidelity": "diffalign.rewards.toy:ToyFidelity",
+    "toy_position_error": "diffalign.rewards.toy_drift:ToyPositionError",
+    "toy_size_error": "diffalign.rewards.toy_drift:ToySizeError",
+    "toy_colour_error": "diffalign.rewards.toy_drift:ToyColourError",
+    "toy_background_shift": "diffalign.rewards.toy_drift:ToyBackgroundShift",
+    "toy_background_texture": "diffalign.rewards.toy_drift:ToyBackgroundTexture",
+    "toy_outline_change": "diffalign.rewards.toy_drift:ToyOutlineChange",
     "clip_score": "diffalign.rewards.clip_score:ClipScore",
     "clip_score_openclip": "diffalign.rewards.clip_score:OpenClipScore",
     "aesthetic": "diffalign.rewards.aesthetic:LaionAesthetic",
@@ -57,6 +66,19 @@ def scores_each_image(name: str, args: dict | None = None) -> bool:
     return name not in SET_LEVEL
 
 
+# scorers called as scorer(images, prompts, base_images): the base model's images on the same prompts and seeds
+BASE_RELATIVE = frozenset({"toy_background_shift", "toy_background_texture", "toy_outline_change"})
+# every toy drift scorer, the default drift of a toy-world report (diffalign.rewards.toy_drift)
+TOY_DRIFT = (
+    "toy_position_error",
+    "toy_size_error",
+    "toy_colour_error",
+    "toy_background_shift",
+    "toy_background_texture",
+    "toy_outline_change",
+)
+
+
 def scorer_class(name: str) -> type:
     if name not in SCORERS:
         raise KeyError(f"unknown scorer '{name}' (known: {', '.join(sorted(SCORERS))})")
@@ -67,3 +89,16 @@ def scorer_class(name: str) -> type:
 def load_scorer(name: str, **kwargs):
     """Build scorer `name`; kwargs (weights path, device, dtype, ...) go to its `load`."""
     return scorer_class(name).load(**kwargs)
+
+
+def score_against_base(name: str, scorer, images, prompts, base_images=None):
+    """`scorer` (registered as `name`) on images and prompts, with the base images when it measures against them.
+
+    base_images: the base model's images on the same prompts and seeds, row for row; None where there are none,
+    which a BASE_RELATIVE scorer refuses with a ValueError naming it."""
+    if name not in BASE_RELATIVE:
+        return scorer(images, prompts)
+    if base_images is None:
+        raise ValueError(f"scorer '{name}' measures images against the base model's images on the same prompts and "
+                         "seeds, and none were given")  # fmt: skip
+    return scorer(images, prompts, base_images)

@@ -54,6 +54,24 @@ def mean_delta(scores_a: torch.Tensor, scores_b: torch.Tensor, n_boot: int = 200
     return dict(mean_delta=float(delta.mean()), ci_low=lo, ci_high=hi, std=std, n=n)
 
 
+def summarize(new: torch.Tensor, old: torch.Tensor) -> dict:
+    """Means (± s.e.m.) of both, win rate of new over old (ties half) with a Wilson 95% CI, mean delta with CI."""
+    wins, delta = win_rate(new, old), mean_delta(new, old)
+    sem = lambda x: float(x.std() / len(x) ** 0.5) if len(x) > 1 else 0.0  # noqa: E731
+    return {
+        "mean_old": float(old.mean()),
+        "mean_new": float(new.mean()),
+        "sem_old": sem(old),
+        "sem_new": sem(new),
+        "mean_delta": delta["mean_delta"],
+        "delta_ci": [delta["ci_low"], delta["ci_high"]],
+        "win_rate": wins["win_rate"],
+        "ci_low": wins["ci_low"],
+        "ci_high": wins["ci_high"],
+        "n": len(new),
+    }
+
+
 def _paired(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     a, b = torch.as_tensor(a).flatten().cpu(), torch.as_tensor(b).flatten().cpu()
     if a.shape != b.shape or a.numel() == 0:

@@ -14,6 +14,11 @@ Edges are anti-aliased by rendering at 4x and box-downsampling.
 the median border colour (largest 4-connected component, so stray noise pixels do not count); its centroid gives
 the nearest position anchor, its bounding-box half-size the size, the hue of its mean colour the nearest colour, and
 its fill ratio of the bounding box the shape (circle pi/4 ~ 0.785, square 1.0; threshold 0.89).
+
+`measure` reads the same image continuously, for the drift scorers (diffalign.rewards.toy_drift): each pixel's
+coverage by the shape, alpha = the projection of (pixel - background) on (shape colour - background), in [0, 1],
+which undoes the renderer's anti-aliased blend exactly; from it the centre and area in sub-pixel units, and the
+background's mean colour and texture from the pixels at least one pixel away from the shape.
 """
 
 from __future__ import annotations
@@ -237,3 +242,60 @@ def chroma(image) -> float:
         return 0.0
     fg = img[mask]  # (P, 3)
     return float((fg.max(axis=1) - fg.min(axis=1)).mean())
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One image measured continuously (`measure`); geometry on the 32-px grid, colours in [0, 1]."""
+
+    found: bool  # a shape of >= MIN_PIXELS pixels; when False the geometry fields are 0
+    cx: float  # coverage-weighted centre, pixels from the top-left corner
+    cy: float
+    area: float  # sum of the coverage, pixels²
+    fill: float  # area / bounding-box area of the shape's pixels: circle ~ pi/4, square ~ 1
+    hue: float  # degrees, of the mean colour of the shape's interior
+    background: np.ndarray  # (3,) mean colour of the background pixels
+    background_std: float  # RGB standard deviation of the background pixels around that mean
+    alpha: np.ndarray  # (H, W) coverage of each pixel by the shape, in [0, 1]
+
+
+def _dilate(mask: np.ndarray) -> np.ndarray:
+    """4-neighbour dilation by one pixel of a boolean (H, W) mask."""
+    out = mask.copy()
+    out[1:] |= mask[:-1]
+    out[:-1] |= mask[1:]
+    out[:, 1:] |= mask[:, :-1]
+    out[:, :-1] |= mask[:, 1:]
+    return out
+
+
+def measure(image) -> Measurement:
+    """Continuous geometry, colour and background of one image (PIL or (H, W, 3) in [0, 1]); see the docstring."""
+    img = _as_array(image)
+    mask, _ = foreground(img)
+    scale = RESOLUTION / img.shape[0]
+    found = bool(mask.sum() >= MIN_PIXELS)
+    near = _dilate(mask) if found else np.zeros_like(mask)  # the shape and its anti-aliased rim
+    bg_pixels = img[~near]  # (P, 3)
+    bg = bg_pixels.mean(axis=0)
+    bg_std = float(np.sqrt(((bg_pixels - bg) ** 2).mean()))
+    alpha = np.zeros(img.shape[:2], dtype=np.float64)
+    if not found:
+        return Measurement(False, 0.0, 0.0, 0.0, 0.0, 0.0, bg, bg_std, alpha)
+    inner = mask & ~_dilate(~mask)  # pixels whose 4 neighbours are all shape: no background blended in
+    core = img[inner] if inner.any() else img[mask]
+    fg = np.median(core, axis=0)
+    d = fg - bg
+    alpha[near] = np.clip((img[near] - bg) @ d / max(float(d @ d), 1e-12), 0.0, 1.0)  # (P,)
+    ys, xs = np.mgrid[: img.shape[0], : img.shape[1]]
+    area = alpha.sum()
+    cx, cy = (alpha * (xs + 0.5)).sum() / area * scale, (alpha * (ys + 0.5)).sum() / area * scale
+    my, mx = np.nonzero(mask)
+    box = (mx.max() - mx.min() + 1) * (my.max() - my.min() + 1)
+    hue = colorsys.rgb_to_hsv(*np.clip(core.mean(axis=0), 0, 1))[0] * 360.0
+    return Measurement(True, float(cx), float(cy), float(area * scale**2), float(area / box), hue, bg, bg_std, alpha)
+
+
+def half_size(m: Measurement, shape: str) -> float:
+    """The half-size (pixels) of a `shape` ("circle" or "square") with the measured area: sqrt(A / pi), sqrt(A) / 2."""
+    return float(np.sqrt(m.area / np.pi) if shape == "circle" else np.sqrt(m.area) / 2)
