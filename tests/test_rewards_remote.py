@@ -500,13 +500,13 @@ class SleepyToy:
         return self.scorer(images, prompts)
 
 
-@pytest.mark.slow  # two runs of 3 rounds each, x2: ~60 s; in CI's serial step (it measures time)
+@pytest.mark.slow  # two runs of 4 rounds each, x2: ~80 s; in CI's serial step (it measures time)
 @pytest.mark.parametrize("where", ["local", "remote"])
 def test_online_overlapped_scoring_is_faster_and_gives_the_same_lora(tmp_path, monkeypatch, where):
-    """A scorer that sleeps 0.3 s per image (2.4 s per round of 8, about the sampling time on a quiet CPU): scoring
-    chunks of 2 while the next ones are sampled hides most of the sleep (a thread for a local scorer, concurrent
-    requests to the server for a remote one), and the rewards, round log and LoRA equal those of scoring after the
-    round."""
+    """A scorer that sleeps 0.15 s per image (1.2 s per round of 8, less than the sampling, 1.4 s on a quiet CPU):
+    scoring chunks of 2 while the next ones are sampled hides all but the last chunk's sleep (a thread for a local
+    scorer, concurrent requests to the server for a remote one), and the rewards, round log and LoRA equal those of
+    scoring after the round."""
     from diffalign.pipelines.online import run
     from safetensors.torch import load_file
 
@@ -517,12 +517,12 @@ def test_online_overlapped_scoring_is_faster_and_gives_the_same_lora(tmp_path, m
     args = ["model.path=assets/tiny/sd15", "lora.rank=4", "lora.alpha=4", f"sampling.prompts={tmp_path / 'prompts.txt'}",
             "sampling.prompts_per_round=4", "sampling.images_per_prompt=2", "sampling.sample_batch=2",
             "sampling.steps=16", "sampling.guidance=2.0", "train.steps_per_round=1", "train.batch_size=2",
-            "reward.monitor=[]", "online.rounds=3", "eval.prompts=", "train.tensorboard=false"]  # fmt: skip
-    sleep = 0.3 * 8 * 2  # seconds of scoring in rounds 2 and 3 (round 1 of the first run also pays the warm-up)
-    with Serving(SleepyToy(0.3), max_batch=2) as s:
+            "reward.monitor=[]", "online.rounds=4", "eval.prompts=", "train.tensorboard=false"]  # fmt: skip
+    sleep = 0.15 * 8  # seconds of scoring in a round
+    with Serving(SleepyToy(0.15), max_batch=2) as s:
         if where == "local":
             monkeypatch.setitem(SCORERS, "sleepy_toy", f"{__name__}:SleepyToy")
-            args += ["reward.scorer=sleepy_toy", "reward.args={seconds_per_image: 0.3}"]
+            args += ["reward.scorer=sleepy_toy", "reward.args={seconds_per_image: 0.15}"]
         else:
             args += ["reward.scorer=remote", f"reward.args={{endpoint: '{s.url}', timeout: 30, batch_size: 2}}"]
         rows = {}
@@ -530,12 +530,13 @@ def test_online_overlapped_scoring_is_faster_and_gives_the_same_lora(tmp_path, m
             run(None, [*args, f"reward.overlap={overlap}", f"train.output_dir={tmp_path / overlap}"])
             rows[overlap] = [json.loads(x) for x in (tmp_path / overlap / "rounds.jsonl").read_text().splitlines()]
     seconds = {k: [r.pop("round_seconds") for r in v] for k, v in rows.items()}
-    seconds = {k: sum(v[1:]) for k, v in seconds.items()}  # rounds 2 and 3
+    # the fastest of rounds 2-4 (round 1 of the first run pays the warm-up; other jobs on the cores slow some rounds)
+    seconds = {k: min(v[1:]) for k, v in seconds.items()}
     assert rows["true"] == rows["false"]  # the same rewards, losses, metrics
     a = load_file(str(tmp_path / "false" / "lora" / "pytorch_lora_weights.safetensors"))
     b = load_file(str(tmp_path / "true" / "lora" / "pytorch_lora_weights.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert seconds["true"] < seconds["false"] - 0.4 * sleep, seconds  # at least 40% of the sleep hidden
+    assert seconds["true"] < seconds["false"] - 0.4 * sleep, seconds  # at least 40% of a round's sleep hidden
 
 
 def test_set_level_scorers_are_never_split_or_merged():

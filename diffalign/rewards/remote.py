@@ -206,7 +206,7 @@ class RemoteScore:
         try:
             status, data, reason, retry_after = self._exchange(where, body, headers)
         except (OSError, http.client.HTTPException) as err:  # refused, timed out, cut
-            raise Failed(str(getattr(err, "reason", err)) or type(err).__name__, retry=True) from None
+            raise Failed(str(err) or type(err).__name__, retry=True) from None
         if status != 200:
             line = f"HTTP {status}: {_error_line(data, reason)}"
             if status == 401:
