@@ -23,6 +23,8 @@ from diffalign.models import load_family
 from diffalign.models.pixart import PixArtFamily
 from diffalign.models.sd3 import SD3Family
 from diffalign.objectives import OBJECTIVES
+from diffalign.sources import SOURCES
+from diffalign.sources.base import ErrorInputs
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "assets" / "tiny"
@@ -184,7 +186,7 @@ def test_every_objective_runs_through_the_estimator(name):
     t, eps = pair_timesteps(2, schedule.num_train_timesteps, g, distribution="logit_normal"), pair_noise(x0, g)
     for key, cls in OBJECTIVES.items():
         objective = cls()
-        if objective.xt_source not in XT_SOURCES:  # D3PO scores stored sampled trajectories
+        if SOURCES[cls.sources[0]].inputs_type is not ErrorInputs:  # trajectories, predictions, groups: own tests
             continue
         reference = (lambda: reference_mode(fam.denoiser)) if objective.needs_reference else None
         args = (fam.denoise, schedule, x0, cond, t, eps, reference, XT_SOURCES[objective.xt_source])
@@ -193,7 +195,7 @@ def test_every_objective_runs_through_the_estimator(name):
                 denoising_errors(*args)
             continue
         errors = denoising_errors(*args)
-        loss, _ = objective(errors.err, errors.ref_err, label)
+        loss, _ = objective(**ErrorInputs(errors.err, errors.ref_err, label).for_objective(cls))  # by name
         assert loss.shape[0] in (2, 4) and torch.isfinite(loss).all(), key
         if key == "dpo":
             torch.testing.assert_close(loss, torch.full((2,), math.log(2)))
