@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from online_factory import tiny_round
 
 from diffalign.objectives import OBJECTIVES
 from diffalign.objectives.awm import AWM
@@ -121,31 +122,10 @@ def test_online_awm_on_tiny_sd3_runs_one_round_sampled_by_the_trained_policy(tmp
 
     assert SOURCES["awm"].old_policy and not SOURCES["awm"].old_samples
     monkeypatch.chdir(REPO)
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a photo of a cat\nred dog\n")
     out = tmp_path / "run"
-    args = [
-        "objective.name=awm",
-        f"model.path={REPO / 'assets' / 'tiny' / 'sd3'}",
-        "model.resolution=0",
-        f"sampling.prompts={prompts}",
-        "lora.rank=4",
-        "lora.alpha=4",
-        "sampling.prompts_per_round=2",
-        "sampling.images_per_prompt=2",
-        "sampling.shared_noise=false",
-        "sampling.steps=2",
-        "sampling.eta=0",
-        "sampling.guidance=1.0",
-        "train.steps_per_round=1",
-        "train.batch_size=4",
-        "reward.scorer=toy_aesthetic",
-        "reward.monitor=[]",
-        "online.rounds=1",
-        "train.tensorboard=false",
-        "eval.prompts=",
-        f"train.output_dir={out}",
-    ]
+    args = tiny_round(
+        tmp_path, "awm", "sampling.steps=2", "sampling.eta=0", "sampling.guidance=1.0", "train.batch_size=4"
+    )  # ODE rounds, CFG 1
     run(None, args)
     row = json.loads((out / "rounds.jsonl").read_text().splitlines()[0])
     assert math.isfinite(row["train/loss"]) and row["train/old_kl"] == 0.0 and row["train/mse"] > 0

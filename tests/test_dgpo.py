@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from online_factory import tiny_round
 
 from diffalign.objectives import OBJECTIVES
 from diffalign.objectives.dgpo import DGPO
@@ -102,27 +103,8 @@ def test_advantages_are_group_relative_and_clipped():
     assert a.abs().max() <= 1.0
 
 
-TINY_SD3_DGPO = [
-    "objective.name=dgpo",
-    f"model.path={REPO / 'assets' / 'tiny' / 'sd3'}",
-    "model.resolution=0",
-    "lora.rank=4",
-    "lora.alpha=4",
-    "sampling.prompts_per_round=2",
-    "sampling.images_per_prompt=2",
-    "sampling.shared_noise=false",
-    "sampling.steps=2",
-    "sampling.eta=0",
-    "sampling.guidance=1.0",
-    "train.steps_per_round=1",
-    "train.batch_size=2",
-    "reward.scorer=toy_aesthetic",
-    "reward.monitor=[]",
-    "online.rounds=1",
-    "online.kl_weight=0.02",
-    "train.tensorboard=false",
-    "eval.prompts=",
-]
+# ODE rounds (noise level 0), CFG 1, the official KL weight
+DGPO_ROUND = ("sampling.steps=2", "sampling.eta=0", "sampling.guidance=1.0", "online.kl_weight=0.02")
 
 
 def test_online_dgpo_on_tiny_sd3_runs_one_round(tmp_path, monkeypatch):
@@ -130,10 +112,8 @@ def test_online_dgpo_on_tiny_sd3_runs_one_round(tmp_path, monkeypatch):
     from diffalign.pipelines.online import run
 
     monkeypatch.chdir(REPO)
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a photo of a cat\nred dog\n")
     out = tmp_path / "run"
-    run(None, [*TINY_SD3_DGPO, f"sampling.prompts={prompts}", f"train.output_dir={out}"])
+    run(None, tiny_round(tmp_path, "dgpo", *DGPO_ROUND))
     row = json.loads((out / "rounds.jsonl").read_text().splitlines()[0])
     assert row["train/loss"] == pytest.approx(math.log(2) / 100.0, rel=1e-4)  # one step, taken at init
     assert row["train/reward_margin"] == 0.0 and row["train/kl"] == 0.0
@@ -146,4 +126,4 @@ def test_online_dgpo_rejects_groups_of_one(tmp_path, monkeypatch):
 
     monkeypatch.chdir(REPO)
     with pytest.raises(DiffalignError, match="images_per_prompt must be >= 2"):
-        run(None, [*TINY_SD3_DGPO, "sampling.images_per_prompt=1", f"train.output_dir={tmp_path / 'a'}"])
+        run(None, tiny_round(tmp_path, "dgpo", *DGPO_ROUND, "sampling.images_per_prompt=1"))

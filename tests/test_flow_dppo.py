@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import torch
+from online_factory import tiny_round
 from test_grpo_guard import flow_sampler
 
 from diffalign.likelihood import gaussian_log_prob
@@ -117,14 +118,7 @@ def test_online_round_on_the_tiny_sd3(tmp_path, monkeypatch):
     from diffalign.pipelines.online import run
 
     monkeypatch.chdir(REPO)
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a photo of a cat\nred dog\n")
-    args = ["model.path=assets/tiny/sd3", "lora.rank=4", "lora.alpha=4", "objective.name=flow_dppo"]
-    args += ["sampling.prompts_per_round=2", "sampling.images_per_prompt=2", "sampling.steps=3", "sampling.eta=0.7"]
-    args += ["sampling.guidance=2.0", "sampling.shared_noise=false", "train.steps_per_round=1", "train.batch_size=2"]
-    args += ["reward.scorer=toy_aesthetic", "reward.monitor=[]", "online.rounds=1", "train.tensorboard=false"]
-    args += ["eval.prompts=", f"sampling.prompts={prompts}", f"train.output_dir={tmp_path / 'run'}"]
-    run(None, args)
+    run(None, tiny_round(tmp_path, "flow_dppo", "sampling.steps=3", "sampling.eta=0.7", "sampling.guidance=2.0"))
     row = json.loads((tmp_path / "run" / "rounds.jsonl").read_text())
     assert abs(row["train/ratio"] - 1) < 1e-6 and row["train/kl_old"] < 1e-10 and row["train/masked_frac"] == 0
     assert math.isclose(row["train/loss"], -row["train/advantage"], abs_tol=1e-5) and row["skipped_steps"] == 0

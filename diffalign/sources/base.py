@@ -170,6 +170,18 @@ def fits(objective_name: str, objective_cls, source: Source) -> None:
         )
 
 
+def check_groups(cfg, who: str, why: str) -> None:
+    """Group-relative sources (nft, awm, round_groups): G >= 2, and distinct x_T within a group when the sampler is
+    deterministic (eta 0), else every image of a group would be the same image."""
+    if cfg.sampling.images_per_prompt < 2:
+        raise DiffalignError(f"sampling.images_per_prompt must be >= 2 for {who} ({why})")
+    if cfg.sampling.shared_noise and cfg.sampling.eta == 0:
+        raise DiffalignError(
+            f"sampling.shared_noise must be false for {who} with eta 0: a deterministic sampler would give every "
+            "image of a group the same x_T and so the same image"
+        )
+
+
 def keyed_draws(ctx: StepContext, x0: torch.Tensor, rnd: Round, step: int, rows: torch.Tensor):
     """Each row's own t and eps, from the generator keyed on (seed, round, optimizer step, row): (N,), (N, C, h, w)."""
     draws = [

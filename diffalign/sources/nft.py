@@ -9,12 +9,11 @@ import math
 import torch
 
 from diffalign.engine.step import StepContext
-from diffalign.errors import DiffalignError
 from diffalign.lora import adapter_mode
 from diffalign.objectives.nft import x0_scale
 from diffalign.online.advantages import group_advantages
 from diffalign.online.old_policy import OLD_ADAPTER
-from diffalign.sources.base import Predictions, Round, Source, keyed_draws
+from diffalign.sources.base import Predictions, Round, Source, check_groups, keyed_draws
 
 
 class NFT(Source):
@@ -23,15 +22,7 @@ class NFT(Source):
     old_policy = True
 
     def check(self, cfg) -> None:
-        if cfg.sampling.images_per_prompt < 2:
-            raise DiffalignError(
-                f"sampling.images_per_prompt must be >= 2 for {self.name} (advantages are relative to the group)"
-            )
-        if cfg.sampling.shared_noise and cfg.sampling.eta == 0:
-            raise DiffalignError(
-                f"sampling.shared_noise must be false for {self.name} with eta 0: a deterministic sampler would give every "
-                "image of a group the same x_T and so the same image"
-            )
+        check_groups(cfg, self.name, "advantages are relative to the group")
 
     def rows(self, by_group, cfg, labels, r, pool_index):
         """Every sample, with its group-relative advantage (per-prompt mean, global std; the objective clips it)."""

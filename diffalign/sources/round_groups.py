@@ -8,9 +8,8 @@ from __future__ import annotations
 import torch
 
 from diffalign.engine.step import StepContext, draw_t_and_eps, pair_generator
-from diffalign.errors import DiffalignError
 from diffalign.likelihood import denoising_errors
-from diffalign.sources.base import GroupErrors, Round, Source
+from diffalign.sources.base import GroupErrors, Round, Source, check_groups
 
 
 class RoundGroups(Source):
@@ -18,15 +17,7 @@ class RoundGroups(Source):
     inputs_type = GroupErrors
 
     def check(self, cfg) -> None:
-        if cfg.sampling.images_per_prompt < 2:
-            raise DiffalignError(
-                f"sampling.images_per_prompt must be >= 2 for {cfg.objective.name} (its preference is within a group)"
-            )
-        if cfg.sampling.shared_noise and cfg.sampling.eta == 0:
-            raise DiffalignError(
-                f"sampling.shared_noise must be false for {cfg.objective.name} with eta 0: a deterministic sampler "
-                "would give every image of a group the same x_T and so the same image"
-            )
+        check_groups(cfg, cfg.objective.name, "its preference is within a group")
 
     def rows(self, by_group, cfg, labels, r, pool_index):
         """Every prompt's group is a row; the round's rewards (P, G) go along for the objective's advantages."""
