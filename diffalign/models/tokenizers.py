@@ -6,19 +6,23 @@ fallback).
 T5 (Unigram, as the real sentencepiece model): <pad>, </s>, <unk>, "▁", one "▁word" piece per listed word, then
 single printable-ASCII characters; built with transformers' own tokenizers-backed `T5Tokenizer(vocab=...)`, so no
 sentencepiece file is needed. Other ASCII text tokenizes character by character; non-ASCII characters become <unk>.
+Qwen2 (byte-level BPE, as Qwen2.5-VL and Qwen3 use): the 256 byte characters, one entry per merge result, then the
+chat specials <|endoftext|>, <|im_start|>, <|im_end|>, <think>, </think>, and Qwen3's chat template (the system /
+user / assistant turns and `enable_thinking`), so the pipelines' `apply_chat_template` and fixed templates work.
 """
 
 from __future__ import annotations
 
 import string
 
-from transformers import CLIPTokenizer, T5Tokenizer
+from transformers import CLIPTokenizer, Qwen2Tokenizer, T5Tokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 
-def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
-    """GPT-2/CLIP BPE of one word: repeatedly merge every occurrence of the lowest-ranked pair."""
-    pieces = list(word[:-1]) + [word[-1] + "</w>"]
+def _bpe(word: str, ranks: dict[tuple[str, str], int], end: str = "</w>") -> list[str]:
+    """GPT-2/CLIP BPE of one word: repeatedly merge every occurrence of the lowest-ranked pair (CLIP marks the
+    word's last character with `end`; byte-level BPE has none)."""
+    pieces = list(word[:-1]) + [word[-1] + end]
     while len(pieces) > 1:
         pairs = [(ranks[p], p) for p in zip(pieces, pieces[1:]) if p in ranks]
         if not pairs:
@@ -76,6 +80,50 @@ def build_t5_tokenizer(words: list[str]) -> T5Tokenizer:
     if (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id) != (0, 1, 2) or len(tok) != len(vocab):
         raise RuntimeError(f"T5 tokenizer built with {len(tok)} ids and unexpected special ids")
     split = [w for w in unique if len(tok.tokenize(w)) != 1]
+    if split:
+        raise RuntimeError(f"words that did not become single tokens: {split}")
+    return tok
+
+
+QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+# Qwen3's chat template, reduced to text turns: what the Z-Image and FLUX.2-Klein pipelines render
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+    "{% if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}{% endif %}"
+    "{% endif %}"
+)
+
+
+def build_qwen2_tokenizer(words: list[str], model_max_length: int = 1024) -> Qwen2Tokenizer:
+    """A Qwen2Tokenizer (byte-level BPE) with each of `words` (lower-case ASCII) as one token, " word" (the form
+    after a space) as one token too, the Qwen chat specials and chat template; pad = eos = <|endoftext|>."""
+    chars = list(bytes_to_unicode().values())
+    vocab = {c: i for i, c in enumerate(chars)}
+    merges: list[tuple[str, str]] = []
+    space = bytes_to_unicode()[ord(" ")]
+    unique = sorted(set(w.lower() for w in words))
+    ranked: dict[tuple[str, str], int] = {}
+
+    def merge(pair: tuple[str, str]) -> None:
+        if pair not in ranked:
+            ranked[pair] = len(ranked)
+            merges.append(pair)
+            vocab.setdefault(pair[0] + pair[1], len(vocab))
+
+    for word in unique:  # run the merges made so far, then join what is left with new, higher-ranked merges
+        pieces = _bpe(word, ranked, end="")
+        while len(pieces) > 1:
+            merge((pieces[0], pieces[1]))
+            pieces = [pieces[0] + pieces[1]] + pieces[2:]
+    for word in unique:  # then "Ġword" = (Ġ, word), ranked after every merge that builds a word
+        merge((space, word))
+    for special in QWEN_SPECIALS:
+        vocab[special] = len(vocab)
+    tok = Qwen2Tokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
+    tok.add_special_tokens({"additional_special_tokens": QWEN_SPECIALS[1:]})
+    tok.chat_template = QWEN_CHAT_TEMPLATE
+    split = [w for w in unique if len(tok.tokenize(w)) != 1 or len(tok.tokenize(" " + w)) != 1]
     if split:
         raise RuntimeError(f"words that did not become single tokens: {split}")
     return tok
