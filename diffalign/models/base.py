@@ -81,6 +81,13 @@ class Family:
     """T5 tokens of the prompt encoding (SD3, FLUX, PixArt: their pipeline's default, `model.max_sequence_length`
     sets it); None for the CLIP-only families (77 tokens, fixed)."""
 
+    @property
+    def shard_blocks(self) -> tuple[str, ...]:
+        """Class names of the denoiser's repeated blocks: the units FSDP2 shards the frozen base by (one
+        `fully_shard` per block, then the root). The diffusers model's own `_no_split_modules` unless a family
+        overrides it."""
+        return tuple(getattr(self.denoiser, "_no_split_modules", None) or ())
+
     def flow_scheduler(self, steps: int):
         """Flow families: a FlowMatchEulerDiscreteScheduler with the timesteps their own pipeline samples `steps`
         steps with (SD3's pipeline: `set_timesteps(steps)`); diffalign.sampling.flow_sde reads its sigmas."""
