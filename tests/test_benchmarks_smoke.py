@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _run(script: str, *args: str) -> None:
     cmd = [sys.executable, str(REPO / "benchmarks" / script), "--threads", "1", *args]
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=180)
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
 
 
