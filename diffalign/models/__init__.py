@@ -40,6 +40,7 @@ from diffalign.models.sd import SDFamily
 from diffalign.models.sd3 import SD3Family
 from diffalign.models.sdxl import SDXLFamily
 from diffalign.models.toy import ToyFamily
+from diffalign.models.zimage import ZImageFamily
 from diffalign.paths import TOY_FLOW_MODEL, TOY_MODEL
 
 FAMILIES = {
@@ -48,6 +49,7 @@ FAMILIES = {
     "sd3": SD3Family,
     "pixart": PixArtFamily,
     "flux": FluxFamily,
+    "zimage": ZImageFamily,
     "toy": ToyFamily,
 }
 
@@ -58,6 +60,7 @@ PIPELINE_CLASSES = {
     "StableDiffusion3Pipeline": "sd3",
     "PixArtSigmaPipeline": "pixart",
     "FluxPipeline": "flux",
+    "ZImagePipeline": "zimage",
     "DiffalignToyPipeline": "toy",
 }
 
