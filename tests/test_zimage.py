@@ -202,7 +202,7 @@ def test_online_round_on_zimage_turbo_through_the_cli(tmp_path, monkeypatch, obj
     prompts.write_text("a photo of a cat\nred dog\n")
     out = tmp_path / "run"
     args = ["online", *ONLINE[objective], f"model.path={TINY}", "model.resolution=0"]
-    args += ["online.rounds=1", "sampling.prompts_per_round=2", "sampling.images_per_prompt=2", "sampling.steps=3"]
+    args += ["online.rounds=1", "sampling.prompts_per_round=2", "sampling.images_per_prompt=2"]  # own steps (6)
     args += ["sampling.sample_batch=4", "train.steps_per_round=1", "train.batch_size=2", "train.grad_accum=1"]
     args += [f"sampling.prompts={prompts}", "reward.scorer=toy_aesthetic", "reward.args={}", "reward.monitor=[]"]
     args += ["train.tensorboard=false", "eval.prompts=", f"train.output_dir={out}"]
