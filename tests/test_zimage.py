@@ -81,6 +81,8 @@ def test_training_sigma_is_the_static_shift_3(zimage):
     torch.testing.assert_close(fam.schedule.sigma(t).double(), 3 * u / (1 + 2 * u), rtol=1e-6, atol=1e-6)
     fam.set_resolution(1024)  # static shift: the size does not matter
     torch.testing.assert_close(fam.schedule.sigma(t).double(), 3 * u / (1 + 2 * u), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="resolution 520 must be a multiple of 16"):
+        fam.set_resolution(520)
 
 
 def test_denoise_is_the_transformer_called_as_the_pipeline_calls_it(zimage):
@@ -211,3 +213,21 @@ def test_online_round_on_zimage_turbo_through_the_cli(tmp_path, monkeypatch, obj
     assert math.isfinite(row["train/loss"]) and row["skipped_steps"] == 0
     with safe_open(str(out / "lora" / "pytorch_lora_weights.safetensors"), "pt") as f:
         assert any(k.startswith("transformer.layers.") for k in f.keys())
+
+
+def test_int8_base_under_the_lora_and_adapters_off_is_the_quantized_base():
+    pytest.importorskip("torchao", reason="the int8 backend is the optional extra diffalign[quantize]")
+    fam = load_family(str(TINY), dtype=torch.bfloat16, quantize="int8")
+    assert type(fam.denoiser.layers[0].attention.to_q.weight).__name__ == "Int8Tensor"
+    xt, t, cond = inputs(fam)
+    with torch.no_grad():
+        base = fam.denoise(xt, t, cond)
+    params = add_lora(fam.denoiser, 4, 8, fam.lora_target_modules)
+    with torch.no_grad():
+        for name, p in fam.denoiser.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.1)
+        with reference_mode(fam.denoiser):
+            assert torch.equal(fam.denoise(xt, t, cond), base)
+    fam.denoise(xt, t, cond).float().pow(2).mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params if p.shape[0] == 4)  # lora_A

@@ -75,6 +75,11 @@ class ZImageFamily(Family):
     def set_resolution(self, resolution: int) -> None:
         """The training schedule for `resolution` px: the folder's scheduler with its static shift (Z-Image-Turbo:
         3.0), or the static shift equal to its dynamic one at that size."""
+        if resolution % (2 * self.vae_scale_factor):
+            raise ValueError(
+                f"{self.name}: resolution {resolution} must be a multiple of {2 * self.vae_scale_factor} (VAE factor x "
+                "the transformer's 2x2 patches, as ZImagePipeline checks)"
+            )
         tokens = (resolution // (2 * self.vae_scale_factor)) ** 2  # 2x2 patches, the pipeline's image_seq_len
         self.train_tokens = tokens
         self.dynamic_shift = bool(self.pipe.scheduler.config.get("use_dynamic_shifting", False))
