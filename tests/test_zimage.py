@@ -231,3 +231,16 @@ def test_int8_base_under_the_lora_and_adapters_off_is_the_quantized_base():
             assert torch.equal(fam.denoise(xt, t, cond), base)
     fam.denoise(xt, t, cond).float().pow(2).mean().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params if p.shape[0] == 4)  # lora_A
+
+
+def test_memory_accounting_of_zimage_at_its_real_size():
+    import sys
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import memory
+
+    z = memory.main(["--families", "zimage"])["zimage"]
+    assert 6.1e9 < z["params"] < 6.2e9  # Z-Image / Z-Image-Turbo: "6 B"
+    rows = z["rows"]
+    assert rows["bf16+ckpt"]["activations_gb"] < rows["bf16"]["activations_gb"] < rows["fp32"]["activations_gb"]
+    assert rows["nf4+ckpt"]["total_gb"] < rows["int8+ckpt"]["total_gb"] < rows["bf16+ckpt"]["total_gb"] < 80
