@@ -194,7 +194,6 @@ ONLINE = {  # objective -> its overrides on top of a one-round tiny run
 }
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("objective", list(ONLINE))
 def test_online_round_on_zimage_turbo_through_the_cli(tmp_path, monkeypatch, objective):
     """`diffalign online` on the tiny Z-Image with the Turbo recipes (no CFG, few steps): GRPO (SDE sampling with
@@ -244,3 +243,26 @@ def test_memory_accounting_of_zimage_at_its_real_size():
     rows = z["rows"]
     assert rows["bf16+ckpt"]["activations_gb"] < rows["bf16"]["activations_gb"] < rows["fp32"]["activations_gb"]
     assert rows["nf4+ckpt"]["total_gb"] < rows["int8+ckpt"]["total_gb"] < rows["bf16+ckpt"]["total_gb"] < 80
+
+
+ONLINE_BASE = {  # on-line methods with CFG on (Z-Image base style: guidance 3 = CFG scale 4 in sampling and training)
+    "d3po": ["objective.name=d3po", "sampling.eta=0.7"],
+    "dragon": ["objective.name=dpo", "pairing.split=best_worst", "sampling.eta=0.9"],
+}
+
+
+@pytest.mark.parametrize("objective", list(ONLINE_BASE))
+def test_online_round_with_cfg_on_zimage_through_the_cli(tmp_path, monkeypatch, objective):
+    """D3PO and DRAGON rounds with true CFG (the "" prompt's branch in sampling and in the training forward)."""
+    monkeypatch.chdir(REPO)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of a cat\nred dog\n")
+    out = tmp_path / "run"
+    args = ["online", "lora.rank=4", "lora.alpha=4", f"model.path={TINY}", "model.resolution=0", *ONLINE_BASE[objective]]
+    args += ["online.rounds=1", "sampling.prompts_per_round=2", "sampling.images_per_prompt=2", "sampling.steps=3"]
+    args += ["sampling.sample_batch=4", "train.steps_per_round=1", "train.batch_size=2", "train.grad_accum=1"]
+    args += [f"sampling.prompts={prompts}", "reward.scorer=toy_aesthetic", "reward.args={}", "reward.monitor=[]"]
+    args += ["sampling.guidance=3.0", "train.tensorboard=false", "eval.prompts=", f"train.output_dir={out}"]
+    assert main(args) == 0
+    row = json.loads((out / "rounds.jsonl").read_text().splitlines()[0])
+    assert math.isfinite(row["train/loss"]) and row["skipped_steps"] == 0
