@@ -266,3 +266,18 @@ def test_online_round_with_cfg_on_zimage_through_the_cli(tmp_path, monkeypatch, 
     assert main(args) == 0
     row = json.loads((out / "rounds.jsonl").read_text().splitlines()[0])
     assert math.isfinite(row["train/loss"]) and row["skipped_steps"] == 0
+
+
+def test_dpo_from_the_latent_cache_without_vae_and_qwen3_equals_the_first_run(pairs_file, tmp_path, capsys):
+    """The cache holds the padded Qwen3 embeddings with their bool mask; a run from it loads no encoder and sees the
+    same numbers as the run that built it."""
+    runs = []
+    for name in ("a", "b"):
+        args = [f"data.source={pairs_file}", f"data.cache_dir={tmp_path / 'cache'}", f"train.output_dir={tmp_path / name}"]
+        assert main(["train", str(REPO / "configs/tiny/zimage_dpo.yaml"), *args, "train.max_steps=2"]) == 0
+        runs.append([json.loads(line)["loss"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()])
+    assert runs[0] == runs[1] and len(runs[0]) == 2
+    assert "VAE and text encoders not loaded" in capsys.readouterr().out  # the second run
+    with safe_open(str(next((tmp_path / "cache").glob("text-*.safetensors"))), "pt") as f:
+        masks = [f.get_tensor(k) for k in f.keys() if k.endswith("prompt_mask")]
+    assert masks and all(m.dtype == torch.bool for m in masks)
