@@ -172,7 +172,9 @@ def test_dpo_through_the_cli_then_zimage_pipeline_load_lora_weights(pairs_file, 
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert math.isclose(rows[0]["loss"], math.log(2), abs_tol=1e-6)
     pipe = plain_pipe()
-    kw = dict(prompt="a photo of a cat", num_inference_steps=2, guidance_scale=3.0, height=64, width=64, output_type="np")
+    kw = dict(
+        prompt="a photo of a cat", num_inference_steps=2, guidance_scale=3.0, height=64, width=64, output_type="np"
+    )
     base = pipe(generator=torch.Generator().manual_seed(0), **kw).images
     pipe.load_lora_weights(run / "lora")
     tuned = pipe(generator=torch.Generator().manual_seed(0), **kw).images
@@ -183,9 +185,10 @@ def test_dpo_through_the_cli_then_zimage_pipeline_load_lora_weights(pairs_file, 
     plain = ZImageFamily(pipe, pipe.vae.config, torch.float32)
     with torch.no_grad():
         torch.testing.assert_close(fam.denoise(xt, t, cond), plain.denoise(xt, t, cond), rtol=0, atol=1e-6)
-    ours = fam.generate(["a photo of a cat"], [0], steps=2, guidance=3.0)[0]  # ... and the same images as diffalign's sampling
-    assert np.array_equal(np.asarray(ours), np.asarray(pipe(generator=torch.Generator().manual_seed(0),
-                                                            **{**kw, "output_type": "pil"}).images[0]))  # fmt: skip
+    # ... and the same images as diffalign's own sampling
+    ours = fam.generate(["a photo of a cat"], [0], steps=2, guidance=3.0)[0]
+    theirs = pipe(generator=torch.Generator().manual_seed(0), **{**kw, "output_type": "pil"}).images[0]
+    assert np.array_equal(np.asarray(ours), np.asarray(theirs))
 
 
 ONLINE = {  # objective -> its overrides on top of a one-round tiny run
@@ -258,7 +261,14 @@ def test_online_round_with_cfg_on_zimage_through_the_cli(tmp_path, monkeypatch, 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a photo of a cat\nred dog\n")
     out = tmp_path / "run"
-    args = ["online", "lora.rank=4", "lora.alpha=4", f"model.path={TINY}", "model.resolution=0", *ONLINE_BASE[objective]]
+    args = [
+        "online",
+        "lora.rank=4",
+        "lora.alpha=4",
+        f"model.path={TINY}",
+        "model.resolution=0",
+        *ONLINE_BASE[objective],
+    ]
     args += ["online.rounds=1", "sampling.prompts_per_round=2", "sampling.images_per_prompt=2", "sampling.steps=3"]
     args += ["sampling.sample_batch=4", "train.steps_per_round=1", "train.batch_size=2", "train.grad_accum=1"]
     args += [f"sampling.prompts={prompts}", "reward.scorer=toy_aesthetic", "reward.args={}", "reward.monitor=[]"]
@@ -273,9 +283,15 @@ def test_dpo_from_the_latent_cache_without_vae_and_qwen3_equals_the_first_run(pa
     same numbers as the run that built it."""
     runs = []
     for name in ("a", "b"):
-        args = [f"data.source={pairs_file}", f"data.cache_dir={tmp_path / 'cache'}", f"train.output_dir={tmp_path / name}"]
+        args = [
+            f"data.source={pairs_file}",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            f"train.output_dir={tmp_path / name}",
+        ]
         assert main(["train", str(REPO / "configs/tiny/zimage_dpo.yaml"), *args, "train.max_steps=2"]) == 0
-        runs.append([json.loads(line)["loss"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()])
+        runs.append(
+            [json.loads(line)["loss"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        )
     assert runs[0] == runs[1] and len(runs[0]) == 2
     assert "VAE and text encoders not loaded" in capsys.readouterr().out  # the second run
     with safe_open(str(next((tmp_path / "cache").glob("text-*.safetensors"))), "pt") as f:

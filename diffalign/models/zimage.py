@@ -77,14 +77,16 @@ class ZImageFamily(Family):
         3.0), or the static shift equal to its dynamic one at that size."""
         if resolution % (2 * self.vae_scale_factor):
             raise ValueError(
-                f"{self.name}: resolution {resolution} must be a multiple of {2 * self.vae_scale_factor} (VAE factor x "
-                "the transformer's 2x2 patches, as ZImagePipeline checks)"
+                f"{self.name}: resolution {resolution} must be a multiple of {2 * self.vae_scale_factor} "
+                "(VAE factor x the transformer's 2x2 patches, as ZImagePipeline checks)"
             )
         tokens = (resolution // (2 * self.vae_scale_factor)) ** 2  # 2x2 patches, the pipeline's image_seq_len
         self.train_tokens = tokens
         self.dynamic_shift = bool(self.pipe.scheduler.config.get("use_dynamic_shifting", False))
         self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(
-            self.pipe.scheduler.config, use_dynamic_shifting=False, shift=flow_shift(self.pipe.scheduler.config, tokens)
+            self.pipe.scheduler.config,
+            use_dynamic_shifting=False,
+            shift=flow_shift(self.pipe.scheduler.config, tokens),
         )
         self.schedule = Schedule(self.scheduler, self.prediction_type)
 
