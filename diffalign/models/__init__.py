@@ -5,7 +5,7 @@ pooled embeds, VAE scaling and shift, SD3's flow timesteps, PixArt's learned-sig
 behind the same small surface:
 
     family = load_family(path, dtype=torch.float32, load_encoders=True)
-    family.name                  # "sd" | "sdxl" | "sd3" | "pixart" | "flux" | "toy"
+    family.name                  # "sd" | "sdxl" | "sd3" | "pixart" | "flux" | "zimage" | "toy"
     family.denoiser              # the nn.Module LoRA attaches to (UNet or transformer)
     family.scheduler             # the *training* noise scheduler (DDPMScheduler / FlowMatchEulerDiscreteScheduler)
     family.lora_prefix           # key prefix of its LoRA files: "unet" | "transformer"
