@@ -1,6 +1,6 @@
 """Write tiny, real diffusers pipeline folders (random weights) that load with `from_pretrained` like real checkpoints.
 
-    python assets/make_tiny_pipelines.py          # writes assets/tiny/{sd15,sd15_v,sdxl,sd3,pixart,flux}/
+    python assets/make_tiny_pipelines.py          # writes assets/tiny/{sd15,sd15_v,sdxl,sd3,pixart,flux,zimage}/
     python assets/make_tiny_pipelines.py flux     # writes only assets/tiny/flux/
 
 - sd15:    StableDiffusionPipeline, DDIMScheduler with SD1.5's folder settings (steps_offset=1, scaled_linear betas).
@@ -18,6 +18,10 @@
            guidance_embeds=True, 1 double + 1 single block, in_channels 64 (16 VAE channels, 2x2-packed), CLIPTextModel
            (pooled 32) + T5 (d_model 64), FLUX.1-dev's dynamic-shift FlowMatchEulerDiscreteScheduler, a 16-channel VAE
            with FLUX.1's shift_factor / scaling_factor.
+- zimage:  ZImagePipeline shaped like Z-Image-Turbo (diffusers' tests/pipelines/z_image/test_z_image.py sizes):
+           ZImageTransformer2DModel (dim 32, 2 layers, 1 refiner layer each, cap_feat_dim 16), a Qwen3Model text encoder
+           (hidden 16) with the byte-level Qwen2 tokenizer and Qwen3 chat template, Z-Image-Turbo's static-shift
+           FlowMatchEulerDiscreteScheduler (shift 3.0), a 16-channel VAE with FLUX.1's shift / scaling factors.
 The T5 tokenizers are real T5Tokenizers (Unigram) built in code, no sentencepiece file.
 Sizes are the smallest that keep every code path of the real models: VAE with 4 levels (vae_scale_factor 8 as in real SD), UNet and
 transformer sample_size 8 (so the native resolution is 64 px), text encoders with hidden size 32 and 2 layers.
@@ -46,10 +50,20 @@ from diffusers import (
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
+    ZImagePipeline,
+    ZImageTransformer2DModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    Qwen3Config,
+    Qwen3Model,
+    T5Config,
+    T5EncoderModel,
+)
 
-from diffalign.models.tokenizers import build_clip_tokenizer, build_t5_tokenizer
+from diffalign.models.tokenizers import build_clip_tokenizer, build_qwen2_tokenizer, build_t5_tokenizer
 
 OUT = Path(__file__).resolve().parent / "tiny"
 WORDS = "a an the photo of cat dog red blue green circle square at left right top bottom painting drawing".split()
@@ -244,6 +258,56 @@ def flux(tokenizer, t5_tokenizer) -> FluxPipeline:
     )
 
 
+def zimage_transformer():
+    """As diffusers' tests/pipelines/z_image/test_z_image.py; the pad tokens (torch.empty in __init__) seeded."""
+    torch.manual_seed(15)
+    model = ZImageTransformer2DModel(
+        all_patch_size=(2,),
+        all_f_patch_size=(1,),
+        in_channels=16,
+        dim=32,
+        n_layers=2,
+        n_refiner_layers=1,
+        n_heads=2,
+        n_kv_heads=2,
+        qk_norm=True,
+        cap_feat_dim=16,  # the Qwen3 width
+        axes_dims=[8, 4, 4],  # sums to the head dim 16
+        axes_lens=[256, 32, 32],  # caption positions, then up to 32 x 32 patches (512 px)
+    )
+    with torch.no_grad():
+        model.x_pad_token.copy_(torch.randn_like(model.x_pad_token) * 0.02)
+        model.cap_pad_token.copy_(torch.randn_like(model.cap_pad_token) * 0.02)
+    return model.eval()
+
+
+def zimage() -> ZImagePipeline:
+    """ZImagePipeline shaped like Z-Image-Turbo: Qwen3Model (last-but-one hidden states, width 16 = cap_feat_dim),
+    Z-Image-Turbo's scheduler_config.json (shift 3.0, no dynamic shifting)."""
+    tokenizer = build_qwen2_tokenizer(WORDS)
+    torch.manual_seed(16)
+    encoder = Qwen3Model(
+        Qwen3Config(
+            vocab_size=len(tokenizer),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            head_dim=8,
+            max_position_embeddings=1024,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    ).eval()
+    return ZImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False),
+        vae=vae16(17, shift_factor=0.1159, scaling_factor=0.3611),  # Z-Image uses FLUX.1's VAE
+        text_encoder=encoder,
+        tokenizer=tokenizer,
+        transformer=zimage_transformer(),
+    )
+
+
 def save(pipe, name: str) -> None:
     folder = OUT / name
     shutil.rmtree(folder, ignore_errors=True)
@@ -257,7 +321,7 @@ def main(only: list[str]) -> None:
     tokenizer = build_clip_tokenizer(WORDS, model_max_length=77)
     if only:
         t5_tokenizer = build_t5_tokenizer(WORDS)
-        builders = {"flux": lambda: flux(tokenizer, t5_tokenizer)}
+        builders = {"flux": lambda: flux(tokenizer, t5_tokenizer), "zimage": zimage}
         for name in only:
             save(builders[name](), name)
         return
@@ -317,6 +381,7 @@ def main(only: list[str]) -> None:
     )
     save(pixart, "pixart")
     save(flux(tokenizer, t5_tokenizer), "flux")
+    save(zimage(), "zimage")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Memory accounting of one Diffusion-DPO LoRA step (1 pair = 2 images) per family and setting, on CPU, no weights.
 
     python benchmarks/memory.py                      # the table: SD1.5@512, SDXL@1024, SD3.5-M@1024, FLUX.1-dev@1024
+    python benchmarks/memory.py --families zimage    # Z-Image / Z-Image-Turbo (6.15 B) @ 1024
     python benchmarks/memory.py --families sd15 --json out.json
 
 Each denoiser is built on the `meta` device from its published config (written below: nothing is downloaded) and
@@ -23,7 +24,7 @@ import argparse
 import json
 
 import torch
-from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
+from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel, ZImageTransformer2DModel
 from diffusers.utils import logging as diffusers_logging
 
 GB = 1024**3
@@ -71,6 +72,23 @@ FLUX_DEV = dict(  # black-forest-labs/FLUX.1-dev transformer/config.json
     guidance_embeds=True,
     axes_dims_rope=(16, 56, 56),
 )
+ZIMAGE = dict(  # Tongyi-MAI/Z-Image-Turbo transformer/config.json (Z-Image base: the same architecture)
+    all_patch_size=(2,),
+    all_f_patch_size=(1,),
+    in_channels=16,
+    dim=3840,
+    n_layers=30,
+    n_refiner_layers=2,
+    n_heads=30,
+    n_kv_heads=30,
+    norm_eps=1e-5,
+    qk_norm=True,
+    cap_feat_dim=2560,  # Qwen3-4B hidden size (its 4.0 B params: 7.5 GB in bf16, not counted, as every encoder)
+    rope_theta=256.0,
+    t_scale=1000.0,
+    axes_dims=[32, 48, 48],
+    axes_lens=[1536, 512, 512],
+)
 ATTN = ["to_q", "to_k", "to_v", "to_out.0"]
 JOINT = ATTN + ["add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 
@@ -108,6 +126,14 @@ def _flux_inputs(n, dtype):
     )
 
 
+def _zimage_inputs(n, dtype):
+    return dict(  # 1024 px: 128x128 latents with a frame axis; 128 caption tokens (a prompt + the chat template)
+        x=[torch.empty(16, 1, 128, 128, dtype=dtype) for _ in range(n)],
+        t=torch.zeros(n),
+        cap_feats=[torch.empty(128, 2560, dtype=dtype) for _ in range(n)],
+    )
+
+
 # name -> (label, model class, config, inputs(n, dtype), LoRA targets, checkpointing units: UNITS key)
 FAMILIES = {
     "sd15": ("SD1.5 @ 512", UNet2DConditionModel, SD15, _unet_inputs(512, 4, 77, 768), ATTN, "unet"),
@@ -128,6 +154,7 @@ FAMILIES = {
         JOINT,
         "dit",
     ),
+    "zimage": ("Z-Image @ 1024", ZImageTransformer2DModel, ZIMAGE, _zimage_inputs, ATTN, "zimage"),
 }
 SETTINGS = {  # name -> (weights dtype, quantized Linear weights: QUANT_BYTES key or False, gradient checkpointing)
     "fp32": (torch.float32, False, False),
@@ -199,7 +226,12 @@ def transformer_units(model):
     return [*model.transformer_blocks, *getattr(model, "single_transformer_blocks", [])]
 
 
-UNITS = {"unet": unet_units, "dit": transformer_units}  # gradient-checkpointing units
+def zimage_units(model):
+    """Z-Image's checkpointed blocks: both refiners and the main layers (transformer_z_image.py forward)."""
+    return [*model.noise_refiner, *model.context_refiner, *model.layers]
+
+
+UNITS = {"unet": unet_units, "dit": transformer_units, "zimage": zimage_units}  # gradient-checkpointing units
 
 
 def activation_bytes(model, inputs, blocks_attrs) -> tuple[int, int, int]:

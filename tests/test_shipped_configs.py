@@ -24,6 +24,7 @@ TINY = {
     "sd3": "sd3",
     "pixart": "pixart",
     "flux": "flux",
+    "zimage": "zimage",
 }  # file-name prefix -> assets/tiny/<name>
 WEIGHTED = {
     "pickscore",
@@ -53,6 +54,8 @@ SLOW = {
     "toy_flow_nft",
     "toy_flow_awm",  # as toy_flow_nft
     "toy_flow_dgpo",  # on-line sampling and scoring, as toy_flow_nft
+    "zimage_grpo",  # 10-15 s each on a loaded box: on-line sampling with CFG, Qwen3 encoding
+    "zimage_turbo_grpo",
 }  # top-level stems
 
 

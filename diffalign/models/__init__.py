@@ -5,7 +5,7 @@ pooled embeds, VAE scaling and shift, SD3's flow timesteps, PixArt's learned-sig
 behind the same small surface:
 
     family = load_family(path, dtype=torch.float32, load_encoders=True)
-    family.name                  # "sd" | "sdxl" | "sd3" | "pixart" | "flux" | "toy"
+    family.name                  # "sd" | "sdxl" | "sd3" | "pixart" | "flux" | "zimage" | "toy"
     family.denoiser              # the nn.Module LoRA attaches to (UNet or transformer)
     family.scheduler             # the *training* noise scheduler (DDPMScheduler / FlowMatchEulerDiscreteScheduler)
     family.lora_prefix           # key prefix of its LoRA files: "unet" | "transformer"
@@ -40,6 +40,7 @@ from diffalign.models.sd import SDFamily
 from diffalign.models.sd3 import SD3Family
 from diffalign.models.sdxl import SDXLFamily
 from diffalign.models.toy import ToyFamily
+from diffalign.models.zimage import ZImageFamily
 from diffalign.paths import TOY_FLOW_MODEL, TOY_MODEL
 
 FAMILIES = {
@@ -48,6 +49,7 @@ FAMILIES = {
     "sd3": SD3Family,
     "pixart": PixArtFamily,
     "flux": FluxFamily,
+    "zimage": ZImageFamily,
     "toy": ToyFamily,
 }
 
@@ -58,6 +60,7 @@ PIPELINE_CLASSES = {
     "StableDiffusion3Pipeline": "sd3",
     "PixArtSigmaPipeline": "pixart",
     "FluxPipeline": "flux",
+    "ZImagePipeline": "zimage",
     "DiffalignToyPipeline": "toy",
 }
 
