@@ -32,6 +32,7 @@ FAMILY_NAMES = (
     "sd3",
     "pixart",
     "flux",
+    "qwenimage",
     "toy",
 )  # "auto" + diffalign.models.FAMILIES (a test keeps them equal)
 SCORER = OneOf(SCORERS)

@@ -36,6 +36,7 @@ from pathlib import Path
 
 from diffalign.models.flux import FluxFamily
 from diffalign.models.pixart import PixArtFamily
+from diffalign.models.qwenimage import QwenImageFamily
 from diffalign.models.sd import SDFamily
 from diffalign.models.sd3 import SD3Family
 from diffalign.models.sdxl import SDXLFamily
@@ -48,6 +49,7 @@ FAMILIES = {
     "sd3": SD3Family,
     "pixart": PixArtFamily,
     "flux": FluxFamily,
+    "qwenimage": QwenImageFamily,
     "toy": ToyFamily,
 }
 
@@ -58,6 +60,7 @@ PIPELINE_CLASSES = {
     "StableDiffusion3Pipeline": "sd3",
     "PixArtSigmaPipeline": "pixart",
     "FluxPipeline": "flux",
+    "QwenImagePipeline": "qwenimage",
     "DiffalignToyPipeline": "toy",
 }
 
