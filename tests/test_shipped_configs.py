@@ -24,6 +24,7 @@ TINY = {
     "sd3": "sd3",
     "pixart": "pixart",
     "flux": "flux",
+    "qwenimage": "qwenimage",
 }  # file-name prefix -> assets/tiny/<name>
 WEIGHTED = {
     "pickscore",
@@ -53,6 +54,8 @@ SLOW = {
     "toy_flow_nft",
     "toy_flow_awm",  # as toy_flow_nft
     "toy_flow_dgpo",  # on-line sampling and scoring, as toy_flow_nft
+    "qwenimage_grpo",  # on-line rounds on the tiny Qwen-Image (true CFG: two passes per step)
+    "qwenimage_nft",
 }  # top-level stems
 
 
