@@ -54,8 +54,6 @@ SLOW = {
     "toy_flow_nft",
     "toy_flow_awm",  # as toy_flow_nft
     "toy_flow_dgpo",  # on-line sampling and scoring, as toy_flow_nft
-    "qwenimage_grpo",  # on-line rounds on the tiny Qwen-Image (true CFG: two passes per step)
-    "qwenimage_nft",
 }  # top-level stems
 
 
