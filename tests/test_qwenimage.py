@@ -257,3 +257,35 @@ def test_online_round_on_qwenimage_through_the_cli(tmp_path, monkeypatch, object
         keys = list(f.keys())
         assert keys and all(k.startswith("transformer.transformer_blocks.") for k in keys)
         assert any(".img_mlp.net.0.proj." in k for k in keys)  # the recipe's MLP targets
+
+
+def test_int8_quantized_base_trains_a_lora_and_adapters_off_is_the_quantized_base():
+    pytest.importorskip("torchao", reason="the int8 backend is the optional extra diffalign[quantize]")
+    fam = load_family(str(TINY), dtype=torch.bfloat16, quantize="int8")
+    assert type(fam.denoiser.transformer_blocks[0].attn.to_q.weight).__name__ == "Int8Tensor"
+    xt, t, cond = inputs(fam)
+    with torch.no_grad():
+        base = fam.denoise(xt, t, cond)
+    add_lora(fam.denoiser, 4, 8, fam.lora_target_modules)
+    with torch.no_grad():
+        for name, p in fam.denoiser.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.1)
+        with reference_mode(fam.denoiser):
+            assert torch.equal(fam.denoise(xt, t, cond), base)
+    fam.denoise(xt, t, cond).float().pow(2).mean().backward()
+    last = len(fam.denoiser.transformer_blocks) - 1  # its text queries and text output feed nothing downstream
+    unused = (f"transformer_blocks.{last}.attn.add_q_proj", f"transformer_blocks.{last}.attn.to_add_out")
+    grads = {n: p.grad for n, p in fam.denoiser.named_parameters() if "lora_A" in n and not n.startswith(unused)}
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads.values())
+
+
+def test_memory_accounting_builds_the_published_20b_transformer():
+    import sys
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import memory
+
+    with torch.device("meta"):
+        model = memory.QwenImageTransformer2DModel(**memory.QWEN_IMAGE)
+    assert 20.3e9 < sum(p.numel() for p in model.parameters()) < 20.5e9  # Qwen-Image: "20B MMDiT"
