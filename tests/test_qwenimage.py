@@ -230,33 +230,43 @@ def test_dpo_through_the_cli_then_qwenimage_pipeline_load_lora_weights(tmp_path)
     torch.testing.assert_close(ours, fam.unpack(tuned, 8, 8), rtol=1e-5, atol=1e-5)
 
 
-ONLINE = {  # objective -> its shipped recipe
-    "grpo": "qwenimage_grpo.yaml",
-    "nft": "qwenimage_nft.yaml",
+SMALL_LORA = ["lora.rank=4", "lora.alpha=4"]  # the family's default targets
+ONLINE = {  # objective -> (shipped recipe or none, overrides on top of a one-round tiny run)
+    "grpo": ("qwenimage_grpo.yaml", ["sampling.sde_window_range=[0,2]"]),
+    "nft": ("qwenimage_nft.yaml", []),
+    "dragon": ("", [*SMALL_LORA, "objective.name=dpo", "pairing.split=best_worst", "sampling.eta=0.9"]),
+    "d3po": ("", [*SMALL_LORA, "objective.name=d3po"]),  # groups share x_T, SDE log-probs
 }
 
 
 @pytest.mark.parametrize("objective", ONLINE)
 def test_online_round_on_qwenimage_through_the_cli(tmp_path, monkeypatch, objective):
     """`diffalign online` on the tiny Qwen-Image with the shipped GRPO (SDE window, log-probs, true CFG 4) and NFT
-    (ODE rounds, old adapter) recipes: a finite first round and the LoRA saved in Qwen-Image's format."""
+    (ODE rounds, old adapter) recipes, DRAGON's DPO surrogate and D3PO: a finite first round and the LoRA saved in
+    Qwen-Image's format."""
     monkeypatch.chdir(REPO)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a photo of a cat\nred dog\n")
     out = tmp_path / "run"
-    args = ["online", str(REPO / "configs" / ONLINE[objective]), f"model.path={TINY}", "model.resolution=0"]
-    args += ["online.rounds=1", "sampling.prompts_per_round=2", "sampling.images_per_prompt=2", "sampling.steps=3"]
-    args += ["sampling.sample_batch=4", "train.steps_per_round=1", "train.batch_size=2", "train.grad_accum=1"]
-    args += ["sampling.sde_window_range=[0,2]"] if objective == "grpo" else []
-    args += [f"sampling.prompts={prompts}", "reward.scorer=toy_aesthetic", "reward.args={}", "reward.monitor=[]"]
-    args += ["train.tensorboard=false", "eval.prompts=", f"train.output_dir={out}"]
+    recipe, overrides = ONLINE[objective]
+    args = ["online", *([str(REPO / "configs" / recipe)] if recipe else []), f"model.path={TINY}", *overrides]
+    args += ["model.resolution=0", "sampling.guidance=4.0", "online.rounds=1", "sampling.prompts_per_round=2"]
+    args += ["sampling.images_per_prompt=2", "sampling.steps=3", "sampling.sample_batch=4", "train.steps_per_round=1"]
+    args += ["train.batch_size=2", "train.grad_accum=1", f"sampling.prompts={prompts}", "reward.scorer=toy_aesthetic"]
+    args += [
+        "reward.args={}",
+        "reward.monitor=[]",
+        "train.tensorboard=false",
+        "eval.prompts=",
+        f"train.output_dir={out}",
+    ]
     assert main(args) == 0
     row = json.loads((out / "rounds.jsonl").read_text().splitlines()[0])
     assert math.isfinite(row["train/loss"]) and row["skipped_steps"] == 0
     with safe_open(str(out / "lora" / "pytorch_lora_weights.safetensors"), "pt") as f:
         keys = list(f.keys())
         assert keys and all(k.startswith("transformer.transformer_blocks.") for k in keys)
-        assert any(".img_mlp.net.0.proj." in k for k in keys)  # the recipe's MLP targets
+        assert any(".img_mlp.net.0.proj." in k for k in keys) == bool(recipe)  # the recipes' MLP targets
 
 
 def test_int8_quantized_base_trains_a_lora_and_adapters_off_is_the_quantized_base():
