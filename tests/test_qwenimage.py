@@ -232,7 +232,7 @@ def test_dpo_through_the_cli_then_qwenimage_pipeline_load_lora_weights(tmp_path)
 
 SMALL_LORA = ["lora.rank=4", "lora.alpha=4"]  # the family's default targets
 ONLINE = {  # objective -> (shipped recipe or none, overrides on top of a one-round tiny run)
-    "grpo": ("qwenimage_grpo.yaml", ["sampling.sde_window_range=[0,2]"]),
+    "grpo": ("qwenimage_grpo.yaml", ["sampling.sde_window_range=[0,2]", "model.resolution=32"]),  # not native
     "nft": ("qwenimage_nft.yaml", []),
     "dragon": ("", [*SMALL_LORA, "objective.name=dpo", "pairing.split=best_worst", "sampling.eta=0.9"]),
     "d3po": ("", [*SMALL_LORA, "objective.name=d3po"]),  # groups share x_T, SDE log-probs
@@ -250,7 +250,8 @@ def test_online_round_on_qwenimage_through_the_cli(tmp_path, monkeypatch, object
     out = tmp_path / "run"
     recipe, overrides = ONLINE[objective]
     args = ["online", *([str(REPO / "configs" / recipe)] if recipe else []), f"model.path={TINY}", *overrides]
-    args += ["model.resolution=0", "sampling.guidance=4.0", "online.rounds=1", "sampling.prompts_per_round=2"]
+    args += [] if any(a.startswith("model.resolution=") for a in overrides) else ["model.resolution=0"]
+    args += ["sampling.guidance=4.0", "online.rounds=1", "sampling.prompts_per_round=2"]
     args += ["sampling.images_per_prompt=2", "sampling.steps=3", "sampling.sample_batch=4", "train.steps_per_round=1"]
     args += ["train.batch_size=2", "train.grad_accum=1", f"sampling.prompts={prompts}", "reward.scorer=toy_aesthetic"]
     args += [

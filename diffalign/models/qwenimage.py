@@ -113,10 +113,11 @@ class QwenImageFamily(Family):
     def set_resolution(self, resolution: int) -> None:
         """Build the training schedule for images of `resolution` px: the folder's scheduler with the static shift
         e^mu its dynamic shifting gives at that size (a fresh copy, never set_timesteps'd); mu is kept for
-        `flow_scheduler`."""
+        `flow_scheduler`. `resolution` becomes the family's size, so on-line rounds and `generate` sample at the size
+        the shift was set for (`denoise` refuses any other)."""
         tokens = (resolution // (2 * self.vae_scale_factor)) ** 2  # packed 2x2 latent patches
         config = self.pipe.scheduler.config
-        self.train_tokens = tokens
+        self.train_tokens, self.resolution = tokens, resolution
         self.mu = calculate_shift(
             tokens,
             config.get("base_image_seq_len", 256),
