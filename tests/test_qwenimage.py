@@ -231,39 +231,36 @@ def test_dpo_through_the_cli_then_qwenimage_pipeline_load_lora_weights(tmp_path)
 
 
 SMALL_LORA = ["lora.rank=4", "lora.alpha=4"]  # the family's default targets
-ONLINE = {  # objective -> (shipped recipe or none, overrides on top of a one-round tiny run)
-    "grpo": ("qwenimage_grpo.yaml", ["sampling.sde_window_range=[0,2]", "model.resolution=32"]),  # not native
-    "nft": ("qwenimage_nft.yaml", []),
-    "dragon": ("", [*SMALL_LORA, "objective.name=dpo", "pairing.split=best_worst", "sampling.eta=0.9"]),
-    "d3po": ("", [*SMALL_LORA, "objective.name=d3po"]),  # groups share x_T, SDE log-probs
+ONLINE = {  # objective -> (shipped recipe or none, overrides on top of a one-round tiny run, loss at LoRA init)
+    "grpo": ("qwenimage_grpo.yaml", ["sampling.sde_window_range=[0,2]", "model.resolution=32"], None),  # not native
+    "nft": ("qwenimage_nft.yaml", [], None),
+    "dragon": ("", [*SMALL_LORA, "objective.name=dpo", "pairing.split=best_worst", "sampling.eta=0.9"], math.log(2)),
+    "d3po": ("", [*SMALL_LORA, "objective.name=d3po", "pairing.split=all_pairs"], math.log(2)),  # shared x_T
+    "dro": ("", [*SMALL_LORA, "objective.name=dro", "sampling.guidance=1.0", "online.max_experts=8"], 0.001),
 }
 
 
 @pytest.mark.parametrize("objective", ONLINE)
 def test_online_round_on_qwenimage_through_the_cli(tmp_path, monkeypatch, objective):
-    """`diffalign online` on the tiny Qwen-Image with the shipped GRPO (SDE window, log-probs, true CFG 4) and NFT
-    (ODE rounds, old adapter) recipes, DRAGON's DPO surrogate and D3PO: a finite first round and the LoRA saved in
-    Qwen-Image's format."""
+    """`diffalign online` on the tiny Qwen-Image: the shipped GRPO (SDE window, log-probs, true CFG 4, at a size other
+    than the native one) and NFT (ODE rounds, old adapter) recipes, DRAGON's DPO surrogate, D3PO and DRO (toy
+    experts): a finite first round, the loss the policy == reference start gives (D3PO / DRAGON ln 2, DRO's hinge
+    -m = 0.001 with a zero policy error), and the LoRA saved in Qwen-Image's format."""
     monkeypatch.chdir(REPO)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a photo of a cat\nred dog\n")
     out = tmp_path / "run"
-    recipe, overrides = ONLINE[objective]
-    args = ["online", *([str(REPO / "configs" / recipe)] if recipe else []), f"model.path={TINY}", *overrides]
-    args += [] if any(a.startswith("model.resolution=") for a in overrides) else ["model.resolution=0"]
-    args += ["sampling.guidance=4.0", "online.rounds=1", "sampling.prompts_per_round=2"]
-    args += ["sampling.images_per_prompt=2", "sampling.steps=3", "sampling.sample_batch=4", "train.steps_per_round=1"]
-    args += ["train.batch_size=2", "train.grad_accum=1", f"sampling.prompts={prompts}", "reward.scorer=toy_aesthetic"]
-    args += [
-        "reward.args={}",
-        "reward.monitor=[]",
-        "train.tensorboard=false",
-        "eval.prompts=",
-        f"train.output_dir={out}",
-    ]
-    assert main(args) == 0
+    recipe, overrides, at_init = ONLINE[objective]
+    args = ["online", *([str(REPO / "configs" / recipe)] if recipe else []), f"model.path={TINY}"]
+    args += ["model.resolution=0", "sampling.guidance=4.0", *overrides, "online.rounds=1", "sampling.steps=3"]
+    args += ["sampling.prompts_per_round=2", "sampling.images_per_prompt=2", "sampling.sample_batch=4"]
+    args += ["train.steps_per_round=1", "train.batch_size=2", "train.grad_accum=1", f"sampling.prompts={prompts}"]
+    args += ["reward.scorer=toy_aesthetic", "reward.args={}", "reward.monitor=[]", "train.tensorboard=false"]
+    assert main([*args, "eval.prompts=", f"train.output_dir={out}"]) == 0
     row = json.loads((out / "rounds.jsonl").read_text().splitlines()[0])
     assert math.isfinite(row["train/loss"]) and row["skipped_steps"] == 0
+    if at_init is not None:
+        assert math.isclose(row["train/loss"], at_init, rel_tol=1e-4)
     with safe_open(str(out / "lora" / "pytorch_lora_weights.safetensors"), "pt") as f:
         keys = list(f.keys())
         assert keys and all(k.startswith("transformer.transformer_blocks.") for k in keys)
