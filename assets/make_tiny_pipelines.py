@@ -1,6 +1,6 @@
 """Write tiny, real diffusers pipeline folders (random weights) that load with `from_pretrained` like real checkpoints.
 
-    python assets/make_tiny_pipelines.py          # writes assets/tiny/{sd15,sd15_v,sdxl,sd3,pixart,flux,zimage}/
+    python assets/make_tiny_pipelines.py          # writes assets/tiny/{sd15,sd15_v,sdxl,sd3,pixart,flux,qwenimage,zimage}/
     python assets/make_tiny_pipelines.py flux     # writes only assets/tiny/flux/
 
 - sd15:    StableDiffusionPipeline, DDIMScheduler with SD1.5's folder settings (steps_offset=1, scaled_linear betas).
@@ -22,6 +22,14 @@
            ZImageTransformer2DModel (dim 32, 2 layers, 1 refiner layer each, cap_feat_dim 16), a Qwen3Model text encoder
            (hidden 16) with the byte-level Qwen2 tokenizer and Qwen3 chat template, Z-Image-Turbo's static-shift
            FlowMatchEulerDiscreteScheduler (shift 3.0), a 16-channel VAE with FLUX.1's shift / scaling factors.
+- qwenimage: QwenImagePipeline shaped like Qwen-Image (diffusers' tests/pipelines/qwenimage/test_qwenimage.py, with
+           Qwen-Image's 16 latent channels and 8x VAE): QwenImageTransformer2DModel (2 blocks, in_channels 64 =
+           16 x 2x2 packed), a Qwen2_5_VLForConditionalGeneration text encoder (hidden 32 = joint_attention_dim),
+           a Qwen2 byte-level BPE tokenizer whose template prefix is 34 tokens as with the real one (the pipeline's
+           prompt_template_encode_start_idx), an AutoencoderKLQwenImage with Qwen-Image's per-channel latents_mean /
+           latents_std and `sample_size` 64 in its config (the native size diffalign reads; the real VAE has none,
+           so 1024), and Qwen-Image's scheduler_config.json (dynamic exponential shift 0.5..0.9 between 256 and 8192
+           tokens, shift_terminal 0.02).
 The T5 tokenizers are real T5Tokenizers (Unigram) built in code, no sentencepiece file.
 Sizes are the smallest that keep every code path of the real models: VAE with 4 levels (vae_scale_factor 8 as in real SD), UNet and
 transformer sample_size 8 (so the native resolution is 64 px), text encoders with hidden size 32 and 2 layers.
@@ -37,6 +45,7 @@ from pathlib import Path
 import torch
 from diffusers import (
     AutoencoderKL,
+    AutoencoderKLQwenImage,
     DDIMScheduler,
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
@@ -45,6 +54,8 @@ from diffusers import (
     FluxTransformer2DModel,
     PixArtSigmaPipeline,
     PixArtTransformer2DModel,
+    QwenImagePipeline,
+    QwenImageTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
@@ -57,6 +68,8 @@ from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTextModelWithProjection,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
     Qwen3Config,
     Qwen3Model,
     T5Config,
@@ -308,6 +321,85 @@ def zimage() -> ZImagePipeline:
     )
 
 
+# the words of QwenImagePipeline's system prompt, so its template prefix is 34 tokens as with Qwen2.5-VL's tokenizer
+QWEN_TEMPLATE_WORDS = (
+    "system user assistant image by detailing color shape size texture quantity text spatial relationships objects "
+    "and background"
+).split()
+
+
+def qwen_text_encoder(tokenizer):
+    """Qwen2.5-VL with a 2-layer, width-32 language model (diffusers' qwenimage test config, its vocab ours) and a
+    1-block vision tower the pipeline never runs; the vision token ids lie past the vocabulary (no images)."""
+    torch.manual_seed(14)
+    n = len(tokenizer)
+    config = Qwen2_5_VLConfig(
+        text_config=dict(
+            hidden_size=HIDDEN,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            rope_scaling={"mrope_section": [2, 3, 3], "rope_type": "default", "type": "default"},  # head_dim 16 / 2
+            rope_theta=1000000.0,
+            vocab_size=n,
+            bos_token_id=None,
+            eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+            pad_token_id=tokenizer.pad_token_id,
+        ),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=HIDDEN),
+        hidden_size=HIDDEN,
+        vocab_size=n,
+        vision_start_token_id=n,
+        vision_end_token_id=n + 1,
+        vision_token_id=n + 2,
+        image_token_id=n + 3,
+        video_token_id=n + 4,
+    )
+    return Qwen2_5_VLForConditionalGeneration(config).eval()
+
+
+def qwenimage() -> QwenImagePipeline:
+    """QwenImagePipeline shaped like Qwen-Image (see the module docstring)."""
+    tokenizer = build_qwen2_tokenizer(WORDS + QWEN_TEMPLATE_WORDS)
+    tokenizer.add_tokens(["Describe"])  # the capitalised first word of the system prompt, one token as in Qwen's
+    torch.manual_seed(15)
+    vae = AutoencoderKLQwenImage(  # latents_mean / latents_std: the class defaults, Qwen-Image's values
+        base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1, temperal_downsample=[False, True, True]
+    ).eval()
+    vae.register_to_config(sample_size=64)  # the tiny's native size (diffalign's QwenImageFamily reads it)
+    torch.manual_seed(16)
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2,
+        in_channels=64,  # 16 latent channels x 2x2 packing
+        out_channels=16,
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=HIDDEN,  # the text encoder width
+        guidance_embeds=False,  # Qwen-Image: true CFG, no guidance input
+        axes_dims_rope=(8, 4, 4),  # sums to attention_head_dim
+    ).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(  # Qwen/Qwen-Image scheduler/scheduler_config.json
+        num_train_timesteps=1000,
+        shift=1.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=0.9,
+        base_image_seq_len=256,
+        max_image_seq_len=8192,
+        shift_terminal=0.02,
+        time_shift_type="exponential",
+    )
+    return QwenImagePipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=qwen_text_encoder(tokenizer),
+        tokenizer=tokenizer,
+        transformer=transformer,
+    )
+
+
 def save(pipe, name: str) -> None:
     folder = OUT / name
     shutil.rmtree(folder, ignore_errors=True)
@@ -321,7 +413,7 @@ def main(only: list[str]) -> None:
     tokenizer = build_clip_tokenizer(WORDS, model_max_length=77)
     if only:
         t5_tokenizer = build_t5_tokenizer(WORDS)
-        builders = {"flux": lambda: flux(tokenizer, t5_tokenizer), "zimage": zimage}
+        builders = {"flux": lambda: flux(tokenizer, t5_tokenizer), "qwenimage": qwenimage, "zimage": zimage}
         for name in only:
             save(builders[name](), name)
         return
@@ -382,6 +474,7 @@ def main(only: list[str]) -> None:
     save(pixart, "pixart")
     save(flux(tokenizer, t5_tokenizer), "flux")
     save(zimage(), "zimage")
+    save(qwenimage(), "qwenimage")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Memory accounting of one Diffusion-DPO LoRA step (1 pair = 2 images) per family and setting, on CPU, no weights.
 
-    python benchmarks/memory.py                      # the table: SD1.5@512, SDXL@1024, SD3.5-M@1024, FLUX.1-dev@1024
+    python benchmarks/memory.py                      # the table: SD1.5@512, SDXL@1024, SD3.5-M@1024, FLUX.1-dev@1024, Qwen-Image@1024
     python benchmarks/memory.py --families zimage    # Z-Image / Z-Image-Turbo (6.15 B) @ 1024
     python benchmarks/memory.py --families sd15 --json out.json
 
@@ -24,7 +24,13 @@ import argparse
 import json
 
 import torch
-from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel, ZImageTransformer2DModel
+from diffusers import (
+    FluxTransformer2DModel,
+    QwenImageTransformer2DModel,
+    SD3Transformer2DModel,
+    UNet2DConditionModel,
+    ZImageTransformer2DModel,
+)
 from diffusers.utils import logging as diffusers_logging
 
 GB = 1024**3
@@ -89,6 +95,17 @@ ZIMAGE = dict(  # Tongyi-MAI/Z-Image-Turbo transformer/config.json (Z-Image base
     axes_dims=[32, 48, 48],
     axes_lens=[1536, 512, 512],
 )
+QWEN_IMAGE = dict(  # Qwen/Qwen-Image transformer/config.json (20.4 B)
+    patch_size=2,
+    in_channels=64,
+    out_channels=16,
+    num_layers=60,
+    attention_head_dim=128,
+    num_attention_heads=24,
+    joint_attention_dim=3584,
+    guidance_embeds=False,
+    axes_dims_rope=(16, 56, 56),
+)
 ATTN = ["to_q", "to_k", "to_v", "to_out.0"]
 JOINT = ATTN + ["add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 
@@ -134,6 +151,15 @@ def _zimage_inputs(n, dtype):
     )
 
 
+def _qwenimage_inputs(n, dtype):
+    return dict(
+        hidden_states=torch.empty(n, 64 * 64, 64, dtype=dtype),  # 1024 px: 128x128 latents, 2x2-packed
+        timestep=torch.zeros(n),
+        encoder_hidden_states=torch.empty(n, 512, 3584, dtype=dtype),  # Qwen2.5-VL states, the 512-token cap
+        img_shapes=[[(1, 64, 64)]] * n,
+    )
+
+
 # name -> (label, model class, config, inputs(n, dtype), LoRA targets, checkpointing units: UNITS key)
 FAMILIES = {
     "sd15": ("SD1.5 @ 512", UNet2DConditionModel, SD15, _unet_inputs(512, 4, 77, 768), ATTN, "unet"),
@@ -155,6 +181,7 @@ FAMILIES = {
         "dit",
     ),
     "zimage": ("Z-Image @ 1024", ZImageTransformer2DModel, ZIMAGE, _zimage_inputs, ATTN, "zimage"),
+    "qwenimage": ("Qwen-Image @ 1024", QwenImageTransformer2DModel, QWEN_IMAGE, _qwenimage_inputs, JOINT, "dit"),
 }
 SETTINGS = {  # name -> (weights dtype, quantized Linear weights: QUANT_BYTES key or False, gradient checkpointing)
     "fp32": (torch.float32, False, False),

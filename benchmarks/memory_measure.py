@@ -32,6 +32,9 @@ def _inputs(name: str, dtype, device, res_div: int) -> dict:
         if isinstance(value, dict):
             out[key] = {k: torch.randn(v.shape, dtype=v.dtype, device=device) for k, v in value.items()}
             continue
+        if key == "img_shapes":  # Qwen-Image's latent grid per image, shrunk with hidden_states
+            out[key] = [[(f, h // res_div, w // res_div) for f, h, w in shapes] for shapes in value]
+            continue
         shape = list(value.shape)
         if res_div > 1 and key in ("sample", "hidden_states"):
             if value.ndim == 4:

@@ -25,6 +25,7 @@ TINY = {
     "pixart": "pixart",
     "flux": "flux",
     "zimage": "zimage",
+    "qwenimage": "qwenimage",
 }  # file-name prefix -> assets/tiny/<name>
 WEIGHTED = {
     "pickscore",

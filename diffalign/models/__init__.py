@@ -36,6 +36,7 @@ from pathlib import Path
 
 from diffalign.models.flux import FluxFamily
 from diffalign.models.pixart import PixArtFamily
+from diffalign.models.qwenimage import QwenImageFamily
 from diffalign.models.sd import SDFamily
 from diffalign.models.sd3 import SD3Family
 from diffalign.models.sdxl import SDXLFamily
@@ -50,6 +51,7 @@ FAMILIES = {
     "pixart": PixArtFamily,
     "flux": FluxFamily,
     "zimage": ZImageFamily,
+    "qwenimage": QwenImageFamily,
     "toy": ToyFamily,
 }
 
@@ -61,6 +63,7 @@ PIPELINE_CLASSES = {
     "PixArtSigmaPipeline": "pixart",
     "FluxPipeline": "flux",
     "ZImagePipeline": "zimage",
+    "QwenImagePipeline": "qwenimage",
     "DiffalignToyPipeline": "toy",
 }
 

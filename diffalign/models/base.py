@@ -102,6 +102,12 @@ class Family:
         same for families with true classifier-free guidance; guidance-distilled families override it."""
         return guidance
 
+    def cfg(self, pred_cond: torch.Tensor, pred_uncond: torch.Tensor, guidance: float) -> torch.Tensor:
+        """How the family's pipeline combines the conditional and unconditional predictions (N, ...) at CFG scale
+        `guidance`: uncond + w (cond - uncond); a family whose pipeline does more (Qwen-Image's norm rescale)
+        overrides it."""
+        return pred_uncond + guidance * (pred_cond - pred_uncond)
+
     def to(self, device) -> Family:
         self.pipe.to(device)
         return self

@@ -41,8 +41,11 @@ def check_components(path: str, names: list[str]) -> None:
             raise FileNotFoundError(f"{path}: missing component '{name}' (model_index.json entry or {name}/ folder)")
 
 
-def load_pipe(pipeline_class, path: str, components: list[str], dtype, load_encoders, vae_path, **kwargs):
-    """Load `pipeline_class` from a folder or hub id; returns (pipe, vae_config).
+def load_pipe(
+    pipeline_class, path: str, components: list[str], dtype, load_encoders, vae_path, vae_class=AutoencoderKL, **kwargs
+):
+    """Load `pipeline_class` from a folder or hub id; returns (pipe, vae_config). `vae_class`: the VAE's model class
+    (Qwen-Image: AutoencoderKLQwenImage).
 
     With load_encoders=False the VAE and the text encoders ("text_encoder*" components) are not loaded;
     only the VAE config is read (for the scale factor). The VAE is loaded in fp32 (SD/SDXL VAEs overflow in fp16)
@@ -58,9 +61,9 @@ def load_pipe(pipeline_class, path: str, components: list[str], dtype, load_enco
         else dict(pretrained_model_name_or_path=path, subfolder="vae")
     )
     try:  # offline hub id, missing weights file, ...: one line naming the source
-        vae_config = AutoencoderKL.load_config(**vae_source)
+        vae_config = vae_class.load_config(**vae_source)
         if load_encoders:
-            kwargs["vae"] = AutoencoderKL.from_pretrained(**vae_source, dtype=dtype if vae_path else torch.float32)
+            kwargs["vae"] = vae_class.from_pretrained(**vae_source, dtype=dtype if vae_path else torch.float32)
     except (OSError, ValueError) as err:
         raise OSError(f"{vae_path or path}: cannot load the VAE ({_one_line(err)})") from err
     if not load_encoders:

@@ -83,7 +83,7 @@ def guided_prediction(family, xt: torch.Tensor, t: torch.Tensor, cond: dict, gui
     if not use_cfg:
         return pred
     pred_cond, pred_uncond = pred[:n], pred[n:]  # (2N, ...) -> 2 x (N, ...)
-    return pred_uncond + guidance * (pred_cond - pred_uncond)
+    return family.cfg(pred_cond, pred_uncond, guidance)  # uncond + w (cond - uncond); Qwen-Image rescales it
 
 
 @dataclass
