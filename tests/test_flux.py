@@ -292,13 +292,15 @@ ONLINE_FLUX = {  # objective -> its overrides on top of a one-round tiny run
 def test_online_round_on_flux_through_the_cli(tmp_path, monkeypatch, objective):
     """`diffalign online` on the tiny FLUX pipeline (FLUX.1-dev style: guidance as an input, no true CFG): GRPO from
     configs/flux_grpo.yaml (SDE sampling with log-probs), NFT and DRAGON; a finite first round and the LoRA saved in
-    FLUX's format."""
+    FLUX's format. GRPO samples at 32 px, below the tiny's native 64: the round samples at the size the shift was
+    set for (denoise refuses any other)."""
     monkeypatch.chdir(REPO)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a photo of a cat\nred dog\n")
     out = tmp_path / "run"
     config = [str(REPO / "configs" / "flux_grpo.yaml")] if objective == "grpo" else ["lora.rank=4", "lora.alpha=4"]
-    args = ["online", *config, f"model.path={TINY}", "model.resolution=0", *ONLINE_FLUX.get(objective, [])]
+    size = 32 if objective == "grpo" else 0
+    args = ["online", *config, f"model.path={TINY}", f"model.resolution={size}", *ONLINE_FLUX.get(objective, [])]
     args += ["online.rounds=1", "sampling.prompts_per_round=2", "sampling.images_per_prompt=2", "sampling.steps=3"]
     args += ["sampling.sample_batch=4", "train.steps_per_round=1", "train.batch_size=2", "train.grad_accum=1"]
     args += [f"sampling.prompts={prompts}", "reward.scorer=toy_aesthetic", "reward.args={}", "reward.monitor=[]"]

@@ -92,7 +92,7 @@ class FluxFamily(Family):
         its dynamic shifting gives at that size (a fresh copy, never set_timesteps'd)."""
         tokens = (resolution // (2 * self.vae_scale_factor)) ** 2  # packed 2x2 latent patches
         shift = flow_shift(self.pipe.scheduler.config, tokens)
-        self.train_tokens = tokens
+        self.train_tokens, self.resolution = tokens, resolution  # on-line rounds sample at the size of the shift
         self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(
             self.pipe.scheduler.config, use_dynamic_shifting=False, shift=shift
         )

@@ -81,7 +81,7 @@ class ZImageFamily(Family):
                 "(VAE factor x the transformer's 2x2 patches, as ZImagePipeline checks)"
             )
         tokens = (resolution // (2 * self.vae_scale_factor)) ** 2  # 2x2 patches, the pipeline's image_seq_len
-        self.train_tokens = tokens
+        self.train_tokens, self.resolution = tokens, resolution  # on-line rounds sample at the size of the shift
         self.dynamic_shift = bool(self.pipe.scheduler.config.get("use_dynamic_shifting", False))
         self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(
             self.pipe.scheduler.config,
