@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import difflib
 import operator
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,16 +53,23 @@ COMPARE = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator
 
 
 class OneOf(Check):
-    """One of fixed options, or of a registry's keys read at check time (OneOf(OBJECTIVES)); a list value is
-    checked item by item. With `allow_empty`, "" (meaning "none" / "the default") is accepted too."""
+    """One of fixed options, or of a registry's keys read at check time (OneOf(OBJECTIVES), so a name registered
+    later counts), less `exclude`, plus `extra` fixed options; a list value is checked item by item. With
+    `allow_empty`, "" (meaning "none" / "the default") is accepted too."""
 
-    def __init__(self, *options: str | Mapping, allow_empty: bool = False):
+    def __init__(
+        self,
+        *options: str | Mapping,
+        allow_empty: bool = False,
+        exclude: Collection[str] = (),
+        extra: tuple[str, ...] = (),
+    ):
         self.source = options[0] if len(options) == 1 and isinstance(options[0], Mapping) else tuple(options)
-        self.allow_empty = allow_empty
+        self.allow_empty, self.exclude, self.extra = allow_empty, exclude, extra
 
     @property
     def options(self) -> tuple[str, ...]:
-        return tuple(self.source)
+        return tuple(k for k in self.source if k not in self.exclude) + self.extra
 
     def problem(self, value: Any) -> str | None:
         bad = [v for v in (value if isinstance(value, list) else [value]) if v not in self.options]

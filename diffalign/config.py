@@ -38,11 +38,10 @@ FAMILY_NAMES = (
 )  # "auto" + diffalign.models.FAMILIES (a test keeps them equal)
 SCORER = OneOf(SCORERS)
 # where no base image is at hand (a round's samples, a preference pair, a served request): no BASE_RELATIVE scorer
-UNPAIRED = [name for name in SCORERS if name not in BASE_RELATIVE]
-UNPAIRED_SCORER = OneOf(*UNPAIRED)
+UNPAIRED_SCORER = OneOf(SCORERS, exclude=BASE_RELATIVE)
 # drift next to the reward in a report: a scorer (base-relative or not), the set-level fd / cmmd to the base's own
 # images, or "auto": the toy drift scorers on toy-world prompts, else fd, cmmd, saturation, hf_energy (engine/drift.py)
-DRIFT = OneOf(*SCORERS, "fd", "cmmd", "auto")
+DRIFT = OneOf(SCORERS, extra=("fd", "cmmd", "auto"))
 LR_SCHEDULES = OneOf(
     "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial", "piecewise_constant"
 )
@@ -114,7 +113,7 @@ class DataConfig:
     """Pairs (and unique captions) per cache shard: each process's unit of work, and what a killed build redoes."""
     num_workers: Annotated[int, NON_NEGATIVE] = 0
     """DataLoader workers."""
-    label_scorer: Annotated[str, OneOf(*UNPAIRED, allow_empty=True)] = ""
+    label_scorer: Annotated[str, OneOf(SCORERS, exclude=BASE_RELATIVE, allow_empty=True)] = ""
     """Relabel every pair with this scorer (diffalign.rewards.SCORERS), scored once ("" = the dataset's labels)."""
     label_mode: Annotated[str, OneOf("argmax", "smpo")] = "argmax"
     """With label_scorer: "argmax" (AI feedback, Diffusion-DPO Sec. 5.4) or "smpo" (smoothed p for SmPO)."""
@@ -274,7 +273,7 @@ class GuardsConfig:
     """Sampling steps of the guard images."""
     guidance: Annotated[float, NON_NEGATIVE] = 0.0
     """CFG scale (0 = the family's default)."""
-    reward: Annotated[str, OneOf(*UNPAIRED, allow_empty=True)] = ""
+    reward: Annotated[str, OneOf(SCORERS, exclude=BASE_RELATIVE, allow_empty=True)] = ""
     """Scorer that ranks passing evaluations for the kept LoRA ("" = online.reward, or eval.scorers[0] for train)."""
     keep_best: bool = True
     """Save as lora/ the best passing evaluation by the reward (false: the last weights, unless a guard tripped)."""
@@ -486,7 +485,7 @@ class RoundsConfig:
     """DRO: preference source whose winners are the experts ("toy" = the toy parquet)."""
     max_experts: Annotated[int, AT_LEAST_1] = 500
     """DRO: use at most this many experts (official K = 500)."""
-    expert_scorer: Annotated[str, OneOf(*UNPAIRED, allow_empty=True)] = ""
+    expert_scorer: Annotated[str, OneOf(SCORERS, exclude=BASE_RELATIVE, allow_empty=True)] = ""
     """DRO: "" = the preferred image of each pair; a scorer name = the max_experts best images of all pairs by it
     (official: top-K Pick-a-Pic images by PickScore or HPSv2)."""
 
