@@ -151,7 +151,9 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
                     accelerator, family, sampler, prompts, seeds, cfg, r, source.keep_predictions, cfg_scale, window,
                     on_chunk=chunks.submit if chunks else None,
                 )  # fmt: skip
+            t_score = time.time()  # what scoring adds to the round after sampling (reward.overlap hides the rest)
             rewards, monitored = score_round(accelerator, scorer, monitors, images, prompts, chunks)
+            reward_wait = time.time() - t_score
             by_group = rewards.view(sc.prompts_per_round, g)  # (N,) -> (P, G)
             first, second = source.rows(by_group, cfg, labels, r, pool_index)
             text = EncodedPrompts.encode(family, prompts, with_uncond=traj.guidance > 1)  # once, for every step
@@ -191,6 +193,7 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
                 "lr": run.lr_scheduler.get_last_lr()[0],
                 "skipped_steps": counts["skipped_steps"],
                 "round_seconds": time.time() - t0,
+                "reward_wait_seconds": reward_wait,
                 **({"sde_window_start": window[0]} if window else {}),
             }
             if main and cfg.reward.exemplars:
