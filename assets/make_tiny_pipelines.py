@@ -2,6 +2,7 @@
 
     python assets/make_tiny_pipelines.py          # writes assets/tiny/{sd15,sd15_v,sdxl,sd3,pixart,flux}/
     python assets/make_tiny_pipelines.py flux     # writes only assets/tiny/flux/
+    python assets/make_tiny_pipelines.py flux2_klein flux2_klein_distilled   # the FLUX.2-Klein folders
 
 - sd15:    StableDiffusionPipeline, DDIMScheduler with SD1.5's folder settings (steps_offset=1, scaled_linear betas).
 - sd15_v:  the same weights with prediction_type="v_prediction" (SD2-style), so v-prediction code paths are tested.
@@ -18,6 +19,11 @@
            guidance_embeds=True, 1 double + 1 single block, in_channels 64 (16 VAE channels, 2x2-packed), CLIPTextModel
            (pooled 32) + T5 (d_model 64), FLUX.1-dev's dynamic-shift FlowMatchEulerDiscreteScheduler, a 16-channel VAE
            with FLUX.1's shift_factor / scaling_factor.
+- flux2_klein: Flux2KleinPipeline shaped like FLUX.2-klein-base (diffusers' own Klein test sizes): Flux2Transformer2DModel
+           without a guidance input (true CFG), in_channels 16 (4 VAE channels, 2x2-patchified), a 28-layer Qwen3 (the
+           pipeline reads hidden states 9, 18, 27; width 16 -> joint_attention_dim 48), an AutoencoderKLFlux2 with
+           seeded batch-norm statistics (not the identity), FLUX.2's dynamic-shift scheduler; `is_distilled` false.
+- flux2_klein_distilled: the same weights with `is_distilled` true (FLUX.2-klein-4B: 4 steps, no CFG).
 The T5 tokenizers are real T5Tokenizers (Unigram) built in code, no sentencepiece file.
 Sizes are the smallest that keep every code path of the real models: VAE with 4 levels (vae_scale_factor 8 as in real SD), UNet and
 transformer sample_size 8 (so the native resolution is 64 px), text encoders with hidden size 32 and 2 layers.
@@ -33,12 +39,15 @@ from pathlib import Path
 import torch
 from diffusers import (
     AutoencoderKL,
+    AutoencoderKLFlux2,
     DDIMScheduler,
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
     FluxTransformer2DModel,
+    Flux2KleinPipeline,
+    Flux2Transformer2DModel,
     PixArtSigmaPipeline,
     PixArtTransformer2DModel,
     SD3Transformer2DModel,
@@ -47,9 +56,17 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+    T5Config,
+    T5EncoderModel,
+)
 
-from diffalign.models.tokenizers import build_clip_tokenizer, build_t5_tokenizer
+from diffalign.models.tokenizers import build_clip_tokenizer, build_qwen2_tokenizer, build_t5_tokenizer
 
 OUT = Path(__file__).resolve().parent / "tiny"
 WORDS = "a an the photo of cat dog red blue green circle square at left right top bottom painting drawing".split()
@@ -244,6 +261,78 @@ def flux(tokenizer, t5_tokenizer) -> FluxPipeline:
     )
 
 
+def flux2_vae():
+    """AutoencoderKLFlux2 at 64 px (4 levels, vae_scale_factor 8), 4 latent channels (FLUX.2: 32), seeded batch-norm
+    running statistics over the 2x2-patchified 16 channels, so the pipeline's normalisation is not the identity."""
+    torch.manual_seed(14)
+    vae = AutoencoderKLFlux2(
+        block_out_channels=(8, 8, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        latent_channels=4,
+        sample_size=64,  # the family's native resolution here (FLUX.2's VAE config says 1024)
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    ).eval()
+    with torch.no_grad():
+        vae.bn.running_mean.copy_(torch.randn(16) * 0.2)
+        vae.bn.running_var.copy_(torch.rand(16) + 0.5)
+    return vae
+
+
+def flux2_klein(tokenizer, is_distilled: bool) -> Flux2KleinPipeline:
+    """Flux2KleinPipeline as diffusers' tests/pipelines/flux2/test_pipeline_flux2_klein.py builds it, with 4 latent
+    channels, a Qwen3 deep enough for the pipeline's default hidden-state layers (9, 18, 27) and FLUX.2's
+    scheduler_config.json (dynamic shifting, exponential time shift; the pipeline's mu is compute_empirical_mu)."""
+    torch.manual_seed(15)
+    transformer = Flux2Transformer2DModel(
+        patch_size=1,
+        in_channels=16,  # 4 VAE channels x 2x2 patch
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=3 * 16,  # three Qwen3 hidden states of width 16, stacked
+        timestep_guidance_channels=256,
+        axes_dims_rope=(4, 4, 4, 4),
+        guidance_embeds=False,  # Klein: no guidance input
+    ).eval()
+    torch.manual_seed(16)
+    config = Qwen3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=28,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=1024,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    text_encoder = Qwen3ForCausalLM(config).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+        base_shift=0.5,
+        max_shift=1.15,
+        time_shift_type="exponential",
+    )
+    return Flux2KleinPipeline(
+        scheduler=scheduler,
+        vae=flux2_vae(),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+        is_distilled=is_distilled,
+    )
+
+
 def save(pipe, name: str) -> None:
     folder = OUT / name
     shutil.rmtree(folder, ignore_errors=True)
@@ -257,7 +346,12 @@ def main(only: list[str]) -> None:
     tokenizer = build_clip_tokenizer(WORDS, model_max_length=77)
     if only:
         t5_tokenizer = build_t5_tokenizer(WORDS)
-        builders = {"flux": lambda: flux(tokenizer, t5_tokenizer)}
+        qwen = build_qwen2_tokenizer(WORDS)
+        builders = {
+            "flux": lambda: flux(tokenizer, t5_tokenizer),
+            "flux2_klein": lambda: flux2_klein(qwen, is_distilled=False),
+            "flux2_klein_distilled": lambda: flux2_klein(qwen, is_distilled=True),
+        }
         for name in only:
             save(builders[name](), name)
         return
@@ -317,6 +411,8 @@ def main(only: list[str]) -> None:
     )
     save(pixart, "pixart")
     save(flux(tokenizer, t5_tokenizer), "flux")
+    save(flux2_klein(build_qwen2_tokenizer(WORDS), is_distilled=False), "flux2_klein")
+    save(flux2_klein(build_qwen2_tokenizer(WORDS), is_distilled=True), "flux2_klein_distilled")
 
 
 if __name__ == "__main__":
