@@ -24,6 +24,7 @@ TINY = {
     "sd3": "sd3",
     "pixart": "pixart",
     "flux": "flux",
+    "flux2": "flux2_klein",
 }  # file-name prefix -> assets/tiny/<name>
 WEIGHTED = {
     "pickscore",
@@ -53,6 +54,9 @@ SLOW = {
     "toy_flow_nft",
     "toy_flow_awm",  # as toy_flow_nft
     "toy_flow_dgpo",  # on-line sampling and scoring, as toy_flow_nft
+    "flux2_klein_dpo",  # 21 s on a loaded box: 28-layer Qwen3 at 512 tokens for the cache
+    "flux2_klein_grpo",  # 60 s on a loaded box: 2 x 16 images with CFG, the base-vs-LoRA evaluation
+    "flux2_klein_distilled_grpo",  # as flux2_klein_grpo, without CFG
 }  # top-level stems
 
 
