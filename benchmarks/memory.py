@@ -76,15 +76,22 @@ FLUX_DEV = dict(  # black-forest-labs/FLUX.1-dev transformer/config.json
 # joint_attention_dim 7680 = 3 x Qwen3-4B's 2560, no guidance input: 3.88 B params); Klein 9B with 8 + 24 blocks,
 # 32 heads, 3 x Qwen3-8B's 4096 (9.08 B params, the model card's 9B); FLUX.2-dev = diffusers' Flux2Transformer2DModel
 # defaults (8 + 48 blocks, 48 heads, 3 x Mistral-Small-3.1's 5120, guidance input: 32.2 B params)
-FLUX2_KLEIN_4B = dict(num_layers=5, num_single_layers=20, num_attention_heads=24, joint_attention_dim=7680,
-                      guidance_embeds=False)  # fmt: skip
-FLUX2_KLEIN_9B = dict(num_layers=8, num_single_layers=24, num_attention_heads=32, joint_attention_dim=12288,
-                      guidance_embeds=False)  # fmt: skip
+FLUX2_KLEIN_4B = dict(
+    num_layers=5, num_single_layers=20, num_attention_heads=24, joint_attention_dim=7680, guidance_embeds=False
+)
+FLUX2_KLEIN_9B = dict(
+    num_layers=8, num_single_layers=24, num_attention_heads=32, joint_attention_dim=12288, guidance_embeds=False
+)
 FLUX2_DEV = dict(num_layers=8, num_single_layers=48, num_attention_heads=48, joint_attention_dim=15360)
 ATTN = ["to_q", "to_k", "to_v", "to_out.0"]
 JOINT = ATTN + ["add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
-FLUX2_TARGETS = JOINT + ["ff.linear_in", "ff.linear_out", "ff_context.linear_in", "ff_context.linear_out",
-                         "to_qkv_mlp_proj"]  # fmt: skip  # diffalign.models.flux2 LORA_TARGET_MODULES
+FLUX2_TARGETS = JOINT + [
+    "ff.linear_in",
+    "ff.linear_out",
+    "ff_context.linear_in",
+    "ff_context.linear_out",
+    "to_qkv_mlp_proj",
+]  # diffalign.models.flux2 LORA_TARGET_MODULES
 
 
 def _unet_inputs(res, ch, text, width, sdxl=False):
@@ -154,12 +161,30 @@ FAMILIES = {
         JOINT,
         "dit",
     ),
-    "flux2_klein_4b": ("FLUX.2-klein-4B @ 1024", Flux2Transformer2DModel, FLUX2_KLEIN_4B,
-                       _flux2_inputs(7680, False), FLUX2_TARGETS, "dit"),  # fmt: skip
-    "flux2_klein_9b": ("FLUX.2-klein-9B @ 1024", Flux2Transformer2DModel, FLUX2_KLEIN_9B,
-                       _flux2_inputs(12288, False), FLUX2_TARGETS, "dit"),  # fmt: skip
-    "flux2_dev": ("FLUX.2-dev @ 1024", Flux2Transformer2DModel, FLUX2_DEV, _flux2_inputs(15360, True), FLUX2_TARGETS,
-                  "dit"),  # fmt: skip
+    "flux2_klein_4b": (
+        "FLUX.2-klein-4B @ 1024",
+        Flux2Transformer2DModel,
+        FLUX2_KLEIN_4B,
+        _flux2_inputs(7680, False),
+        FLUX2_TARGETS,
+        "dit",
+    ),
+    "flux2_klein_9b": (
+        "FLUX.2-klein-9B @ 1024",
+        Flux2Transformer2DModel,
+        FLUX2_KLEIN_9B,
+        _flux2_inputs(12288, False),
+        FLUX2_TARGETS,
+        "dit",
+    ),
+    "flux2_dev": (
+        "FLUX.2-dev @ 1024",
+        Flux2Transformer2DModel,
+        FLUX2_DEV,
+        _flux2_inputs(15360, True),
+        FLUX2_TARGETS,
+        "dit",
+    ),
 }
 SETTINGS = {  # name -> (weights dtype, quantized Linear weights: QUANT_BYTES key or False, gradient checkpointing)
     "fp32": (torch.float32, False, False),
