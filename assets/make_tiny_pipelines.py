@@ -24,6 +24,10 @@
            pipeline reads hidden states 9, 18, 27; width 16 -> joint_attention_dim 48), an AutoencoderKLFlux2 with
            seeded batch-norm statistics (not the identity), FLUX.2's dynamic-shift scheduler; `is_distilled` false.
 - flux2_klein_distilled: the same weights with `is_distilled` true (FLUX.2-klein-4B: 4 steps, no CFG).
+- flux2_dev: Flux2Pipeline shaped like FLUX.2-dev (diffusers' own Flux2 test sizes): the Klein transformer shape with
+           guidance_embeds=True, a 30-layer Mistral3ForConditionalGeneration (the pipeline reads hidden states 10, 20,
+           30) with a tiny Pixtral vision tower, and a PixtralProcessor whose tokenizer is the byte-level BPE plus
+           Mistral's specials and a reduced Mistral chat template ([SYSTEM_PROMPT] ... [INST] ... [/INST]).
 The T5 tokenizers are real T5Tokenizers (Unigram) built in code, no sentencepiece file.
 Sizes are the smallest that keep every code path of the real models: VAE with 4 levels (vae_scale_factor 8 as in real SD), UNet and
 transformer sample_size 8 (so the native resolution is 64 px), text encoders with hidden size 32 and 2 layers.
@@ -45,6 +49,7 @@ from diffusers import (
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
     Flux2KleinPipeline,
+    Flux2Pipeline,
     Flux2Transformer2DModel,
     FluxPipeline,
     FluxTransformer2DModel,
@@ -60,6 +65,10 @@ from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTextModelWithProjection,
+    Mistral3Config,
+    Mistral3ForConditionalGeneration,
+    PixtralImageProcessor,
+    PixtralProcessor,
     Qwen3Config,
     Qwen3ForCausalLM,
     T5Config,
@@ -333,6 +342,85 @@ def flux2_klein(tokenizer, is_distilled: bool) -> Flux2KleinPipeline:
     )
 
 
+MISTRAL_SPECIALS = ["[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[IMG]", "[IMG_BREAK]", "[IMG_END]"]
+# Mistral-Small-3.1's chat template reduced to text turns (content given as a string or as [{"type": "text", ...}])
+MISTRAL_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% set text = message['content'] if message['content'] is string else message['content'] "
+    "| selectattr('type', 'equalto', 'text') | map(attribute='text') | join('') %}"
+    "{% if message['role'] == 'system' %}{{ '[SYSTEM_PROMPT]' + text + '[/SYSTEM_PROMPT]' }}"
+    "{% elif message['role'] == 'user' %}{{ '[INST]' + text + '[/INST]' }}"
+    "{% else %}{{ text + eos_token }}{% endif %}{% endfor %}"
+)
+
+
+def mistral_processor() -> PixtralProcessor:
+    """A PixtralProcessor (what FLUX.2-dev's `tokenizer` is): byte-level BPE with <s>, </s>, <pad>, Mistral's
+    instruction and image specials, the reduced chat template, and a Pixtral image processor."""
+    tok = build_qwen2_tokenizer(WORDS)
+    specials = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
+    tok.add_special_tokens({**specials, "additional_special_tokens": MISTRAL_SPECIALS})
+    tok.chat_template = MISTRAL_CHAT_TEMPLATE
+    return PixtralProcessor(
+        image_processor=PixtralImageProcessor(), tokenizer=tok, patch_size=6, chat_template=MISTRAL_CHAT_TEMPLATE
+    )
+
+
+def flux2_dev(processor) -> Flux2Pipeline:
+    """Flux2Pipeline as diffusers' tests/pipelines/flux2/test_pipeline_flux2.py builds it, with the Klein tiny's
+    latent shape, a guidance input and a Mistral3 deep enough for the default hidden-state layers (10, 20, 30)."""
+    tok = processor.tokenizer
+    torch.manual_seed(17)
+    transformer = Flux2Transformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=3 * 16,
+        timestep_guidance_channels=256,
+        axes_dims_rope=(4, 4, 4, 4),
+        guidance_embeds=True,  # FLUX.2-dev: guidance-distilled
+    ).eval()
+    torch.manual_seed(18)
+    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    config = Mistral3Config(
+        text_config=dict(
+            model_type="mistral",
+            vocab_size=len(tok),
+            hidden_size=16,
+            intermediate_size=32,
+            max_position_embeddings=1024,
+            num_attention_heads=2,
+            num_hidden_layers=30,
+            num_key_value_heads=2,
+            head_dim=8,
+            sliding_window=None,
+            **ids,
+        ),
+        vision_config=dict(
+            model_type="pixtral",
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            image_size=30,
+            patch_size=6,
+            head_dim=8,
+        ),
+        image_token_index=tok.convert_tokens_to_ids("[IMG]"),
+        spatial_merge_size=1,
+        vision_feature_layer=-1,
+        **ids,
+    )
+    text_encoder = Mistral3ForConditionalGeneration(config).eval()
+    pipe = flux2_klein(build_qwen2_tokenizer(WORDS), is_distilled=False)  # the same scheduler and VAE
+    return Flux2Pipeline(
+        scheduler=pipe.scheduler, vae=pipe.vae, text_encoder=text_encoder, tokenizer=processor, transformer=transformer
+    )
+
+
 def save(pipe, name: str) -> None:
     folder = OUT / name
     shutil.rmtree(folder, ignore_errors=True)
@@ -351,6 +439,7 @@ def main(only: list[str]) -> None:
             "flux": lambda: flux(tokenizer, t5_tokenizer),
             "flux2_klein": lambda: flux2_klein(qwen, is_distilled=False),
             "flux2_klein_distilled": lambda: flux2_klein(qwen, is_distilled=True),
+            "flux2_dev": lambda: flux2_dev(mistral_processor()),
         }
         for name in only:
             save(builders[name](), name)
@@ -413,6 +502,7 @@ def main(only: list[str]) -> None:
     save(flux(tokenizer, t5_tokenizer), "flux")
     save(flux2_klein(build_qwen2_tokenizer(WORDS), is_distilled=False), "flux2_klein")
     save(flux2_klein(build_qwen2_tokenizer(WORDS), is_distilled=True), "flux2_klein_distilled")
+    save(flux2_dev(mistral_processor()), "flux2_dev")
 
 
 if __name__ == "__main__":

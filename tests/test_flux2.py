@@ -1,8 +1,8 @@
-"""FLUX.2-Klein on the tiny real Flux2KleinPipeline folders in assets/tiny (flux2_klein: base, true CFG;
-flux2_klein_distilled: the same weights with is_distilled): detection, prompt encoding, the patchified batch-norm
-latents, denoise vs the transformer called as the pipeline calls it, the step-dependent shift, generation and the
-flow sampler at noise 0 == the pipeline, offline objectives, DPO through the CLI with the LoRA in plain diffusers,
-GRPO / NFT rounds (base and distilled)."""
+"""FLUX.2 on the tiny real pipeline folders in assets/tiny (flux2_klein: Klein base, true CFG;
+flux2_klein_distilled: the same weights with is_distilled; flux2_dev: Flux2Pipeline, guidance input): detection,
+prompt encoding, the patchified batch-norm latents, denoise vs the transformer called as the pipeline calls it, the
+step-dependent shift, generation and the flow sampler at noise 0 == the pipeline, offline objectives, DPO through
+the CLI with the LoRA in plain diffusers, GRPO / NFT rounds (base, distilled, dev)."""
 
 import json
 import math
@@ -26,6 +26,7 @@ from diffalign.objectives import OBJECTIVES
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "assets" / "tiny" / "flux2_klein"
 DISTILLED = REPO / "assets" / "tiny" / "flux2_klein_distilled"
+DEV = REPO / "assets" / "tiny" / "flux2_dev"
 PROMPTS = ["a photo of a cat", "red dog"]
 
 
@@ -230,11 +231,11 @@ ONLINE = {  # objective -> its overrides on top of a one-round tiny run
 }
 
 
-@pytest.mark.parametrize("folder", [TINY, DISTILLED])
+@pytest.mark.parametrize("folder", [TINY, DISTILLED, DEV])
 @pytest.mark.parametrize("objective", list(ONLINE))
-def test_online_round_on_klein_through_the_cli(tmp_path, monkeypatch, objective, folder):
-    """`diffalign online` on the tiny Klein (base: CFG 4 with ""; distilled: 4 steps, no CFG): a finite first round
-    and the LoRA saved in FLUX.2's format."""
+def test_online_round_on_flux2_through_the_cli(tmp_path, monkeypatch, objective, folder):
+    """`diffalign online` on the tiny Klein (base: CFG 4 with ""; distilled: 4 steps, no CFG) and the tiny FLUX.2-dev
+    (guidance 4 as the transformer's input): a finite first round and the LoRA saved in FLUX.2's format."""
     monkeypatch.chdir(REPO)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a photo of a cat\nred dog\n")
@@ -249,3 +250,76 @@ def test_online_round_on_klein_through_the_cli(tmp_path, monkeypatch, objective,
     assert math.isfinite(row["train/loss"]) and row["skipped_steps"] == 0
     with safe_open(str(out / "lora" / "pytorch_lora_weights.safetensors"), "pt") as f:
         assert any(k.startswith("transformer.") for k in f.keys())
+
+
+def test_flux2_dev_guidance_input_prompt_encoding_and_denoise():
+    """FLUX.2-dev: Mistral-3 hidden states 10, 20, 30 of the system + user chat, guidance as the transformer's input
+    (train_guidance while training; `sampling.guidance` sets it), no CFG pass."""
+    from diffusers import Flux2Pipeline
+    from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
+
+    dev = load_family(str(DEV))
+    assert (dev.klein, dev.distilled, dev.guidance_embeds, dev.default_steps) == (False, False, True, 50)
+    assert dev.lora_writer is Flux2Pipeline and dev.train_guidance == 4.0
+    cond = dev.encode_prompts(PROMPTS)
+    proc = dev.pipe.tokenizer
+    with torch.no_grad():
+        text = f"<s>[SYSTEM_PROMPT]{SYSTEM_MESSAGE}[/SYSTEM_PROMPT][INST]{PROMPTS[1]}[/INST]"
+        ids = proc.tokenizer(text, padding="max_length", max_length=512, add_special_tokens=False, return_tensors="pt")
+        hidden = dev.pipe.text_encoder(**ids, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(cond["prompt_embeds"][1:], torch.cat([hidden[10], hidden[20], hidden[30]], -1))
+    xt, t, _ = inputs(dev)
+    with torch.no_grad():
+        out = dev.denoiser(
+            hidden_states=xt.reshape(2, 16, 16).permute(0, 2, 1),
+            timestep=dev.schedule.sigma(t),
+            guidance=torch.full((2,), 4.0),
+            encoder_hidden_states=cond["prompt_embeds"],
+            txt_ids=Flux2Pipeline._prepare_text_ids(cond["prompt_embeds"]),
+            img_ids=Flux2Pipeline._prepare_latent_ids(xt),
+        ).sample
+        assert torch.equal(dev.denoise(xt, t, cond), out.permute(0, 2, 1).reshape(2, 16, 4, 4))
+    assert dev.sampling_cfg(2.5) == 1.0 and dev.train_guidance == 2.5
+
+
+def test_flux2_dev_generate_and_sampler_equal_the_pipeline():
+    from diffusers import Flux2Pipeline
+
+    from diffalign.sampling import initial_noise
+    from diffalign.sampling.flow_sde import FlowSDESampler
+
+    dev = load_family(str(DEV))
+    pipe = Flux2Pipeline.from_pretrained(DEV)
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(prompt=PROMPTS, num_inference_steps=3, guidance_scale=2.5, height=64, width=64)
+    expected = pipe(generator=[torch.Generator().manual_seed(s) for s in (3, 4)], **kw).images
+    for a, b in zip(dev.generate(PROMPTS, [3, 4], steps=3, guidance=2.5), expected):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    cfg = dev.sampling_cfg(2.5)
+    ours = FlowSDESampler.for_family(dev, 3, 0.0).sample(dev, PROMPTS, [1, 2], cfg, keep_trajectory=False)
+    x1 = initial_noise([1, 2], (16, 4, 4))
+    packed = pipe(latents=x1, output_type="latent", **kw).images  # (N, h w, 4C) packed tokens
+    assert packed.abs().max() > 0.5
+    torch.testing.assert_close(ours.x0.reshape(2, 16, 16).permute(0, 2, 1), packed, rtol=1e-5, atol=1e-5)
+
+
+def test_flux2_dev_lora_loads_in_flux2_pipeline(tmp_path):
+    from diffusers import Flux2Pipeline
+
+    from diffalign.lora import save_lora
+
+    fam = load_family(str(DEV))
+    add_lora(fam.denoiser, 4, 8, fam.lora_target_modules)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in fam.denoiser.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    lora = save_lora(fam, tmp_path / "lora").parent
+    pipe = Flux2Pipeline.from_pretrained(DEV)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(lora)
+    plain = Flux2Family(pipe, pipe.vae.config, torch.float32)
+    xt, t, cond = inputs(fam)
+    with torch.no_grad():
+        torch.testing.assert_close(plain.denoise(xt, t, cond), fam.denoise(xt, t, cond), rtol=0, atol=1e-6)
