@@ -323,3 +323,29 @@ def test_flux2_dev_lora_loads_in_flux2_pipeline(tmp_path):
     xt, t, cond = inputs(fam)
     with torch.no_grad():
         torch.testing.assert_close(plain.denoise(xt, t, cond), fam.denoise(xt, t, cond), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "objective,extra",
+    [
+        ("d3po", ["pairing.split=all_pairs", "sampling.guidance=2.0"]),
+        ("dpo", ["pairing.split=best_worst", "sampling.guidance=2.0"]),  # DRAGON with the Diffusion-DPO surrogate
+        ("dro", ["sampling.guidance=1.0", "online.max_experts=8"]),
+    ],
+    ids=["d3po", "dragon", "dro"],
+)
+def test_the_other_online_methods_run_a_round_on_klein(tmp_path, monkeypatch, objective, extra):
+    """D3PO, DRAGON and DRO on Klein base through the flow sampler (CFG 2 with "" where set): at LoRA init D3PO and
+    DRAGON-DPO give ln 2, DRO the hinge's -m = 0.001 (tests/test_flow_sampling.py does the same on SD3)."""
+    monkeypatch.chdir(REPO)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of a cat\nred dog\n")
+    args = ["online", f"model.path={TINY}", "lora.rank=4", "lora.alpha=4", f"objective.name={objective}"]
+    args += ["sampling.prompts_per_round=2", "sampling.images_per_prompt=2", "sampling.steps=3", "sampling.eta=0.7"]
+    args += ["train.steps_per_round=1", "train.batch_size=2", "reward.scorer=toy_aesthetic", "reward.monitor=[]"]
+    args += ["online.rounds=1", "train.tensorboard=false", "eval.prompts=", f"sampling.prompts={prompts}"]
+    out = tmp_path / "run"
+    assert main([*args, *extra, f"train.output_dir={out}"]) == 0
+    row = json.loads((out / "rounds.jsonl").read_text())
+    expected = {"d3po": math.log(2), "dpo": math.log(2), "dro": 0.001}[objective]
+    assert math.isclose(row["train/loss"], expected, rel_tol=1e-4) and row["skipped_steps"] == 0
