@@ -349,3 +349,23 @@ def test_the_other_online_methods_run_a_round_on_klein(tmp_path, monkeypatch, ob
     row = json.loads((out / "rounds.jsonl").read_text())
     expected = {"d3po": math.log(2), "dpo": math.log(2), "dro": 0.001}[objective]
     assert math.isclose(row["train/loss"], expected, rel_tol=1e-4) and row["skipped_steps"] == 0
+
+
+@pytest.mark.slow  # 16 s on a loaded box
+def test_dpo_on_an_int8_klein_base(pairs_file, tmp_path):
+    """model.quantize=int8 (torchao, CPU): the frozen Klein transformer holds int8 weights, DPO starts at ln 2 against
+    the same quantized network with the adapters off, and the fp32 LoRA changes the unquantized base."""
+    pytest.importorskip("torchao", reason="the int8 backend is the optional extra diffalign[quantize]")
+    run = tmp_path / "run"
+    args = [f"data.source={pairs_file}", f"train.output_dir={run}", "model.quantize=int8", "model.dtype=bfloat16"]
+    assert main(["train", str(REPO / "configs/tiny/flux2_klein_dpo.yaml"), *args]) == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert math.isclose(rows[0]["loss"], math.log(2), abs_tol=1e-6) and all(math.isfinite(r["loss"]) for r in rows)
+    fam = load_family(str(TINY), dtype=torch.bfloat16, quantize="int8")
+    assert type(fam.denoiser.transformer_blocks[0].attn.to_q.weight).__name__ == "Int8Tensor"
+    plain = load_family(str(TINY))
+    xt, t, cond = inputs(plain)
+    with torch.no_grad():
+        base = plain.denoise(xt, t, cond)
+        load_lora(plain, run / "lora")
+        assert (plain.denoise(xt, t, cond) - base).abs().max() > 1e-6
