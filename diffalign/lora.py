@@ -241,16 +241,21 @@ def check_lora_matches(denoiser, path, prefix: str, shapes: dict | None = None) 
 
 def lora_family(file) -> str:
     """The model family a LoRA file belongs to: the family `save_lora` recorded (FAMILY_METADATA_KEY), else from its
-    keys "flux" (single-stream blocks / BFL names) or "sd/sdxl" (UNet); "" when neither tells."""
+    keys "flux2" (FLUX.2 module names), "flux" (single-stream blocks / BFL names) or "sd/sdxl" (UNet); "" when
+    neither tells."""
     with safe_open(str(file), framework="pt") as f:
         keys, recorded = list(f.keys()), (f.metadata() or {}).get(FAMILY_METADATA_KEY, "")
     if recorded:
         return FAMILY_GROUPS.get(recorded, recorded)
+    if any("transformer_blocks." in k and any(p in k for p in FLUX2_KEY_PARTS) for k in keys):
+        return "flux2"
     if lora_flux.is_flux_kohya(keys) or any(".single_transformer_blocks." in f".{k}" for k in keys):
         return "flux"
     return "sd/sdxl" if any(k.startswith(("unet.", "lora_unet_")) for k in keys) else ""
 
 
+# module names only FLUX.2's transformer has: the single blocks' fused projections, the double blocks' feed-forwards
+FLUX2_KEY_PARTS = (".to_qkv_mlp_proj.", ".attn.to_out.lora_", ".ff.linear_in.", ".ff_context.linear_in.")
 FAMILY_GROUPS = {"sd": "sd/sdxl", "sdxl": "sd/sdxl", "flux": "flux"}  # family name -> lora_family() value
 
 

@@ -369,3 +369,23 @@ def test_dpo_on_an_int8_klein_base(pairs_file, tmp_path):
         base = plain.denoise(xt, t, cond)
         load_lora(plain, run / "lora")
         assert (plain.denoise(xt, t, cond) - base).abs().max() > 1e-6
+
+
+def test_a_flux2_lora_without_diffalign_metadata_is_told_from_flux1(tmp_path):
+    """A FLUX.2 LoRA as diffusers' own scripts write it (no diffalign family record) loads onto flux2 and is refused
+    in one line on FLUX.1, whose single blocks share the `single_transformer_blocks` prefix."""
+    from safetensors.torch import save_file
+
+    from diffalign.lora import LoraError, lora_family, save_lora
+
+    fam = load_family(str(TINY))
+    add_lora(fam.denoiser, 4, 8, fam.lora_target_modules)
+    file = save_lora(fam, tmp_path / "ours")
+    with safe_open(str(file), framework="pt") as f:
+        bare = tmp_path / "bare" / "pytorch_lora_weights.safetensors"
+        bare.parent.mkdir()
+        save_file({k: f.get_tensor(k) for k in f.keys()}, str(bare))  # no metadata
+    assert lora_family(bare) == lora_family(file) == "flux2"
+    load_lora(load_family(str(TINY)), bare.parent)
+    with pytest.raises(LoraError, match="a flux2 LoRA cannot load onto a flux base model"):
+        load_lora(load_family(str(REPO / "assets" / "tiny" / "flux")), bare.parent)
