@@ -41,7 +41,7 @@ from peft.utils.other import get_pattern_key
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from diffalign import lora_flux
+from diffalign import lora_flux, lora_flux2
 from diffalign.errors import DiffalignError
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -362,9 +362,11 @@ def export_kohya(src: str | Path, out: str | Path) -> Path:
         file_metadata = dict(f.metadata() or {})
     prefixes = sorted({key.split(".")[0] for key in tensors})
     made_for = lora_family(file)
-    if prefixes != ["unet"] and not (prefixes == ["transformer"] and made_for == "flux"):
+    if prefixes != ["unet"] and not (prefixes == ["transformer"] and made_for in ("flux", "flux2")):
         what = made_for or "/".join(prefixes) + "."
-        raise LoraError(f"{file}: kohya export supports UNet LoRAs (sd, sdxl) and FLUX LoRAs, not a '{what}' LoRA")
+        raise LoraError(
+            f"{file}: kohya export supports UNet LoRAs (sd, sdxl), FLUX and FLUX.2 LoRAs, not a '{what}' LoRA"
+        )
     prefix = prefixes[0]
     packed = json.loads(file_metadata.get(ADAPTER_METADATA_KEY, "{}"))
     config = {key.removeprefix(prefix + "."): value for key, value in packed.items() if key.startswith(prefix + ".")}
@@ -385,9 +387,15 @@ def export_kohya(src: str | Path, out: str | Path) -> Path:
         for module, alpha in alphas.items():
             kohya["lora_unet_" + module.replace(".", "_") + ".alpha"] = torch.tensor(float(alpha))
     else:
-        try:
-            kohya = lora_flux.to_kohya({k.removeprefix("transformer."): v for k, v in peft_weights.items()}, alphas)
-        except lora_flux.FluxKohyaError as err:
+        bare = {k.removeprefix("transformer."): v for k, v in peft_weights.items()}
+        try:  # FLUX.2: ComfyUI's diffusion_model.<BFL name> layout (diffalign.lora_flux2), scales folded into B
+            if made_for == "flux2":
+                kohya = lora_flux2.to_comfy(
+                    bare, {m: a / bare[m + ".lora_A.weight"].shape[0] for m, a in alphas.items()}
+                )
+            else:
+                kohya = lora_flux.to_kohya(bare, alphas)
+        except (lora_flux.FluxKohyaError, lora_flux2.Flux2ComfyError) as err:
             raise LoraError(f"{file}: {err}") from None
     ranks = {int(v.shape[0]) for k, v in kohya.items() if k.endswith("lora_down.weight")}
     alpha_values = {float(v) for k, v in kohya.items() if k.endswith(".alpha")}
