@@ -32,6 +32,7 @@ FAMILY_NAMES = (
     "sd3",
     "pixart",
     "flux",
+    "flux2",
     "toy",
 )  # "auto" + diffalign.models.FAMILIES (a test keeps them equal)
 SCORER = OneOf(SCORERS)
@@ -66,8 +67,8 @@ class ModelConfig:
     quantize: Annotated[str, OneOf("none", "int8", "fp8", "nf4")] = "none"
     """Frozen denoiser quantized under the LoRA: none, int8 (torchao), fp8 (torchao), nf4 (bitsandbytes; CUDA)."""
     max_sequence_length: Annotated[int, NON_NEGATIVE] = 0
-    """T5 tokens of the prompt encoding (SD3, FLUX, PixArt); 0 = the pipeline's default (SD3 256, FLUX 512,
-    PixArt-Σ 300). Flow-GRPO's SD3 recipe uses 128; the families without T5 refuse it."""
+    """T5 tokens of the prompt encoding (SD3, FLUX, PixArt; FLUX.2: Qwen3 / Mistral tokens); 0 = the pipeline's
+    default (SD3 256, FLUX and FLUX.2 512, PixArt-Σ 300). Flow-GRPO's SD3 recipe uses 128; the families without T5 refuse it."""
 
 
 @dataclass
