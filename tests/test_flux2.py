@@ -17,8 +17,9 @@ from diffusers import Flux2KleinPipeline
 from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
 from safetensors import safe_open
 
+from diffalign.engine.common import check_target_modules
 from diffalign.likelihood import denoising_errors, pair_noise, pair_timesteps
-from diffalign.lora import add_lora, load_lora, reference_mode
+from diffalign.lora import add_lora, load_lora, lora_targets, reference_mode
 from diffalign.models import load_family
 from diffalign.models.flux2 import Flux2Family
 from diffalign.objectives import OBJECTIVES
@@ -56,6 +57,11 @@ def test_detection_attributes_and_prompt_encoding(klein):
     assert (klein.resolution, klein.latent_channels, klein.vae_scale_factor) == (64, 16, 16)  # 4 VAE ch x 2x2
     assert (klein.klein, klein.distilled, klein.guidance_embeds, klein.default_steps) == (True, False, False, 50)
     assert klein.lora_writer is Flux2KleinPipeline and klein.denoiser is klein.pipe.transformer
+    assert klein.shard_blocks == ("Flux2TransformerBlock", "Flux2SingleTransformerBlock")  # FSDP2 units
+    assert lora_targets(klein, "attention") == ["to_q", "to_k", "to_v", "to_out.0"] + [
+        "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"
+    ]  # fmt: skip
+    check_target_modules(klein, lora_targets(klein, "attention+mlp"))  # every default target names a Linear
     distilled = load_family(str(DISTILLED), load_encoders=False)
     assert (distilled.distilled, distilled.default_steps, distilled.pipe.vae) == (True, 4, None)
     cond = klein.encode_prompts(PROMPTS)
