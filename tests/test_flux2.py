@@ -266,7 +266,7 @@ def test_flux2_dev_guidance_input_prompt_encoding_and_denoise():
 
     dev = load_family(str(DEV))
     assert (dev.klein, dev.distilled, dev.guidance_embeds, dev.default_steps) == (False, False, True, 50)
-    assert dev.lora_writer is Flux2Pipeline and dev.train_guidance == 4.0
+    assert dev.lora_writer is Flux2Pipeline and dev.train_guidance == 3.5  # diffusers' FLUX.2 script
     cond = dev.encode_prompts(PROMPTS)
     proc = dev.pipe.tokenizer
     with torch.no_grad():
@@ -279,7 +279,7 @@ def test_flux2_dev_guidance_input_prompt_encoding_and_denoise():
         out = dev.denoiser(
             hidden_states=xt.reshape(2, 16, 16).permute(0, 2, 1),
             timestep=dev.schedule.sigma(t),
-            guidance=torch.full((2,), 4.0),
+            guidance=torch.full((2,), 3.5),
             encoder_hidden_states=cond["prompt_embeds"],
             txt_ids=Flux2Pipeline._prepare_text_ids(cond["prompt_embeds"]),
             img_ids=Flux2Pipeline._prepare_latent_ids(xt),

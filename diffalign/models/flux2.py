@@ -11,7 +11,9 @@ Every FLUX.2 quirk lives here:
 - guidance, three kinds: Klein base uses *true CFG* with the "" prompt, pred = uncond + w (cond - uncond) when
   w > 1 (K 595-596, 749-760, 864-877); distilled Klein uses none (`do_classifier_free_guidance` is False whatever
   guidance_scale says, K 596); FLUX.2-dev is guidance-distilled: w is the transformer's `guidance` input
-  (`guidance_embeds=True`, D 950-952, 977), no CFG pass. `sampling_cfg` returns the CFG scale the sampler must use;
+  (`guidance_embeds=True`, D 950-952, 977), no CFG pass; offline training feeds `train_guidance` 3.5 (the default of
+  diffusers' train_dreambooth_lora_flux2.py), on-line `sampling.guidance`. `sampling_cfg` returns the CFG scale the
+  sampler must use;
 - prompts: the pipeline's own `encode_prompt` -> prompt_embeds (N, 512, 3 D_text), the text model's hidden states
   of layers (9, 18, 27) for Qwen3 (K 215, 257-261) or (10, 20, 30) for Mistral (D 312), stacked along features,
   prompts rendered by the chat template (Qwen3 with enable_thinking=False, K 226-232). The text position ids
@@ -57,7 +59,7 @@ LORA_TARGET_MODULES = LORA_ATTENTION + [
     "to_qkv_mlp_proj",
 ]
 MAX_SEQUENCE_LENGTH = 512  # text tokens, both pipelines' default
-TRAIN_GUIDANCE = 4.0  # FLUX.2-dev's guidance input while training (its pipeline's default guidance_scale, D 756)
+TRAIN_GUIDANCE = 3.5  # FLUX.2-dev's guidance input offline (examples/dreambooth/train_dreambooth_lora_flux2.py)
 PIPELINES = {"Flux2KleinPipeline": Flux2KleinPipeline}  # dev's Flux2Pipeline is looked up when a folder names it
 
 
