@@ -40,7 +40,13 @@ import math
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKLFlux2, DiffusionPipeline, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
+from diffusers import (
+    AutoencoderKLFlux2,
+    DiffusionPipeline,
+    FlowMatchEulerDiscreteScheduler,
+    Flux2KleinPipeline,
+    Flux2Pipeline,
+)
 from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
 
 from diffalign.likelihood import Schedule
@@ -60,18 +66,14 @@ LORA_TARGET_MODULES = LORA_ATTENTION + [
 ]
 MAX_SEQUENCE_LENGTH = 512  # text tokens, both pipelines' default
 TRAIN_GUIDANCE = 3.5  # FLUX.2-dev's guidance input offline (examples/dreambooth/train_dreambooth_lora_flux2.py)
-PIPELINES = {"Flux2KleinPipeline": Flux2KleinPipeline}  # dev's Flux2Pipeline is looked up when a folder names it
+PIPELINES = {"Flux2KleinPipeline": Flux2KleinPipeline, "Flux2Pipeline": Flux2Pipeline}  # model_index _class_name
 
 
 def pipeline_class(path: str) -> type:
     """The folder's (or hub id's) pipeline class from model_index.json: Flux2KleinPipeline or Flux2Pipeline."""
     name = DiffusionPipeline.load_config(path)["_class_name"]
-    if name == "Flux2Pipeline":
-        from diffusers import Flux2Pipeline
-
-        return Flux2Pipeline
     if name not in PIPELINES:
-        raise ValueError(f"{path}: '{name}' is not a FLUX.2 pipeline (Flux2Pipeline, Flux2KleinPipeline)")
+        raise ValueError(f"{path}: '{name}' is not a FLUX.2 pipeline ({', '.join(PIPELINES)})")
     return PIPELINES[name]
 
 
