@@ -1,7 +1,8 @@
 """Write tiny, real diffusers pipeline folders (random weights) that load with `from_pretrained` like real checkpoints.
 
-    python assets/make_tiny_pipelines.py          # writes assets/tiny/{sd15,sd15_v,sdxl,sd3,pixart,flux,qwenimage,zimage}/
+    python assets/make_tiny_pipelines.py          # writes every folder under assets/tiny/
     python assets/make_tiny_pipelines.py flux     # writes only assets/tiny/flux/
+    python assets/make_tiny_pipelines.py flux2_klein flux2_klein_distilled   # the FLUX.2-Klein folders
 
 - sd15:    StableDiffusionPipeline, DDIMScheduler with SD1.5's folder settings (steps_offset=1, scaled_linear betas).
 - sd15_v:  the same weights with prediction_type="v_prediction" (SD2-style), so v-prediction code paths are tested.
@@ -30,6 +31,15 @@
            latents_std and `sample_size` 64 in its config (the native size diffalign reads; the real VAE has none,
            so 1024), and Qwen-Image's scheduler_config.json (dynamic exponential shift 0.5..0.9 between 256 and 8192
            tokens, shift_terminal 0.02).
+- flux2_klein: Flux2KleinPipeline shaped like FLUX.2-klein-base (diffusers' own Klein test sizes): Flux2Transformer2DModel
+           without a guidance input (true CFG), in_channels 16 (4 VAE channels, 2x2-patchified), a 28-layer Qwen3 (the
+           pipeline reads hidden states 9, 18, 27; width 16 -> joint_attention_dim 48), an AutoencoderKLFlux2 with
+           seeded batch-norm statistics (not the identity), FLUX.2's dynamic-shift scheduler; `is_distilled` false.
+- flux2_klein_distilled: the same weights with `is_distilled` true (FLUX.2-klein-4B: 4 steps, no CFG).
+- flux2_dev: Flux2Pipeline shaped like FLUX.2-dev (diffusers' own Flux2 test sizes): the Klein transformer shape with
+           guidance_embeds=True, a 30-layer Mistral3ForConditionalGeneration (the pipeline reads hidden states 10, 20,
+           30) with a tiny Pixtral vision tower, and a PixtralProcessor whose tokenizer is the byte-level BPE plus
+           Mistral's specials and a reduced Mistral chat template ([SYSTEM_PROMPT] ... [INST] ... [/INST]).
 The T5 tokenizers are real T5Tokenizers (Unigram) built in code, no sentencepiece file.
 Sizes are the smallest that keep every code path of the real models: VAE with 4 levels (vae_scale_factor 8 as in real SD), UNet and
 transformer sample_size 8 (so the native resolution is 64 px), text encoders with hidden size 32 and 2 layers.
@@ -45,11 +55,15 @@ from pathlib import Path
 import torch
 from diffusers import (
     AutoencoderKL,
+    AutoencoderKLFlux2,
     AutoencoderKLQwenImage,
     DDIMScheduler,
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
+    Flux2KleinPipeline,
+    Flux2Pipeline,
+    Flux2Transformer2DModel,
     FluxPipeline,
     FluxTransformer2DModel,
     PixArtSigmaPipeline,
@@ -68,9 +82,14 @@ from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTextModelWithProjection,
+    Mistral3Config,
+    Mistral3ForConditionalGeneration,
+    PixtralImageProcessor,
+    PixtralProcessor,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen3Config,
+    Qwen3ForCausalLM,
     Qwen3Model,
     T5Config,
     T5EncoderModel,
@@ -400,6 +419,157 @@ def qwenimage() -> QwenImagePipeline:
     )
 
 
+def flux2_vae():
+    """AutoencoderKLFlux2 at 64 px (4 levels, vae_scale_factor 8), 4 latent channels (FLUX.2: 32), seeded batch-norm
+    running statistics over the 2x2-patchified 16 channels, so the pipeline's normalisation is not the identity."""
+    torch.manual_seed(14)
+    vae = AutoencoderKLFlux2(
+        block_out_channels=(8, 8, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        latent_channels=4,
+        sample_size=64,  # the family's native resolution here (FLUX.2's VAE config says 1024)
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    ).eval()
+    with torch.no_grad():
+        vae.bn.running_mean.copy_(torch.randn(16) * 0.2)
+        vae.bn.running_var.copy_(torch.rand(16) + 0.5)
+    return vae
+
+
+def flux2_klein(tokenizer, is_distilled: bool) -> Flux2KleinPipeline:
+    """Flux2KleinPipeline as diffusers' tests/pipelines/flux2/test_pipeline_flux2_klein.py builds it, with 4 latent
+    channels, a Qwen3 deep enough for the pipeline's default hidden-state layers (9, 18, 27) and FLUX.2's
+    scheduler_config.json (dynamic shifting, exponential time shift; the pipeline's mu is compute_empirical_mu)."""
+    torch.manual_seed(15)
+    transformer = Flux2Transformer2DModel(
+        patch_size=1,
+        in_channels=16,  # 4 VAE channels x 2x2 patch
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=3 * 16,  # three Qwen3 hidden states of width 16, stacked
+        timestep_guidance_channels=256,
+        axes_dims_rope=(4, 4, 4, 4),
+        guidance_embeds=False,  # Klein: no guidance input
+    ).eval()
+    torch.manual_seed(16)
+    config = Qwen3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=28,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=1024,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    text_encoder = Qwen3ForCausalLM(config).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+        base_shift=0.5,
+        max_shift=1.15,
+        time_shift_type="exponential",
+    )
+    return Flux2KleinPipeline(
+        scheduler=scheduler,
+        vae=flux2_vae(),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+        is_distilled=is_distilled,
+    )
+
+
+MISTRAL_SPECIALS = ["[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[IMG]", "[IMG_BREAK]", "[IMG_END]"]
+# Mistral-Small-3.1's chat template reduced to text turns (content given as a string or as [{"type": "text", ...}])
+MISTRAL_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% set text = message['content'] if message['content'] is string else message['content'] "
+    "| selectattr('type', 'equalto', 'text') | map(attribute='text') | join('') %}"
+    "{% if message['role'] == 'system' %}{{ '[SYSTEM_PROMPT]' + text + '[/SYSTEM_PROMPT]' }}"
+    "{% elif message['role'] == 'user' %}{{ '[INST]' + text + '[/INST]' }}"
+    "{% else %}{{ text + eos_token }}{% endif %}{% endfor %}"
+)
+
+
+def mistral_processor() -> PixtralProcessor:
+    """A PixtralProcessor (what FLUX.2-dev's `tokenizer` is): byte-level BPE with <s>, </s>, <pad>, Mistral's
+    instruction and image specials, the reduced chat template, and a Pixtral image processor."""
+    tok = build_qwen2_tokenizer(WORDS)
+    specials = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
+    tok.add_special_tokens({**specials, "additional_special_tokens": MISTRAL_SPECIALS})
+    tok.chat_template = MISTRAL_CHAT_TEMPLATE
+    return PixtralProcessor(
+        image_processor=PixtralImageProcessor(), tokenizer=tok, patch_size=6, chat_template=MISTRAL_CHAT_TEMPLATE
+    )
+
+
+def flux2_dev(processor) -> Flux2Pipeline:
+    """Flux2Pipeline as diffusers' tests/pipelines/flux2/test_pipeline_flux2.py builds it, with the Klein tiny's
+    latent shape, a guidance input and a Mistral3 deep enough for the default hidden-state layers (10, 20, 30)."""
+    tok = processor.tokenizer
+    torch.manual_seed(17)
+    transformer = Flux2Transformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=3 * 16,
+        timestep_guidance_channels=256,
+        axes_dims_rope=(4, 4, 4, 4),
+        guidance_embeds=True,  # FLUX.2-dev: guidance-distilled
+    ).eval()
+    torch.manual_seed(18)
+    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    config = Mistral3Config(
+        text_config=dict(
+            model_type="mistral",
+            vocab_size=len(tok),
+            hidden_size=16,
+            intermediate_size=32,
+            max_position_embeddings=1024,
+            num_attention_heads=2,
+            num_hidden_layers=30,
+            num_key_value_heads=2,
+            head_dim=8,
+            sliding_window=None,
+            **ids,
+        ),
+        vision_config=dict(
+            model_type="pixtral",
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            image_size=30,
+            patch_size=6,
+            head_dim=8,
+        ),
+        image_token_index=tok.convert_tokens_to_ids("[IMG]"),
+        spatial_merge_size=1,
+        vision_feature_layer=-1,
+        **ids,
+    )
+    text_encoder = Mistral3ForConditionalGeneration(config).eval()
+    pipe = flux2_klein(build_qwen2_tokenizer(WORDS), is_distilled=False)  # the same scheduler and VAE
+    return Flux2Pipeline(
+        scheduler=pipe.scheduler, vae=pipe.vae, text_encoder=text_encoder, tokenizer=processor, transformer=transformer
+    )
+
+
 def save(pipe, name: str) -> None:
     folder = OUT / name
     shutil.rmtree(folder, ignore_errors=True)
@@ -413,7 +583,15 @@ def main(only: list[str]) -> None:
     tokenizer = build_clip_tokenizer(WORDS, model_max_length=77)
     if only:
         t5_tokenizer = build_t5_tokenizer(WORDS)
-        builders = {"flux": lambda: flux(tokenizer, t5_tokenizer), "qwenimage": qwenimage, "zimage": zimage}
+        qwen = build_qwen2_tokenizer(WORDS)
+        builders = {
+            "flux": lambda: flux(tokenizer, t5_tokenizer),
+            "qwenimage": qwenimage,
+            "zimage": zimage,
+            "flux2_klein": lambda: flux2_klein(qwen, is_distilled=False),
+            "flux2_klein_distilled": lambda: flux2_klein(qwen, is_distilled=True),
+            "flux2_dev": lambda: flux2_dev(mistral_processor()),
+        }
         for name in only:
             save(builders[name](), name)
         return
@@ -475,6 +653,9 @@ def main(only: list[str]) -> None:
     save(flux(tokenizer, t5_tokenizer), "flux")
     save(zimage(), "zimage")
     save(qwenimage(), "qwenimage")
+    save(flux2_klein(build_qwen2_tokenizer(WORDS), is_distilled=False), "flux2_klein")
+    save(flux2_klein(build_qwen2_tokenizer(WORDS), is_distilled=True), "flux2_klein_distilled")
+    save(flux2_dev(mistral_processor()), "flux2_dev")
 
 
 if __name__ == "__main__":

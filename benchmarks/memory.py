@@ -1,6 +1,7 @@
 """Memory accounting of one Diffusion-DPO LoRA step (1 pair = 2 images) per family and setting, on CPU, no weights.
 
-    python benchmarks/memory.py                      # the table: SD1.5@512, SDXL@1024, SD3.5-M@1024, FLUX.1-dev@1024, Qwen-Image@1024
+    python benchmarks/memory.py                      # the table: SD1.5@512, SDXL@1024, SD3.5-M@1024, FLUX.1-dev@1024,
+                                                     # FLUX.2-klein 4B / 9B @1024, FLUX.2-dev @1024, Qwen-Image@1024
     python benchmarks/memory.py --families zimage    # Z-Image / Z-Image-Turbo (6.15 B) @ 1024
     python benchmarks/memory.py --families sd15 --json out.json
 
@@ -25,6 +26,7 @@ import json
 
 import torch
 from diffusers import (
+    Flux2Transformer2DModel,
     FluxTransformer2DModel,
     QwenImageTransformer2DModel,
     SD3Transformer2DModel,
@@ -106,8 +108,26 @@ QWEN_IMAGE = dict(  # Qwen/Qwen-Image transformer/config.json (20.4 B)
     guidance_embeds=False,
     axes_dims_rope=(16, 56, 56),
 )
+# FLUX.2: black-forest-labs/FLUX.2-klein-4B transformer/config.json (5 double + 20 single blocks, 24 heads x 128,
+# joint_attention_dim 7680 = 3 x Qwen3-4B's 2560, no guidance input: 3.88 B params); Klein 9B with 8 + 24 blocks,
+# 32 heads, 3 x Qwen3-8B's 4096 (9.08 B params, the model card's 9B); FLUX.2-dev = diffusers' Flux2Transformer2DModel
+# defaults (8 + 48 blocks, 48 heads, 3 x Mistral-Small-3.1's 5120, guidance input: 32.2 B params)
+FLUX2_KLEIN_4B = dict(
+    num_layers=5, num_single_layers=20, num_attention_heads=24, joint_attention_dim=7680, guidance_embeds=False
+)
+FLUX2_KLEIN_9B = dict(
+    num_layers=8, num_single_layers=24, num_attention_heads=32, joint_attention_dim=12288, guidance_embeds=False
+)
+FLUX2_DEV = dict(num_layers=8, num_single_layers=48, num_attention_heads=48, joint_attention_dim=15360)
 ATTN = ["to_q", "to_k", "to_v", "to_out.0"]
 JOINT = ATTN + ["add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+FLUX2_TARGETS = JOINT + [
+    "ff.linear_in",
+    "ff.linear_out",
+    "ff_context.linear_in",
+    "ff_context.linear_out",
+    "to_qkv_mlp_proj",
+]  # diffalign.models.flux2 LORA_TARGET_MODULES
 
 
 def _unet_inputs(res, ch, text, width, sdxl=False):
@@ -160,6 +180,20 @@ def _qwenimage_inputs(n, dtype):
     )
 
 
+def _flux2_inputs(joint, guidance):
+    def make(n, dtype):
+        return dict(
+            hidden_states=torch.empty(n, 64 * 64, 128, dtype=dtype),  # 1024 px: 32 x 128 x 128 latents, 2x2 patches
+            timestep=torch.zeros(n),
+            guidance=torch.ones(n) if guidance else None,
+            encoder_hidden_states=torch.empty(n, 512, joint, dtype=dtype),
+            txt_ids=torch.zeros(512, 4),
+            img_ids=torch.zeros(64 * 64, 4),
+        )
+
+    return make
+
+
 # name -> (label, model class, config, inputs(n, dtype), LoRA targets, checkpointing units: UNITS key)
 FAMILIES = {
     "sd15": ("SD1.5 @ 512", UNet2DConditionModel, SD15, _unet_inputs(512, 4, 77, 768), ATTN, "unet"),
@@ -182,6 +216,30 @@ FAMILIES = {
     ),
     "zimage": ("Z-Image @ 1024", ZImageTransformer2DModel, ZIMAGE, _zimage_inputs, ATTN, "zimage"),
     "qwenimage": ("Qwen-Image @ 1024", QwenImageTransformer2DModel, QWEN_IMAGE, _qwenimage_inputs, JOINT, "dit"),
+    "flux2_klein_4b": (
+        "FLUX.2-klein-4B @ 1024",
+        Flux2Transformer2DModel,
+        FLUX2_KLEIN_4B,
+        _flux2_inputs(7680, False),
+        FLUX2_TARGETS,
+        "dit",
+    ),
+    "flux2_klein_9b": (
+        "FLUX.2-klein-9B @ 1024",
+        Flux2Transformer2DModel,
+        FLUX2_KLEIN_9B,
+        _flux2_inputs(12288, False),
+        FLUX2_TARGETS,
+        "dit",
+    ),
+    "flux2_dev": (
+        "FLUX.2-dev @ 1024",
+        Flux2Transformer2DModel,
+        FLUX2_DEV,
+        _flux2_inputs(15360, True),
+        FLUX2_TARGETS,
+        "dit",
+    ),
 }
 SETTINGS = {  # name -> (weights dtype, quantized Linear weights: QUANT_BYTES key or False, gradient checkpointing)
     "fp32": (torch.float32, False, False),

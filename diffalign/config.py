@@ -34,6 +34,7 @@ FAMILY_NAMES = (
     "flux",
     "zimage",
     "qwenimage",
+    "flux2",
     "toy",
 )  # "auto" + diffalign.models.FAMILIES (a test keeps them equal)
 SCORER = OneOf(SCORERS)
@@ -67,9 +68,9 @@ class ModelConfig:
     quantize: Annotated[str, OneOf("none", "int8", "fp8", "nf4")] = "none"
     """Frozen denoiser quantized under the LoRA: none, int8 (torchao), fp8 (torchao), nf4 (bitsandbytes; CUDA)."""
     max_sequence_length: Annotated[int, NON_NEGATIVE] = 0
-    """T5 tokens of the prompt encoding (SD3, FLUX, PixArt; Qwen-Image: Qwen2.5-VL tokens); 0 = the pipeline's
-    default (SD3 256, FLUX 512, PixArt-Σ 300, Qwen-Image 512). Flow-GRPO's SD3 recipe uses 128; the CLIP-only
-    families refuse it."""
+    """Text tokens of the prompt encoding (T5 for SD3, FLUX, PixArt; Qwen2.5-VL for Qwen-Image; Qwen3 / Mistral for
+    FLUX.2); 0 = the pipeline's default (SD3 256, FLUX, FLUX.2 and Qwen-Image 512, PixArt-Σ 300). Flow-GRPO's SD3
+    recipe uses 128; the CLIP-only families refuse it."""
 
 
 @dataclass

@@ -41,7 +41,7 @@ from peft.utils.other import get_pattern_key
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from diffalign import lora_flux
+from diffalign import lora_flux, lora_flux2
 from diffalign.errors import DiffalignError
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -241,16 +241,21 @@ def check_lora_matches(denoiser, path, prefix: str, shapes: dict | None = None) 
 
 def lora_family(file) -> str:
     """The model family a LoRA file belongs to: the family `save_lora` recorded (FAMILY_METADATA_KEY), else from its
-    keys "flux" (single-stream blocks / BFL names) or "sd/sdxl" (UNet); "" when neither tells."""
+    keys "flux2" (FLUX.2 module names), "flux" (single-stream blocks / BFL names) or "sd/sdxl" (UNet); "" when
+    neither tells."""
     with safe_open(str(file), framework="pt") as f:
         keys, recorded = list(f.keys()), (f.metadata() or {}).get(FAMILY_METADATA_KEY, "")
     if recorded:
         return FAMILY_GROUPS.get(recorded, recorded)
+    if any("transformer_blocks." in k and any(p in k for p in FLUX2_KEY_PARTS) for k in keys):
+        return "flux2"
     if lora_flux.is_flux_kohya(keys) or any(".single_transformer_blocks." in f".{k}" for k in keys):
         return "flux"
     return "sd/sdxl" if any(k.startswith(("unet.", "lora_unet_")) for k in keys) else ""
 
 
+# module names only FLUX.2's transformer has: the single blocks' fused projections, the double blocks' feed-forwards
+FLUX2_KEY_PARTS = (".to_qkv_mlp_proj.", ".attn.to_out.lora_", ".ff.linear_in.", ".ff_context.linear_in.")
 FAMILY_GROUPS = {"sd": "sd/sdxl", "sdxl": "sd/sdxl", "flux": "flux"}  # family name -> lora_family() value
 
 
@@ -357,9 +362,11 @@ def export_kohya(src: str | Path, out: str | Path) -> Path:
         file_metadata = dict(f.metadata() or {})
     prefixes = sorted({key.split(".")[0] for key in tensors})
     made_for = lora_family(file)
-    if prefixes != ["unet"] and not (prefixes == ["transformer"] and made_for == "flux"):
+    if prefixes != ["unet"] and not (prefixes == ["transformer"] and made_for in ("flux", "flux2")):
         what = made_for or "/".join(prefixes) + "."
-        raise LoraError(f"{file}: kohya export supports UNet LoRAs (sd, sdxl) and FLUX LoRAs, not a '{what}' LoRA")
+        raise LoraError(
+            f"{file}: kohya export supports UNet LoRAs (sd, sdxl), FLUX and FLUX.2 LoRAs, not a '{what}' LoRA"
+        )
     prefix = prefixes[0]
     packed = json.loads(file_metadata.get(ADAPTER_METADATA_KEY, "{}"))
     config = {key.removeprefix(prefix + "."): value for key, value in packed.items() if key.startswith(prefix + ".")}
@@ -380,9 +387,15 @@ def export_kohya(src: str | Path, out: str | Path) -> Path:
         for module, alpha in alphas.items():
             kohya["lora_unet_" + module.replace(".", "_") + ".alpha"] = torch.tensor(float(alpha))
     else:
-        try:
-            kohya = lora_flux.to_kohya({k.removeprefix("transformer."): v for k, v in peft_weights.items()}, alphas)
-        except lora_flux.FluxKohyaError as err:
+        bare = {k.removeprefix("transformer."): v for k, v in peft_weights.items()}
+        try:  # FLUX.2: ComfyUI's diffusion_model.<BFL name> layout (diffalign.lora_flux2), scales folded into B
+            if made_for == "flux2":
+                kohya = lora_flux2.to_comfy(
+                    bare, {m: a / bare[m + ".lora_A.weight"].shape[0] for m, a in alphas.items()}
+                )
+            else:
+                kohya = lora_flux.to_kohya(bare, alphas)
+        except (lora_flux.FluxKohyaError, lora_flux2.Flux2ComfyError) as err:
             raise LoraError(f"{file}: {err}") from None
     ranks = {int(v.shape[0]) for k, v in kohya.items() if k.endswith("lora_down.weight")}
     alpha_values = {float(v) for k, v in kohya.items() if k.endswith(".alpha")}

@@ -44,3 +44,11 @@ def test_measured_step_runs_on_cpu_at_tiny_latents():
     )
     row = results["sd15"]["int8+ckpt"]
     assert row["peak_gb"] is None and row["step_s"] > 0
+
+
+def test_accounting_of_flux2_klein_4b_and_dev():
+    results = memory.main(["--families", "flux2_klein_4b", "flux2_dev"])
+    assert 3.85e9 < results["flux2_klein_4b"]["params"] < 3.90e9  # FLUX.2-klein-4B: "4B"
+    assert 32.1e9 < results["flux2_dev"]["params"] < 32.3e9  # FLUX.2-dev: "32B"
+    for r in (results["flux2_klein_4b"]["rows"], results["flux2_dev"]["rows"]):
+        assert r["nf4+ckpt"]["total_gb"] < r["int8+ckpt"]["total_gb"] < r["bf16+ckpt"]["total_gb"]

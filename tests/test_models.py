@@ -219,7 +219,8 @@ def test_families_share_one_base():
     for name, cls in FAMILIES.items():
         assert issubclass(cls, Family)
         own = {m for m in shared if m in vars(cls)}
-        vae = {"encode_images", "decode"} if name == "qwenimage" else set()  # a 3-D VAE, per-channel statistics
+        # Qwen-Image: a 3-D VAE with per-channel statistics; FLUX.2: 2x2-patchified, batch-norm-normalised latents
+        vae = {"encode_images", "decode"} if name in ("qwenimage", "flux2") else set()
         assert own == ({"to", "encode_images", "decode"} if name == "toy" else vae), name
 
 

@@ -26,6 +26,7 @@ TINY = {
     "flux": "flux",
     "zimage": "zimage",
     "qwenimage": "qwenimage",
+    "flux2": "flux2_klein",
 }  # file-name prefix -> assets/tiny/<name>
 WEIGHTED = {
     "pickscore",
@@ -57,6 +58,9 @@ SLOW = {
     "toy_flow_dgpo",  # on-line sampling and scoring, as toy_flow_nft
     "zimage_grpo",  # 10-15 s each on a loaded box: on-line sampling with CFG, Qwen3 encoding
     "zimage_turbo_grpo",
+    "flux2_klein_dpo",  # 21 s on a loaded box: 28-layer Qwen3 at 512 tokens for the cache
+    "flux2_klein_grpo",  # 60 s on a loaded box: 2 x 16 images with CFG, the base-vs-LoRA evaluation
+    "flux2_klein_distilled_grpo",  # as flux2_klein_grpo, without CFG
 }  # top-level stems
 
 

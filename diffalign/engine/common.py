@@ -137,7 +137,7 @@ def check_target_modules(family, targets: list[str]) -> None:
             )
 
 
-QUANTIZABLE = ("flux", "qwenimage", "zimage")  # families whose `load` takes quantize= (diffalign.quantize)
+QUANTIZABLE = ("flux", "flux2", "qwenimage", "zimage")  # families whose `load` takes quantize= (diffalign.quantize)
 
 
 def build_objective(ocfg: ObjectiveConfig):

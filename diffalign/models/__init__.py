@@ -5,7 +5,7 @@ pooled embeds, VAE scaling and shift, SD3's flow timesteps, PixArt's learned-sig
 behind the same small surface:
 
     family = load_family(path, dtype=torch.float32, load_encoders=True)
-    family.name                  # "sd" | "sdxl" | "sd3" | "pixart" | "flux" | "zimage" | "toy"
+    family.name                  # "sd" | "sdxl" | "sd3" | "pixart" | "flux" | "flux2" | "qwenimage" | "zimage" | "toy"
     family.denoiser              # the nn.Module LoRA attaches to (UNet or transformer)
     family.scheduler             # the *training* noise scheduler (DDPMScheduler / FlowMatchEulerDiscreteScheduler)
     family.lora_prefix           # key prefix of its LoRA files: "unet" | "transformer"
@@ -35,6 +35,7 @@ import os
 from pathlib import Path
 
 from diffalign.models.flux import FluxFamily
+from diffalign.models.flux2 import Flux2Family
 from diffalign.models.pixart import PixArtFamily
 from diffalign.models.qwenimage import QwenImageFamily
 from diffalign.models.sd import SDFamily
@@ -52,6 +53,7 @@ FAMILIES = {
     "flux": FluxFamily,
     "zimage": ZImageFamily,
     "qwenimage": QwenImageFamily,
+    "flux2": Flux2Family,
     "toy": ToyFamily,
 }
 
@@ -64,6 +66,8 @@ PIPELINE_CLASSES = {
     "FluxPipeline": "flux",
     "ZImagePipeline": "zimage",
     "QwenImagePipeline": "qwenimage",
+    "Flux2Pipeline": "flux2",
+    "Flux2KleinPipeline": "flux2",
     "DiffalignToyPipeline": "toy",
 }
 
