@@ -33,6 +33,7 @@ FAMILY_NAMES = (
     "pixart",
     "flux",
     "toy",
+    "wan",
 )  # "auto" + diffalign.models.FAMILIES (a test keeps them equal)
 SCORER = OneOf(SCORERS)
 # where no base image is at hand (a round's samples, a preference pair, a served request): no BASE_RELATIVE scorer
@@ -68,6 +69,8 @@ class ModelConfig:
     max_sequence_length: Annotated[int, NON_NEGATIVE] = 0
     """T5 tokens of the prompt encoding (SD3, FLUX, PixArt); 0 = the pipeline's default (SD3 256, FLUX 512,
     PixArt-Σ 300). Flow-GRPO's SD3 recipe uses 128; the families without T5 refuse it."""
+    num_frames: Annotated[int, NON_NEGATIVE] = 0
+    """Video families (wan): frames per sampled video, 4k + 1 (5 -> 2 latent frames); 0 = the family's (Wan 81)."""
 
 
 @dataclass
