@@ -72,6 +72,7 @@ from diffalign.online.rounds import (
     set_fd,
 )
 from diffalign.rewards import load_scorer
+from diffalign.rewards.frames import FrameReduced
 from diffalign.sampling import EncodedPrompts, build_sampler, random_window, sliding_window, window_range
 from diffalign.sources import Round, source_of
 
@@ -109,7 +110,7 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
 
     # ---- reward, prompts, labels, experts ---------------------------------------------------------------------
     scorer = build_reward(cfg) if main else None  # the main process scores every round
-    monitors = {m: load_scorer(m) for m in cfg.reward.monitor} if main else {}
+    monitors = {m: FrameReduced(load_scorer(m), cfg.reward.frame_reduce) for m in cfg.reward.monitor} if main else {}
     chunks = chunk_scorer(cfg, scorer)  # reward.overlap: chunks scored in threads while the next are sampled
     labels = read_labels(cfg.pairing.labels_file) if cfg.pairing.labels_file else None
     experts = None
