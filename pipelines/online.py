@@ -72,7 +72,7 @@ from diffalign.online.rounds import (
     set_fd,
 )
 from diffalign.rewards import load_scorer
-from diffalign.rewards.frames import FrameReduced
+from diffalign.rewards.frames import FrameReduced, frame_strip
 from diffalign.sampling import EncodedPrompts, build_sampler, random_window, sliding_window, window_range
 from diffalign.sources import Round, source_of
 
@@ -200,7 +200,7 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
             run.bar.update(1)
             if main:
                 # row p = prompt group p, column = image index in the group: what a human labels from (labels_file)
-                save_grid(to_pil(images * 2 - 1), out / "rounds" / f"round-{r + 1:04d}.png", cols=g)
+                save_grid(to_pil(frame_strip(images) * 2 - 1), out / "rounds" / f"round-{r + 1:04d}.png", cols=g)
                 for tracker in accelerator.trackers:
                     if tracker.name == "tensorboard":
                         tracker.writer.add_images("round", images[: 8 * g], r + 1)

@@ -190,7 +190,7 @@ def test_lora_on_the_two_expert_folder_is_refused_in_one_line(pairs_file, tmp_pa
 
 ONLINE = {  # objective -> its overrides on top of a one-round tiny run
     "grpo": [],  # configs/wan_grpo.yaml as shipped: SDE window of one step, frame-mean reward
-    "nft": ["objective.name=nft", "sampling.eta=0", "sampling.shared_noise=false", "lora.rank=4", "lora.alpha=4"],
+    "nft": ["objective.name=nft", "sampling.eta=0", "sampling.shared_noise=false", "sampling.guidance=5.0"],
 }
 
 
@@ -202,13 +202,13 @@ def test_online_round_on_wan_through_the_cli_with_a_frame_averaged_reward(tmp_pa
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a photo of a cat\nred dog\n")
     out = tmp_path / "run"
-    config = str(REPO / "configs" / "wan_grpo.yaml")
-    args = ["online", config, f"model.path={TINY}", f"model.resolution={PX}", f"model.num_frames={FRAMES}"]
+    config = [str(REPO / "configs" / "wan_grpo.yaml")] if objective == "grpo" else []
+    args = ["online", *config, f"model.path={TINY}", f"model.resolution={PX}", f"model.num_frames={FRAMES}"]
     args += ["model.dtype=float32", "train.mixed_precision=no", *ONLINE[objective]]
     args += ["online.rounds=1", "sampling.prompts_per_round=2", "sampling.images_per_prompt=2", "sampling.steps=4"]
     args += ["sampling.sample_batch=4", "train.steps_per_round=1", "train.batch_size=2", "train.grad_accum=1"]
     args += [f"sampling.prompts={prompts}", "reward.scorer=toy_aesthetic", "reward.args={}", "reward.monitor=[]"]
-    args += ["train.tensorboard=false", f"train.output_dir={out}"]
+    args += ["train.tensorboard=false", "eval.prompts=", f"train.output_dir={out}"]
     assert main(args) == 0
     row = json.loads((out / "rounds.jsonl").read_text().splitlines()[0])
     assert math.isfinite(row["train/loss"]) and row["skipped_steps"] == 0

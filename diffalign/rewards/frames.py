@@ -45,6 +45,14 @@ def frames_of(videos: torch.Tensor) -> torch.Tensor:
     return videos.transpose(1, 2).reshape(n * f, c, h, w)
 
 
+def frame_strip(images: torch.Tensor) -> torch.Tensor:
+    """Videos (N, 3, F, H, W) -> (N, 3, H, F·W), the frames side by side (a round's grid); images unchanged."""
+    if images.ndim != 5:
+        return images
+    n, c, f, h, w = images.shape
+    return images.permute(0, 1, 3, 2, 4).reshape(n, c, h, f * w)
+
+
 @dataclass
 class FrameReduced:
     """An image scorer made to score videos frame by frame; images pass through (module docstring)."""
