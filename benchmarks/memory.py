@@ -1,6 +1,7 @@
 """Memory accounting of one Diffusion-DPO LoRA step (1 pair = 2 images) per family and setting, on CPU, no weights.
 
-    python benchmarks/memory.py                      # the table: SD1.5@512, SDXL@1024, SD3.5-M@1024, FLUX.1-dev@1024
+    python benchmarks/memory.py                      # the table: SD1.5@512, SDXL@1024, SD3.5-M@1024, FLUX.1-dev@1024,
+                                                     # Wan 2.1 1.3B / 14B (one 81-frame 480p video pair)
     python benchmarks/memory.py --families sd15 --json out.json
 
 Each denoiser is built on the `meta` device from its published config (written below: nothing is downloaded) and
@@ -23,7 +24,7 @@ import argparse
 import json
 
 import torch
-from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
+from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel, WanTransformer3DModel
 from diffusers.utils import logging as diffusers_logging
 
 GB = 1024**3
@@ -71,8 +72,27 @@ FLUX_DEV = dict(  # black-forest-labs/FLUX.1-dev transformer/config.json
     guidance_embeds=True,
     axes_dims_rope=(16, 56, 56),
 )
+WAN_1_3B = dict(  # Wan-AI/Wan2.1-T2V-1.3B-Diffusers transformer/config.json
+    patch_size=(1, 2, 2),
+    num_attention_heads=12,
+    attention_head_dim=128,
+    in_channels=16,
+    out_channels=16,
+    text_dim=4096,
+    freq_dim=256,
+    ffn_dim=8960,
+    num_layers=30,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    eps=1e-6,
+    rope_max_seq_len=1024,
+)
+# Wan-AI/Wan2.1-T2V-14B-Diffusers transformer/config.json; each expert of Wan2.2-T2V-A14B (transformer,
+# transformer_2) has the same config, so an A14B run holds this twice (the other expert frozen, for sampling)
+WAN_14B = dict(WAN_1_3B, num_attention_heads=40, ffn_dim=13824, num_layers=40)
 ATTN = ["to_q", "to_k", "to_v", "to_out.0"]
 JOINT = ATTN + ["add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+WAN_LORA = ATTN + ["ffn.net.0.proj", "ffn.net.2"]  # diffalign.models.wan's default (attn1, attn2, feed-forward)
 
 
 def _unet_inputs(res, ch, text, width, sdxl=False):
@@ -108,6 +128,14 @@ def _flux_inputs(n, dtype):
     )
 
 
+def _wan_inputs(n, dtype):
+    return dict(  # 81 frames at 480 x 832 (WanPipeline's defaults): latents (16, 21, 60, 104), 32 760 tokens
+        hidden_states=torch.empty(n, 16, 21, 60, 104, dtype=dtype),
+        timestep=torch.zeros(n),
+        encoder_hidden_states=torch.empty(n, 512, 4096, dtype=dtype),  # UMT5-XXL, 512 tokens
+    )
+
+
 # name -> (label, model class, config, inputs(n, dtype), LoRA targets, checkpointing units: UNITS key)
 FAMILIES = {
     "sd15": ("SD1.5 @ 512", UNet2DConditionModel, SD15, _unet_inputs(512, 4, 77, 768), ATTN, "unet"),
@@ -128,6 +156,8 @@ FAMILIES = {
         JOINT,
         "dit",
     ),
+    "wan13b": ("Wan2.1-1.3B 81f@480p", WanTransformer3DModel, WAN_1_3B, _wan_inputs, WAN_LORA, "wan"),
+    "wan14b": ("Wan2.1-14B 81f@480p", WanTransformer3DModel, WAN_14B, _wan_inputs, WAN_LORA, "wan"),
 }
 SETTINGS = {  # name -> (weights dtype, quantized Linear weights: QUANT_BYTES key or False, gradient checkpointing)
     "fp32": (torch.float32, False, False),
@@ -199,7 +229,7 @@ def transformer_units(model):
     return [*model.transformer_blocks, *getattr(model, "single_transformer_blocks", [])]
 
 
-UNITS = {"unet": unet_units, "dit": transformer_units}  # gradient-checkpointing units
+UNITS = {"unet": unet_units, "dit": transformer_units, "wan": lambda model: list(model.blocks)}  # checkpointing units
 
 
 def activation_bytes(model, inputs, blocks_attrs) -> tuple[int, int, int]:
