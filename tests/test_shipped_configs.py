@@ -24,7 +24,9 @@ TINY = {
     "sd3": "sd3",
     "pixart": "pixart",
     "flux": "flux",
+    "wan": "wan",
 }  # file-name prefix -> assets/tiny/<name>
+TINY_SIZE = {"wan": 16}  # folders whose files give no native size (the wan family's is the real 480 px)
 WEIGHTED = {
     "pickscore",
     "hpsv2",
@@ -53,6 +55,7 @@ SLOW = {
     "toy_flow_nft",
     "toy_flow_awm",  # as toy_flow_nft
     "toy_flow_dgpo",  # on-line sampling and scoring, as toy_flow_nft
+    "wan_grpo",  # 18 s: CFG video sampling (5 frames) on a loaded box
 }  # top-level stems
 
 
@@ -64,7 +67,8 @@ def _model(path: Path, raw: dict) -> list[str]:
     prefix = path.stem.split("_")[0]
     if prefix == "toy" or "tiny" in path.parts:
         return []
-    out = [f"model.path={REPO / 'assets' / 'tiny' / TINY[prefix]}", "model.resolution=0"]  # tiny's native size
+    size = TINY_SIZE.get(prefix, 0)  # 0: the tiny folder's native size
+    out = [f"model.path={REPO / 'assets' / 'tiny' / TINY[prefix]}", f"model.resolution={size}"]
     if raw.get("model", {}).get("vae_path"):
         out.append("model.vae_path=")  # a hub VAE (sdxl-vae-fp16-fix); the tiny pipeline has its own
     return out
