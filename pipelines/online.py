@@ -115,6 +115,8 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
     labels = read_labels(cfg.pairing.labels_file) if cfg.pairing.labels_file else None
     experts = None
     if source.experts:
+        if family.num_frames is not None:
+            raise DiffalignError(f"objective {name}: its experts are images, and {family.name} samples videos")
         expert_scorer = load_scorer(oc.expert_scorer) if oc.expert_scorer else None
         pixels, captions = preference_winners(
             data_source(oc.experts), family.resolution, oc.max_experts, expert_scorer

@@ -181,6 +181,15 @@ def test_dpo_through_the_cli_then_wan_pipeline_load_lora_weights_reproduces_our_
     torch.testing.assert_close(ours, tuned, rtol=1e-5, atol=1e-5)
 
 
+def test_dro_on_video_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
+    """DRO's experts are preference-data images (one frame) and its negatives the policy's videos: refused."""
+    monkeypatch.chdir(REPO)
+    args = ["online", f"model.path={TINY}", f"model.resolution={PX}", f"model.num_frames={FRAMES}", "eval.prompts="]
+    assert main([*args, "objective.name=dro", "sampling.guidance=1.0", f"train.output_dir={tmp_path}"]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(lines) == 1 and "experts are images" in lines[0]
+
+
 def test_lora_on_the_two_expert_folder_is_refused_in_one_line(pairs_file, tmp_path, capsys):
     args = [f"data.source={pairs_file}", f"train.output_dir={tmp_path}", f"model.path={TINY22}"]
     assert main(["train", str(REPO / "configs/tiny/wan_dpo.yaml"), *args]) == 2
@@ -191,13 +200,15 @@ def test_lora_on_the_two_expert_folder_is_refused_in_one_line(pairs_file, tmp_pa
 ONLINE = {  # objective -> its overrides on top of a one-round tiny run
     "grpo": [],  # configs/wan_grpo.yaml as shipped: SDE window of one step, frame-mean reward
     "nft": ["objective.name=nft", "sampling.eta=0", "sampling.shared_noise=false", "sampling.guidance=5.0"],
+    "d3po": ["objective.name=d3po", "pairing.split=all_pairs", "sampling.eta=0.7", "sampling.guidance=2.0"],
+    "dragon": ["objective.name=dpo", "pairing.split=best_worst", "sampling.eta=0.7", "sampling.guidance=2.0"],
 }
 
 
 @pytest.mark.parametrize("objective", list(ONLINE))
 def test_online_round_on_wan_through_the_cli_with_a_frame_averaged_reward(tmp_path, monkeypatch, objective):
-    """`diffalign online` on the tiny Wan: 5-frame videos sampled by the flow SDE sampler (GRPO, log-probs on 5-D
-    latents) or the ODE under the old adapter (NFT), each frame scored by toy_aesthetic and averaged."""
+    """`diffalign online` on the tiny Wan: 5-frame videos sampled by the flow SDE sampler (GRPO, D3PO: log-probs on
+    5-D latents; DRAGON) or the ODE under the old adapter (NFT), each frame scored by toy_aesthetic and averaged."""
     monkeypatch.chdir(REPO)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a photo of a cat\nred dog\n")
@@ -212,5 +223,7 @@ def test_online_round_on_wan_through_the_cli_with_a_frame_averaged_reward(tmp_pa
     assert main(args) == 0
     row = json.loads((out / "rounds.jsonl").read_text().splitlines()[0])
     assert math.isfinite(row["train/loss"]) and row["skipped_steps"] == 0
+    if objective in ("d3po", "dragon"):  # policy == reference at LoRA init
+        assert math.isclose(row["train/loss"], math.log(2), rel_tol=1e-4)
     with safe_open(str(out / "lora" / "pytorch_lora_weights.safetensors"), "pt") as f:
         assert any(k.startswith("transformer.") and "ffn.net.2" in k for k in f.keys())
