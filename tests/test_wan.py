@@ -16,7 +16,7 @@ from safetensors import safe_open
 
 from diffalign.errors import DiffalignError
 from diffalign.likelihood import denoising_errors, pair_noise, pair_timesteps
-from diffalign.lora import add_lora, load_lora, reference_mode
+from diffalign.lora import add_lora, load_lora, reference_mode, save_lora
 from diffalign.models import load_family
 from diffalign.models.wan import WanFamily
 from diffalign.objectives import OBJECTIVES
@@ -227,3 +227,34 @@ def test_online_round_on_wan_through_the_cli_with_a_frame_averaged_reward(tmp_pa
         assert math.isclose(row["train/loss"], math.log(2), rel_tol=1e-4)
     with safe_open(str(out / "lora" / "pytorch_lora_weights.safetensors"), "pt") as f:
         assert any(k.startswith("transformer.") and "ffn.net.2" in k for k in f.keys())
+
+
+def test_comfyui_export_loads_in_wan_pipeline_as_the_same_network(tmp_path):
+    """`diffalign export format=kohya` on a Wan LoRA writes the original / ComfyUI names with lora_A / lora_B and
+    alpha; WanPipeline.load_lora_weights reads that file into the same network as diffalign's own LoRA."""
+    fam = tiny()
+    add_lora(fam.denoiser, 4, 8, fam.lora_target_modules)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in fam.denoiser.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    lora = save_lora(fam, tmp_path / "lora").parent
+    comfy = tmp_path / "wan_comfy.safetensors"
+    assert main(["export", f"src={lora}", f"out={comfy}", "format=kohya"]) == 0
+    with safe_open(str(comfy), framework="pt") as f:
+        keys = set(f.keys())
+        alpha = f.get_tensor("diffusion_model.blocks.1.cross_attn.o.alpha")
+    assert {
+        "diffusion_model.blocks.0.self_attn.q.lora_A.weight",
+        "diffusion_model.blocks.0.cross_attn.v.lora_B.weight",
+        "diffusion_model.blocks.1.ffn.0.lora_A.weight",
+        "diffusion_model.blocks.1.ffn.2.alpha",
+    } <= keys and float(alpha) == 8.0
+    assert len(keys) == 2 * 10 * 3  # 2 blocks x 10 modules x (A, B, alpha)
+    pipe = WanPipeline.from_pretrained(TINY)
+    pipe.load_lora_weights(str(comfy))
+    plain = WanFamily(pipe, dict(pipe.vae.config), torch.float32)
+    xt, t, cond = inputs(fam)
+    with torch.no_grad():
+        torch.testing.assert_close(plain.denoise(xt, t, cond), fam.denoise(xt, t, cond), rtol=0, atol=1e-5)
