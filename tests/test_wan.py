@@ -258,3 +258,24 @@ def test_comfyui_export_loads_in_wan_pipeline_as_the_same_network(tmp_path):
     xt, t, cond = inputs(fam)
     with torch.no_grad():
         torch.testing.assert_close(plain.denoise(xt, t, cond), fam.denoise(xt, t, cond), rtol=0, atol=1e-5)
+
+
+def test_guards_watch_frame_consistency_and_frame_averaged_scores_on_wan(pairs_file, tmp_path, monkeypatch):
+    """Guards inside `diffalign train` on the tiny Wan: the held-out videos (5 frames) are measured by the
+    frame_consistency monitor and a frame-averaged scorer monitor at step 0 (the base) and after each step."""
+    monkeypatch.chdir(REPO)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of a cat\nred dog\n")
+    out = tmp_path / "run"
+    monitors = "guards.monitors={flicker: {kind: frame_consistency, rule: max_rise, limit: 100}, sat: {kind: saturation, limit: 1}}"
+    args = [
+        "train",
+        str(REPO / "configs/tiny/wan_dpo.yaml"),
+        f"data.source={pairs_file}",
+        f"model.num_frames={FRAMES}",
+    ]
+    args += ["guards.every=1", f"guards.prompts={prompts}", "guards.images_per_prompt=2", "guards.steps=2", monitors]
+    assert main([*args, f"train.output_dir={out}"]) == 0
+    rows = [json.loads(line) for line in (out / "guards.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2] and all(r["passed"] for r in rows)
+    assert all(r["flicker"] > 0 and 0 <= r["sat"] <= 1 and math.isfinite(r["reward"]) for r in rows)
