@@ -3,22 +3,22 @@ flow; Wan 2.2 A14B splits the steps between two such experts.
 
 Every Wan quirk lives here (diffusers 0.42 `pipelines/wan/pipeline_wan.py`, cited by line):
 - x0 is a *video* latent (N, 16, f, h, w), f = (frames - 1) / 4 + 1 (the VAE compresses time 4x and space 8x:
-  `prepare_latents`, l. 344-351); an image is a one-frame video (f = 1), which is how Wan itself trains on images,
+  `prepare_latents`, l. 341-348); an image is a one-frame video (f = 1), which is how Wan itself trains on images,
   so offline image pairs work unchanged. `num_frames` (pixel frames, 4k + 1; `model.num_frames`) sets the on-line size;
 - the VAE (AutoencoderKLWan) has per-channel `latents_mean` / `latents_std` instead of one scaling factor: x0 =
-  (z - mean) / std, and decode inverts it (l. 666-674); it is loaded in fp32 like the other families' VAEs;
+  (z - mean) / std, and decode inverts it (l. 664-672); it is loaded in fp32 like the other families' VAEs;
 - prompts: UMT5 last hidden states of up to 512 tokens (`__call__`'s max_sequence_length), the padding positions set
-  to zero (`_get_t5_prompt_embeds`, l. 183-187);
+  to zero (`_get_t5_prompt_embeds`, l. 188-191);
 - true classifier-free guidance with a negative prompt: the pipeline runs the transformer twice, the negative prompt
-  "" unless given (l. 259-260, 617-627); guidance 5.0 by default;
+  "" unless given (l. 256, 620-638); guidance 5.0 by default;
 - prediction_type "flow": the velocity eps - x0 at x_t = (1 - sigma) x0 + sigma eps, the transformer called with
-  timestep sigma * 1000 (the scheduler's `timesteps`, l. 614);
+  timestep sigma * 1000 (the scheduler's `timesteps`, l. 613);
 - the shift: the folder's scheduler is UniPCMultistepScheduler on flow sigmas with `flow_shift` (3.0 for 480p, 5.0
   for 720p: the WanPipeline docstring); diffalign's training schedule and its on-line sampler are
   FlowMatchEulerDiscreteScheduler with the same shift (the flow SDE sampler needs Euler steps; `generate` keeps the
   pipeline's own UniPC);
 - Wan 2.2 A14B: `transformer` (high noise) runs the steps with t >= boundary_ratio * 1000 and `transformer_2` (low
-  noise) the rest (l. 589-603); `denoise` and the samplers switch the same way, row by row. Training a LoRA is
+  noise) the rest (l. 586, 597-603); `denoise` and the samplers switch the same way, row by row. Training a LoRA is
   refused on a two-expert folder: diffalign's Run puts one LoRA (and its reference / old adapters, checkpoint and
   file) on one denoiser, and the two 14B experts are separate networks for separate noise ranges, which the peers
   also train one at a time (Flow-Factory `target_components: transformer | transformer_2`).
@@ -154,7 +154,7 @@ class WanFamily(Family):
 
     @torch.no_grad()
     def decode(self, x0: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
-        """x0 (N, 16, f, h, w) -> videos (N, 3, F, 8h, 8w) in [-1, 1], fp32 (the pipeline's decode, l. 666-674)."""
+        """x0 (N, 16, f, h, w) -> videos (N, 3, F, 8h, 8w) in [-1, 1], fp32 (the pipeline's decode, l. 664-672)."""
         vae = self.pipe.vae
         parts = []
         for chunk in x0.split(batch_size):
