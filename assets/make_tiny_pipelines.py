@@ -40,6 +40,12 @@
            guidance_embeds=True, a 30-layer Mistral3ForConditionalGeneration (the pipeline reads hidden states 10, 20,
            30) with a tiny Pixtral vision tower, and a PixtralProcessor whose tokenizer is the byte-level BPE plus
            Mistral's specials and a reduced Mistral chat template ([SYSTEM_PROMPT] ... [INST] ... [/INST]).
+- wan:     WanPipeline shaped like Wan 2.1 T2V (diffusers' tests/pipelines/wan/test_wan.py sizes): WanTransformer3DModel
+           patch (1, 2, 2), a UMT5EncoderModel (d_model 32 = text_dim), AutoencoderKLWan (16 channels, 4x temporal /
+           8x spatial, the real latents_mean / latents_std), Wan2.1-T2V-1.3B's scheduler_config.json
+           (UniPCMultistepScheduler, flow_prediction, use_flow_sigmas, flow_shift 3.0).
+- wan22:   the same with a second expert transformer_2 (low noise, its own seed) and boundary_ratio 0.875, as
+           Wan2.2-T2V-A14B's model_index.json.
 The T5 tokenizers are real T5Tokenizers (Unigram) built in code, no sentencepiece file.
 Sizes are the smallest that keep every code path of the real models: VAE with 4 levels (vae_scale_factor 8 as in real SD), UNet and
 transformer sample_size 8 (so the native resolution is 64 px), text encoders with hidden size 32 and 2 layers.
@@ -57,6 +63,7 @@ from diffusers import (
     AutoencoderKL,
     AutoencoderKLFlux2,
     AutoencoderKLQwenImage,
+    AutoencoderKLWan,
     DDIMScheduler,
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
@@ -75,6 +82,9 @@ from diffusers import (
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
+    UniPCMultistepScheduler,
+    WanPipeline,
+    WanTransformer3DModel,
     ZImagePipeline,
     ZImageTransformer2DModel,
 )
@@ -93,6 +103,8 @@ from transformers import (
     Qwen3Model,
     T5Config,
     T5EncoderModel,
+    UMT5Config,
+    UMT5EncoderModel,
 )
 
 from diffalign.models.tokenizers import build_clip_tokenizer, build_qwen2_tokenizer, build_t5_tokenizer
@@ -570,6 +582,69 @@ def flux2_dev(processor) -> Flux2Pipeline:
     )
 
 
+def wan_transformer(seed: int):
+    """As diffusers' tests/pipelines/wan/test_wan.py (text_dim = the UMT5 width)."""
+    torch.manual_seed(seed)
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=12,
+        in_channels=16,
+        out_channels=16,
+        text_dim=HIDDEN,
+        freq_dim=256,
+        ffn_dim=32,
+        num_layers=2,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    ).eval()
+
+
+def wan(t5_tokenizer, expert: bool = False) -> WanPipeline:
+    """WanPipeline like Wan 2.1 T2V; expert=True adds Wan 2.2 A14B's low-noise transformer_2 and boundary_ratio."""
+    torch.manual_seed(14)
+    vae = AutoencoderKLWan(
+        base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+    ).eval()
+    torch.manual_seed(15)
+    umt5 = UMT5Config(
+        vocab_size=len(t5_tokenizer),
+        d_model=HIDDEN,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        feed_forward_proj="gated-gelu",
+        dropout_rate=0.0,
+        pad_token_id=t5_tokenizer.pad_token_id,
+        eos_token_id=t5_tokenizer.eos_token_id,
+        decoder_start_token_id=t5_tokenizer.pad_token_id,
+    )
+    # Wan-AI/Wan2.1-T2V-1.3B-Diffusers scheduler/scheduler_config.json (UniPC on flow sigmas, shift 3.0)
+    scheduler = UniPCMultistepScheduler(
+        num_train_timesteps=1000,
+        prediction_type="flow_prediction",
+        use_flow_sigmas=True,
+        flow_shift=3.0,
+        solver_order=2,
+        solver_type="bh2",
+        lower_order_final=True,
+        final_sigmas_type="zero",
+        timestep_spacing="linspace",
+    )
+    return WanPipeline(
+        tokenizer=t5_tokenizer,
+        text_encoder=UMT5EncoderModel(umt5).eval(),
+        vae=vae,
+        scheduler=scheduler,
+        transformer=wan_transformer(16),
+        transformer_2=wan_transformer(17) if expert else None,
+        boundary_ratio=0.875 if expert else None,  # Wan2.2-T2V-A14B-Diffusers model_index.json
+    )
+
+
 def save(pipe, name: str) -> None:
     folder = OUT / name
     shutil.rmtree(folder, ignore_errors=True)
@@ -591,6 +666,8 @@ def main(only: list[str]) -> None:
             "flux2_klein": lambda: flux2_klein(qwen, is_distilled=False),
             "flux2_klein_distilled": lambda: flux2_klein(qwen, is_distilled=True),
             "flux2_dev": lambda: flux2_dev(mistral_processor()),
+            "wan": lambda: wan(t5_tokenizer),
+            "wan22": lambda: wan(t5_tokenizer, expert=True),
         }
         for name in only:
             save(builders[name](), name)
@@ -656,6 +733,8 @@ def main(only: list[str]) -> None:
     save(flux2_klein(build_qwen2_tokenizer(WORDS), is_distilled=False), "flux2_klein")
     save(flux2_klein(build_qwen2_tokenizer(WORDS), is_distilled=True), "flux2_klein_distilled")
     save(flux2_dev(mistral_processor()), "flux2_dev")
+    save(wan(t5_tokenizer), "wan")
+    save(wan(t5_tokenizer, expert=True), "wan22")
 
 
 if __name__ == "__main__":

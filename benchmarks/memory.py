@@ -1,8 +1,9 @@
 """Memory accounting of one Diffusion-DPO LoRA step (1 pair = 2 images) per family and setting, on CPU, no weights.
 
-    python benchmarks/memory.py                      # the table: SD1.5@512, SDXL@1024, SD3.5-M@1024, FLUX.1-dev@1024,
-                                                     # FLUX.2-klein 4B / 9B @1024, FLUX.2-dev @1024, Qwen-Image@1024
-    python benchmarks/memory.py --families zimage    # Z-Image / Z-Image-Turbo (6.15 B) @ 1024
+    python benchmarks/memory.py                      # every family below: SD1.5@512, SDXL, SD3.5-M, FLUX.1-dev,
+                                                     # Z-Image, Qwen-Image, FLUX.2-klein 4B / 9B, FLUX.2-dev @1024;
+                                                     # Wan 2.1 1.3B / 14B (one 81-frame 480p video pair)
+    python benchmarks/memory.py --families zimage    # one family
     python benchmarks/memory.py --families sd15 --json out.json
 
 Each denoiser is built on the `meta` device from its published config (written below: nothing is downloaded) and
@@ -31,6 +32,7 @@ from diffusers import (
     QwenImageTransformer2DModel,
     SD3Transformer2DModel,
     UNet2DConditionModel,
+    WanTransformer3DModel,
     ZImageTransformer2DModel,
 )
 from diffusers.utils import logging as diffusers_logging
@@ -128,6 +130,27 @@ FLUX2_TARGETS = JOINT + [
     "ff_context.linear_out",
     "to_qkv_mlp_proj",
 ]  # diffalign.models.flux2 LORA_TARGET_MODULES
+WAN_1_3B = dict(  # Wan-AI/Wan2.1-T2V-1.3B-Diffusers transformer/config.json
+    patch_size=(1, 2, 2),
+    num_attention_heads=12,
+    attention_head_dim=128,
+    in_channels=16,
+    out_channels=16,
+    text_dim=4096,
+    freq_dim=256,
+    ffn_dim=8960,
+    num_layers=30,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    eps=1e-6,
+    rope_max_seq_len=1024,
+)
+# Wan-AI/Wan2.1-T2V-14B-Diffusers transformer/config.json; each expert of Wan2.2-T2V-A14B (transformer,
+# transformer_2) has the same config, so an A14B run holds this twice (the other expert frozen, for sampling)
+WAN_14B = dict(WAN_1_3B, num_attention_heads=40, ffn_dim=13824, num_layers=40)
+ATTN = ["to_q", "to_k", "to_v", "to_out.0"]
+JOINT = ATTN + ["add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+WAN_LORA = ATTN + ["ffn.net.0.proj", "ffn.net.2"]  # diffalign.models.wan's default (attn1, attn2, feed-forward)
 
 
 def _unet_inputs(res, ch, text, width, sdxl=False):
@@ -194,6 +217,14 @@ def _flux2_inputs(joint, guidance):
     return make
 
 
+def _wan_inputs(n, dtype):
+    return dict(  # 81 frames at 480 x 832 (WanPipeline's defaults): latents (16, 21, 60, 104), 32 760 tokens
+        hidden_states=torch.empty(n, 16, 21, 60, 104, dtype=dtype),
+        timestep=torch.zeros(n),
+        encoder_hidden_states=torch.empty(n, 512, 4096, dtype=dtype),  # UMT5-XXL, 512 tokens
+    )
+
+
 # name -> (label, model class, config, inputs(n, dtype), LoRA targets, checkpointing units: UNITS key)
 FAMILIES = {
     "sd15": ("SD1.5 @ 512", UNet2DConditionModel, SD15, _unet_inputs(512, 4, 77, 768), ATTN, "unet"),
@@ -240,6 +271,8 @@ FAMILIES = {
         FLUX2_TARGETS,
         "dit",
     ),
+    "wan13b": ("Wan2.1-1.3B 81f@480p", WanTransformer3DModel, WAN_1_3B, _wan_inputs, WAN_LORA, "wan"),
+    "wan14b": ("Wan2.1-14B 81f@480p", WanTransformer3DModel, WAN_14B, _wan_inputs, WAN_LORA, "wan"),
 }
 SETTINGS = {  # name -> (weights dtype, quantized Linear weights: QUANT_BYTES key or False, gradient checkpointing)
     "fp32": (torch.float32, False, False),
@@ -316,7 +349,12 @@ def zimage_units(model):
     return [*model.noise_refiner, *model.context_refiner, *model.layers]
 
 
-UNITS = {"unet": unet_units, "dit": transformer_units, "zimage": zimage_units}  # gradient-checkpointing units
+UNITS = {  # gradient-checkpointing units
+    "unet": unet_units,
+    "dit": transformer_units,
+    "zimage": zimage_units,
+    "wan": lambda model: list(model.blocks),
+}
 
 
 def activation_bytes(model, inputs, blocks_attrs) -> tuple[int, int, int]:

@@ -36,6 +36,7 @@ FAMILY_NAMES = (
     "qwenimage",
     "flux2",
     "toy",
+    "wan",
 )  # "auto" + diffalign.models.FAMILIES (a test keeps them equal)
 SCORER = OneOf(SCORERS)
 # where no base image is at hand (a round's samples, a preference pair, a served request): no BASE_RELATIVE scorer
@@ -71,6 +72,8 @@ class ModelConfig:
     """Text tokens of the prompt encoding (T5 for SD3, FLUX, PixArt; Qwen2.5-VL for Qwen-Image; Qwen3 / Mistral for
     FLUX.2); 0 = the pipeline's default (SD3 256, FLUX, FLUX.2 and Qwen-Image 512, PixArt-Σ 300). Flow-GRPO's SD3
     recipe uses 128; the CLIP-only families refuse it."""
+    num_frames: Annotated[int, NON_NEGATIVE] = 0
+    """Video families (wan): frames per sampled video, 4k + 1 (5 -> 2 latent frames); 0 = the family's (Wan 81)."""
 
 
 @dataclass
@@ -235,9 +238,12 @@ class EvalConfig:
 class MonitorConfig:
     """One guard monitor (a value of `guards.monitors`, keyed by the monitor's name)."""
 
-    kind: Annotated[str, OneOf("scorer", "vendi", "fd", "cmmd", "saturation", "hf_energy", "sharpness")] = "scorer"
+    kind: Annotated[
+        str, OneOf("scorer", "vendi", "fd", "cmmd", "saturation", "hf_energy", "sharpness", "frame_consistency")
+    ] = "scorer"
     """scorer (a gold reward), vendi (diversity of same-prompt samples), fd / cmmd (drift to the base model's own
-    samples on the same prompts and seeds), saturation, hf_energy (grid artifacts), sharpness (blur)."""
+    samples on the same prompts and seeds), saturation, hf_energy (grid artifacts), sharpness (blur),
+    frame_consistency (videos: mean embedding change between consecutive frames, with `encoder`)."""
     scorer: Annotated[str, OneOf(SCORERS, allow_empty=True)] = ""
     """kind scorer: the scorer (diffalign.rewards.SCORERS); use one other than the training reward."""
     scorer_args: dict[str, Any] = field(default_factory=dict)
@@ -450,6 +456,8 @@ class RewardConfig:
     """Images in the toy_vivid exemplar set."""
     monitor: Annotated[list[str], UNPAIRED_SCORER] = field(default_factory=lambda: ["toy_fidelity"])
     """Extra scorers logged per round (not trained on): the reward-hacking check."""
+    frame_reduce: Annotated[str, OneOf("mean", "min", "last")] = "mean"
+    """Videos (wan): each frame is scored as an image and the scores reduce to one per video by mean, min or last."""
     overlap: bool = True
     """Score each sampled chunk (sampling.sample_batch images) while the next is sampled; set-level scorers
     (distributional, multi with normalize) always score the whole round after it."""

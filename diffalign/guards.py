@@ -17,7 +17,10 @@ same prompts and seeds. Kinds (MONITOR_KINDS):
 - fd / cmmd: drift, the Fréchet distance (Heusel et al. 2017) or CMMD (Jayasumana et al. 2024, scale 1000, RBF
   sigma 10 on normalised embeddings) between the images and the base model's own images (0 at the base);
 - saturation, hf_energy, sharpness: the mean of the cheap image statistics of diffalign.rewards.imagestats
-  (over-saturation, grid artifacts, blur).
+  (over-saturation, grid artifacts, blur);
+- frame_consistency (video families): the mean embedding change between consecutive frames
+  (diffalign.rewards.frames), max_rise against flicker, max_drop against frozen videos. On videos
+  (N, 3, F, H, W) the scorer kinds average their frame scores.
 
 A rule compares value v with the base value b measured once at the start (`check`):
     max_drop: trips when  b - v > limit      max_rise: trips when  v - b > limit
@@ -33,6 +36,7 @@ import torch
 
 from diffalign.rewards import load_scorer, score_against_base
 from diffalign.rewards.distributional import cmmd, frechet_distance, gaussian_stats, vendi_score
+from diffalign.rewards.frames import FrameReduced, as_videos, frame_consistency
 from diffalign.rewards.toy import as_tensor
 
 Measure = Callable[[torch.Tensor, Sequence[str], int, torch.Tensor], float]
@@ -74,6 +78,8 @@ def load_encoder(name: str):
 def scorer_measure(name: str, scorer) -> Measure:
     """The mean of scorer `name`; a base-relative one (diffalign.rewards.BASE_RELATIVE) against the base images."""
 
+    scorer = FrameReduced(scorer)  # videos: the frame average; images unchanged
+
     def measure(images, prompts, group, base):
         with torch.no_grad():
             return float(score_against_base(name, scorer, images, list(prompts), base).float().mean())
@@ -88,6 +94,13 @@ def vendi_measure(encoder) -> Measure:
         emb = encoder.embed_images(images).float().cpu()  # (N, D)
         per_prompt = [vendi_score(e) for e in emb.split(group)]  # P x (G, D) -> P x ()
         return float(torch.stack(per_prompt).mean())
+
+    return measure
+
+
+def frame_measure(encoder) -> Measure:
+    def measure(images, prompts, group, base):
+        return frame_consistency(encoder, images)
 
     return measure
 
@@ -123,6 +136,7 @@ MONITOR_KINDS: dict[str, Callable[..., Measure]] = {
     "saturation": lambda scorer, scorer_args, encoder: scorer_measure("saturation", load_scorer("saturation")),
     "hf_energy": lambda scorer, scorer_args, encoder: scorer_measure("hf_energy", load_scorer("hf_energy")),
     "sharpness": lambda scorer, scorer_args, encoder: scorer_measure("sharpness", load_scorer("sharpness")),
+    "frame_consistency": lambda scorer, scorer_args, encoder: frame_measure(load_encoder(encoder)),
 }
 
 
@@ -165,8 +179,9 @@ class Monitor:
 
 
 def measure_all(monitors: Sequence[Monitor], images, prompts, group: int, base) -> dict[str, float]:
-    """Every monitor's value on `images` (P*G, 3, H, W) in [0, 1] against the base images."""
-    x, x0 = as_tensor(images), as_tensor(base)
+    """Every monitor's value on `images` (P*G, 3, H, W) in [0, 1] (videos: (P*G, 3, F, H, W)) against the base."""
+    videos = as_videos(images)
+    x, x0 = (as_tensor(images), as_tensor(base)) if videos is None else (videos, as_videos(base))
     return {m.name: m.measure(x, prompts, group, x0) for m in monitors}
 
 

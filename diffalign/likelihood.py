@@ -147,7 +147,7 @@ def pair_noise(x0: torch.Tensor, generator: torch.Generator | None = None) -> to
     """One eps per pair, shared by winner and loser. x0 (2B, C, h, w) stacked [w; l] -> eps (2B, C, h, w)."""
     b = x0.shape[0] // 2
     eps = torch.randn((b, *x0.shape[1:]), generator=generator, dtype=torch.float32)
-    return eps.repeat(2, 1, 1, 1).to(device=x0.device, dtype=x0.dtype)  # (B,...) -> (2B,...)
+    return eps.repeat(2, *[1] * (x0.ndim - 1)).to(device=x0.device, dtype=x0.dtype)  # (B, ...) -> (2B, ...)
 
 
 def per_sample_error(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

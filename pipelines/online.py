@@ -72,6 +72,7 @@ from diffalign.online.rounds import (
     set_fd,
 )
 from diffalign.rewards import load_scorer
+from diffalign.rewards.frames import FrameReduced, frame_strip
 from diffalign.sampling import EncodedPrompts, build_sampler, random_window, sliding_window, window_range
 from diffalign.sources import Round, source_of
 
@@ -109,11 +110,13 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
 
     # ---- reward, prompts, labels, experts ---------------------------------------------------------------------
     scorer = build_reward(cfg) if main else None  # the main process scores every round
-    monitors = {m: load_scorer(m) for m in cfg.reward.monitor} if main else {}
+    monitors = {m: FrameReduced(load_scorer(m), cfg.reward.frame_reduce) for m in cfg.reward.monitor} if main else {}
     chunks = chunk_scorer(cfg, scorer)  # reward.overlap: chunks scored in threads while the next are sampled
     labels = read_labels(cfg.pairing.labels_file) if cfg.pairing.labels_file else None
     experts = None
     if source.experts:
+        if family.num_frames is not None:
+            raise DiffalignError(f"objective {name}: its experts are images, and {family.name} samples videos")
         expert_scorer = load_scorer(oc.expert_scorer) if oc.expert_scorer else None
         pixels, captions = preference_winners(
             data_source(oc.experts), family.resolution, oc.max_experts, expert_scorer
@@ -202,7 +205,7 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
             run.bar.update(1)
             if main:
                 # row p = prompt group p, column = image index in the group: what a human labels from (labels_file)
-                save_grid(to_pil(images * 2 - 1), out / "rounds" / f"round-{r + 1:04d}.png", cols=g)
+                save_grid(to_pil(frame_strip(images) * 2 - 1), out / "rounds" / f"round-{r + 1:04d}.png", cols=g)
                 for tracker in accelerator.trackers:
                     if tracker.name == "tensorboard":
                         tracker.writer.add_images("round", images[: 8 * g], r + 1)

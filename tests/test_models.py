@@ -220,7 +220,8 @@ def test_families_share_one_base():
         assert issubclass(cls, Family)
         own = {m for m in shared if m in vars(cls)}
         # Qwen-Image: a 3-D VAE with per-channel statistics; FLUX.2: 2x2-patchified, batch-norm-normalised latents
-        vae = {"encode_images", "decode"} if name in ("qwenimage", "flux2") else set()
+        # Wan: AutoencoderKLWan's video latents with per-channel latents_mean / latents_std
+        vae = {"encode_images", "decode"} if name in ("qwenimage", "flux2", "wan") else set()
         assert own == ({"to", "encode_images", "decode"} if name == "toy" else vae), name
 
 

@@ -27,7 +27,9 @@ TINY = {
     "zimage": "zimage",
     "qwenimage": "qwenimage",
     "flux2": "flux2_klein",
+    "wan": "wan",
 }  # file-name prefix -> assets/tiny/<name>
+TINY_SIZE = {"wan": 16}  # folders whose files give no native size (the wan family's is the real 480 px)
 WEIGHTED = {
     "pickscore",
     "hpsv2",
@@ -61,6 +63,7 @@ SLOW = {
     "flux2_klein_dpo",  # 21 s on a loaded box: 28-layer Qwen3 at 512 tokens for the cache
     "flux2_klein_grpo",  # 60 s on a loaded box: 2 x 16 images with CFG, the base-vs-LoRA evaluation
     "flux2_klein_distilled_grpo",  # as flux2_klein_grpo, without CFG
+    "wan_grpo",  # 18 s: CFG video sampling (5 frames) on a loaded box
 }  # top-level stems
 
 
@@ -72,7 +75,8 @@ def _model(path: Path, raw: dict) -> list[str]:
     prefix = path.stem.split("_")[0]
     if prefix == "toy" or "tiny" in path.parts:
         return []
-    out = [f"model.path={REPO / 'assets' / 'tiny' / TINY[prefix]}", "model.resolution=0"]  # tiny's native size
+    size = TINY_SIZE.get(prefix, 0)  # 0: the tiny folder's native size
+    out = [f"model.path={REPO / 'assets' / 'tiny' / TINY[prefix]}", f"model.resolution={size}"]
     if raw.get("model", {}).get("vae_path"):
         out.append("model.vae_path=")  # a hub VAE (sdxl-vae-fp16-fix); the tiny pipeline has its own
     return out

@@ -87,7 +87,14 @@ def load_model(
                 f"model.max_sequence_length: family '{family.name}' has no T5 encoder (its CLIP prompts are 77 tokens)"
             )
         family.max_sequence_length = mcfg.max_sequence_length
+    if mcfg.num_frames:
+        if family.num_frames is None or (mcfg.num_frames - 1) % family.temporal_factor:
+            raise DiffalignError(
+                f"model.num_frames={mcfg.num_frames}: needs a video family and 4k + 1 frames (family '{family.name}')"
+            )
+        family.num_frames = mcfg.num_frames
     if lora is not None:
+        family.check_trainable()
         check_target_modules(family, lora_targets(family, lora.preset, lora.target_modules))
     return family
 
@@ -103,7 +110,12 @@ def check_sizes(sizes: dict[str, int], factor: int, model: str) -> None:
 
 def latent_factor(family) -> int:
     """Pixels per denoiser input cell: the VAE's downsampling times the transformer's patch size (1 for UNets)."""
-    return family.vae_scale_factor * int(family.denoiser.config.get("patch_size") or 1)
+    return family.vae_scale_factor * spatial_patch(family.denoiser.config.get("patch_size"))
+
+
+def spatial_patch(patch_size) -> int:
+    """The spatial patch of a transformer config: an int, or (t, h, w) for video transformers (Wan); 1 for UNets."""
+    return int(patch_size[-1] if isinstance(patch_size, (list, tuple)) else patch_size or 1)
 
 
 def folder_latent_factor(folder: Path) -> int:
@@ -113,8 +125,9 @@ def folder_latent_factor(folder: Path) -> int:
         path = folder / sub / "config.json"
         return json.loads(path.read_text()) if path.is_file() else {}
 
-    levels = len(config("vae").get("block_out_channels", [None]))
-    return 2 ** (levels - 1) * int(config("transformer").get("patch_size") or 1)
+    vae = config("vae")
+    scale = vae.get("scale_factor_spatial") or 2 ** (len(vae.get("block_out_channels", [None])) - 1)  # Wan: given
+    return scale * spatial_patch(config("transformer").get("patch_size"))
 
 
 LORA_LAYERS = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Conv1d, torch.nn.Embedding)  # what peft can adapt

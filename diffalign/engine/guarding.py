@@ -33,6 +33,7 @@ from diffalign.guards import Monitor, measure_all, trips
 from diffalign.lora import reference_mode
 from diffalign.paths import TOY_HELDOUT
 from diffalign.rewards import load_scorer
+from diffalign.rewards.frames import FrameReduced
 
 
 def guard_prompts(gcfg: GuardsConfig) -> list[str]:
@@ -81,7 +82,7 @@ class GuardRun:
             raise DiffalignError("guards.every > 0 needs at least one entry in guards.monitors")
         if accelerator.is_main_process:
             reward = load_scorer(gcfg.reward) if gcfg.reward else reward
-            reward = load_scorer(reward) if isinstance(reward, str) else reward
+            reward = FrameReduced(load_scorer(reward) if isinstance(reward, str) else reward)  # videos: frame mean
         return cls(gcfg, family, reward, params, out, accelerator, unit)
 
     def sample(self):

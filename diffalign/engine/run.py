@@ -100,6 +100,8 @@ class Run:
             family = load_model(cfg.model, load_encoders=load_encoders, lora=cfg.lora, device=self.device)
             family.set_resolution(cfg.model.resolution or family.resolution)  # FLUX: the shift depends on the size
             (family if whole_family else family.denoiser).to(self.device)
+        if family.num_frames is not None and cfg.eval.prompts:
+            raise DiffalignError(f"eval.prompts: the {family.name} videos are not evaluated yet; set eval.prompts=")
         if opt.gradient_checkpointing:
             family.enable_gradient_checkpointing()
         if opt.xformers:  # SDPA is every family's default

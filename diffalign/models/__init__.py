@@ -5,7 +5,7 @@ pooled embeds, VAE scaling and shift, SD3's flow timesteps, PixArt's learned-sig
 behind the same small surface:
 
     family = load_family(path, dtype=torch.float32, load_encoders=True)
-    family.name                  # "sd" | "sdxl" | "sd3" | "pixart" | "flux" | "flux2" | "qwenimage" | "zimage" | "toy"
+    family.name                  # "sd" | "sdxl" | "sd3" | "pixart" | "flux" | "flux2" | "qwenimage" | "zimage" | "wan" | "toy"
     family.denoiser              # the nn.Module LoRA attaches to (UNet or transformer)
     family.scheduler             # the *training* noise scheduler (DDPMScheduler / FlowMatchEulerDiscreteScheduler)
     family.lora_prefix           # key prefix of its LoRA files: "unet" | "transformer"
@@ -23,6 +23,9 @@ behind the same small surface:
 `cond` is a plain dict of tensors so it can be cached to safetensors, repeated and concatenated. It may also carry
 "size_info": (N, 4) long = (original_h, original_w, crop_top, crop_left) of each training image; families that use
 micro-conditioning (SDXL) read it, the others ignore it.
+
+Video families (wan) have x0 (N, C, f, h, w): every shared function reduces over dims 1..end, whatever the rank, and
+`family.latent_shape(height, width)` gives the samplers one sample's shape.
 
 `t` is always the integer training timestep of the estimator. Flow families (SD3) call their transformer with the
 scheduler's timestep for it, sigma_t * T (`Schedule.model_timestep`), so x_t, target and network input agree.
@@ -42,6 +45,7 @@ from diffalign.models.sd import SDFamily
 from diffalign.models.sd3 import SD3Family
 from diffalign.models.sdxl import SDXLFamily
 from diffalign.models.toy import ToyFamily
+from diffalign.models.wan import WanFamily
 from diffalign.models.zimage import ZImageFamily
 from diffalign.paths import TOY_FLOW_MODEL, TOY_MODEL
 
@@ -55,6 +59,7 @@ FAMILIES = {
     "qwenimage": QwenImageFamily,
     "flux2": Flux2Family,
     "toy": ToyFamily,
+    "wan": WanFamily,
 }
 
 # model_index.json `_class_name` -> family key
@@ -69,6 +74,7 @@ PIPELINE_CLASSES = {
     "Flux2Pipeline": "flux2",
     "Flux2KleinPipeline": "flux2",
     "DiffalignToyPipeline": "toy",
+    "WanPipeline": "wan",
 }
 
 

@@ -80,6 +80,8 @@ class Family:
     max_sequence_length: int | None = None
     """T5 tokens of the prompt encoding (SD3, FLUX, PixArt: their pipeline's default, `model.max_sequence_length`
     sets it); None for the CLIP-only families (77 tokens, fixed)."""
+    num_frames: int | None = None
+    """Video families: pixel frames of a sampled video (4k + 1, `model.num_frames` sets it); None for images."""
 
     @property
     def shard_blocks(self) -> tuple[str, ...]:
@@ -107,6 +109,15 @@ class Family:
         `guidance`: uncond + w (cond - uncond); a family whose pipeline does more (Qwen-Image's norm rescale)
         overrides it."""
         return pred_uncond + guidance * (pred_cond - pred_uncond)
+
+    def latent_shape(self, height: int | None = None, width: int | None = None) -> tuple[int, ...]:
+        """Shape of one sample's x0 at height x width px (None: the training resolution): (C, h, w); video
+        families add the latent frames, (C, f, h, w). The samplers draw their initial noise in it."""
+        h = (height or self.resolution) // self.vae_scale_factor
+        return (self.latent_channels, h, (width or self.resolution) // self.vae_scale_factor)
+
+    def check_trainable(self) -> None:
+        """Raise a one-line DiffalignError where a LoRA cannot be trained on this checkpoint (before it is added)."""
 
     def to(self, device) -> Family:
         self.pipe.to(device)

@@ -27,6 +27,7 @@ from diffalign.online.exemplars import ToyStatsEncoder, toy_vivid_exemplars
 from diffalign.paths import TOY_HELDOUT
 from diffalign.rewards import CONCURRENT, load_scorer, scores_each_image
 from diffalign.rewards.distributional import frechet_distance, gaussian_stats
+from diffalign.rewards.frames import FrameReduced
 from diffalign.sampling import Trajectory
 from diffalign.toy import shapes
 
@@ -130,7 +131,8 @@ def score_round(accelerator, scorer, monitors, images, prompts, chunks: ChunkSco
 
 
 def build_reward(cfg):
-    """The round's scorer; exemplars "toy_vivid" = high-saturation toy renders under the toy colour encoder."""
+    """The round's scorer; exemplars "toy_vivid" = high-saturation toy renders under the toy colour encoder. Videos
+    are scored frame by frame and reduced by `reward.frame_reduce` (diffalign.rewards.frames)."""
     if cfg.reward.exemplars == "toy_vivid":
         exemplars = toy_vivid_exemplars(cfg.reward.exemplar_count, seed=cfg.train.seed + 1)
         return load_scorer(cfg.reward.scorer, exemplars=exemplars, encoder=ToyStatsEncoder(), **cfg.reward.args)
@@ -138,7 +140,7 @@ def build_reward(cfg):
         raise DiffalignError(
             f"reward.exemplars: '{cfg.reward.exemplars}' unknown (toy_vivid, or reward.args.exemplars)"
         )
-    return load_scorer(cfg.reward.scorer, **cfg.reward.args)
+    return FrameReduced(load_scorer(cfg.reward.scorer, **cfg.reward.args), cfg.reward.frame_reduce)
 
 
 def read_train_prompts(source: str) -> list[str]:

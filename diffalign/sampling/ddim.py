@@ -120,11 +120,10 @@ def sample_trajectories(
         raise ValueError(f"sample: {len(prompts)} prompts but {len(seeds)} seeds")
     scheduler = scheduler or inference_scheduler(family, eta)
     device = family.denoiser.device
-    h = (height or family.resolution) // family.vae_scale_factor
-    w = (width or family.resolution) // family.vae_scale_factor
     cond = encode_guided(family, prompts, guidance)
     scheduler.set_timesteps(steps, device=device)
-    x = initial_noise(seeds, (family.latent_channels, h, w)).to(device) * scheduler.init_noise_sigma  # (N, C, h, w)
+    x = initial_noise(seeds, family.latent_shape(height, width)).to(device)  # (N, C, h, w)
+    x = x * scheduler.init_noise_sigma
     gen = torch.Generator().manual_seed(int(noise_seed))
     start, end = (0, steps) if window is None else resolve_window(window, steps)
     latents, log_probs, preds, recorded = [], [], [], []

@@ -143,10 +143,8 @@ class FlowSDESampler:
             raise ValueError(f"sample: {len(prompts)} prompts but {len(seeds)} seeds")
         start, end = self.resolve(window or self.window)
         device = family.denoiser.device
-        h = (height or family.resolution) // family.vae_scale_factor
-        w = (width or family.resolution) // family.vae_scale_factor
         cond = encode_guided(family, prompts, guidance)
-        x = initial_noise(seeds, (family.latent_channels, h, w)).to(device)  # (N, C, h, w), sigma_0 = 1
+        x = initial_noise(seeds, family.latent_shape(height, width)).to(device)  # (N, C, [f,] h, w), sigma_0 = 1
         gen = torch.Generator().manual_seed(int(noise_seed))
         latents, log_probs, preds, steps = [], [], [], []
         timesteps = self.timesteps.to(device)
