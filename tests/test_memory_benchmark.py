@@ -22,6 +22,14 @@ def test_accounting_of_flux_and_sd15():
         assert len({row["lora_states_gb"] for row in r.values()}) == 1
 
 
+def test_fsdp_shards_split_weights_and_lora_state_not_activations():
+    """--shards 8: per GPU = 1/8 of the weights and LoRA state + all activations + two gathered blocks."""
+    flux = memory.main(["--families", "flux", "--shards", "8"])["flux"]["rows"]["bf16+ckpt"]
+    gathered = flux["fsdp_gb"] - flux["weights_gb"] / 8 - flux["lora_states_gb"] / 8 - flux["activations_gb"]
+    assert 0 < gathered < flux["weights_gb"] / 10  # two of FLUX's 57 blocks, the largest (double-stream) ones
+    assert flux["fsdp_gb"] < flux["total_gb"] / 2
+
+
 @pytest.mark.slow
 def test_measured_step_runs_on_cpu_at_tiny_latents():
     import memory_measure

@@ -75,11 +75,12 @@ def is_sharded(param: torch.Tensor) -> bool:
     return isinstance(param, DTensor)
 
 
-def param_bytes(module: torch.nn.Module, frozen: bool = True) -> tuple[int, int]:
-    """(bytes this process holds, bytes of the whole model) of the frozen (or trainable) parameters."""
+def param_bytes(module: torch.nn.Module) -> tuple[int, int]:
+    """(bytes this process holds, bytes of the whole model) of the frozen base's parameters (the LoRA adapters,
+    "lora_" in the name, left out)."""
     local = total = 0
-    for p in module.parameters():
-        if p.requires_grad == frozen:
+    for name, p in module.named_parameters():
+        if "lora_" in name:
             continue
         size = p.element_size()
         total += p.numel() * size
