@@ -145,9 +145,10 @@ def test_fsdp_flux_offline_equals_one_process(pairs, tmp_path):
 
 
 ONLINE = {
-    # GRPO with its KL to a "ref" adapter refreshed every round; 6 samples in 2 chunks, one per process
+    # GRPO with its KL to a "ref" adapter refreshed every round; 6 samples in 3 chunks: in the second sampling step
+    # process 1 has none and samples the last one again (lock-step: FSDP2 forwards are collectives)
     "grpo": ["objective.name=grpo", "objective.beta=0.04", "online.ref_refresh=1", "sampling.images_per_prompt=3",
-             "sampling.sample_batch=3", "sampling.steps=3", "sampling.guidance=2.0", "sampling.eta=0.7",
+             "sampling.sample_batch=2", "sampling.steps=3", "sampling.guidance=2.0", "sampling.eta=0.7",
              "train.steps_per_round=2"],
     # DiffusionNFT: rounds sampled by the "old" adapter (an EMA of the policy), 4 samples in 2 chunks
     "nft": ["objective.name=nft", "model.resolution=0", "sampling.images_per_prompt=2", "sampling.sample_batch=2",
