@@ -154,12 +154,14 @@ class Run:
         denoiser = self.denoiser
         count = shard_denoiser(denoiser, blocks, self.opt.mixed_precision)
         named = dict(denoiser.named_parameters())
+
+        def sharded(params: dict | None) -> dict | None:
+            return None if params is None else {n: named[n] for n in params}
+
         self.params = [p for p in denoiser.parameters() if p.requires_grad]
-        for group in ("named_params", "ckpt_params", "ref_params", "old_params"):
-            if getattr(self, group) is not None:
-                setattr(self, group, {n: named[n] for n in getattr(self, group)})
+        self.named_params, self.ckpt_params = sharded(self.named_params), sharded(self.ckpt_params)
+        self.ref_params, self.old_params = sharded(self.ref_params), sharded(self.old_params)
         local, total = param_bytes(denoiser)
-        self.base_bytes = local
         print(
             f"[rank {self.accelerator.process_index}] FSDP2: {count} blocks + root sharded over "
             f"{self.accelerator.num_processes} processes; frozen base {local / 2**20:.2f} of {total / 2**20:.2f} MiB",
