@@ -5,6 +5,7 @@
                                                      # Wan 2.1 1.3B / 14B (one 81-frame 480p video pair)
     python benchmarks/memory.py --families zimage    # one family
     python benchmarks/memory.py --families sd15 --json out.json
+    python benchmarks/memory.py --shards 8           # plus the per-GPU figure with 8-way FSDP2 next to DDP's
 
 Each denoiser is built on the `meta` device from its published config (written below: nothing is downloaded) and
 counted exactly:
@@ -15,6 +16,10 @@ counted exactly:
   with saved-tensor hooks while the real model runs on meta tensors. With gradient checkpointing: the inputs of every
   block plus the largest single block's saved tensors (it is recomputed and freed one block at a time), plus what is
   saved outside the blocks. The reference forward runs without grad and saves nothing.
+- FSDP2 over N GPUs (`--shards N`, configs/accelerate/fsdp.yaml): the frozen weights and the LoRA state are split N
+  ways; activations are not (each GPU runs its own batch); plus two blocks' weights all-gathered at a time (the one
+  computing and the one prefetched: FSDP2's default). The DDP figure is the unsharded total (every GPU holds it all).
+  Quantized settings get no FSDP2 figure: diffalign refuses model.quantize under sharding.
 Text encoders and the VAE are not counted: training reads the latent + text-embedding cache (`diffalign cache`).
 Not counted either: allocator fragmentation, attention workspace, CUDA context (~0.5-1 GB): real peaks are higher;
 `benchmarks/gpu.sh --memory` measures them on a GPU (benchmarks/memory_measure.py: torch.cuda.max_memory_allocated).
@@ -384,7 +389,7 @@ def activation_bytes(model, inputs, blocks_attrs) -> tuple[int, int, int]:
     return saved.total, sum(per_block), sum(block_inputs), max(per_block)
 
 
-def account(name: str) -> dict:
+def account(name: str, shards: int = 1) -> dict:
     label, cls, config, make_inputs, suffixes, blocks_attrs = FAMILIES[name]
     with torch.device("meta"):
         model = cls(**config)
@@ -393,6 +398,7 @@ def account(name: str) -> dict:
     targets = _targets(model, suffixes)
     lora = sum(RANK * (m.in_features + m.out_features) for m in targets)
     linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    largest_block = max(sum(p.numel() for p in unit.parameters()) for unit in UNITS[blocks_attrs](model))
     rows = {}
     acts = {}
     for setting, (dtype, quant, ckpt) in SETTINGS.items():
@@ -413,6 +419,9 @@ def account(name: str) -> dict:
             "activations_gb": activations / GB,
             "total_gb": (weights + lora * 16 + activations) / GB,
         }
+        if shards > 1 and not quant:  # per GPU: 1/N of the weights and LoRA state, all activations, 2 blocks gathered
+            gathered = 2 * largest_block * weights / params
+            rows[setting]["fsdp_gb"] = (weights / shards + lora * 16 / shards + activations + gathered) / GB
     return {"label": label, "params": params, "lora_params": lora, "rows": rows}
 
 
@@ -420,8 +429,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
     parser.add_argument("--json", default="")
+    parser.add_argument("--shards", type=int, default=1, help="also the per-GPU GB with N-way FSDP2 (N > 1)")
     args = parser.parse_args(argv)
-    results = {name: account(name) for name in args.families}
+    results = {name: account(name, args.shards) for name in args.families}
     print(f"DPO-LoRA step, 1 pair (2 latents), LoRA r{RANK} + AdamW; GB = 2^30 bytes; estimate (see docstring)")
     print(
         f"{'family':<20}{'params':>9}{'LoRA':>8}  "
@@ -431,6 +441,10 @@ def main(argv=None):
     for r in results.values():
         cells = "".join(f"{r['rows'][s]['total_gb']:>10.1f} " for s in SETTINGS)
         print(f"{r['label']:<20}{r['params'] / 1e9:>8.2f}B{r['lora_params'] / 1e6:>7.1f}M  {cells}")
+        if args.shards > 1:
+            fsdp = [r["rows"][s].get("fsdp_gb") for s in SETTINGS]  # a quantized base is not sharded: "-"
+            cells = "".join(f"{v:>10.1f} " if v is not None else f"{'-':>10} " for v in fsdp)
+            print(f"{'  FSDP2 x' + str(args.shards) + ' per GPU':<37}{cells}")
     for r in results.values():
         parts = ", ".join(
             f"{s}: {v['weights_gb']:.1f} + {v['lora_states_gb']:.2f} + {v['activations_gb']:.1f}"

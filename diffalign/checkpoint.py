@@ -56,11 +56,11 @@ def _test_pause(step: int) -> None:
         time.sleep(float(seconds))
 
 
-def _optimizer_parts(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """Tensors "<param idx>.<name>" (safetensors) and the rest (JSON). A nested dict in a parameter's state
-    (bitsandbytes' 8-bit AdamW keeps its quantized moments under `__bnb_optimizer_quant_state__`) is flattened with
-    "/" between the levels."""
-    sd = optimizer.state_dict()
+def _optimizer_parts(optimizer: torch.optim.Optimizer | dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors "<param idx>.<name>" (safetensors) and the rest (JSON) of an optimizer or its state_dict (an FSDP2
+    run's, gathered). A nested dict in a parameter's state (bitsandbytes' 8-bit AdamW keeps its quantized moments
+    under `__bnb_optimizer_quant_state__`) is flattened with "/" between the levels."""
+    sd = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
     tensors, scalars = {}, {}
 
     def put(key: str, value) -> None:
@@ -190,8 +190,12 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer,
     lr_scheduler,
     generators: dict[str, torch.Generator],
+    place=None,
 ) -> dict:
-    """Restore everything save_checkpoint wrote; returns the state dict (step, extra keys)."""
+    """Restore everything save_checkpoint wrote; returns the state dict (step, extra keys).
+
+    `place(full, param)`: lays a saved (whole) tensor out as `param` and its optimizer state (FSDP2: this process's
+    shard, diffalign.engine.sharding.place_like); the files do not depend on the process count."""
     path = Path(path)
     try:
         state = json.loads((path / COMPLETE).read_text())
@@ -207,10 +211,17 @@ def load_checkpoint(
         raise DiffalignError(
             f"{path}: trainable parameters do not match this run ({len(missing)} differ, e.g. {sorted(missing)[0]})"
         )
+    place = place or (lambda full, param: full)
     with torch.no_grad():
         for name, param in named_params.items():
-            param.copy_(trainable[name])
-    optimizer.load_state_dict(_optimizer_state(optimizer_tensors, state["optimizer"]))
+            param.copy_(place(trainable[name], param))
+    opt_state = _optimizer_state(optimizer_tensors, state["optimizer"])
+    flat = [p for group in optimizer.param_groups for p in group["params"]]  # the state's indices
+    for idx, entry in opt_state["state"].items():
+        for key, value in entry.items():  # moments shaped like their parameter; "step" stays a scalar
+            if torch.is_tensor(value) and value.dim() and value.shape == flat[idx].shape:
+                entry[key] = place(value, flat[idx])
+    optimizer.load_state_dict(opt_state)
     lr_scheduler.load_state_dict(state["lr_scheduler"])
     torch.set_rng_state(rng["torch_cpu"])
     for name, g in generators.items():

@@ -154,13 +154,19 @@ KEY_STYLES = {
 }  # a family's `lora_key_style`; its `lora_writer` (a diffusers pipeline class) writes the file
 
 
-def save_lora(family, out_dir, metadata: dict | None = None, adapter_name: str = "default") -> Path:
+def lora_weights(family, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """The adapter's weights by the keys of the family's LoRA file (DTensors when the denoiser is sharded)."""
+    return KEY_STYLES[family.lora_key_style](family.denoiser, adapter_name)
+
+
+def save_lora(family, out_dir, metadata: dict | None = None, adapter_name: str = "default", weights=None) -> Path:
     """Write `out_dir/pytorch_lora_weights.safetensors` (diffusers format + adapter config); returns the file.
 
     `metadata` (JSON-serializable) is stored under the "diffalign" safetensors metadata key; see `read_metadata`.
+    `weights`: `lora_weights` already gathered (an FSDP2 run's, diffalign.engine.sharding.full_tensors).
     """
     config = family.denoiser.peft_config[adapter_name].to_dict()
-    weights = KEY_STYLES[family.lora_key_style](family.denoiser, adapter_name)
+    weights = lora_weights(family, adapter_name) if weights is None else weights
     path = _write_diffusers(family.lora_writer, family.lora_prefix, weights, config, out_dir)
     with safe_open(str(path), framework="pt") as f:
         tensors = {key: f.get_tensor(key) for key in f.keys()}

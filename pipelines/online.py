@@ -152,7 +152,7 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
             with adapter_mode(run.denoiser, OLD_ADAPTER if source.old_policy and source.old_samples else "default"):
                 traj, images = sample_share(
                     accelerator, family, sampler, prompts, seeds, cfg, r, source.keep_predictions, cfg_scale, window,
-                    on_chunk=chunks.submit if chunks else None,
+                    on_chunk=chunks.submit if chunks else None, lockstep=run.sharded,
                 )  # fmt: skip
             t_score = time.time()  # what scoring adds to the round after sampling (reward.overlap hides the rest)
             rewards, monitored = score_round(accelerator, scorer, monitors, images, prompts, chunks)

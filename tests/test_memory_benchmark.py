@@ -11,7 +11,7 @@ import memory  # noqa: E402
 
 
 def test_accounting_of_flux_and_sd15():
-    results = memory.main(["--families", "sd15", "flux"])
+    results = memory.main(["--families", "sd15", "flux", "--shards", "8"])
     flux, sd15 = results["flux"], results["sd15"]
     assert 11.8e9 < flux["params"] < 12.0e9  # FLUX.1-dev: "12 B"
     assert 0.85e9 < sd15["params"] < 0.87e9  # SD1.5 UNet: 860 M
@@ -20,6 +20,12 @@ def test_accounting_of_flux_and_sd15():
         assert r["nf4+ckpt"]["weights_gb"] < r["int8+ckpt"]["weights_gb"] < r["bf16+ckpt"]["weights_gb"]
         assert r["bf16+ckpt"]["activations_gb"] < r["bf16"]["activations_gb"] < r["fp32"]["activations_gb"]
         assert len({row["lora_states_gb"] for row in r.values()}) == 1
+    # --shards 8: per GPU = 1/8 of the weights and LoRA state + all activations + two gathered blocks
+    row = flux["rows"]["bf16+ckpt"]
+    gathered = row["fsdp_gb"] - row["weights_gb"] / 8 - row["lora_states_gb"] / 8 - row["activations_gb"]
+    assert 0 < gathered < row["weights_gb"] / 10  # two of FLUX's 57 blocks, the largest (double-stream) ones
+    assert row["fsdp_gb"] < row["total_gb"] / 2
+    assert "fsdp_gb" not in flux["rows"]["nf4+ckpt"]  # a quantized base is not sharded
 
 
 @pytest.mark.slow

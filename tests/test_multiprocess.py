@@ -87,6 +87,7 @@ def test_shipped_accelerate_configs_load_with_accelerate(path):
         "ddp_multi_gpu": "MULTI_GPU",
         "multi_node": "MULTI_GPU",
         "fsdp": "FSDP",
+        "fsdp_multi_node": "FSDP",
         "deepspeed_zero2": "DEEPSPEED",
     }
     assert config.distributed_type.value == supported[path.stem]

@@ -18,8 +18,14 @@ program's loop differs from the other's only in where its micro-batches come fro
 lr, lr_schedule, warmup_steps, weight_decay, adam_8bit, grad_accum, max_grad_norm, mixed_precision,
 gradient_checkpointing, xformers, keep_checkpoints, validate_every, tensorboard, wandb.
 
-Sharding is not supported yet: FSDP and DeepSpeed launches are refused with one line (checkpoints, the LoRA file and
-the adapters-off reference assume replicated parameters and a torch optimizer).
+Sharding: an accelerate config with FSDP2 (configs/accelerate/fsdp.yaml) shards the denoiser per block right after its
+adapters are added (diffalign.engine.sharding); the parameters, the optimizer state, the forwards (reference and
+named adapters included) and the step are then the same code on DTensors, and checkpoints and the LoRA file are
+gathered once and written by rank 0 in the usual formats. Generation on the main process alone (held-out
+evaluation, curves, guards, validation images) would stall the other processes' all-gathers, so a sharded run
+refuses those keys. DeepSpeed is refused with one line: for LoRA on a frozen base ZeRO-2 shards only the gradients
+and the optimizer state, a few MB, and ZeRO-3 would need its own checkpoint and reference paths; FSDP2 shards the
+frozen base, which is what does not fit.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from collections.abc import Callable
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import DistributedType, ProjectConfiguration, parse_flag_from_env, set_seed
+from accelerate.utils import DistributedType, ProjectConfiguration, gather_object, parse_flag_from_env, set_seed
 from tqdm.auto import tqdm
 
 from diffalign.checkpoint import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
@@ -40,6 +46,15 @@ from diffalign.engine.curves import Curves, plot_curves
 from diffalign.engine.evaluate import evaluate_base_vs_lora
 from diffalign.engine.guarding import GuardRun
 from diffalign.engine.outputs import StopFlag, flat_hparams, scaler_state, shared_output_dir, truncate_metrics
+from diffalign.engine.sharding import (
+    fsdp_requested,
+    full_optimizer_state,
+    full_tensors,
+    param_bytes,
+    peak_memory,
+    place_like,
+    shard_denoiser,
+)
 from diffalign.engine.step import step_context, sum_over_processes
 from diffalign.errors import DiffalignError
 from diffalign.lora import (
@@ -48,6 +63,7 @@ from diffalign.lora import (
     add_lora,
     copy_policy_to_ref,
     lora_targets,
+    lora_weights,
     reference_mode,
     save_lora,
 )
@@ -71,12 +87,14 @@ class Run:
             log_with=trackers or None,
             project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / "logs")),
         )
-        if self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
             raise DiffalignError(
-                f"{self.accelerator.distributed_type.value} is not supported yet (checkpoints, the LoRA file and the "
-                "adapters-off reference assume replicated parameters and a torch optimizer); launch with DDP, e.g. "
-                "--config_file configs/accelerate/ddp_multi_gpu.yaml"
+                "DeepSpeed is not used by diffalign (ZeRO shards the LoRA's few MB of optimizer state, not the frozen "
+                "base): shard with FSDP2, --config_file configs/accelerate/fsdp.yaml"
             )
+        self.sharded = fsdp_requested()  # the denoiser is sharded in load_model, before the optimizer exists
+        if self.sharded:
+            check_shardable(cfg, opt)
         set_seed(opt.seed)
         self.main = self.accelerator.is_main_process
         self.device = self.accelerator.device
@@ -127,8 +145,30 @@ class Run:
             self.old_params = add_adapter_copy(denoiser, OLD_ADAPTER)
             update_old(self.named_params, self.old_params, 0.0)
             self.ckpt_params.update(self.old_params)
+        if self.sharded:
+            self.shard(family.shard_blocks)
         self.family = family
         return family
+
+    def shard(self, blocks: tuple[str, ...]) -> None:
+        """FSDP2: shard the denoiser per block, then re-read the parameters (now DTensors) the optimizer, the
+        checkpoints and the adapter copies use; log this process's share of the frozen base."""
+        denoiser = self.denoiser
+        count = shard_denoiser(denoiser, blocks, self.opt.mixed_precision)
+        named = dict(denoiser.named_parameters())
+
+        def sharded(params: dict | None) -> dict | None:
+            return None if params is None else {n: named[n] for n in params}
+
+        self.params = [p for p in denoiser.parameters() if p.requires_grad]
+        self.named_params, self.ckpt_params = sharded(self.named_params), sharded(self.ckpt_params)
+        self.ref_params, self.old_params = sharded(self.ref_params), sharded(self.old_params)
+        local, total = param_bytes(denoiser)
+        print(
+            f"[rank {self.accelerator.process_index}] FSDP2: {count} blocks + root sharded over "
+            f"{self.accelerator.num_processes} processes; frozen base {local / 2**20:.2f} of {total / 2**20:.2f} MiB",
+            flush=True,
+        )
 
     def build_optimizer(self, total_steps: int) -> None:
         """AdamW (bitsandbytes' 8-bit AdamW with `adam_8bit`) and the LR schedule over `total_steps` steps."""
@@ -157,7 +197,10 @@ class Run:
                 print(f"--resume latest: no checkpoint under {ckpt_dir} yet; starting at {self.unit} 0")
         elif self.resume_from:
             self.path = resolve_resume(self.resume_from, ckpt_dir)
-            self.saved = load_checkpoint(self.path, self.ckpt_params, self.optimizer, self.lr_scheduler, {})
+            self.saved = load_checkpoint(
+                self.path, self.ckpt_params, self.optimizer, self.lr_scheduler, {},
+                place=place_like if self.sharded else None,
+            )  # fmt: skip
             self.start = self.saved["step"]
             self.counts = {k: self.saved[k] for k in self.counts}
             if self.accelerator.scaler is not None:  # fp16: the loss scale it had reached
@@ -171,8 +214,12 @@ class Run:
         return self.saved or {}
 
     def prepare(self, source, **fields):
-        """accelerate's prepare (the DDP wrapper when multi-process) and the StepContext of the shared step."""
-        self.prepared, self.optimizer = self.accelerator.prepare(self.denoiser, self.optimizer)
+        """accelerate's prepare (the DDP wrapper when multi-process; FSDP2: the sharded module itself and the torch
+        optimizer, untouched) and the StepContext of the shared step."""
+        if self.sharded:
+            self.prepared = self.denoiser
+        else:
+            self.prepared, self.optimizer = self.accelerator.prepare(self.denoiser, self.optimizer)
         self.ctx = step_context(
             self.accelerator, self.family, self.prepared, source, self.opt, reference=self.reference,
             params=self.params, optimizer=self.optimizer, **fields,
@@ -226,12 +273,16 @@ class Run:
 
     def save(self, n: int, extra: dict) -> None:
         """Checkpoint n (main process): parameters and named adapters, optimizer, schedule, counters, fp16's scaler,
-        the guards' kept copy, and the program's `extra` state."""
+        the guards' kept copy, and the program's `extra` state. Every process calls it: FSDP2 gathers the sharded
+        tensors first (collectives), so the files are those of an unsharded run."""
+        params, optimizer = self.ckpt_params, self.optimizer
+        if self.sharded:
+            params, optimizer = full_tensors(params), full_optimizer_state(optimizer)
         if not self.main:
             return
         guard_state, guard_tensors = self.guard.checkpoint_parts() if self.guard else ({}, {})
         save_checkpoint(
-            self.out / "checkpoints", n, self.ckpt_params, self.optimizer, self.lr_scheduler, {},
+            self.out / "checkpoints", n, params, optimizer, self.lr_scheduler, {},
             {**extra, "grad_scaler": scaler_state(self.accelerator), **self.counts, **guard_state},
             keep=self.opt.keep_checkpoints, tensors=guard_tensors,
         )  # fmt: skip
@@ -262,8 +313,10 @@ class Run:
         guard_info = {"guards": self.guard.finish()} if self.guard else {}
         summary = {**summary, "resumed_at": self.start, "train_seconds": time.time() - self.t0, **self.counts}
         summary.update(guard_info)
+        weights = full_tensors(lora_weights(self.family)) if self.sharded else None  # gathered once, every process
         if self.main:
-            save_lora(self.family, self.out / "lora", metadata={"base_model": cfg.model.path, **metadata})
+            save_lora(self.family, self.out / "lora", {"base_model": cfg.model.path, **metadata}, weights=weights)
+        summary["memory"] = self.memory()
         accelerator.end_training()
         if not self.main:
             return summary
@@ -276,6 +329,39 @@ class Run:
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
 
+    def memory(self) -> list[dict]:
+        """Each process's bytes of the frozen base's parameters (its shard under FSDP2) and its peak memory, printed
+        by every process and returned (gathered, in rank order) for summary.json."""
+        local, total = param_bytes(self.denoiser)
+        peak, measure = peak_memory(self.device)
+        rank = self.accelerator.process_index
+        print(
+            f"[rank {rank}] memory: frozen base parameters {local / 2**20:.2f} MiB (of {total / 2**20:.2f}), "
+            f"peak {peak / 2**20:.0f} MiB ({measure})",
+            flush=True,
+        )
+        row = {"rank": rank, "base_param_bytes": local, "base_param_bytes_total": total, "peak_bytes": peak,
+               "peak_measure": measure}  # fmt: skip
+        return gather_object([row]) if self.accelerator.num_processes > 1 else [row]
+
     @property
     def seconds(self) -> float:
         return time.time() - self.t0
+
+
+def check_shardable(cfg, opt) -> None:
+    """Under FSDP2 every process must run the same forwards: refuse what generates on the main process alone (the
+    others would wait in the all-gathers) and what cannot hold DTensors (8-bit AdamW, a quantized base)."""
+    main_only = {
+        "eval.prompts": cfg.eval.prompts,  # the held-out evaluation and curves
+        "guards.every": cfg.guards.every,
+        "train.validation_prompts": opt.validate_every and getattr(opt, "validation_prompts", []),  # train only
+        "train.adam_8bit": opt.adam_8bit,
+        "model.quantize": cfg.model.quantize != "none",
+    }
+    for key, on in main_only.items():
+        if on:
+            raise DiffalignError(
+                f"{key}: not available with FSDP2 sharding (the main process alone would run the sharded model, or "
+                "its tensors cannot be sharded); unset it, and compare the saved LoRA with `diffalign compare`"
+            )

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch.distributed.tensor import DTensor
 
 from diffalign.errors import DiffalignError
 from diffalign.likelihood import Schedule, pair_noise, pair_timesteps, sample_timesteps
@@ -106,6 +107,8 @@ def finish_step(accelerator, ctx: StepContext, sums: dict[str, torch.Tensor]) ->
     else:
         grads = [p.grad for p in ctx.params if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=accelerator.device)
+        if isinstance(norm, DTensor):  # FSDP2: each process's partial norm -> the whole one (an all-reduce)
+            norm = norm.full_tensor()
     bad = torch.stack([~torch.isfinite(sums["loss"]), ~torch.isfinite(norm.float()).to(sums["loss"].device)])
     if accelerator.num_processes > 1:  # every process takes the same branch (and fp16 scalers stay identical)
         bad = accelerator.reduce(bad.float(), reduction="sum")

@@ -84,11 +84,14 @@ def chunk_scorer(cfg, scorer) -> ChunkScorer | None:
 
 def sample_share(accelerator, family, sampler, prompts, seeds, cfg, r: int, keep_predictions: bool, cfg_scale: float,
                  window: tuple[int, int] | None = None,
-                 on_chunk: Callable[[int, torch.Tensor, list[str]], None] | None = None):  # fmt: skip
+                 on_chunk: Callable[[int, torch.Tensor, list[str]], None] | None = None,
+                 lockstep: bool = False):  # fmt: skip
     """This process's chunks of the round, sampled and decoded, then every process's gathered in order; `cfg_scale`
     is the CFG scale (`family.sampling_cfg(sampling.guidance)`), `window` the round's SDE window (None: the
     sampler's own). `on_chunk(start, images, prompts)` is called (on the main process) with every gathered chunk
-    as soon as it is in, while the next ones are sampled.
+    as soon as it is in, while the next ones are sampled. `lockstep` (an FSDP2-sharded denoiser, whose forwards are
+    collectives): a process left without a chunk in the last step samples the last chunk again and drops it, so
+    every process runs the same forwards.
 
     Returns the round's Trajectory (N chains, CPU) and images (N, 3, H, W) in [0, 1].
     """
@@ -98,15 +101,15 @@ def sample_share(accelerator, family, sampler, prompts, seeds, cfg, r: int, keep
     parts = []
     for k in range(0, len(starts), world):  # a step: each process samples one chunk (the last may leave some out)
         part = None
-        if k + rank < len(starts):
-            i = starts[k + rank]
+        if k + rank < len(starts) or lockstep:
+            i = starts[min(k + rank, len(starts) - 1)]
             j = i + cfg.sampling.sample_batch
             traj = sampler.sample(  # diffalign.sampling: DDIM-eta or flow SDE, same Trajectory
                 family, prompts[i:j], seeds[i:j], cfg_scale, noise_seed=noise_seed + i,
                 keep_predictions=keep_predictions, window=window,
             )  # fmt: skip
             images = (family.decode(traj.x0.to(accelerator.device)).cpu() + 1) / 2  # (n, 3, H, W) in [0, 1]
-            part = (i, traj, images)
+            part = (i, traj, images) if k + rank < len(starts) else None
         got = gather_object([part]) if world > 1 else [part]  # this step's chunks, in rank order
         for i, traj, images in (p for p in got if p is not None):
             if on_chunk is not None:
