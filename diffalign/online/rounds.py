@@ -27,7 +27,7 @@ from diffalign.online.exemplars import ToyStatsEncoder, toy_vivid_exemplars
 from diffalign.paths import TOY_HELDOUT
 from diffalign.rewards import CONCURRENT, load_scorer, scores_each_image
 from diffalign.rewards.distributional import frechet_distance, gaussian_stats
-from diffalign.sampling import Trajectory
+from diffalign.sampling import EncodedPrompts, Trajectory
 from diffalign.toy import shapes
 
 
@@ -83,11 +83,14 @@ def chunk_scorer(cfg, scorer) -> ChunkScorer | None:
 
 def sample_share(accelerator, family, sampler, prompts, seeds, cfg, r: int, keep_predictions: bool, cfg_scale: float,
                  window: tuple[int, int] | None = None,
-                 on_chunk: Callable[[int, torch.Tensor, list[str]], None] | None = None):  # fmt: skip
+                 on_chunk: Callable[[int, torch.Tensor, list[str]], None] | None = None,
+                 text: EncodedPrompts | None = None):  # fmt: skip
     """This process's chunks of the round, sampled and decoded, then every process's gathered in order; `cfg_scale`
     is the CFG scale (`family.sampling_cfg(sampling.guidance)`), `window` the round's SDE window (None: the
     sampler's own). `on_chunk(start, images, prompts)` is called (on the main process) with every gathered chunk
-    as soon as it is in, while the next ones are sampled.
+    as soon as it is in, while the next ones are sampled. `text`: the round's prompts encoded once (chunk i:j samples
+    with its rows, so the text encoders do not run per chunk, and the training steps see exactly the conditioning
+    the chains were sampled with); None: each chunk encodes its own prompts.
 
     Returns the round's Trajectory (N chains, CPU) and images (N, 3, H, W) in [0, 1].
     """
@@ -100,9 +103,10 @@ def sample_share(accelerator, family, sampler, prompts, seeds, cfg, r: int, keep
         if k + rank < len(starts):
             i = starts[k + rank]
             j = i + cfg.sampling.sample_batch
+            cond = text.guided(torch.arange(i, min(j, len(prompts))), cfg_scale) if text is not None else None
             traj = sampler.sample(  # diffalign.sampling: DDIM-eta or flow SDE, same Trajectory
                 family, prompts[i:j], seeds[i:j], cfg_scale, noise_seed=noise_seed + i,
-                keep_predictions=keep_predictions, window=window,
+                keep_predictions=keep_predictions, window=window, cond=cond,
             )  # fmt: skip
             images = (family.decode(traj.x0.to(accelerator.device)).cpu() + 1) / 2  # (n, 3, H, W) in [0, 1]
             part = (i, traj, images)
