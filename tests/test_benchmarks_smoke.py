@@ -147,3 +147,12 @@ def test_online_peer_diffalign_side(tmp_path):
         names = list(f.keys())
         assert len(names) == 30 and all(f.get_slice(n).get_shape()[0 if "lora_A" in n else 1] == 32 for n in names)
     assert not any("attn2" in n for n in names)
+
+
+@pytest.mark.slow  # two tiny-SD3 NFT rounds as a subprocess: ~15 s quiet
+def test_profile_online_nft():
+    """benchmarks/profile_online.py profiles round 2 of an NFT run: its header line and the op table print."""
+    cmd = [sys.executable, str(REPO / "benchmarks" / "profile_online.py"), "--threads", "1", "--methods", "nft"]
+    done = subprocess.run([*cmd, "--rows", "5"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert "=== nft: one round" in done.stdout and "Self CPU time total" in done.stdout
