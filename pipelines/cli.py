@@ -20,10 +20,13 @@ from typing import NamedTuple
 
 from diffalign.errors import DiffalignError
 
-# Before torch (and its OpenMP runtime) loads: with OpenMP's default active wait, threads that finished a parallel
-# region spin for their next one, and on a machine whose cores other jobs share the spinning threads and the others
-# slow each other down (an on-line epoch on the tiny SD3 swung from 5.8 to 44 s on a loaded 2-core machine with the
-# default, and stayed steady with PASSIVE). A value the user set is kept.
+# Before torch (and its OpenMP runtime, libgomp) loads. With the default wait, a thread that finished a parallel
+# region spins (GOMP_SPINCOUNT, unthrottled when threads <= cores) and the region's end barrier spins too; on cores
+# other jobs share, a descheduled team member then costs its spinning partner a scheduler time slice per region,
+# so a phase made of many short regions slows 10x or more: the tiny SD3's text encoders (each op just over ATen's
+# grain) went from 36 ms to 0.4-2.6 s per call at load 5-9, and while diffalign still ran them in every training
+# step and sampling chunk its on-line epochs swung 5.8-44 s where flow_grpo's (encoders once per batch) stayed at
+# 1.0-1.6 s (docs/results.md, "OpenMP's wait policy"). PASSIVE sleeps instead. A value the user set is kept.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 

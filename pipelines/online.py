@@ -149,17 +149,17 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
                                         window_span)  # fmt: skip
             elif window_span:
                 window = random_window(sc.sde_window_size, window_span, keyed_generator(tc.seed, r, WINDOW_STREAM))
+            text = EncodedPrompts.encode(family, prompts, with_uncond=cfg_scale > 1)  # once: sampling and every step
             with adapter_mode(run.denoiser, OLD_ADAPTER if source.old_policy and source.old_samples else "default"):
                 traj, images = sample_share(
                     accelerator, family, sampler, prompts, seeds, cfg, r, source.keep_predictions, cfg_scale, window,
-                    on_chunk=chunks.submit if chunks else None, lockstep=run.sharded,
+                    on_chunk=chunks.submit if chunks else None, lockstep=run.sharded, text=text,
                 )  # fmt: skip
             t_score = time.time()  # what scoring adds to the round after sampling (reward.overlap hides the rest)
             rewards, monitored = score_round(accelerator, scorer, monitors, images, prompts, chunks)
             reward_wait = time.time() - t_score
             by_group = rewards.view(sc.prompts_per_round, g)  # (N,) -> (P, G)
             first, second = source.rows(by_group, cfg, labels, r, pool_index)
-            text = EncodedPrompts.encode(family, prompts, with_uncond=traj.guidance > 1)  # once, for every step
             rnd = Round(r, traj, prompts, first, second, experts, text)
             sums, n_rows = {}, len(first)
             trains = n_rows >= tc.grad_accum * world and not (stepwise and traj.num_steps == 0)  # MixGRPO's last

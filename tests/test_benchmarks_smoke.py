@@ -127,3 +127,32 @@ def test_reward_server_tiny(tmp_path):
         for kind in ("old", "new"):
             assert row[kind]["requests"] > 0 and row[kind]["images_per_s"] > 0 and not row[kind]["errors"]
     assert result["online"]["same_rewards"] and len(result["online"]["rows"]) == 4
+
+
+@pytest.mark.slow  # one tiny-SD3 GRPO round as a subprocess: ~15 s quiet, 45 s loaded
+def test_online_peer_diffalign_side(tmp_path):
+    """benchmarks/online_peer.py --smoke without a flow_grpo checkout: diffalign's side runs one gated epoch with the
+    matched settings (16 chains, LoRA on flow_grpo's 15 modules) and reports its seconds; no ratio without the peer."""
+    out = tmp_path / "online_peer.json"
+    _run("online_peer.py", "--smoke", "--work", str(tmp_path / "work"), "--json", str(out))
+    result = json.loads(out.read_text())
+    assert set(result["seconds"]) == {"diffalign"} and "ratio" not in result
+    assert len(result["seconds"]["diffalign"]) == 1 and result["seconds"]["diffalign"][0] > 0
+    (row,) = [json.loads(x) for x in (tmp_path / "work/diffalign/rounds.jsonl").read_text().splitlines()]
+    assert row["pairs_or_samples"] == 16 and row["skipped_steps"] == 0
+    from safetensors import safe_open
+
+    (ckpt,) = (tmp_path / "work/diffalign/checkpoints").rglob("trainable.safetensors")
+    with safe_open(ckpt, "pt") as f:  # 15 modules x (A, B), rank 32; attn2 (dual attention) left out as flow_grpo
+        names = list(f.keys())
+        assert len(names) == 30 and all(f.get_slice(n).get_shape()[0 if "lora_A" in n else 1] == 32 for n in names)
+    assert not any("attn2" in n for n in names)
+
+
+@pytest.mark.slow  # two tiny-SD3 NFT rounds as a subprocess: ~15 s quiet
+def test_profile_online_nft():
+    """benchmarks/profile_online.py profiles round 2 of an NFT run: its header line and the op table print."""
+    cmd = [sys.executable, str(REPO / "benchmarks" / "profile_online.py"), "--threads", "1", "--methods", "nft"]
+    done = subprocess.run([*cmd, "--rows", "5"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert "=== nft: one round" in done.stdout and "Self CPU time total" in done.stdout

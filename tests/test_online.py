@@ -641,20 +641,21 @@ def test_online_trains_with_8bit_adamw_and_resumes_it_exactly(tmp_path, monkeypa
      ("grpo", ["objective.beta=0.04"]), ("nft", [])],
 )  # fmt: skip
 def test_a_rounds_training_steps_never_run_the_text_encoders(tmp_path, monkeypatch, objective, extra):
-    """The round's prompts are encoded once when it is sampled (EncodedPrompts); every source's training steps then
-    select rows of that conditioning: zero text-encoder calls inside the steps, for each on-line source."""
-    from diffalign.pipelines.online import run
+    """The round's prompts are encoded once before it is sampled (EncodedPrompts); the sampler's chunks and every
+    source's training steps then select rows of that conditioning: zero text-encoder calls inside the sampling and
+    the steps, for each on-line source."""
+    import diffalign.pipelines.online as online
 
     import diffalign.engine.step as step
     from diffalign.models import FAMILIES
 
-    calls = {"in_steps": 0, "outside": 0}
+    calls = {"in_steps": 0, "sampling": 0, "outside": 0}
     inside = [False]
     for cls in {*FAMILIES.values()}:
         original = cls.encode_prompts
 
         def counted(self, prompts, _original=original):
-            calls["in_steps" if inside[0] else "outside"] += 1
+            calls["in_steps" if inside[0] is True else inside[0] or "outside"] += 1
             return _original(self, prompts)
 
         monkeypatch.setattr(cls, "encode_prompts", counted)
@@ -668,7 +669,17 @@ def test_a_rounds_training_steps_never_run_the_text_encoders(tmp_path, monkeypat
             inside[0] = False
 
     monkeypatch.setattr(step, "step_loss", flagged)
+    sample_share = online.sample_share
+
+    def sampling(*args, **kwargs):
+        inside[0] = "sampling"
+        try:
+            return sample_share(*args, **kwargs)
+        finally:
+            inside[0] = False
+
+    monkeypatch.setattr(online, "sample_share", sampling)
     monkeypatch.chdir(REPO)
     args = [*TINY_ONLINE, f"objective.name={objective}", *extra, _prompts_file(tmp_path), "online.rounds=1"]
-    run(None, [*args, "train.tensorboard=false", f"train.output_dir={tmp_path / 'run'}"])
-    assert calls["in_steps"] == 0 and calls["outside"] > 0
+    online.run(None, [*args, "train.tensorboard=false", f"train.output_dir={tmp_path / 'run'}"])
+    assert calls["in_steps"] == 0 and calls["sampling"] == 0 and calls["outside"] > 0

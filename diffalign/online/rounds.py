@@ -28,7 +28,7 @@ from diffalign.paths import TOY_HELDOUT
 from diffalign.rewards import CONCURRENT, load_scorer, scores_each_image
 from diffalign.rewards.distributional import frechet_distance, gaussian_stats
 from diffalign.rewards.frames import FrameReduced
-from diffalign.sampling import Trajectory
+from diffalign.sampling import EncodedPrompts, Trajectory
 from diffalign.toy import shapes
 
 
@@ -85,13 +85,15 @@ def chunk_scorer(cfg, scorer) -> ChunkScorer | None:
 def sample_share(accelerator, family, sampler, prompts, seeds, cfg, r: int, keep_predictions: bool, cfg_scale: float,
                  window: tuple[int, int] | None = None,
                  on_chunk: Callable[[int, torch.Tensor, list[str]], None] | None = None,
-                 lockstep: bool = False):  # fmt: skip
+                 lockstep: bool = False, text: EncodedPrompts | None = None):  # fmt: skip
     """This process's chunks of the round, sampled and decoded, then every process's gathered in order; `cfg_scale`
     is the CFG scale (`family.sampling_cfg(sampling.guidance)`), `window` the round's SDE window (None: the
     sampler's own). `on_chunk(start, images, prompts)` is called (on the main process) with every gathered chunk
     as soon as it is in, while the next ones are sampled. `lockstep` (an FSDP2-sharded denoiser, whose forwards are
     collectives): a process left without a chunk in the last step samples the last chunk again and drops it, so
-    every process runs the same forwards.
+    every process runs the same forwards. `text`: the round's prompts encoded once (chunk i:j samples with its
+    rows, so the text encoders do not run per chunk, and the training steps see exactly the conditioning the
+    chains were sampled with); None: each chunk encodes its own prompts.
 
     Returns the round's Trajectory (N chains, CPU) and images (N, 3, H, W) in [0, 1].
     """
@@ -104,9 +106,10 @@ def sample_share(accelerator, family, sampler, prompts, seeds, cfg, r: int, keep
         if k + rank < len(starts) or lockstep:
             i = starts[min(k + rank, len(starts) - 1)]
             j = i + cfg.sampling.sample_batch
+            cond = text.guided(torch.arange(i, min(j, len(prompts))), cfg_scale) if text is not None else None
             traj = sampler.sample(  # diffalign.sampling: DDIM-eta or flow SDE, same Trajectory
                 family, prompts[i:j], seeds[i:j], cfg_scale, noise_seed=noise_seed + i,
-                keep_predictions=keep_predictions, window=window,
+                keep_predictions=keep_predictions, window=window, cond=cond,
             )  # fmt: skip
             images = (family.decode(traj.x0.to(accelerator.device)).cpu() + 1) / 2  # (n, 3, H, W) in [0, 1]
             part = (i, traj, images) if k + rank < len(starts) else None

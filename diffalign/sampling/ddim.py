@@ -98,6 +98,7 @@ def sample_trajectories(
     keep_trajectory: bool = True,
     keep_predictions: bool = False,
     window: tuple[int, int] | None = None,
+    cond: dict[str, torch.Tensor] | None = None,
 ) -> Trajectory:
     """Sample N chains; keep every latent and the per-step log-probs (eta > 0), or only those of a window.
 
@@ -115,12 +116,14 @@ def sample_trajectories(
         keep_predictions: also keep the model prediction of every step (Diffusion-DRO's snapshot targets).
         window: [start, end) of the steps that get eta's noise and are recorded (end <= 0 counts from the last
             step); the others are DDIM eta 0 steps, not recorded, and `final` holds x0. None: every step.
+        cond: the prompts' guided conditioning, already encoded (an on-line round's `EncodedPrompts.guided`);
+            None encodes them here (`encode_guided`).
     """
     if len(prompts) != len(seeds):
         raise ValueError(f"sample: {len(prompts)} prompts but {len(seeds)} seeds")
     scheduler = scheduler or inference_scheduler(family, eta)
     device = family.denoiser.device
-    cond = encode_guided(family, prompts, guidance)
+    cond = encode_guided(family, prompts, guidance) if cond is None else cond
     scheduler.set_timesteps(steps, device=device)
     x = initial_noise(seeds, family.latent_shape(height, width)).to(device)  # (N, C, h, w)
     x = x * scheduler.init_noise_sigma
@@ -182,14 +185,14 @@ class DDIMSampler:
     eta: float
     window: tuple[int, int] = (0, -1)  # steps [start, end) with eta's noise, recorded; end <= 0 counts from S
 
-    def sample(self, family, prompts, seeds, guidance, noise_seed=0, keep_predictions=False, window=None):
+    def sample(self, family, prompts, seeds, guidance, noise_seed=0, keep_predictions=False, window=None, cond=None):
         """-> Trajectory of N chains, the window's steps recorded (default: every step but the last, whose std is
         too small to train on: eta · 0.006 on the toy's cosine schedule against 0.2-1.0 for the others; it is
         taken with eta 0, as Flow-GRPO's SDE sampler takes its last step)."""
         steps = self.scheduler.num_inference_steps
         return sample_trajectories(
             family, prompts, seeds, steps, guidance, self.eta, noise_seed, scheduler=self.scheduler,
-            keep_predictions=keep_predictions, window=tuple(window or self.window),
+            keep_predictions=keep_predictions, window=tuple(window or self.window), cond=cond,
         )  # fmt: skip
 
     @property

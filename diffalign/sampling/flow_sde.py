@@ -134,16 +134,18 @@ class FlowSDESampler:
 
     @torch.no_grad()
     def sample(self, family, prompts, seeds, guidance, noise_seed=0, keep_predictions=False, window=None,
-               keep_trajectory=True, height=None, width=None) -> Trajectory:  # fmt: skip
+               keep_trajectory=True, height=None, width=None, cond=None) -> Trajectory:  # fmt: skip
         """N chains from x_1 = initial_noise(seeds); noise from one CPU generator seeded by `noise_seed`.
 
         Records the window's steps only (latents[0] = x at the window's start, final = x0); everything stays on the
-        device until one copy to the CPU at the end. keep_trajectory=False keeps only x0 (plain sampling)."""
+        device until one copy to the CPU at the end. keep_trajectory=False keeps only x0 (plain sampling). `cond`:
+        the prompts' guided conditioning, already encoded (an on-line round's `EncodedPrompts.guided`); None
+        encodes them here (`encode_guided`)."""
         if len(prompts) != len(seeds):
             raise ValueError(f"sample: {len(prompts)} prompts but {len(seeds)} seeds")
         start, end = self.resolve(window or self.window)
         device = family.denoiser.device
-        cond = encode_guided(family, prompts, guidance)
+        cond = encode_guided(family, prompts, guidance) if cond is None else cond
         x = initial_noise(seeds, family.latent_shape(height, width)).to(device)  # (N, C, [f,] h, w), sigma_0 = 1
         gen = torch.Generator().manual_seed(int(noise_seed))
         latents, log_probs, preds, steps = [], [], [], []
