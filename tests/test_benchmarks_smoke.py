@@ -116,6 +116,19 @@ def test_toy_alignment_table_has_drift_columns():
         assert title in head and f"{0.25 * k:+.2f}" in line
 
 
+def test_toy_alignment_online_rows_load():
+    """Every on-line row is its shipped config plus overrides that `diffalign online` accepts (a typo fails here, not
+    an hour into the benchmark); the toy_grpo side by side differs only where it says (guard, β)."""
+    from diffalign.config import OnlineConfig, load_config
+
+    bench = _bench()
+    cfgs = {name: load_config(OnlineConfig, REPO / path, fixed) for name, (path, *fixed) in bench.ONLINE.items()}
+    shipped, bare, kl = cfgs["grpo"], cfgs["grpo_noguard"], cfgs["grpo_kl"]
+    assert shipped.guards.every == 1 and set(shipped.guards.monitors) == {"background_cast", "centre_drift"}
+    assert bare.guards.every == 0 and kl.guards.every == 0
+    assert shipped.objective.params["beta"] == bare.objective.params["beta"] == 0 and kl.objective.params["beta"] == 10
+
+
 @pytest.mark.slow  # the old and the new server as subprocesses, then 4 tiny on-line runs: ~60 s
 def test_reward_server_tiny(tmp_path):
     out = tmp_path / "reward_server.json"
