@@ -86,7 +86,7 @@ def test_toy_alignment_online_rows_with_curves(tmp_path):
     """benchmarks/toy_alignment.py --curves on a DDPM-toy and a flow-toy on-line row, shrunk: each row has a win
     rate, a fidelity change and a time to 90% (a round or None)."""
     small = ["online.rounds=2", "sampling.prompts_per_round=4", "train.steps_per_round=1", "eval.max_prompts=2",
-             "eval.images_per_prompt=1", "eval.steps=4"]  # fmt: skip
+             "eval.images_per_prompt=1", "eval.steps=4", "guards.max_prompts=2", "guards.steps=2"]  # fmt: skip
     cmd = [sys.executable, str(REPO / "benchmarks" / "toy_alignment.py"), "--objectives", "dragon,dragon_flow",
            "--curves", "--out", str(tmp_path), *small]  # fmt: skip
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
