@@ -75,7 +75,13 @@ ONLINE: dict[str, list[str]] = {
     "hack": ["configs/toy_hack.yaml"],
     "hack_guard": ["configs/toy_hack_guarded.yaml"],
     "nft": ["configs/toy_nft.yaml"],
+    # toy_grpo side by side (issue 34): as shipped (with the drift guard), without the guard (the recipe before it),
+    # and with GRPO's own KL to the base retuned, unguarded so its drift is the KL's alone. GRPO refuses
+    # online.kl_weight (objective.beta is its KL, Flow-GRPO's β); β 10 is a judgement from a one-round probe
+    # (docs/results.md#drift-on-the-toy-world), not Flow-GRPO's 0.04, whose KL drops the step's Δt
     "grpo": ["configs/toy_grpo.yaml"],
+    "grpo_noguard": ["configs/toy_grpo.yaml", "guards.every=0"],
+    "grpo_kl": ["configs/toy_grpo.yaml", "objective.beta=10", "guards.every=0"],
     "nft_flow": ["configs/toy_flow_nft.yaml"],
     "grpo_flow": ["configs/toy_flow_grpo.yaml"],
     "d3po_flow": ["configs/toy_d3po.yaml", *FLOW],
@@ -171,7 +177,7 @@ def run_one(name: str, out: Path, extra: list[str], curves: bool = False) -> dic
 
 def format_table(rows: list[dict]) -> str:
     head = (
-        f"{'objective':<10}{'steps':>6}{'win rate [95% CI]':>24}{'reward':>16}{'Δreward':>9}"
+        f"{'objective':<13}{'steps':>6}{'win rate [95% CI]':>24}{'reward':>16}{'Δreward':>9}"
         f"{'fidelity':>15}{'Δfid pts':>9}{''.join(f'{h:>9}' for h, _, _ in DRIFT_COLUMNS)}"
         f"{'train s':>9}{'s/step':>8}{'RSS GB':>8}{'CPU s':>7}"
     )
@@ -179,7 +185,7 @@ def format_table(rows: list[dict]) -> str:
     for r in rows:
         drift = "".join(f"{r['drift'][name]:>+9.2f}" for _, name, _ in DRIFT_COLUMNS)
         lines.append(
-            f"{r['objective']:<10}{r['steps']:>6}"
+            f"{r['objective']:<13}{r['steps']:>6}"
             f"{100 * r['win_rate']:>9.1f}% [{100 * r['ci'][0]:4.1f}, {100 * r['ci'][1]:5.1f}]"
             f"{r['reward_base']:>8.2f}→{r['reward_aligned']:<6.2f}{r['reward_change']:>+9.2f}"
             f"{r['fidelity_base']:>7.3f}→{r['fidelity_aligned']:<6.3f}{r['fidelity_change_points']:>+9.1f}"

@@ -86,7 +86,7 @@ def test_toy_alignment_online_rows_with_curves(tmp_path):
     """benchmarks/toy_alignment.py --curves on a DDPM-toy and a flow-toy on-line row, shrunk: each row has a win
     rate, a fidelity change and a time to 90% (a round or None)."""
     small = ["online.rounds=2", "sampling.prompts_per_round=4", "train.steps_per_round=1", "eval.max_prompts=2",
-             "eval.images_per_prompt=1", "eval.steps=4"]  # fmt: skip
+             "eval.images_per_prompt=1", "eval.steps=4", "guards.max_prompts=2", "guards.steps=2"]  # fmt: skip
     cmd = [sys.executable, str(REPO / "benchmarks" / "toy_alignment.py"), "--objectives", "dragon,dragon_flow",
            "--curves", "--out", str(tmp_path), *small]  # fmt: skip
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
@@ -114,6 +114,19 @@ def test_toy_alignment_table_has_drift_columns():
     head, _, line = bench.format_table([row]).splitlines()
     for k, (title, _, _) in enumerate(bench.DRIFT_COLUMNS):
         assert title in head and f"{0.25 * k:+.2f}" in line
+
+
+def test_toy_alignment_online_rows_load():
+    """Every on-line row is its shipped config plus overrides that `diffalign online` accepts (a typo fails here, not
+    an hour into the benchmark); the toy_grpo side by side differs only where it says (guard, β)."""
+    from diffalign.config import OnlineConfig, load_config
+
+    bench = _bench()
+    cfgs = {name: load_config(OnlineConfig, REPO / path, fixed) for name, (path, *fixed) in bench.ONLINE.items()}
+    shipped, bare, kl = cfgs["grpo"], cfgs["grpo_noguard"], cfgs["grpo_kl"]
+    assert shipped.guards.every == 1 and set(shipped.guards.monitors) == {"background_cast", "centre_drift"}
+    assert bare.guards.every == 0 and kl.guards.every == 0
+    assert shipped.objective.params["beta"] == bare.objective.params["beta"] == 0 and kl.objective.params["beta"] == 10
 
 
 @pytest.mark.slow  # the old and the new server as subprocesses, then 4 tiny on-line runs: ~60 s

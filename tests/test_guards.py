@@ -203,6 +203,22 @@ def test_hackable_reward_degrades_unguarded_and_guards_stop_it(tmp_path, monkeyp
     assert (tmp_path / "toy_hack_guarded" / "eval" / "guards.png").is_file()
 
 
+@pytest.mark.slow  # two or three toy_grpo rounds, a guard check after each: 531 s on the loaded shared 2 cores
+def test_toy_drift_guard_stops_shipped_toy_grpo(tmp_path, monkeypatch):
+    """configs/toy_grpo.yaml as shipped: its background cast trips the toy drift guard by round 2 (its unguarded guard
+    log: 3.95 then 8.13 levels of 255 against the bound 4.0, docs/results.md#drift-on-the-toy-world), and lora/ holds
+    a round before the trip."""
+    monkeypatch.chdir(REPO)
+    out = tmp_path / "run"
+    small_eval = ["eval.max_prompts=2", "eval.images_per_prompt=1", "eval.steps=2"]
+    args = ["online", "configs/toy_grpo.yaml", "online.rounds=3", *small_eval, f"train.output_dir={out}"]
+    assert main([*args, "train.tensorboard=false"]) == 0
+    guards = json.loads((out / "summary.json").read_text())["guards"]
+    rounds = [json.loads(line)["round"] for line in (out / "guards.jsonl").read_text().splitlines()]
+    assert guards["tripped"] and rounds[-1] <= 2 and guards["kept_round"] < rounds[-1]
+    assert any(line.startswith("background_cast") for line in guards["tripped"])
+
+
 def test_readme_guards_block_is_the_shipped_guarded_config():
     block = re.search(r"```yaml\n(guards:.*?)```", (REPO / "README.md").read_text(), flags=re.S).group(1)
     shipped = yaml.safe_load((REPO / "configs/toy_hack_guarded.yaml").read_text())["guards"]

@@ -126,6 +126,8 @@ def _online_overrides(raw: dict, tmp: Path, pairs: Path, prompts: Path) -> list[
     out += _scorers("eval.scorers", ev.get("scorers", []), keep_one=True)
     if raw.get("guards", {}).get("every"):
         out += ["guards.max_prompts=2", "guards.steps=2"]  # the guard images: 2 prompts x images_per_prompt
+        if raw["guards"].get("prompts", "toy") != "toy":
+            out.append(f"guards.prompts={prompts}")
     return out + ["eval.max_prompts=2", "eval.images_per_prompt=1", "eval.steps=2"]  # FD needs 2 images
 
 
@@ -160,6 +162,9 @@ def test_shipped_config_runs(path, inputs, tmp_path, capsys):
     assert (run / "lora" / "pytorch_lora_weights.safetensors").is_file()
     rows = (run / ("rounds.jsonl" if online else "metrics.jsonl")).read_text().splitlines()
     assert len(rows) == 1 and json.loads(rows[0])["round" if online else "step"] == 1
+    if raw.get("guards", {}).get("every"):  # the shipped guard ran: the base and the last round's check
+        unit = "round" if online else "step"
+        assert [json.loads(r)[unit] for r in (run / "guards.jsonl").read_text().splitlines()] == [0, 1]
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["objective"]["name"] == raw["objective"]["name"]  # the shipped objective, not a default
 
