@@ -256,7 +256,7 @@ def test_online_round_on_qwenimage_through_the_cli(tmp_path, monkeypatch, object
     args += ["sampling.prompts_per_round=2", "sampling.images_per_prompt=2", "sampling.sample_batch=4"]
     args += ["train.steps_per_round=1", "train.batch_size=2", "train.grad_accum=1", f"sampling.prompts={prompts}"]
     args += ["reward.scorer=toy_aesthetic", "reward.args={}", "reward.monitor=[]", "train.tensorboard=false"]
-    assert main([*args, "eval.prompts=", f"train.output_dir={out}"]) == 0
+    assert main([*args, "eval.prompts=", "guards.every=0", f"train.output_dir={out}"]) == 0
     row = json.loads((out / "rounds.jsonl").read_text().splitlines()[0])
     assert math.isfinite(row["train/loss"]) and row["skipped_steps"] == 0
     if at_init is not None:
