@@ -304,7 +304,13 @@ def test_online_round_on_flux_through_the_cli(tmp_path, monkeypatch, objective):
     args += ["online.rounds=1", "sampling.prompts_per_round=2", "sampling.images_per_prompt=2", "sampling.steps=3"]
     args += ["sampling.sample_batch=4", "train.steps_per_round=1", "train.batch_size=2", "train.grad_accum=1"]
     args += [f"sampling.prompts={prompts}", "reward.scorer=toy_aesthetic", "reward.args={}", "reward.monitor=[]"]
-    args += ["sampling.guidance=3.5", "train.tensorboard=false", "eval.prompts=", "guards.every=0", f"train.output_dir={out}"]
+    args += [
+        "sampling.guidance=3.5",
+        "train.tensorboard=false",
+        "eval.prompts=",
+        "guards.every=0",
+        f"train.output_dir={out}",
+    ]
     assert main(args) == 0
     row = json.loads((out / "rounds.jsonl").read_text().splitlines()[0])
     assert math.isfinite(row["train/loss"]) and row["skipped_steps"] == 0

@@ -250,7 +250,13 @@ def test_online_round_on_flux2_through_the_cli(tmp_path, monkeypatch, objective,
     args += ["online.rounds=1", "sampling.prompts_per_round=2", "sampling.images_per_prompt=2", "sampling.steps=4"]
     args += ["sampling.sample_batch=4", "train.steps_per_round=1", "train.batch_size=2", "train.grad_accum=1"]
     args += [f"sampling.prompts={prompts}", "reward.scorer=toy_aesthetic", "reward.args={}", "reward.monitor=[]"]
-    args += ["sampling.guidance=4.0", "train.tensorboard=false", "eval.prompts=", "guards.every=0", f"train.output_dir={out}"]
+    args += [
+        "sampling.guidance=4.0",
+        "train.tensorboard=false",
+        "eval.prompts=",
+        "guards.every=0",
+        f"train.output_dir={out}",
+    ]
     assert main(args) == 0
     row = json.loads((out / "rounds.jsonl").read_text().splitlines()[0])
     assert math.isfinite(row["train/loss"]) and row["skipped_steps"] == 0
@@ -349,7 +355,13 @@ def test_the_other_online_methods_run_a_round_on_klein(tmp_path, monkeypatch, ob
     args = ["online", f"model.path={TINY}", "lora.rank=4", "lora.alpha=4", f"objective.name={objective}"]
     args += ["sampling.prompts_per_round=2", "sampling.images_per_prompt=2", "sampling.steps=3", "sampling.eta=0.7"]
     args += ["train.steps_per_round=1", "train.batch_size=2", "reward.scorer=toy_aesthetic", "reward.monitor=[]"]
-    args += ["online.rounds=1", "train.tensorboard=false", "eval.prompts=", "guards.every=0", f"sampling.prompts={prompts}"]
+    args += [
+        "online.rounds=1",
+        "train.tensorboard=false",
+        "eval.prompts=",
+        "guards.every=0",
+        f"sampling.prompts={prompts}",
+    ]
     out = tmp_path / "run"
     assert main([*args, *extra, f"train.output_dir={out}"]) == 0
     row = json.loads((out / "rounds.jsonl").read_text())
