@@ -79,11 +79,12 @@ def check_backend(kind: str, device: str | torch.device) -> Backend | None:
     return backend
 
 
-def pipeline_quantization(kind: str, component: str, dtype: torch.dtype, device):
-    """diffusers' PipelineQuantizationConfig quantizing only `component` (the denoiser), or None for "none"."""
+def pipeline_quantization(kind: str, component: str, dtype: torch.dtype, device) -> dict:
+    """`from_pretrained` keyword arguments quantizing only `component` (the denoiser): {"quantization_config":
+    diffusers' PipelineQuantizationConfig}, or {} for "none"."""
     backend = check_backend(kind, device)
     if backend is None:
-        return None
+        return {}
     from diffusers import PipelineQuantizationConfig
 
-    return PipelineQuantizationConfig(quant_mapping={component: backend.config(kind, dtype)})
+    return {"quantization_config": PipelineQuantizationConfig(quant_mapping={component: backend.config(kind, dtype)})}

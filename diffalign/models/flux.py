@@ -112,9 +112,7 @@ class FluxFamily(Family):
         quantize (none | int8 | fp8 | nf4, diffalign.quantize) loads the transformer quantized for training on
         `device`."""
         extra = dict(image_encoder=None, feature_extractor=None)
-        quantization = pipeline_quantization(quantize, "transformer", dtype, device)
-        if quantization is not None:
-            extra["quantization_config"] = quantization
+        extra.update(pipeline_quantization(quantize, "transformer", dtype, device))
         pipe, vae_config = load_pipe(FluxPipeline, path, cls.components, dtype, load_encoders, vae_path, **extra)
         return cls(pipe, vae_config, dtype)
 

@@ -140,9 +140,7 @@ class Flux2Family(Family):
         quantized for training on `device`."""
         check_components(path, [c for c in cls.components if load_encoders or c not in ("vae", "text_encoder")])
         kwargs = {}
-        quantization = pipeline_quantization(quantize, "transformer", dtype, device)
-        if quantization is not None:
-            kwargs["quantization_config"] = quantization
+        kwargs.update(pipeline_quantization(quantize, "transformer", dtype, device))
         vae_source = dict(pretrained_model_name_or_path=vae_path or path, subfolder=None if vae_path else "vae")
         try:
             klass = pipeline_class(path)

@@ -102,9 +102,7 @@ class QwenImageFamily(Family):
         quantize (none | int8 | fp8 | nf4, diffalign.quantize) loads the transformer quantized for training on
         `device`."""
         extra = {}
-        quantization = pipeline_quantization(quantize, "transformer", dtype, device)
-        if quantization is not None:
-            extra["quantization_config"] = quantization
+        extra.update(pipeline_quantization(quantize, "transformer", dtype, device))
         pipe, vae_config = load_pipe(
             QwenImagePipeline, path, cls.components, dtype, load_encoders, vae_path, AutoencoderKLQwenImage, **extra
         )

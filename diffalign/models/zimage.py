@@ -105,9 +105,7 @@ class ZImageFamily(Family):
         extra = {}
         if not load_encoders:
             extra["tokenizer"] = None
-        quantization = pipeline_quantization(quantize, "transformer", dtype, device)
-        if quantization is not None:
-            extra["quantization_config"] = quantization
+        extra.update(pipeline_quantization(quantize, "transformer", dtype, device))
         pipe, vae_config = load_pipe(ZImagePipeline, path, cls.components, dtype, load_encoders, vae_path, **extra)
         return cls(pipe, vae_config, dtype)
 
