@@ -180,10 +180,11 @@ def sdxl_unet():
     ).eval()
 
 
-def t5_encoder(tokenizer, d_model: int, seed: int):
-    """T5 v1.1-style encoder (gated-gelu), as PixArt's and SD3's t5-v1_1-xxl; d_model is the consumer's width."""
+def t5_encoder(tokenizer, d_model: int, seed: int, config_class=T5Config, model_class=T5EncoderModel):
+    """T5 v1.1-style encoder (gated-gelu), as PixArt's and SD3's t5-v1_1-xxl (Wan: UMT5, the same shape); d_model is
+    the consumer's width."""
     torch.manual_seed(seed)
-    config = T5Config(
+    config = config_class(
         vocab_size=len(tokenizer),
         d_model=d_model,
         d_kv=8,
@@ -197,7 +198,7 @@ def t5_encoder(tokenizer, d_model: int, seed: int):
         eos_token_id=tokenizer.eos_token_id,
         decoder_start_token_id=tokenizer.pad_token_id,
     )
-    return T5EncoderModel(config).eval()
+    return model_class(config).eval()
 
 
 def vae16(seed: int, shift_factor: float, scaling_factor: float):
@@ -607,21 +608,7 @@ def wan(t5_tokenizer, expert: bool = False) -> WanPipeline:
     vae = AutoencoderKLWan(
         base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
     ).eval()
-    torch.manual_seed(15)
-    umt5 = UMT5Config(
-        vocab_size=len(t5_tokenizer),
-        d_model=HIDDEN,
-        d_kv=8,
-        d_ff=64,
-        num_layers=2,
-        num_heads=4,
-        relative_attention_num_buckets=8,
-        feed_forward_proj="gated-gelu",
-        dropout_rate=0.0,
-        pad_token_id=t5_tokenizer.pad_token_id,
-        eos_token_id=t5_tokenizer.eos_token_id,
-        decoder_start_token_id=t5_tokenizer.pad_token_id,
-    )
+    text_encoder = t5_encoder(t5_tokenizer, HIDDEN, 15, UMT5Config, UMT5EncoderModel)  # Wan's UMT5, T5 v1.1-shaped
     # Wan-AI/Wan2.1-T2V-1.3B-Diffusers scheduler/scheduler_config.json (UniPC on flow sigmas, shift 3.0)
     scheduler = UniPCMultistepScheduler(
         num_train_timesteps=1000,
@@ -636,7 +623,7 @@ def wan(t5_tokenizer, expert: bool = False) -> WanPipeline:
     )
     return WanPipeline(
         tokenizer=t5_tokenizer,
-        text_encoder=UMT5EncoderModel(umt5).eval(),
+        text_encoder=text_encoder,
         vae=vae,
         scheduler=scheduler,
         transformer=wan_transformer(16),
