@@ -41,7 +41,7 @@ from peft.utils.other import get_pattern_key
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from diffalign import lora_flux, lora_flux2, lora_wan
+from diffalign import lora_comfy, lora_flux, lora_flux2, lora_wan
 from diffalign.errors import DiffalignError
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -359,7 +359,8 @@ def export_kohya(src: str | Path, out: str | Path) -> Path:
     Weights are unchanged; each module's `.alpha` is its peft alpha (alpha_pattern, else lora_alpha, from the adapter
     metadata; rank when there is none, as diffusers then loads it), so kohya's alpha / rank equals peft's scale.
     UNet keys are diffusers' `convert_state_dict_to_kohya`; FLUX keys are BFL names (diffalign.lora_flux); Wan keys
-    are the original / ComfyUI names with lora_A / lora_B (diffalign.lora_wan).
+    are the original / ComfyUI names with lora_A / lora_B (diffalign.lora_wan); Qwen-Image and Z-Image keys are
+    diffusers' names under ComfyUI's `diffusion_model.` (diffalign.lora_comfy).
     """
     file, out = _lora_file(src), Path(out)
     if out.suffix != ".safetensors":
@@ -369,10 +370,12 @@ def export_kohya(src: str | Path, out: str | Path) -> Path:
         file_metadata = dict(f.metadata() or {})
     prefixes = sorted({key.split(".")[0] for key in tensors})
     made_for = lora_family(file)
-    if prefixes != ["unet"] and not (prefixes == ["transformer"] and made_for in ("flux", "flux2", "wan")):
+    exportable = ("flux", "flux2", "wan", *lora_comfy.MODULES)
+    if prefixes != ["unet"] and not (prefixes == ["transformer"] and made_for in exportable):
         what = made_for or "/".join(prefixes) + "."
         raise LoraError(
-            f"{file}: kohya export supports UNet LoRAs (sd, sdxl), FLUX, FLUX.2 and Wan LoRAs, not a '{what}' LoRA"
+            f"{file}: kohya export supports UNet LoRAs (sd, sdxl), FLUX, FLUX.2, Wan, Qwen-Image and Z-Image LoRAs, "
+            f"not a '{what}' LoRA"
         )
     prefix = prefixes[0]
     packed = json.loads(file_metadata.get(ADAPTER_METADATA_KEY, "{}"))
@@ -394,6 +397,12 @@ def export_kohya(src: str | Path, out: str | Path) -> Path:
             kohya = lora_wan.to_original({k.removeprefix("transformer."): v for k, v in peft_weights.items()}, alphas)
         except lora_wan.WanExportError as err:
             raise LoraError(f"{file}: {err}") from None
+    elif made_for in lora_comfy.MODULES:  # diffusers' names under diffusion_model. (diffalign.lora_comfy)
+        try:
+            bare = {k.removeprefix("transformer."): v for k, v in peft_weights.items()}
+            kohya = lora_comfy.to_comfy(made_for, bare, alphas)
+        except lora_comfy.ComfyExportError as err:
+            raise LoraError(f"{file}: {err}") from None
     elif prefix == "unet":
         kohya = convert_state_dict_to_kohya(peft_weights)  # "lora_unet_<module>.lora_down.weight", ".alpha" = rank
         for module, alpha in alphas.items():
@@ -411,7 +420,7 @@ def export_kohya(src: str | Path, out: str | Path) -> Path:
             raise LoraError(f"{file}: {err}") from None
     ranks = {int(v.shape[0]) for k, v in kohya.items() if k.endswith(("lora_down.weight", "lora_A.weight"))}
     alpha_values = {float(v) for k, v in kohya.items() if k.endswith(".alpha")}
-    module = "networks.lora" if prefix == "unet" else f"networks.lora_{made_for}"  # lora_flux, lora_wan
+    module = "networks.lora" if prefix == "unet" else f"networks.lora_{made_for}"  # lora_flux, lora_wan, ...
     metadata = {"ss_network_module": module}
     if len(ranks) == 1 and len(alpha_values) == 1:
         metadata.update(ss_network_dim=str(ranks.pop()), ss_network_alpha=f"{alpha_values.pop():g}")

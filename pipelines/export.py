@@ -2,7 +2,8 @@
 
 format=kohya: a diffusers-format UNet LoRA (SD1.5 / SDXL, e.g. `runs/x/lora`) -> one kohya .safetensors file for
 kohya sd-scripts, A1111 and ComfyUI (FLUX: BFL names; FLUX.2: ComfyUI's diffusion_model.<BFL name> layout; Wan: the
-original / ComfyUI names, diffalign.lora_wan). format=diffusers: a kohya file -> diffusers format, which plain diffusers
+original / ComfyUI names, diffalign.lora_wan; Qwen-Image, Z-Image: diffusion_model.<diffusers name>, diffalign.lora_comfy).
+format=diffusers: a kohya file -> diffusers format, which plain diffusers
 (`pipe.load_lora_weights`) and `diffalign generate loras=[...]` read (both also read the kohya file directly).
 The key conversions are diffusers' own (diffalign.lora.export_kohya / import_kohya).
 """

@@ -230,6 +230,47 @@ def test_dpo_through_the_cli_then_qwenimage_pipeline_load_lora_weights(tmp_path)
     torch.testing.assert_close(ours, fam.unpack(tuned, 8, 8), rtol=1e-5, atol=1e-5)
 
 
+def test_comfyui_export_reads_back_in_qwenimage_pipeline_as_the_diffusers_lora(tmp_path):
+    """`diffalign export format=kohya` on a Qwen-Image LoRA writes diffusers' names under ComfyUI's `diffusion_model.`
+    with lora_A / lora_B and alpha (diffalign.lora_comfy); QwenImagePipeline.load_lora_weights reads that file into
+    the same network as the diffusers-format LoRA: attention, MLPs, modulation and the output projection."""
+    from diffalign.lora import save_lora
+
+    fam = load_family(str(TINY))
+    targets = fam.lora_target_modules + ["img_mlp.net.0.proj", "txt_mlp.net.2", "img_mod.1", "proj_out"]
+    add_lora(fam.denoiser, 4, 8, targets)  # alpha 8 / rank 4: scale 2
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in fam.denoiser.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    lora = save_lora(fam, tmp_path / "lora").parent
+    comfy = tmp_path / "qwen_comfy.safetensors"
+    assert main(["export", f"src={lora}", f"out={comfy}", "format=kohya"]) == 0
+    with safe_open(str(comfy), framework="pt") as f:
+        keys = set(f.keys())
+        alpha = f.get_tensor("diffusion_model.transformer_blocks.1.attn.to_add_out.alpha")
+    assert {
+        "diffusion_model.transformer_blocks.0.attn.to_q.lora_A.weight",
+        "diffusion_model.transformer_blocks.0.attn.add_v_proj.lora_B.weight",
+        "diffusion_model.transformer_blocks.1.img_mlp.net.0.proj.lora_A.weight",
+        "diffusion_model.transformer_blocks.1.img_mod.1.alpha",
+        "diffusion_model.proj_out.lora_B.weight",
+    } <= keys and float(alpha) == 8.0
+    assert len(keys) == 3 * (2 * 11 + 1)  # (A, B, alpha) x (2 blocks x 11 modules + proj_out)
+    pipe = plain_pipe()
+    pipe.load_lora_weights(str(lora), adapter_name="diffusers")
+    pipe.load_lora_weights(str(comfy), adapter_name="comfy")
+    plain = QwenImageFamily(pipe, pipe.vae.config, torch.float32)
+    xt, t, cond = inputs(fam)
+    with torch.no_grad():
+        pipe.set_adapters("diffusers")
+        expected = plain.denoise(xt, t, cond)
+        pipe.set_adapters("comfy")
+        torch.testing.assert_close(plain.denoise(xt, t, cond), expected, rtol=0, atol=1e-6)
+        torch.testing.assert_close(expected, fam.denoise(xt, t, cond), rtol=0, atol=1e-6)
+
+
 SMALL_LORA = ["lora.rank=4", "lora.alpha=4"]  # the family's default targets
 ONLINE = {  # objective -> (shipped recipe or none, overrides on top of a one-round tiny run, loss at LoRA init)
     "grpo": ("qwenimage_grpo.yaml", ["sampling.sde_window_range=[0,2]", "model.resolution=32"], None),  # not native
