@@ -191,6 +191,64 @@ def test_dpo_through_the_cli_then_zimage_pipeline_load_lora_weights(pairs_file, 
     assert np.array_equal(np.asarray(ours), np.asarray(theirs))
 
 
+def test_comfyui_export_reads_back_in_zimage_pipeline_as_the_diffusers_lora(tmp_path):
+    """`diffalign export format=kohya` on a Z-Image LoRA writes diffusers' names under ComfyUI's `diffusion_model.`
+    with lora_A / lora_B and alpha (diffalign.lora_comfy); ZImagePipeline.load_lora_weights reads that file into the
+    same network as the diffusers-format LoRA: main layers and both refiners, modulation, embedders, final layer."""
+    from diffalign.lora import save_lora
+
+    fam = load_family(str(TINY))
+    extra = [
+        "noise_refiner.0.adaLN_modulation.0",
+        "layers.1.adaLN_modulation.0",
+        "all_x_embedder.2-1",
+        "cap_embedder.1",
+        "t_embedder.mlp.2",
+        "all_final_layer.2-1.adaLN_modulation.1",
+    ]
+    add_lora(fam.denoiser, 4, 8, fam.lora_target_modules + extra)  # alpha 8 / rank 4: scale 2
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in fam.denoiser.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    lora = save_lora(fam, tmp_path / "lora").parent
+    comfy = tmp_path / "zimage_comfy.safetensors"
+    assert main(["export", f"src={lora}", f"out={comfy}", "format=kohya"]) == 0
+    with safe_open(str(comfy), framework="pt") as f:
+        keys = set(f.keys())
+        alpha = f.get_tensor("diffusion_model.context_refiner.0.feed_forward.w3.alpha")
+    assert {
+        "diffusion_model.layers.0.attention.to_q.lora_A.weight",
+        "diffusion_model.layers.1.attention.to_out.0.lora_B.weight",
+        "diffusion_model.noise_refiner.0.adaLN_modulation.0.alpha",
+        "diffusion_model.all_x_embedder.2-1.lora_A.weight",
+        "diffusion_model.all_final_layer.2-1.adaLN_modulation.1.lora_B.weight",
+    } <= keys and float(alpha) == 8.0
+    assert len(keys) == 3 * (4 * 7 + 2 + 4)  # (A, B, alpha) x (4 blocks x 7 + 2 modulations + 4 outside the blocks)
+    pipe = plain_pipe()
+    pipe.load_lora_weights(str(lora), adapter_name="diffusers")
+    pipe.load_lora_weights(str(comfy), adapter_name="comfy")
+    plain = ZImageFamily(pipe, pipe.vae.config, torch.float32)
+    xt, t, cond = inputs(fam)
+    with torch.no_grad():
+        pipe.set_adapters("diffusers")
+        expected = plain.denoise(xt, t, cond)
+        pipe.set_adapters("comfy")
+        torch.testing.assert_close(plain.denoise(xt, t, cond), expected, rtol=0, atol=1e-6)
+        torch.testing.assert_close(expected, fam.denoise(xt, t, cond), rtol=0, atol=1e-6)
+
+
+def test_a_zimage_lora_on_a_module_comfyui_cannot_name_is_refused():
+    """Z-Image-Omni's SigLIP embedder has no name in ComfyUI's Z-Image map: one line naming the module."""
+    from diffalign.lora_comfy import ComfyExportError, to_comfy
+
+    a, b = torch.zeros(4, 32), torch.zeros(32, 4)
+    weights = {"siglip_embedder.1.lora_A.weight": a, "siglip_embedder.1.lora_B.weight": b}
+    with pytest.raises(ComfyExportError, match="Z-Image LoRA module 'siglip_embedder.1' has no ComfyUI name"):
+        to_comfy("zimage", weights, {"siglip_embedder.1": 8.0})
+
+
 ONLINE = {  # objective -> its overrides on top of a one-round tiny run
     "grpo": [str(REPO / "configs" / "zimage_turbo_grpo.yaml")],
     "nft": [str(REPO / "configs" / "zimage_turbo_nft.yaml")],
