@@ -2,10 +2,10 @@
 `lora_A` / `lora_B` weights and one `.alpha` per module (scale = alpha / rank), as for Wan (diffalign.lora_wan).
 
 ComfyUI (comfy/lora.py `model_lora_keys_unet`, Comfy-Org/ComfyUI at 17358c8) reads these names directly:
-- Qwen-Image: ComfyUI's transformer (comfy/ldm/qwen_image/model.py) keeps diffusers' module names
-  (`transformer_blocks.<i>.attn.to_q`, ..., `to_add_out`, `img_mlp.net.0.proj`, `img_mlp.net.2`, `img_mod.1`; `img_in`,
-  `txt_in`, `proj_out`, `norm_out.linear`), so `diffusion_model.<name>` is its generic "lora format without any weird
-  key names" and the QwenImage branch's key.
+- Qwen-Image: ComfyUI's transformer (comfy/ldm/qwen_image/model.py, comfyanonymous/ComfyUI at 01f4512) keeps
+  diffusers' module names (`transformer_blocks.<i>.attn.to_q`, ..., `to_add_out`, `img_mlp.net.0.proj`,
+  `img_mlp.net.2`, `img_mod.1`; `img_in`, `txt_in`, `proj_out`, `norm_out.linear`), so `diffusion_model.<name>` is
+  its generic "lora format without any weird key names" and the QwenImage branch's key.
 - Z-Image: ComfyUI's Lumina2 branch maps `diffusion_model.<diffusers name>` through comfy/utils.py
   `z_image_to_diffusers`: `attention.to_q/k/v` onto row slices of its fused `attention.qkv`, `attention.to_out.0`
   onto `attention.out`, `feed_forward.w1/2/3` and `adaLN_modulation.0` as they are, in `layers`,
