@@ -87,6 +87,21 @@ ONLINE: dict[str, list[str]] = {
     "d3po_flow": ["configs/toy_d3po.yaml", *FLOW],
     "dragon_flow": ["configs/toy_dragon.yaml", *FLOW],
     "dro_flow": ["configs/toy_dro.yaml", *FLOW],
+    # the methods two or more peers ship (issue 31), on the flow toy with toy_flow_grpo's / toy_flow_nft's sizes:
+    # their own configs, and Flow-GRPO with CPS (its a = 0.8), MixGRPO's sliding 3-step window (one step every 2
+    # rounds over the 10 steps) and CFG-free rounds (guidance 1 in sampling and training; eval keeps the toy's 1.5)
+    "grpo_guard_flow": ["configs/toy_grpo_guard.yaml"],
+    "dppo_flow": ["configs/toy_flow_dppo.yaml"],
+    "dgpo_flow": ["configs/toy_flow_dgpo.yaml"],
+    "awm_flow": ["configs/toy_flow_awm.yaml"],
+    "cps_flow": ["configs/toy_flow_grpo.yaml", "sampling.sampler=flow_cps", "sampling.eta=0.8"],
+    "mixgrpo_flow": [
+        "configs/toy_flow_grpo.yaml",
+        "sampling.sde_window_size=3",
+        "sampling.sde_window_range=[0,9]",
+        "sampling.sde_window_shift_every=2",
+    ],
+    "nocfg_flow": ["configs/toy_flow_grpo.yaml", "sampling.guidance=1.0"],
 }
 # drift columns: (header, scorer in the report's drift block, statistic): "change" = aligned - base mean (the prompt
 # errors), "aligned" = the aligned mean (base-relative scorers, 0 at the base)
