@@ -32,3 +32,15 @@ def _threads():
     import torch
 
     torch.set_num_threads(int(os.environ.get("DIFFALIGN_TEST_THREADS", "1")))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Longest first: a slow test may say `@pytest.mark.slow(minutes=N)` (its CI time on one core), and those run
+    before the rest, longest first, so pytest-xdist's workers do not end on one long test while the other idles.
+    The order is the same in every worker (xdist requires it)."""
+
+    def minutes(item):
+        mark = item.get_closest_marker("slow")
+        return mark.kwargs.get("minutes", 0) if mark else 0
+
+    items.sort(key=lambda item: -minutes(item))  # stable: the rest keep their collection order

@@ -216,23 +216,24 @@ NEGATED = ["reward.scorer=multi", "reward.args={components: {toy_aesthetic: {wei
 
 
 @needs_toy
-@pytest.mark.slow
+@pytest.mark.slow(minutes=4)
 @pytest.mark.parametrize("negate", [False, True], ids=["reward", "negated_reward"])
 def test_toy_grpo_moves_aesthetic_the_rewarded_way(tmp_path, monkeypatch, negate):
     """configs/toy_grpo.yaml (DDIM-eta steps on the DDPM toy), cut to 4 rounds (CI time), raises toy_aesthetic on held-out
-    prompts; trained on -toy_aesthetic it lowers it (fails if the advantage or ratio sign were flipped anywhere)."""
+    prompts; trained on -toy_aesthetic for 2 rounds it lowers it (fails if the advantage or ratio sign were flipped
+    anywhere). Halving the round instead (8 prompts, batch 16) does not learn: -0.19 after 4 rounds."""
     from diffalign.pipelines.online import run
 
     monkeypatch.chdir(REPO)
-    extra = NEGATED if negate else []
+    extra = [*NEGATED, "online.rounds=2"] if negate else ["online.rounds=4"]  # CI time: the negated one is fast
     out = run(
         str(REPO / "configs/toy_grpo.yaml"),
-        [*extra, "online.rounds=4", "eval.images_per_prompt=2", f"train.output_dir={tmp_path / 'run'}",
+        [*extra, "eval.images_per_prompt=2", f"train.output_dir={tmp_path / 'run'}",
          "train.tensorboard=false", "guards.every=0"],  # the method's learning check, not the drift guard's
     )  # fmt: skip
     report = json.loads((out / "summary.json").read_text())["eval"]["scorers"]
     delta, wins = report["toy_aesthetic"]["mean_delta"], report["toy_aesthetic"]["win_rate"]
-    if negate:
+    if negate:  # 2 rounds (16 prompts x 2 seeds): -1.47, 0% wins
         assert delta < 0 and wins < 0.5
     else:  # held-out curve (16 prompts x 4 seeds) after round 4: +0.81, 90.6% wins
         assert delta > 0.2 and wins >= 0.75
@@ -240,20 +241,21 @@ def test_toy_grpo_moves_aesthetic_the_rewarded_way(tmp_path, monkeypatch, negate
 
 
 @pytest.mark.skipif(not (REPO / "assets/toy_flow_model/model_index.json").is_file(), reason="no flow toy model")
-@pytest.mark.slow
+@pytest.mark.slow(minutes=6)
 def test_toy_flow_grpo_beats_the_base(tmp_path, monkeypatch):
-    """configs/toy_flow_grpo.yaml (Flow-GRPO's SDE on the flow toy), cut to 8 rounds: a held-out win rate the base
-    cannot have (it ties itself: 50%) and no reward hacking."""
+    """configs/toy_flow_grpo.yaml (Flow-GRPO's SDE on the flow toy), cut to 3 rounds (CI time): a held-out win rate
+    the base cannot have (it ties itself: 50%; 70% of 32 same-seed pairs has p < 0.02 under it) and no reward
+    hacking. Halving the round instead (8 prompts, batch 16) does not learn: -0.47 after 8 rounds."""
     from diffalign.pipelines.online import run
 
     monkeypatch.chdir(REPO)
     out = run(
         str(REPO / "configs/toy_flow_grpo.yaml"),
-        ["online.rounds=8", "eval.images_per_prompt=2", f"train.output_dir={tmp_path / 'run'}",
+        ["online.rounds=3", "eval.images_per_prompt=2", f"train.output_dir={tmp_path / 'run'}",
          "train.tensorboard=false", "guards.every=0"],  # the method's learning check, not the drift guard's
     )  # fmt: skip
     report = json.loads((out / "summary.json").read_text())["eval"]["scorers"]
-    # held-out curve (16 prompts x 4 seeds): 72-77% wins over rounds 2-6, 93.8% (+0.70) after round 8; 12 rounds
-    # (8 seeds): +1.07, 96.9% wins, fidelity -0.4 points
-    assert report["toy_aesthetic"]["win_rate"] >= 0.8 and report["toy_aesthetic"]["mean_delta"] > 0.2
+    # 3 rounds (16 prompts x 2 seeds): +0.22, 81% wins (4 rounds: the same); held-out curve (16 x 4): 72-77% wins
+    # over rounds 2-6, 93.8% (+0.70) after round 8; 12 rounds (8 seeds): +1.07, 96.9% wins, fidelity -0.4 points
+    assert report["toy_aesthetic"]["win_rate"] >= 0.7 and report["toy_aesthetic"]["mean_delta"] > 0.1
     assert report["toy_fidelity"]["mean_delta"] > -0.05  # no reward hacking beyond 5 points of fidelity

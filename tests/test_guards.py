@@ -178,7 +178,7 @@ def test_bad_monitor_config_is_one_line_exit_2(tmp_path, capsys, monitors, messa
 # ---- the hack demo: an unguarded run games toy_area, the guarded one stops before the damage ---------------------
 
 
-@pytest.mark.slow
+@pytest.mark.slow(minutes=3)
 def test_hackable_reward_degrades_unguarded_and_guards_stop_it(tmp_path, monkeypatch):
     """configs/toy_hack.yaml games toy_area (bigger shapes) and loses > 5 points of held-out prompt fidelity;
     configs/toy_hack_guarded.yaml (the same run) trips a guard, keeps the best passing round, and its held-out
@@ -203,7 +203,7 @@ def test_hackable_reward_degrades_unguarded_and_guards_stop_it(tmp_path, monkeyp
     assert (tmp_path / "toy_hack_guarded" / "eval" / "guards.png").is_file()
 
 
-@pytest.mark.slow  # two or three toy_grpo rounds, a guard check after each: 531 s on the loaded shared 2 cores
+@pytest.mark.slow(minutes=2)  # two or three toy_grpo rounds, a guard check after each (531 s on a loaded machine)
 def test_toy_drift_guard_stops_shipped_toy_grpo(tmp_path, monkeypatch):
     """configs/toy_grpo.yaml as shipped: its background cast trips the toy drift guard by round 2 (its unguarded guard
     log: 3.95 then 8.13 levels of 255 against the bound 4.0, docs/results.md#drift-on-the-toy-world), and lora/ holds

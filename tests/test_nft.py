@@ -246,7 +246,7 @@ needs_toy = pytest.mark.skipif(
 
 
 @needs_toy
-@pytest.mark.slow
+@pytest.mark.slow(minutes=2)
 @pytest.mark.parametrize("config", ["toy_nft", "toy_flow_nft"], ids=["ddpm", "flow"])
 @pytest.mark.parametrize("negate", [False, True], ids=["advantages", "negated"])
 def test_toy_nft_moves_the_aesthetic_the_way_of_the_advantages(tmp_path, monkeypatch, negate, config):
@@ -255,7 +255,9 @@ def test_toy_nft_moves_the_aesthetic_the_way_of_the_advantages(tmp_path, monkeyp
     from diffalign.pipelines.online import run
 
     monkeypatch.chdir(REPO)
-    extra = ["objective.negate_advantages=true"] if negate else []
+    # CI time: 3 rounds (2 negated) of the shipped 6; 16 prompts x 2 seeds: ddpm +0.15, flow +0.23, both 100% wins;
+    # negated ddpm -0.11, flow -0.15, 3% and 0% wins
+    extra = ["objective.negate_advantages=true", "online.rounds=2"] if negate else ["online.rounds=3"]
     out = run(
         str(REPO / "configs" / f"{config}.yaml"),
         [f"train.output_dir={tmp_path / 'run'}", "train.tensorboard=false", "guards.every=0", *extra],
