@@ -15,6 +15,7 @@ from data_factory import make_rows, write_parquet
 from diffalign.pipelines.cli import main
 from diffusers import Flux2KleinPipeline
 from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
+from lora_factory import export_kohya, random_lora
 from safetensors import safe_open
 
 from diffalign.engine.common import check_target_modules
@@ -413,23 +414,12 @@ def test_comfyui_export_reads_back_in_diffusers_flux2_loader(tmp_path):
     """`diffalign export format=kohya` on a FLUX.2 LoRA writes ComfyUI's diffusion_model.<BFL name> layout (fused
     qkv as stacked A / block-diagonal B, alpha / rank folded into B); diffusers' own FLUX.2 reader loads it to the
     same network, attention, feed-forwards and single blocks included."""
-    from diffalign.lora import save_lora
 
     fam = load_family(str(TINY))
     targets = fam.lora_target_modules + ["single_transformer_blocks.0.attn.to_out"]
-    add_lora(fam.denoiser, 4, 8, targets)  # alpha 8 / rank 4: scale 2
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in fam.denoiser.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    lora = save_lora(fam, tmp_path / "lora").parent
-    comfy = tmp_path / "comfy.safetensors"
-    assert main(["export", f"src={lora}", f"out={comfy}", "format=kohya"]) == 0
-    with safe_open(str(comfy), framework="pt") as f:
-        keys = set(f.keys())
-        a = f.get_tensor("diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight")
-        b = f.get_tensor("diffusion_model.double_blocks.0.img_attn.qkv.lora_B.weight")
+    random_lora(fam, targets)  # alpha 8 / rank 4: scale 2
+    qkv = "diffusion_model.double_blocks.0.img_attn.qkv"
+    lora, comfy, keys, (a, b) = export_kohya(fam, tmp_path, f"{qkv}.lora_A.weight", f"{qkv}.lora_B.weight")
     assert all(k.startswith("diffusion_model.") for k in keys) and not any("alpha" in k for k in keys)
     assert {"diffusion_model.single_blocks.0.linear1.lora_A.weight", "diffusion_model.single_blocks.0.linear2.lora_B.weight",
             "diffusion_model.double_blocks.0.txt_mlp.2.lora_A.weight"} <= keys  # fmt: skip

@@ -15,6 +15,7 @@ from data_factory import make_rows, write_parquet
 from diffalign.pipelines.cli import main
 from diffusers import QwenImagePipeline
 from diffusers.pipelines.qwenimage.pipeline_qwenimage import retrieve_timesteps
+from lora_factory import export_kohya, random_lora
 from safetensors import safe_open
 
 from diffalign.inversion import XT_SOURCES
@@ -234,22 +235,11 @@ def test_comfyui_export_reads_back_in_qwenimage_pipeline_as_the_diffusers_lora(t
     """`diffalign export format=kohya` on a Qwen-Image LoRA writes diffusers' names under ComfyUI's `diffusion_model.`
     with lora_A / lora_B and alpha (diffalign.lora_comfy); QwenImagePipeline.load_lora_weights reads that file into
     the same network as the diffusers-format LoRA: attention, MLPs, modulation and the output projection."""
-    from diffalign.lora import save_lora
-
     fam = load_family(str(TINY))
-    targets = fam.lora_target_modules + ["img_mlp.net.0.proj", "txt_mlp.net.2", "img_mod.1", "proj_out"]
-    add_lora(fam.denoiser, 4, 8, targets)  # alpha 8 / rank 4: scale 2
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in fam.denoiser.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    lora = save_lora(fam, tmp_path / "lora").parent
-    comfy = tmp_path / "qwen_comfy.safetensors"
-    assert main(["export", f"src={lora}", f"out={comfy}", "format=kohya"]) == 0
-    with safe_open(str(comfy), framework="pt") as f:
-        keys = set(f.keys())
-        alpha = f.get_tensor("diffusion_model.transformer_blocks.1.attn.to_add_out.alpha")
+    random_lora(fam, fam.lora_target_modules + ["img_mlp.net.0.proj", "txt_mlp.net.2", "img_mod.1", "proj_out"])
+    lora, comfy, keys, (alpha,) = export_kohya(
+        fam, tmp_path, "diffusion_model.transformer_blocks.1.attn.to_add_out.alpha"
+    )
     assert {
         "diffusion_model.transformer_blocks.0.attn.to_q.lora_A.weight",
         "diffusion_model.transformer_blocks.0.attn.add_v_proj.lora_B.weight",

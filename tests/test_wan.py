@@ -12,11 +12,12 @@ import torch
 from data_factory import make_rows, write_parquet
 from diffalign.pipelines.cli import main
 from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+from lora_factory import export_kohya, random_lora
 from safetensors import safe_open
 
 from diffalign.errors import DiffalignError
 from diffalign.likelihood import denoising_errors, pair_noise, pair_timesteps
-from diffalign.lora import add_lora, load_lora, reference_mode, save_lora
+from diffalign.lora import add_lora, load_lora, reference_mode
 from diffalign.models import load_family
 from diffalign.models.wan import WanFamily
 from diffalign.objectives import OBJECTIVES
@@ -233,18 +234,8 @@ def test_comfyui_export_loads_in_wan_pipeline_as_the_same_network(tmp_path):
     """`diffalign export format=kohya` on a Wan LoRA writes the original / ComfyUI names with lora_A / lora_B and
     alpha; WanPipeline.load_lora_weights reads that file into the same network as diffalign's own LoRA."""
     fam = tiny()
-    add_lora(fam.denoiser, 4, 8, fam.lora_target_modules)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in fam.denoiser.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    lora = save_lora(fam, tmp_path / "lora").parent
-    comfy = tmp_path / "wan_comfy.safetensors"
-    assert main(["export", f"src={lora}", f"out={comfy}", "format=kohya"]) == 0
-    with safe_open(str(comfy), framework="pt") as f:
-        keys = set(f.keys())
-        alpha = f.get_tensor("diffusion_model.blocks.1.cross_attn.o.alpha")
+    random_lora(fam, fam.lora_target_modules)
+    _, comfy, keys, (alpha,) = export_kohya(fam, tmp_path, "diffusion_model.blocks.1.cross_attn.o.alpha")
     assert {
         "diffusion_model.blocks.0.self_attn.q.lora_A.weight",
         "diffusion_model.blocks.0.cross_attn.v.lora_B.weight",

@@ -13,6 +13,7 @@ import torch
 from data_factory import make_rows, write_parquet
 from diffalign.pipelines.cli import main
 from diffusers import ZImagePipeline
+from lora_factory import export_kohya, random_lora
 from safetensors import safe_open
 
 from diffalign.inversion import XT_SOURCES
@@ -195,7 +196,6 @@ def test_comfyui_export_reads_back_in_zimage_pipeline_as_the_diffusers_lora(tmp_
     """`diffalign export format=kohya` on a Z-Image LoRA writes diffusers' names under ComfyUI's `diffusion_model.`
     with lora_A / lora_B and alpha (diffalign.lora_comfy); ZImagePipeline.load_lora_weights reads that file into the
     same network as the diffusers-format LoRA: main layers and both refiners, modulation, embedders, final layer."""
-    from diffalign.lora import save_lora
 
     fam = load_family(str(TINY))
     extra = [
@@ -206,18 +206,10 @@ def test_comfyui_export_reads_back_in_zimage_pipeline_as_the_diffusers_lora(tmp_
         "t_embedder.mlp.2",
         "all_final_layer.2-1.adaLN_modulation.1",
     ]
-    add_lora(fam.denoiser, 4, 8, fam.lora_target_modules + extra)  # alpha 8 / rank 4: scale 2
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in fam.denoiser.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    lora = save_lora(fam, tmp_path / "lora").parent
-    comfy = tmp_path / "zimage_comfy.safetensors"
-    assert main(["export", f"src={lora}", f"out={comfy}", "format=kohya"]) == 0
-    with safe_open(str(comfy), framework="pt") as f:
-        keys = set(f.keys())
-        alpha = f.get_tensor("diffusion_model.context_refiner.0.feed_forward.w3.alpha")
+    random_lora(fam, fam.lora_target_modules + extra)  # alpha 8 / rank 4: scale 2
+    lora, comfy, keys, (alpha,) = export_kohya(
+        fam, tmp_path, "diffusion_model.context_refiner.0.feed_forward.w3.alpha"
+    )
     assert {
         "diffusion_model.layers.0.attention.to_q.lora_A.weight",
         "diffusion_model.layers.1.attention.to_out.0.lora_B.weight",
