@@ -28,3 +28,18 @@ def export_kohya(fam, tmp_path: Path, *read: str) -> tuple[Path, Path, set[str],
     assert main(["export", f"src={lora}", f"out={out}", "format=kohya"]) == 0
     with safe_open(str(out), framework="pt") as f:
         return lora, out, set(f.keys()), [f.get_tensor(k) for k in read]
+
+
+def assert_reads_back(pipe, family_cls, fam, lora: Path, exported: Path, inputs: tuple) -> None:
+    """diffusers' `pipe.load_lora_weights` reads the diffusers-format LoRA folder and the exported file into the same
+    network: equal denoiser outputs on `inputs` (xt, t, cond), and equal to diffalign's own LoRA'd family `fam`."""
+    pipe.load_lora_weights(str(lora), adapter_name="diffusers")
+    pipe.load_lora_weights(str(exported), adapter_name="comfy")
+    plain = family_cls(pipe, pipe.vae.config, torch.float32)
+    xt, t, cond = inputs
+    with torch.no_grad():
+        pipe.set_adapters("diffusers")
+        expected = plain.denoise(xt, t, cond)
+        pipe.set_adapters("comfy")
+        torch.testing.assert_close(plain.denoise(xt, t, cond), expected, rtol=0, atol=1e-6)
+        torch.testing.assert_close(expected, fam.denoise(xt, t, cond), rtol=0, atol=1e-6)

@@ -15,7 +15,7 @@ from data_factory import make_rows, write_parquet
 from diffalign.pipelines.cli import main
 from diffusers import QwenImagePipeline
 from diffusers.pipelines.qwenimage.pipeline_qwenimage import retrieve_timesteps
-from lora_factory import export_kohya, random_lora
+from lora_factory import assert_reads_back, export_kohya, random_lora
 from safetensors import safe_open
 
 from diffalign.inversion import XT_SOURCES
@@ -248,17 +248,7 @@ def test_comfyui_export_reads_back_in_qwenimage_pipeline_as_the_diffusers_lora(t
         "diffusion_model.proj_out.lora_B.weight",
     } <= keys and float(alpha) == 8.0
     assert len(keys) == 3 * (2 * 11 + 1)  # (A, B, alpha) x (2 blocks x 11 modules + proj_out)
-    pipe = plain_pipe()
-    pipe.load_lora_weights(str(lora), adapter_name="diffusers")
-    pipe.load_lora_weights(str(comfy), adapter_name="comfy")
-    plain = QwenImageFamily(pipe, pipe.vae.config, torch.float32)
-    xt, t, cond = inputs(fam)
-    with torch.no_grad():
-        pipe.set_adapters("diffusers")
-        expected = plain.denoise(xt, t, cond)
-        pipe.set_adapters("comfy")
-        torch.testing.assert_close(plain.denoise(xt, t, cond), expected, rtol=0, atol=1e-6)
-        torch.testing.assert_close(expected, fam.denoise(xt, t, cond), rtol=0, atol=1e-6)
+    assert_reads_back(plain_pipe(), QwenImageFamily, fam, lora, comfy, inputs(fam))
 
 
 SMALL_LORA = ["lora.rank=4", "lora.alpha=4"]  # the family's default targets

@@ -13,7 +13,7 @@ import torch
 from data_factory import make_rows, write_parquet
 from diffalign.pipelines.cli import main
 from diffusers import ZImagePipeline
-from lora_factory import export_kohya, random_lora
+from lora_factory import assert_reads_back, export_kohya, random_lora
 from safetensors import safe_open
 
 from diffalign.inversion import XT_SOURCES
@@ -218,17 +218,7 @@ def test_comfyui_export_reads_back_in_zimage_pipeline_as_the_diffusers_lora(tmp_
         "diffusion_model.all_final_layer.2-1.adaLN_modulation.1.lora_B.weight",
     } <= keys and float(alpha) == 8.0
     assert len(keys) == 3 * (4 * 7 + 2 + 4)  # (A, B, alpha) x (4 blocks x 7 + 2 modulations + 4 outside the blocks)
-    pipe = plain_pipe()
-    pipe.load_lora_weights(str(lora), adapter_name="diffusers")
-    pipe.load_lora_weights(str(comfy), adapter_name="comfy")
-    plain = ZImageFamily(pipe, pipe.vae.config, torch.float32)
-    xt, t, cond = inputs(fam)
-    with torch.no_grad():
-        pipe.set_adapters("diffusers")
-        expected = plain.denoise(xt, t, cond)
-        pipe.set_adapters("comfy")
-        torch.testing.assert_close(plain.denoise(xt, t, cond), expected, rtol=0, atol=1e-6)
-        torch.testing.assert_close(expected, fam.denoise(xt, t, cond), rtol=0, atol=1e-6)
+    assert_reads_back(plain_pipe(), ZImageFamily, fam, lora, comfy, inputs(fam))
 
 
 def test_a_zimage_lora_on_a_module_comfyui_cannot_name_is_refused():
