@@ -322,12 +322,7 @@ def test_flux2_dev_lora_loads_in_flux2_pipeline(tmp_path):
     from diffalign.lora import save_lora
 
     fam = load_family(str(DEV))
-    add_lora(fam.denoiser, 4, 8, fam.lora_target_modules)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in fam.denoiser.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    random_lora(fam, fam.lora_target_modules)
     lora = save_lora(fam, tmp_path / "lora").parent
     pipe = Flux2Pipeline.from_pretrained(DEV)
     pipe.set_progress_bar_config(disable=True)
