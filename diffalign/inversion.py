@@ -121,9 +121,14 @@ def ddim_inversion(denoise, schedule, x0, cond, t, eps, num_steps: int = 10, eta
 def renoise_inversion(denoise, schedule, x0, cond, t, eps, num_steps: int = 10):
     """SmPO's x_t source: DDIM inversion with one ReNoise iteration per step (2 forwards per step; eps unused).
 
-    SmPO uses num_steps 10 for SDXL and 5 for SD1.5; register a `functools.partial` under another key for 5.
+    SmPO uses num_steps 10 for SDXL and 5 for SD1.5 (`renoise_inversion_5` below).
     """
     return invert(denoise, schedule, x0, cond, t, num_steps, renoise=True)
+
+
+def renoise_inversion_5(denoise, schedule, x0, cond, t, eps):
+    """SmPO's SD1.5 setting: ReNoise inversion over 5 grid steps (half the forwards of the SDXL default's 10)."""
+    return renoise_inversion(denoise, schedule, x0, cond, t, eps, num_steps=5)
 
 
 # Every x_t source by name: `objective.xt_source` is a key (checked when the config loads).
@@ -131,4 +136,5 @@ XT_SOURCES: dict[str, Callable] = {
     "noise": forward_noise,
     "ddim_inversion": ddim_inversion,
     "renoise_inversion": renoise_inversion,
+    "renoise_inversion_5": renoise_inversion_5,
 }

@@ -96,6 +96,29 @@ def test_per_sample_t_matches_one_by_one_and_t0_is_x0(schedule):
     assert calls == []
 
 
+
+def test_smpo_sd15_source_is_renoise_over_5_grid_steps(schedule):
+    """`renoise_inversion_5` (SmPO's SD1.5 setting) is ReNoise inversion on the 5-step grid: it stops at the 5-step
+    grid value below t, with 2 forwards per grid step, where the default (10 steps, SDXL) takes more."""
+    g = torch.Generator().manual_seed(3)
+    mu, s = torch.randn(1, 4, 8, 8, generator=g), 0.7
+    x0 = mu + s * torch.randn(2, 4, 8, 8, generator=g)
+    calls = []
+
+    def denoise(xt, t, cond):
+        calls.append(t.clone())
+        return gaussian_denoiser(schedule, mu, s)(xt, t, cond)
+
+    t = torch.tensor([999, 999])
+    xt, target = XT_SOURCES["renoise_inversion_5"](denoise, schedule, x0, {}, t, None)
+    five = len(calls)
+    calls.clear()
+    ref = invert(denoise, schedule, x0, {}, t, num_steps=5, renoise=True)
+    assert torch.equal(xt, ref[0]) and torch.equal(target, ref[1]) and len(calls) == five
+    calls.clear()
+    XT_SOURCES["renoise_inversion"](denoise, schedule, x0, {}, t, None)
+    assert len(calls) > five > 0
+
 def test_eta_noise_is_seeded_and_v_prediction_matches_epsilon(schedule):
     g = torch.Generator().manual_seed(2)
     mu, s = torch.randn(1, 4, 8, 8, generator=g), 0.5

@@ -17,7 +17,8 @@ smpo without a scorer's labels unless `hard_labels` is set (`objective.hard_labe
 Score bounds are in the scorer's own units. Official code: PickScore raw cosine, (lo, hi) = (0.11544, 0.28202),
 pairs ordered by PickScore so p ∈ [0.5, 0.73]. diffalign's `pickscore` returns logit_scale.exp() · cos, about
 100× the cosine, so the same bounds there are `data.score_min: 11.544`, `data.score_max: 28.202` (only hi − lo
-matters). x_t from ReNoise inversion (10 grid steps SDXL, 5 SD1.5).
+matters). x_t from ReNoise inversion: 10 grid steps for SDXL (`renoise_inversion`, the default), 5 for SD1.5
+(`objective.xt_source=renoise_inversion_5`).
 
 Hand-computed check (tests/test_objectives_more.py): β = 2, γ = 10, p = 0.6, err = [0.5, 0.8], ref = [0.6, 0.6]
     Δ_w − Δ_l = −0.1 − 0.2 = −0.3, inside = −0.5·2·10·0.2·(−0.3) = 0.6, loss = log(1 + e^−0.6) = 0.437488.
