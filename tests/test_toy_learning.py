@@ -47,9 +47,9 @@ def _toy_settings():
     return module.COMMON, module.SETTINGS
 
 
-STEPS = {"kto": 60, "mapo": 100, "sft": 60, "inpo": 40, "smpo": 80}  # a fifth to a half of the benchmark's rows
-# (CI time; KTO at 60 steps +0.16, 87.5% wins, SFT +0.17, 93.8%, InPO at 40 +0.07, 62.5%; SmPO at 40 steps, lr 1e-3:
-# +0.12, 59%: too few)
+STEPS = {"kto": 60, "mapo": 60, "sft": 60, "inpo": 40, "smpo": 80}  # a fifth to a half of the benchmark's rows
+# (CI time; KTO at 60 steps +0.16, 87.5% wins, MaPO +0.30, 93.8%, SFT +0.17, 93.8%, InPO at 40 +0.07, 62.5%; SmPO at
+# 40 steps, lr 1e-3: +0.12, 59%: too few)
 # SmPO with its SD1.5 inversion (5 grid steps, the toy is an SD1.5-style UNet) instead of the benchmark's SDXL 10: a
 # step costs 2.7 s instead of 5 on one core; 80 steps: +0.29, 75% wins (with 10 steps at batch 4: +0.28, 75%)
 EXTRA = {"smpo": ["objective.xt_source=renoise_inversion_5"]}
