@@ -35,12 +35,12 @@ def _threads():
 
 
 def pytest_collection_modifyitems(config, items):
-    """Longest first: a slow test may say `@pytest.mark.slow(minutes=N)` (its CI time on one core), and those run
-    before the rest, longest first, so pytest-xdist's workers do not end on one long test while the other idles.
-    The order is the same in every worker (xdist requires it)."""
+    """Longest first: a slow test may say `@pytest.mark.slow(minutes=N)` (its CI time on one core), a long test of the
+    default run `@pytest.mark.minutes(N)`, and those run before the rest, longest first, so pytest-xdist's workers do
+    not end on one long test while the other idles. The order is the same in every worker (xdist requires it)."""
 
     def minutes(item):
-        mark = item.get_closest_marker("slow")
-        return mark.kwargs.get("minutes", 0) if mark else 0
+        slow, long = item.get_closest_marker("slow"), item.get_closest_marker("minutes")
+        return long.args[0] if long else slow.kwargs.get("minutes", 0) if slow else 0
 
     items.sort(key=lambda item: -minutes(item))  # stable: the rest keep their collection order

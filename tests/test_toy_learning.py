@@ -29,6 +29,7 @@ def _report(tmp_path: Path, beta: float) -> dict:
     return json.loads((out / "eval" / "report.json").read_text())["scorers"]
 
 
+@pytest.mark.minutes(2)  # the default run's longest test (133 s on one core): it starts first
 def test_dpo_raises_the_toy_aesthetic_and_the_flipped_sign_lowers_it(tmp_path):
     up, down = _report(tmp_path, 5000.0), _report(tmp_path, -5000.0)
     assert up["toy_aesthetic"]["mean_delta"] > 0 > down["toy_aesthetic"]["mean_delta"], (up, down)
