@@ -30,19 +30,26 @@ MAX_PROMPTS = 16  # images per curve point: one seed per prompt
 class Curves:
     """Held-out reward/fidelity points for one run; rows go to `path` (JSONL, one per point)."""
 
-    def __init__(self, family, ecfg: EvalConfig, path: Path):
-        self.family, self.path = family, Path(path)
+    def __init__(self, family, ecfg: EvalConfig, path: Path, generate=None, main: bool = True):
+        """`generate(prompts, seeds, kw)`: how the images are drawn (default `family.generate`). A sharded run builds
+        Curves on every process (`main` False but on one), with a `generate` that every process calls; the main
+        process gets the images, scores and logs them."""
+        self.family, self.path, self.main = family, Path(path), main
+        self.generate = generate or (lambda ps, seeds, kw: family.generate(ps, seeds=seeds, **kw))
         self.label = "held-out" if ecfg.prompts == "toy" else "eval"  # "held-out" only for the held-out set
         self.prompts = [p for p in read_eval_prompts(ecfg)[:MAX_PROMPTS] for _ in range(ecfg.curve_seeds)]
         self.seeds = list(range(len(self.prompts)))  # fixed: every point scores the same noise
-        self.scorers = {name: load_scorer(name) for name in ecfg.scorers}
+        self.scorers = {name: load_scorer(name) for name in ecfg.scorers} if main else {}
         self.kw = {"steps": ecfg.steps, **({"guidance": ecfg.guidance} if ecfg.guidance > 0 else {})}
         self.headline = ecfg.scorers[0]
         self.base = None  # (N,) the base model's headline scores on the same prompts and seeds
         self.base_images = None  # the base model's images, kept for the base-relative scorers
+        self.has_base = False  # whether the base point was drawn (step 0, or after a resume)
 
-    def scores(self) -> dict[str, torch.Tensor]:
-        images = self.family.generate(self.prompts, seeds=self.seeds, **self.kw)
+    def scores(self) -> dict[str, torch.Tensor] | None:
+        images = self.generate(self.prompts, self.seeds, self.kw)
+        if images is None:  # not the main process of a sharded run: its share is drawn
+            return None
         if self.base_images is None and self.paired:  # the first point: step 0 or, resumed, the base itself
             self.base_images = images
         with torch.no_grad():
@@ -56,14 +63,19 @@ class Curves:
         return any(name in BASE_RELATIVE for name in self.scorers)
 
     def point(self, step: int, accelerator) -> dict:
-        """Sample, score, log and append one row {"step", "images", "<scorer>": mean, "win/<headline>": rate}."""
-        if step > 0 and self.base is None:  # resumed: the base on the same seeds, adapters off
+        """Sample, score, log and append one row {"step", "images", "<scorer>": mean, "win/<headline>": rate}
+        (the main process; the others draw their share and return {})."""
+        if step > 0 and not self.has_base:  # resumed: the base on the same seeds, adapters off
             with reference_mode(self.family.denoiser):
-                self.base = self.scores()[self.headline]
+                base = self.scores()
+            self.base, self.has_base = (base[self.headline] if base is not None else None), True
         scores = self.scores()
+        if scores is None:
+            self.has_base = True
+            return {}
         row = {"step": step, "images": len(self.prompts), **{k: float(v.mean()) for k, v in scores.items()}}
         if step == 0:
-            self.base = scores[self.headline]
+            self.base, self.has_base = scores[self.headline], True
         else:
             row[f"win/{self.headline}"] = win_rate(scores[self.headline], self.base)["win_rate"]
         accelerator.log({f"val/{k}": v for k, v in row.items() if k not in ("step", "images")}, step=step)

@@ -37,29 +37,37 @@ def pair_jobs(prompts: list[str], images_per_prompt: int) -> list[tuple[str, int
     return [(p, i * images_per_prompt + k) for i, p in enumerate(prompts) for k in range(images_per_prompt)]
 
 
-def generate_pair_sets(family, prompts: list[str], ecfg: EvalConfig, batch_size: int = 64):
-    """Base and aligned images for every (prompt, seed), same seeds for both."""
+def generate_pair_sets(family, prompts: list[str], ecfg: EvalConfig, batch_size: int = 64, generate=None):
+    """Base and aligned images for every (prompt, seed), same seeds for both. `generate(prompts, seeds, kw)`: how
+    a batch is drawn (default `family.generate`; a sharded run passes one that every process calls, which returns
+    None outside the main process, and so does this)."""
+    generate = generate or (lambda ps, seeds, kw: family.generate(ps, seeds=seeds, **kw))
     jobs = pair_jobs(prompts, ecfg.images_per_prompt)
-    base, aligned = [], []
+    base, aligned, main = [], [], True
     kw = {"steps": ecfg.steps, **({"guidance": ecfg.guidance} if ecfg.guidance > 0 else {})}  # 0: family default
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start : start + batch_size]
         ps, seeds = [p for p, _ in chunk], [s for _, s in chunk]
         with reference_mode(family.denoiser):
-            base += family.generate(ps, seeds=seeds, **kw)
-        aligned += family.generate(ps, seeds=seeds, **kw)
-    return [p for p, _ in jobs], base, aligned
+            b = generate(ps, seeds, kw)
+        a = generate(ps, seeds, kw)
+        if b is None:  # another process of a sharded run: it drew its share for the main process
+            main = False
+            continue
+        base, aligned = base + b, aligned + a
+    return ([p for p, _ in jobs], base, aligned) if main else None
 
 
-def evaluate_base_vs_lora(family, ecfg: EvalConfig, out_dir: Path, verbose: bool = True) -> dict:
+def evaluate_base_vs_lora(family, ecfg: EvalConfig, out_dir: Path, verbose: bool = True, pairs=None) -> dict:
     """Score base vs aligned with every scorer in ecfg.scorers and measure the drift (ecfg.drift); write report.json,
     report.png, sheet.png (base | aligned, largest changes) and report.html (which also embeds curves.png when the
-    run drew one)."""
+    run drew one). `pairs`: generate_pair_sets' result when it was drawn already (by every process of a sharded
+    run)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     prompts = read_eval_prompts(ecfg)
     held_out = ecfg.prompts == "toy"
-    job_prompts, base, aligned = generate_pair_sets(family, prompts, ecfg)
+    job_prompts, base, aligned = pairs or generate_pair_sets(family, prompts, ecfg)
     report = {"prompts": len(prompts), "images": len(base), "held_out": held_out, "scorers": {}}
     per_image = {"base": {}, "aligned": {}}
     for name in ecfg.scorers:

@@ -21,9 +21,10 @@ gradient_checkpointing, xformers, keep_checkpoints, validate_every, tensorboard,
 Sharding: an accelerate config with FSDP2 (configs/accelerate/fsdp.yaml) shards the denoiser per block right after its
 adapters are added (diffalign.engine.sharding); the parameters, the optimizer state, the forwards (reference and
 named adapters included) and the step are then the same code on DTensors, and checkpoints and the LoRA file are
-gathered once and written by rank 0 in the usual formats. Generation on the main process alone (held-out
-evaluation, curves, guards, validation images) would stall the other processes' all-gathers, so a sharded run
-refuses those keys. DeepSpeed is refused with one line: for LoRA on a frozen base ZeRO-2 shards only the gradients
+gathered once and written by rank 0 in the usual formats. The held-out evaluation and the curve points are drawn by
+every process, a share each, and scored by the main process (`Run.generate`). Generation on the main process alone
+(the guards, validation images, DRAGON's FD evaluation) would stall the other processes' all-gathers, so a sharded
+run refuses those keys. DeepSpeed is refused with one line: for LoRA on a frozen base ZeRO-2 shards only the gradients
 and the optimizer state, a few MB, and ZeRO-3 would need its own checkpoint and reference paths; FSDP2 shards the
 frozen base, which is what does not fit.
 """
@@ -43,13 +44,14 @@ from diffalign.checkpoint import list_checkpoints, load_checkpoint, resolve_resu
 from diffalign.config import save_config, to_dict
 from diffalign.engine.common import load_model
 from diffalign.engine.curves import Curves, plot_curves
-from diffalign.engine.evaluate import evaluate_base_vs_lora
+from diffalign.engine.evaluate import evaluate_base_vs_lora, generate_pair_sets, read_eval_prompts
 from diffalign.engine.guarding import GuardRun
 from diffalign.engine.outputs import StopFlag, flat_hparams, scaler_state, shared_output_dir, truncate_metrics
 from diffalign.engine.sharding import (
     fsdp_requested,
     full_optimizer_state,
     full_tensors,
+    generate_shared,
     param_bytes,
     peak_memory,
     place_like,
@@ -238,8 +240,8 @@ class Run:
         tb = {"tensorboard": {"purge_step": self.start + 1}} if self.start else {}  # hide events a killed run logged
         self.accelerator.init_trackers(project, config=flat_hparams(to_dict(cfg)), init_kwargs=tb)
         every = self.opt.validate_every
-        if main and 0 < every <= total and cfg.eval.prompts:  # 2+ points: 0 and at least one more
-            self.curves = Curves(self.family, cfg.eval, self.out / "curves.jsonl")
+        if (main or self.sharded) and 0 < every <= total and cfg.eval.prompts:  # 2+ points: 0 and at least one more
+            self.curves = Curves(self.family, cfg.eval, self.out / "curves.jsonl", self.generate, main)
             if self.start == 0:
                 self.curves.point(0, self.accelerator)  # the LoRA is zero: the base model
         self.guard = GuardRun.build(
@@ -317,13 +319,16 @@ class Run:
         if self.main:
             save_lora(self.family, self.out / "lora", {"base_model": cfg.model.path, **metadata}, weights=weights)
         summary["memory"] = self.memory()
+        pairs = None  # sharded: every process draws its share of the evaluation's images, while the group exists
+        if self.sharded and cfg.eval.prompts:
+            pairs = generate_pair_sets(self.family, read_eval_prompts(cfg.eval), cfg.eval, generate=self.generate)
         accelerator.end_training()
         if not self.main:
             return summary
         if self.curves:
             plot_curves(self.curves.path, self.log_path, self.out / "eval" / "curves.png", self.curves.label, *plot)
         if cfg.eval.prompts:
-            summary["eval"] = evaluate_base_vs_lora(self.family, cfg.eval, self.out / "eval")
+            summary["eval"] = evaluate_base_vs_lora(self.family, cfg.eval, self.out / "eval", pairs=pairs)
             if extra_eval:
                 summary.update(extra_eval(self.family))
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -344,6 +349,13 @@ class Run:
                "peak_measure": measure}  # fmt: skip
         return gather_object([row]) if self.accelerator.num_processes > 1 else [row]
 
+    def generate(self, prompts: list[str], seeds: list[int], kw: dict):
+        """Images outside the rounds (evaluation, curves): every process draws a share under FSDP2 and the main
+        process gets them all (the others None); otherwise the calling process draws them all."""
+        if self.sharded:
+            return generate_shared(self.family, self.accelerator, prompts, seeds, kw)
+        return self.family.generate(prompts, seeds=seeds, **kw)
+
     @property
     def seconds(self) -> float:
         return time.time() - self.t0
@@ -352,8 +364,9 @@ class Run:
 def check_shardable(cfg, opt) -> None:
     """Under FSDP2 every process must run the same forwards: refuse what generates on the main process alone (the
     others would wait in the all-gathers) and what cannot hold DTensors (8-bit AdamW, a quantized base)."""
-    main_only = {
-        "eval.prompts": cfg.eval.prompts,  # the held-out evaluation and curves
+    exemplars = getattr(getattr(cfg, "reward", None), "exemplars", None)  # on-line DRAGON's FD evaluation
+    main_only = {  # the held-out evaluation and curves are drawn by every process (generate_shared)
+        "eval.prompts with reward.exemplars (the FD evaluation)": exemplars and cfg.eval.prompts,
         "guards.every": cfg.guards.every,
         "train.validation_prompts": opt.validate_every and getattr(opt, "validation_prompts", []),  # train only
         "train.adam_8bit": opt.adam_8bit,

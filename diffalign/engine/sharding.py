@@ -18,6 +18,10 @@ processes (gloo) the tests launch, where accelerate itself would fall back to DD
   (collectives), rank 0 writes the usual files, so a checkpoint is the same format as a DDP or one-process run's and
   `place_like` shards it back on load: it resumes with any process count.
 
+- generation outside the rounds (the held-out evaluation, the curve points): `generate_shared` gives every process an
+  equal share of the images (padded, so each runs the same forwards) and gathers them, in order, on the main
+  process, which scores them and writes the report.
+
 Not sharded: the text encoders and the VAE (each process holds them; a finished latent cache trains without them).
 """
 
@@ -26,6 +30,7 @@ from __future__ import annotations
 import os
 
 import torch
+from accelerate.utils import gather_object
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
@@ -111,6 +116,22 @@ def place_like(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     return distribute_tensor(
         full.to(device=param.device, dtype=param.dtype), param.device_mesh, param.placements, src_data_rank=None
     )
+
+
+def generate_shared(family, accelerator, prompts: list[str], seeds: list[int], kw: dict, batch: int = 64):
+    """`family.generate(prompts, seeds=seeds, **kw)` over the processes of a sharded run: each takes a contiguous
+    share of ceil(N / world) images, padded with copies of the last one so that every process runs the same forwards
+    (each block's all-gather is collective). The main process gets the N images in order; the others get None.
+    Every process must call it."""
+    n, world, rank = len(prompts), accelerator.num_processes, accelerator.process_index
+    per = -(-n // world)
+    share = [min(i, n - 1) for i in range(rank * per, (rank + 1) * per)]
+    images = []
+    for start in range(0, per, batch):
+        chunk = share[start : start + batch]
+        images += family.generate([prompts[i] for i in chunk], seeds=[seeds[i] for i in chunk], **kw)
+    parts = gather_object([images])  # one list per process, in rank order
+    return [im for part in parts for im in part][:n] if accelerator.is_main_process else None
 
 
 def peak_memory(device: torch.device) -> tuple[int, str]:
