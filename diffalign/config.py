@@ -395,6 +395,9 @@ class OnlineTrainConfig(OptimConfig):
     prompts with fixed seeds, drawn in eval/curves.png next to the round reward and loss; 0 = off."""
     steps_per_round: Annotated[int, AT_LEAST_1] = 4
     """Optimizer steps per round (K)."""
+    checkpoint_every: Annotated[int, NON_NEGATIVE] = 1
+    """Save a resumable checkpoint every N rounds (0 = none; SIGTERM / SIGINT between rounds still save one, and a
+    signal mid-round resumes from the last saved round)."""
     trajectory_steps: Annotated[int, NON_NEGATIVE] = 0
     """D3PO / DRO / GRPO: trajectory steps per optimizer step, gradients accumulated (0 = all, as official D3PO)."""
 

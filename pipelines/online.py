@@ -3,8 +3,9 @@
 Read top to bottom: resolve the config -> load the model family -> add LoRA (and a "ref" adapter if the reference
 is refreshed) -> build the reward (instance, distribution-level or exemplar-set) -> rounds of
     sample P prompt groups x G images (DDIM-eta, trajectories kept) -> score -> pairs / sets -> K optimizer steps
-with a JSONL + tensorboard log, a grid PNG and a resumable checkpoint per round -> save the LoRA -> base vs aligned
-on held-out prompts (diffalign.engine.evaluate), plus the Fréchet distance to the exemplar set when the reward has one.
+with a JSONL + tensorboard log, a grid PNG and a resumable checkpoint per round (train.checkpoint_every) -> save
+the LoRA -> base vs aligned on held-out prompts (diffalign.engine.evaluate), plus the Fréchet distance to the exemplar
+set when the reward has one.
 
 One engine: a round is a small dataset (`diffalign.sources.Round`: rows of indices into the round's chains), and
 its optimizer steps are the same `micro_step` / `finish_step` as `diffalign train` (accelerate prepare, accumulate,
@@ -140,6 +141,7 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
     g, counts = sc.images_per_prompt, run.counts
     world, rank = accelerator.num_processes, accelerator.process_index
     try:
+        last_saved = run.start  # the round the last checkpoint holds (a resume's, or 0)
         for r in range(run.start, oc.rounds):
             t0 = time.time()
             prompts, seeds, pool_index = plan_round(cfg, r, pool)
@@ -180,7 +182,7 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
                 for key, v in sum_over_processes(accelerator, step_sums).items():
                     sums[key] = sums.get(key, 0.0) + v
                 if run.stopping():  # mid-round: drop the round; its draws are keyed, so a resume redoes it exactly
-                    run.exit_stopped(r, saved=False)
+                    run.exit_stopped(last_saved, saved=False)
             n = sums.pop("n", 1.0)
             if oc.ref_refresh and (r + 1) % oc.ref_refresh == 0:
                 copy_policy_to_ref(run.named_params, run.ref_params)
@@ -216,10 +218,13 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
                 )
             accelerator.wait_for_everyone()
             tripped = run.after(r + 1)  # before the save
-            run.save(r + 1, {"round": r + 1})
+            stopping = run.stopping() and r + 1 < oc.rounds
+            if (tc.checkpoint_every and (r + 1) % tc.checkpoint_every == 0) or stopping:
+                run.save(r + 1, {"round": r + 1})
+                last_saved = r + 1
             if tripped:
                 break  # a reward-hacking guard tripped: keep the best passing weights (diffalign/engine/guarding.py)
-            if run.stopping() and r + 1 < oc.rounds:
+            if stopping:
                 run.exit_stopped(r + 1)
     finally:
         if chunks:

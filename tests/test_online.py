@@ -451,6 +451,31 @@ def _round_rows(run_dir: Path) -> list[dict]:
     return [{k: v for k, v in row.items() if k not in wall} for row in rows]
 
 
+def test_online_checkpoint_every_n_rounds_and_resume_from_it(tmp_path, monkeypatch):
+    """train.checkpoint_every=2 over 3 rounds saves round 2 alone; a run resumed from that checkpoint ends with the
+    same LoRA and round log as the uninterrupted one; 0 saves none."""
+    import shutil
+
+    from diffalign.pipelines.cli import main
+    from safetensors.torch import load_file
+
+    from diffalign.checkpoint import list_checkpoints
+
+    monkeypatch.chdir(REPO)
+    args = [*KILL_ARGS, "objective.name=dpo", _prompts_file(tmp_path), "eval.prompts="]
+    whole, resumed, none = tmp_path / "whole", tmp_path / "resumed", tmp_path / "none"
+    assert main(["online", *args, "train.checkpoint_every=2", f"train.output_dir={whole}"]) == 0
+    assert [c.name for c in list_checkpoints(whole / "checkpoints")] == ["step-000002"]
+    shutil.copytree(whole / "checkpoints", resumed / "checkpoints")
+    rows = (whole / "rounds.jsonl").read_text().splitlines()
+    (resumed / "rounds.jsonl").write_text("\n".join(rows[:2]) + "\n")
+    assert main(["online", *args, "train.checkpoint_every=2", f"train.output_dir={resumed}", "--resume", "latest"]) == 0
+    assert _round_rows(resumed) == _round_rows(whole)
+    a, b = (load_file(str(d / "lora" / "pytorch_lora_weights.safetensors")) for d in (whole, resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert main(["online", *args, "online.rounds=1", "train.checkpoint_every=0", f"train.output_dir={none}"]) == 0
+    assert not list_checkpoints(none / "checkpoints") and (none / "lora").is_dir()
+
 @pytest.mark.slow  # three runs of 3 rounds, one a fresh subprocess: ~60 s on 2 shared cores
 def test_online_sigkill_mid_round_then_resume_equals_the_uninterrupted_run(tmp_path, monkeypatch):
     """A real `diffalign online` process killed with SIGKILL while saving round 2 (its round-log row is written, the
