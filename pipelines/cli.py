@@ -16,7 +16,7 @@ import difflib
 import importlib
 import os
 import sys
-from typing import NamedTuple
+from typing import NamedTuple, NoReturn
 
 from diffalign.errors import DiffalignError
 
@@ -150,6 +150,31 @@ def command_help(command: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The CLI: the exit code (0, 2 for bad input, 130 / 143 after a stop signal)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return _main(argv)
+    try:
+        code = _main(argv)
+    except SystemExit as stop:  # a stop signal's checkpointed exit (130 / 143)
+        code = stop.code if isinstance(stop.code, int) else 1
+    leave_launched_process(code)
+
+
+def leave_launched_process(code: int) -> NoReturn:
+    """End a process of a multi-process launch (`accelerate launch`, WORLD_SIZE > 1) once its program has returned:
+    flush and os._exit, skipping the interpreter's finalisation. There, gloo's worker threads, still referenced by
+    FSDP2's device mesh after destroy_process_group, can abort a finished run's process (SIGABRT, "terminate called
+    without an active exception"; seen once in CI on an FSDP2 run whose files were all written), and the launcher
+    then reports the whole run failed. Every file is written and closed, and the trackers finished, by then."""
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
         argv = ["train"]  # the embedded default: align the toy model

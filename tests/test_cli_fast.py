@@ -51,6 +51,22 @@ def test_bad_command_lines_answer_without_the_heavy_libraries(args):
     assert code == 2 and heavy == [] and len(err.strip().splitlines()) == 1, err
 
 
+@pytest.mark.parametrize("args,code", [(("train", "train.lr=abc"), 2), (("train", "--print-config"), 0)])
+def test_a_launched_process_leaves_with_the_programs_exit_code(args, code):
+    """Under a multi-process launch (WORLD_SIZE > 1) the CLI ends its process with os._exit after flushing (no
+    interpreter finalisation for gloo's threads to abort: an atexit hook does not run), with the program's exit code
+    and printed output; a single process finalises as usual."""
+    hook = (
+        "import atexit, runpy; atexit.register(print, 'FINALISED'); runpy.run_module('diffalign', run_name='__main__')"
+    )
+    for world, finalised in (("2", False), ("1", True)):
+        env = dict(os.environ, WORLD_SIZE=world)
+        out = subprocess.run([sys.executable, "-c", hook, *args], capture_output=True, text=True, timeout=60, env=env)
+        assert out.returncode == code, out.stderr
+        assert ("train.lr='abc'" in out.stderr) if code else out.stdout.startswith("model:")
+        assert ("FINALISED" in out.stdout) == finalised
+
+
 def test_python_m_diffalign_is_the_command():
     out = subprocess.run([sys.executable, "-m", "diffalign", "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.startswith("usage: diffalign <command>")
