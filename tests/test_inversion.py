@@ -71,17 +71,23 @@ def test_reconstruction_tolerance_and_renoise_beats_ddim(schedule):
     assert errs[10, True] < 0.75 * errs[10, False]
 
 
-@pytest.mark.numerics
-def test_per_sample_t_matches_one_by_one_and_t0_is_x0(schedule):
-    g = torch.Generator().manual_seed(1)
+def counting_denoiser(schedule, seed: int, n: int):
+    """(x0 (n, 4, 8, 8) from a Gaussian, its exact denoiser, the list of timesteps the denoiser was called with)."""
+    g = torch.Generator().manual_seed(seed)
     mu, s = torch.randn(1, 4, 8, 8, generator=g), 0.7
-    x0 = mu + s * torch.randn(4, 4, 8, 8, generator=g)
+    x0 = mu + s * torch.randn(n, 4, 8, 8, generator=g)
     calls = []
 
     def denoise(xt, t, cond):
         calls.append(t.clone())
         return gaussian_denoiser(schedule, mu, s)(xt, t, cond)
 
+    return x0, denoise, calls
+
+
+@pytest.mark.numerics
+def test_per_sample_t_matches_one_by_one_and_t0_is_x0(schedule):
+    x0, denoise, calls = counting_denoiser(schedule, 1, 4)
     t = torch.tensor([0, 1, 350, 999])
     xt, target = renoise_inversion(denoise, schedule, x0, {}, t, None)
     for i in range(4):
@@ -96,19 +102,10 @@ def test_per_sample_t_matches_one_by_one_and_t0_is_x0(schedule):
     assert calls == []
 
 
-
 def test_smpo_sd15_source_is_renoise_over_5_grid_steps(schedule):
     """`renoise_inversion_5` (SmPO's SD1.5 setting) is ReNoise inversion on the 5-step grid: it stops at the 5-step
     grid value below t, with 2 forwards per grid step, where the default (10 steps, SDXL) takes more."""
-    g = torch.Generator().manual_seed(3)
-    mu, s = torch.randn(1, 4, 8, 8, generator=g), 0.7
-    x0 = mu + s * torch.randn(2, 4, 8, 8, generator=g)
-    calls = []
-
-    def denoise(xt, t, cond):
-        calls.append(t.clone())
-        return gaussian_denoiser(schedule, mu, s)(xt, t, cond)
-
+    x0, denoise, calls = counting_denoiser(schedule, 3, 2)
     t = torch.tensor([999, 999])
     xt, target = XT_SOURCES["renoise_inversion_5"](denoise, schedule, x0, {}, t, None)
     five = len(calls)
@@ -118,6 +115,7 @@ def test_smpo_sd15_source_is_renoise_over_5_grid_steps(schedule):
     calls.clear()
     XT_SOURCES["renoise_inversion"](denoise, schedule, x0, {}, t, None)
     assert len(calls) > five > 0
+
 
 def test_eta_noise_is_seeded_and_v_prediction_matches_epsilon(schedule):
     g = torch.Generator().manual_seed(2)
