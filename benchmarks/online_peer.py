@@ -264,6 +264,8 @@ def main(argv: list[str] | None = None) -> dict:
                                        checkout, work / "flow_grpo.log")  # fmt: skip
         program = DIFFALIGN.format(gate=GATE)
         overrides = diffalign_overrides(work, work / "dataset/train.txt", skip + epochs)
+        if args.smoke:  # a check, not a figure: keep the round's checkpoint (the smoke test reads its modules)
+            overrides.append("train.checkpoint_every=1")
         sides["diffalign"] = Child("diffalign", [sys.executable, "-c", program, *overrides], env, REPO,
                                    work / "diffalign.log")  # fmt: skip
         times = {name: [] for name in sides}
