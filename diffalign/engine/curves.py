@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from diffalign.config import EvalConfig
-from diffalign.engine.evaluate import read_eval_prompts
+from diffalign.engine.evaluate import drawn_by, read_eval_prompts
 from diffalign.lora import reference_mode
 from diffalign.rewards import BASE_RELATIVE, load_scorer, score_against_base
 from diffalign.rewards.compare import win_rate
@@ -35,7 +35,7 @@ class Curves:
         Curves on every process (`main` False but on one), with a `generate` that every process calls; the main
         process gets the images, scores and logs them."""
         self.family, self.path, self.main = family, Path(path), main
-        self.generate = generate or (lambda ps, seeds, kw: family.generate(ps, seeds=seeds, **kw))
+        self.generate = generate or drawn_by(family)
         self.label = "held-out" if ecfg.prompts == "toy" else "eval"  # "held-out" only for the held-out set
         self.prompts = [p for p in read_eval_prompts(ecfg)[:MAX_PROMPTS] for _ in range(ecfg.curve_seeds)]
         self.seeds = list(range(len(self.prompts)))  # fixed: every point scores the same noise

@@ -37,11 +37,16 @@ def pair_jobs(prompts: list[str], images_per_prompt: int) -> list[tuple[str, int
     return [(p, i * images_per_prompt + k) for i, p in enumerate(prompts) for k in range(images_per_prompt)]
 
 
+def drawn_by(family):
+    """`generate(prompts, seeds, kw)` of one process: `family.generate` (the default of Curves and generate_pair_sets)."""
+    return lambda ps, seeds, kw: family.generate(ps, seeds=seeds, **kw)
+
+
 def generate_pair_sets(family, prompts: list[str], ecfg: EvalConfig, batch_size: int = 64, generate=None):
     """Base and aligned images for every (prompt, seed), same seeds for both. `generate(prompts, seeds, kw)`: how
     a batch is drawn (default `family.generate`; a sharded run passes one that every process calls, which returns
     None outside the main process, and so does this)."""
-    generate = generate or (lambda ps, seeds, kw: family.generate(ps, seeds=seeds, **kw))
+    generate = generate or drawn_by(family)
     jobs = pair_jobs(prompts, ecfg.images_per_prompt)
     base, aligned, main = [], [], True
     kw = {"steps": ecfg.steps, **({"guidance": ecfg.guidance} if ecfg.guidance > 0 else {})}  # 0: family default
