@@ -20,9 +20,10 @@ which leave the dual-attention `attn2` out; diffalign is given the same names); 
 clip 1.0; ratio clip 1e-4; advantages over the prompt's mean and the global std, clipped to 5; no KL (beta 0); the
 same saturation reward (mean of max(rgb) - min(rgb), diffalign.rewards.imagestats.saturation); T5 length 128 on
 both sides (flow_grpo hard-codes 128 in train_sd3.py:540 and :625; diffalign: model.max_sequence_length=128).
-Each side keeps its own per-epoch work besides: diffalign writes its round log and the round's grid PNG every round
-(flow_grpo logs images every 10 epochs); checkpoints are off on both sides (flow_grpo's save_freq and eval_freq are
-10^9 epochs, so they run only at epoch 0, which is left out; diffalign's train.checkpoint_every=0).
+Each side keeps its own per-epoch log besides (diffalign: the round's JSONL and tensorboard scalars); both write
+their images every 10 epochs (flow_grpo: 15 JPEGs at `epoch % 10 == 0`, train_sd3.py:709; diffalign:
+train.grid_every=10), and checkpoints are off on both sides (flow_grpo's save_freq and eval_freq are 10^9 epochs, so
+they run only at epoch 0, which is left out; diffalign's train.checkpoint_every=0).
 
 Patches to train_sd3.py (each replaces one exact passage, and the script stops if one no longer matches):
   1. gate: at the top of `while True:` (train_sd3.py:600) the epoch waits for this script's "go" and reports the
@@ -169,6 +170,7 @@ def diffalign_overrides(work: Path, prompts: Path, epochs: int) -> list[str]:
         f"train.output_dir={work / 'diffalign'}", "train.seed=42", "train.steps_per_round=2", "train.batch_size=8",
         "train.grad_accum=1", "train.trajectory_steps=3", "train.lr=3e-4", "train.weight_decay=1e-4",
         "train.max_grad_norm=1.0", "train.mixed_precision=no", "train.checkpoint_every=0",
+        "train.grid_every=10",
         f"sampling.prompts={prompts}", "sampling.prompts_per_round=4", "sampling.images_per_prompt=4",
         "sampling.shared_noise=false", "sampling.steps=4", "sampling.guidance=4.5", "sampling.eta=0.7",
         "sampling.sample_batch=8",

@@ -398,6 +398,9 @@ class OnlineTrainConfig(OptimConfig):
     checkpoint_every: Annotated[int, NON_NEGATIVE] = 1
     """Save a resumable checkpoint every N rounds (0 = none; SIGTERM / SIGINT between rounds still save one, and a
     signal mid-round resumes from the last saved round)."""
+    grid_every: Annotated[int, NON_NEGATIVE] = 1
+    """Write the round's grid (rounds/round-XXXX.png, what a person labels from) and its tensorboard images every N
+    rounds (0 = never; the round log is written every round)."""
     trajectory_steps: Annotated[int, NON_NEGATIVE] = 0
     """D3PO / DRO / GRPO: trajectory steps per optimizer step, gradients accumulated (0 = all, as official D3PO)."""
 

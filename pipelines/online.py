@@ -205,12 +205,13 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
                 logs["set_fd"] = set_fd(scorer, images)
             run.log(r + 1, logs)
             run.bar.update(1)
-            if main:
+            if main and tc.grid_every and (r + 1) % tc.grid_every == 0:
                 # row p = prompt group p, column = image index in the group: what a human labels from (labels_file)
                 save_grid(to_pil(frame_strip(images) * 2 - 1), out / "rounds" / f"round-{r + 1:04d}.png", cols=g)
                 for tracker in accelerator.trackers:
                     if tracker.name == "tensorboard":
                         tracker.writer.add_images("round", images[: 8 * g], r + 1)
+            if main:
                 run.bar.write(
                     f"round {r + 1}/{oc.rounds}: reward {logs['reward']:.3f} "
                     + " ".join(f"{m} {logs[f'monitor/{m}']:.3f}" for m in monitored)

@@ -469,12 +469,15 @@ def test_online_checkpoint_every_n_rounds_and_resume_from_it(tmp_path, monkeypat
     shutil.copytree(whole / "checkpoints", resumed / "checkpoints")
     rows = (whole / "rounds.jsonl").read_text().splitlines()
     (resumed / "rounds.jsonl").write_text("\n".join(rows[:2]) + "\n")
-    assert main(["online", *args, "train.checkpoint_every=2", f"train.output_dir={resumed}", "--resume", "latest"]) == 0
+    assert (
+        main(["online", *args, "train.checkpoint_every=2", f"train.output_dir={resumed}", "--resume", "latest"]) == 0
+    )
     assert _round_rows(resumed) == _round_rows(whole)
     a, b = (load_file(str(d / "lora" / "pytorch_lora_weights.safetensors")) for d in (whole, resumed))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert main(["online", *args, "online.rounds=1", "train.checkpoint_every=0", f"train.output_dir={none}"]) == 0
     assert not list_checkpoints(none / "checkpoints") and (none / "lora").is_dir()
+
 
 @pytest.mark.slow  # three runs of 3 rounds, one a fresh subprocess: ~60 s on 2 shared cores
 def test_online_sigkill_mid_round_then_resume_equals_the_uninterrupted_run(tmp_path, monkeypatch):
@@ -718,3 +721,29 @@ def test_a_rounds_training_steps_never_run_the_text_encoders(tmp_path, monkeypat
     args = [*TINY_ONLINE, f"objective.name={objective}", *extra, _prompts_file(tmp_path), "online.rounds=1"]
     online.run(None, [*args, "train.tensorboard=false", f"train.output_dir={tmp_path / 'run'}"])
     assert calls["in_steps"] == 0 and calls["sampling"] == 0 and calls["outside"] > 0
+
+
+def test_the_empty_prompt_is_encoded_once_per_run_and_the_grid_every_n_rounds(tmp_path, monkeypatch):
+    """CFG's "" conditioning is encoded in the first round and kept (Family.encode_empty; the text encoders are
+    frozen), as Flow-GRPO encodes its negative prompt once; train.grid_every=2 writes round 2's grid, not round 1's,
+    while the round log has both rounds."""
+    import diffalign.pipelines.online as online
+
+    from diffalign.models.sd import SDFamily
+
+    empty = []
+    original = SDFamily.encode_prompts
+
+    def counted(self, prompts):
+        empty.extend(p for p in prompts if p == "")
+        return original(self, prompts)
+
+    monkeypatch.setattr(SDFamily, "encode_prompts", counted)
+    monkeypatch.chdir(REPO)
+    out = tmp_path / "run"
+    args = [*TINY_ONLINE, "objective.name=d3po", _prompts_file(tmp_path), "train.grid_every=2"]
+    online.run(None, [*args, "train.tensorboard=false", f"train.output_dir={out}"])  # rounds=2, guidance 2
+    assert empty == [""]
+    rows = [json.loads(x) for x in (out / "rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2]
+    assert sorted(p.name for p in (out / "rounds").iterdir()) == ["round-0002.png"]

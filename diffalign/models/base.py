@@ -82,6 +82,14 @@ class Family:
     sets it); None for the CLIP-only families (77 tokens, fixed)."""
     num_frames: int | None = None
     """Video families: pixel frames of a sampled video (4k + 1, `model.num_frames` sets it); None for images."""
+    _empty: dict[str, torch.Tensor] | None = None  # encode_empty's kept copy
+
+    def encode_empty(self) -> dict[str, torch.Tensor]:
+        """The "" prompt's conditioning (1, ...), CFG's unconditional one: `encode_prompts([""])`, run once and kept
+        (the text encoders are frozen; `to` drops the copy)."""
+        if self._empty is None:
+            self._empty = self.encode_prompts([""])
+        return self._empty
 
     @property
     def shard_blocks(self) -> tuple[str, ...]:
@@ -120,6 +128,7 @@ class Family:
         """Raise a one-line DiffalignError where a LoRA cannot be trained on this checkpoint (before it is added)."""
 
     def to(self, device) -> Family:
+        self._empty = None
         self.pipe.to(device)
         return self
 

@@ -108,6 +108,7 @@ class ToyFamily(Family):
         return cls(unet, scheduler, text_encoder, tokenizer, dtype)
 
     def to(self, device) -> ToyFamily:
+        self._empty = None
         self.denoiser.to(device)
         if self.text_encoder is not None:
             self.text_encoder.to(device)

@@ -40,7 +40,8 @@ def encode_guided(family, prompts: list[str], guidance: float) -> dict[str, torc
 class EncodedPrompts:
     """A round's prompts encoded once: each distinct prompt's conditioning (U, ...) and, for CFG, the "" prompt's
     (1, ...), on the text encoder's device; the training steps select rows instead of running the text encoders
-    again (Flow-GRPO keeps the embeddings it sampled with and encodes the negative prompt once)."""
+    again (Flow-GRPO keeps the embeddings it sampled with and encodes the negative prompt once per run, as
+    `family.encode_empty` does)."""
 
     cond: dict[str, torch.Tensor]  # (U, ...) one row per distinct prompt
     index: torch.Tensor  # (N,) chain -> its row of cond
@@ -51,7 +52,7 @@ class EncodedPrompts:
     def encode(cls, family, prompts: list[str], with_uncond: bool) -> EncodedPrompts:
         distinct = list(dict.fromkeys(prompts))
         row = {p: i for i, p in enumerate(distinct)}
-        uncond = family.encode_prompts([""]) if with_uncond else None
+        uncond = family.encode_empty() if with_uncond else None
         index = torch.tensor([row[p] for p in prompts])
         return cls(family.encode_prompts(distinct), index, uncond)
 
