@@ -102,7 +102,17 @@ ONLINE: dict[str, list[str]] = {
         "sampling.sde_window_shift_every=2",
     ],
     "nocfg_flow": ["configs/toy_flow_grpo.yaml", "sampling.guidance=1.0"],
-}
+    # the same methods on the DDPM toy (DDIM-eta steps; CPS is a flow sampler): toy_grpo's sizes, sampler and lr 1e-3
+    # for the policy-ratio methods; DGPO and AWM train on ODE rounds, their own configs on the DDPM toy
+    "grpo_guard": ["configs/toy_grpo.yaml", "objective.name=grpo_guard", "objective.clip_range=2e-6",
+                   "objective.global_std=false"],
+    "dppo": ["configs/toy_flow_dppo.yaml", "model.path=toy", "sampling.steps=6", "sampling.eta=1.0", "train.lr=1e-3"],
+    "dgpo": ["configs/toy_flow_dgpo.yaml", "model.path=toy"],
+    "awm": ["configs/toy_flow_awm.yaml", "model.path=toy"],
+    "mixgrpo": ["configs/toy_grpo.yaml", "sampling.sde_window_size=2", "sampling.sde_window_range=[0,5]",
+                "sampling.sde_window_shift_every=2"],
+    "nocfg": ["configs/toy_grpo.yaml", "sampling.guidance=1.0"],
+}  # fmt: skip
 # drift columns: (header, scorer in the report's drift block, statistic): "change" = aligned - base mean (the prompt
 # errors), "aligned" = the aligned mean (base-relative scorers, 0 at the base)
 DRIFT_COLUMNS = (
