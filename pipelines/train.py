@@ -136,8 +136,8 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
                 run.log(step, logs)
                 run.bar.set_postfix(loss=f"{logs['loss']:.4f}", acc=f"{logs.get('implicit_acc', 0):.2f}")
                 sums = {}
-            if tc.validate_every and step % tc.validate_every == 0 and main and tc.validation_prompts:
-                validate(family, tc.validation_prompts, out / "validation" / f"step-{step:06d}.png", accelerator, step)
+            if tc.validate_every and step % tc.validate_every == 0 and (main or run.sharded) and tc.validation_prompts:
+                validate(run, tc.validation_prompts, out / "validation" / f"step-{step:06d}.png", step)
             tripped = run.after(step)  # before the save
             if ((tc.checkpoint_every and step % tc.checkpoint_every == 0) or stopping) and step < tc.max_steps:
                 run.save(step, {"data_position": position, "log_sums": sums})
@@ -168,10 +168,14 @@ def check_soft_labels(objective, name: str, dcfg) -> None:
             )
 
 
-def validate(family, prompts, path: Path, accelerator, step: int) -> None:
-    images = family.generate(prompts, seeds=list(range(len(prompts))))
+def validate(run, prompts, path: Path, step: int) -> None:
+    """The validation prompts' grid at this step (seeds 0..N-1) and its tensorboard images; a sharded run draws them
+    on every process (`Run.generate`), the main process writes."""
+    images = run.generate(list(prompts), list(range(len(prompts))), {})
+    if images is None:
+        return
     save_grid(images, path)
-    for tracker in accelerator.trackers:
+    for tracker in run.accelerator.trackers:
         if tracker.name == "tensorboard":
             tracker.writer.add_images(
                 "validation", np.stack([np.asarray(im) for im in images]), step, dataformats="NHWC"

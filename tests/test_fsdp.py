@@ -138,8 +138,12 @@ def test_fsdp_sd3_offline_equals_one_process_and_ddp_resumes_after_kill_and_load
 def test_fsdp_flux_offline_equals_one_process_and_ddp(pairs, tmp_path):
     """FLUX: two block classes (double- and single-stream), both sharded; no clipping (the unclipped gradient
     norm of sharded gradients is all-reduced for the finiteness check). The LoRA equals the one-process run's and
-    the DDP run's."""
-    args = [*_offline("flux", pairs, tmp_path), "train.max_grad_norm=0"]
+    the DDP run's, and so do the validation images, which every process of the sharded run draws a share of."""
+    import numpy as np
+    from PIL import Image
+
+    validation = ["train.validate_every=3", "train.validation_prompts=[a red cat,a blue dog,a green bird]"]
+    args = [*_offline("flux", pairs, tmp_path), "train.max_grad_norm=0", *validation]
     one, ddp, fsdp = tmp_path / "one", tmp_path / "ddp", tmp_path / "fsdp"
     assert main([*args, "train.batch_size=4", f"train.output_dir={one}"]) == 0
     _launch(*args, "train.batch_size=2", f"train.output_dir={ddp}")
@@ -147,6 +151,8 @@ def test_fsdp_flux_offline_equals_one_process_and_ddp(pairs, tmp_path):
     assert output.count("FSDP2: 2 blocks + root sharded") == 2
     assert lora_distance(_lora(one), _lora(fsdp)) < LORA_TOL
     assert lora_distance(_lora(ddp), _lora(fsdp)) < LORA_TOL
+    grids = [np.asarray(Image.open(run / "validation" / "step-000003.png"), dtype=float) for run in (one, fsdp)]
+    assert grids[0].shape == grids[1].shape and np.abs(grids[0] - grids[1]).max() <= 2  # 8-bit levels
 
 
 ONLINE = {
@@ -171,14 +177,17 @@ TOLS = {"grpo": (1e-5, 5e-4, 1e-5), "nft": (1e-5, 5e-4, 1e-5), "nft-bf16": (1e-3
 def test_fsdp_online_equals_one_process(tmp_path, objective):
     """Two rounds: each process samples its chunk through the sharded model, the round is gathered and scored, each
     step trains on a process's share of the rows; rewards, losses and LoRA equal the one-process run's. GRPO also
-    draws a curve point every round and the final evaluation, a share per process (3 prompts over 2 processes: one
-    padded), and its curves and report equal the one-process run's."""
+    draws a curve point, a guards check every round and the final evaluation, a share per process (3 prompts over 2
+    processes: one padded), and its curves, guard checks, kept copy (gathered into the checkpoint) and report equal
+    the one-process run's; resumed from round 1's checkpoint it ends with the same LoRA and kept copy."""
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a photo of a cat\nred dog\nblue bird\n")
     evaluation = ["eval.prompts=", "train.validate_every=0"]
-    if objective == "grpo":
+    if objective == "grpo":  # and the guards: a check every round (3 prompts: one padded), the best copy kept
         evaluation = [f"eval.prompts={prompts}", "eval.images_per_prompt=1", "eval.steps=2",
-                      "eval.scorers=[toy_aesthetic]", "eval.drift=[saturation]", "train.validate_every=1"]  # fmt: skip
+                      "eval.scorers=[toy_aesthetic]", "eval.drift=[saturation]", "train.validate_every=1",
+                      "guards.every=1", f"guards.prompts={prompts}", "guards.images_per_prompt=1", "guards.steps=2",
+                      "guards.monitors={sat: {kind: scorer, scorer: saturation, rule: max_rise, limit: 100.0}}"]  # fmt: skip
     args = [
         "online", f"model.path={REPO / 'assets/tiny/sd3'}", "lora.rank=4", "lora.alpha=4", f"sampling.prompts={prompts}",
         "sampling.prompts_per_round=2", "sampling.shared_noise=false", "reward.scorer=toy_aesthetic",
@@ -199,6 +208,21 @@ def test_fsdp_online_equals_one_process(tmp_path, objective):
         assert [r["step"] for r in curves[1]] == [0, 1, 2] and [r["images"] for r in curves[1]] == [3, 3, 3]
         for a, b in zip(*curves, strict=True):
             assert a["toy_aesthetic"] == pytest.approx(b["toy_aesthetic"], abs=1e-4)
+        guards = [_rows(run, "guards.jsonl") for run in (one, fsdp)]
+        assert [r["round"] for r in guards[1]] == [0, 1, 2]
+        for a, b in zip(*guards, strict=True):
+            assert a["passed"] == b["passed"] and a["reward"] == pytest.approx(b["reward"], abs=1e-4)
+            assert a["sat"] == pytest.approx(b["sat"], abs=1e-4)
+        kept = [json.loads((run / "summary.json").read_text())["guards"] for run in (one, fsdp)]
+        assert kept[0]["kept_round"] == kept[1]["kept_round"]
+        best = [load_file(str(run / "checkpoints/step-000002/guards_best.safetensors")) for run in (one, fsdp)]
+        assert best[0].keys() == best[1].keys() and lora_distance(*best) < lora_tol
+        assert {tuple(v.shape) for v in best[1].values()} == {tuple(v.shape) for v in best[0].values()}
+        resumed = tmp_path / "resumed"  # round 1's checkpoint, its kept copy sharded back on --resume
+        shutil.copytree(fsdp / "checkpoints" / "step-000001", resumed / "checkpoints" / "step-000001")
+        _launch_fsdp(*args, "train.batch_size=2", f"train.output_dir={resumed}", "--resume", "latest")
+        assert lora_distance(_lora(fsdp), _lora(resumed)) < 1e-6
+        assert json.loads((resumed / "summary.json").read_text())["guards"] == kept[1]
         reports = [json.loads((run / "eval" / "report.json").read_text()) for run in (one, fsdp)]
         assert reports[1]["images"] == 3 and (fsdp / "eval" / "sheet.png").is_file()
         for key in ("mean_old", "mean_new"):
@@ -207,8 +231,9 @@ def test_fsdp_online_equals_one_process(tmp_path, objective):
             )
 
 
-def test_sharded_run_refuses_main_process_generation_and_fsdp1(monkeypatch, tmp_path, capsys):
-    """What only the main process would run through a sharded model is refused with one line, before any model."""
+def test_sharded_run_refuses_what_cannot_be_sharded_and_fsdp1(monkeypatch, tmp_path, capsys):
+    """What cannot hold DTensors (8-bit AdamW's state, a quantized base) is refused with one line, before any
+    model; FSDP1 too."""
     from diffalign.engine.sharding import fsdp_requested
     from diffalign.errors import DiffalignError
 
@@ -219,8 +244,7 @@ def test_sharded_run_refuses_main_process_generation_and_fsdp1(monkeypatch, tmp_
     monkeypatch.setenv("FSDP_VERSION", "2")
     assert fsdp_requested()
     args = ["train", str(REPO / "configs/tiny/sd3_dpo.yaml"), f"train.output_dir={tmp_path / 'run'}"]
-    assert main([*args, "guards.every=1"]) == 2  # the CLI's one-line error exit
-    assert "guards.every: not available with FSDP2" in capsys.readouterr().err
-    assert main([*args, f"train.output_dir={tmp_path / 'run2'}", "train.validate_every=1",
-                 "train.validation_prompts=[a cat]"]) == 2  # fmt: skip
-    assert "train.validation_prompts: not available with FSDP2" in capsys.readouterr().err
+    assert main([*args, "train.adam_8bit=true"]) == 2  # the CLI's one-line error exit
+    assert "train.adam_8bit: not available with FSDP2" in capsys.readouterr().err
+    assert main([*args, f"train.output_dir={tmp_path / 'run2'}", "model.quantize=int8"]) == 2
+    assert "model.quantize: not available with FSDP2" in capsys.readouterr().err

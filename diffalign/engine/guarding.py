@@ -13,9 +13,13 @@ the LoRA when the check passes every rule with the best reward so far (step 0 is
 evaluation). The kept copy and its (reward, step) go into every checkpoint (`checkpoint_parts`), so `--resume` gets
 them back: a resumed run keeps the same weights as an uninterrupted one. The programs check before they save, so the
 checkpoint of step n has seen the check of step n. A trip prints one line naming the monitor, its value and the
-limit; the loop stops and lora/ is the best passing copy. Exit code 0: the stop is the guard doing its job, and the run's outputs (lora/, eval, summary)
-are complete; summary.json says `guards.tripped` so a script can tell. The main process measures; its verdict is
-broadcast so every process leaves the loop together.
+limit; the loop stops and lora/ is the best passing copy. Exit code 0: the stop is the guard doing its job, and the
+run's outputs (lora/, eval, summary) are complete; summary.json says `guards.tripped` so a script can tell.
+
+Several processes: the main process measures, and its verdict (the tripped rules, whether this check is the new best)
+is broadcast, so every process leaves the loop together and keeps the same copy. Under FSDP2 every process draws its
+share of the check's images (`generate_shared`, passed in as `generate`) and keeps its own shard of the best copy;
+the checkpoint gathers it (a collective), so the file is an unsharded run's and resumes with any process count.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from accelerate.utils import broadcast_object_list
 
 from diffalign.checkpoint import load_checkpoint_tensors
 from diffalign.config import GuardsConfig, MonitorConfig, from_dict
+from diffalign.engine.sharding import full_tensors, place_like
 from diffalign.errors import DiffalignError
 from diffalign.guards import Monitor, measure_all, trips
 from diffalign.lora import reference_mode
@@ -58,10 +63,12 @@ def build_monitors(gcfg: GuardsConfig) -> list[Monitor]:
 
 
 class GuardRun:
-    def __init__(self, gcfg, family, reward, params: dict, out: Path, accelerator, unit: str):
+    def __init__(self, gcfg, family, reward, params: dict, out: Path, accelerator, unit: str, generate=None):
         self.gcfg, self.family, self.reward, self.params = gcfg, family, reward, params
         self.accelerator, self.unit, self.path = accelerator, unit, Path(out) / "guards.jsonl"
         self.main = accelerator.is_main_process
+        self.generate = generate  # sharded: every process draws a share, the main process gets them all
+        self.draws = self.main or generate is not None  # the processes that run the check's forwards
         self.monitors = build_monitors(gcfg) if self.main else []
         prompts = guard_prompts(gcfg)
         g = gcfg.images_per_prompt
@@ -74,8 +81,9 @@ class GuardRun:
         self.tripped, self.last = [], None
 
     @classmethod
-    def build(cls, gcfg: GuardsConfig, family, reward, params, out, accelerator, unit: str):
-        """None when guards are off (every: 0); `reward` = a scorer or a scorer name (ranks passing checks)."""
+    def build(cls, gcfg: GuardsConfig, family, reward, params, out, accelerator, unit: str, generate=None):
+        """None when guards are off (every: 0); `reward` = a scorer or a scorer name (ranks passing checks);
+        `generate(prompts, seeds, kw)`: a sharded run's shared draw (None: the main process draws alone)."""
         if not gcfg.every:
             return None
         if not gcfg.monitors:
@@ -83,9 +91,12 @@ class GuardRun:
         if accelerator.is_main_process:
             reward = load_scorer(gcfg.reward) if gcfg.reward else reward
             reward = FrameReduced(load_scorer(reward) if isinstance(reward, str) else reward)  # videos: frame mean
-        return cls(gcfg, family, reward, params, out, accelerator, unit)
+        return cls(gcfg, family, reward, params, out, accelerator, unit, generate)
 
     def sample(self):
+        """The check's images: on the main process (None on the others when the draw is shared)."""
+        if self.generate is not None:
+            return self.generate(self.prompts, self.seeds, self.kw)
         images = []
         for i in range(0, len(self.prompts), 64):
             images += self.family.generate(self.prompts[i : i + 64], seeds=self.seeds[i : i + 64], **self.kw)
@@ -97,26 +108,33 @@ class GuardRun:
         After a `--resume` (checkpoint folder `resumed_from`, its state `saved`; guards.jsonl already cut to it) the
         base is measured again (same seeds, adapters off: the same images) but not logged twice, and the best
         passing copy and the last check come back from the checkpoint."""
-        if not self.main:
-            return
-        with reference_mode(self.family.denoiser):
-            self.base_images = self.sample()
-        self.base = measure_all(self.monitors, self.base_images, self.prompts, self.group, self.base_images)
+        if self.draws:
+            with reference_mode(self.family.denoiser):
+                self.base_images = self.sample()
+        if self.main:
+            self.base = measure_all(self.monitors, self.base_images, self.prompts, self.group, self.base_images)
         if resumed_from is None or "guards" not in saved:  # a fresh run, or guards switched on at the resume
-            self._record(0, self.base_images, self.base, [])
+            self._judge(0, self.base_images, base=True)
             return
-        state, kept = saved["guards"], load_checkpoint_tensors(resumed_from, "guards_best")
+        state, kept = saved["guards"], load_checkpoint_tensors(resumed_from, "guards_best")  # every process
         self.last = state["last"]
         if state["best"] is not None and kept is not None:
             reward, step = state["best"]
-            self.best = (reward, step, {k: kept[k].to(p) for k, p in self.params.items()})
+            self.best = (
+                reward,
+                step,
+                {k: place_like(kept[k].to(p.device, p.dtype), p) for k, p in self.params.items()},
+            )
 
     def checkpoint_parts(self) -> tuple[dict, dict]:
-        """({"guards": state} for the checkpoint's state.json, {"guards_best": weights} for its tensors)."""
+        """({"guards": state} for the checkpoint's state.json, {"guards_best": weights} for its tensors), on the main
+        process. Every process calls it: a sharded copy is gathered first (a collective)."""
+        if not self.main and self.generate is None:
+            return {}, {}
+        tensors = {"guards_best": full_tensors(self.best[2])} if self.best is not None else {}
         if not self.main:
             return {}, {}
         best = None if self.best is None else [self.best[0], self.best[1]]
-        tensors = {"guards_best": self.best[2]} if self.best is not None else {}
         return {"guards": {"best": best, "last": self.last}}, tensors
 
     def due(self, n: int, last: int) -> bool:
@@ -124,19 +142,29 @@ class GuardRun:
 
     def check(self, n: int) -> bool:
         """Measure after step/round n; True if a guard tripped (every process gets the same answer)."""
-        verdict = [None]
-        if self.main:
-            images = self.sample()
-            values = measure_all(self.monitors, images, self.prompts, self.group, self.base_images)
-            failed = trips(self.monitors, values, self.base)
-            self._record(n, images, values, failed)
-            verdict = [failed]
-        if self.accelerator.num_processes > 1:
-            broadcast_object_list(verdict)
-        self.tripped = verdict[0]
+        images = self.sample() if self.draws else None
+        self.tripped = self._judge(n, images, base=False)
         return bool(self.tripped)
 
-    def _record(self, n: int, images, values: dict, failed: list[str]) -> None:
+    def _judge(self, n: int, images, base: bool) -> list[str]:
+        """The main process measures and records check n; every process gets the tripped rules and, when the check
+        passed with the best reward so far, keeps a copy of (its shard of) the LoRA."""
+        verdict = [[], None]  # tripped rules, the reward of a new best passing check (None: not one)
+        if self.main:
+            values = (
+                self.base if base else measure_all(self.monitors, images, self.prompts, self.group, self.base_images)
+            )
+            failed = [] if base else trips(self.monitors, values, self.base)
+            reward = self._record(n, images, values, failed)
+            verdict = [failed, reward if not failed and (self.best is None or reward > self.best[0]) else None]
+        if self.accelerator.num_processes > 1:
+            broadcast_object_list(verdict)
+        if verdict[1] is not None:
+            self.best = (verdict[1], n, {k: p.detach().clone() for k, p in self.params.items()})
+        return verdict[0]
+
+    def _record(self, n: int, images, values: dict, failed: list[str]) -> float:
+        """guards.jsonl, the trackers and a line when a rule tripped; returns the check's mean reward."""
         with torch.no_grad():
             reward = float(self.reward(images, self.prompts).float().mean())
         row = {self.unit: n, "reward": reward, **values, "passed": not failed}
@@ -149,18 +177,17 @@ class GuardRun:
         self.last = n
         if failed:
             print(f"guard tripped at {self.unit} {n}: " + "; ".join(failed), flush=True)
-        elif self.best is None or reward > self.best[0]:
-            self.best = (reward, n, {k: p.detach().clone() for k, p in self.params.items()})
+        return reward
 
     def finish(self) -> dict:
-        """Put the kept weights back into the LoRA (main process) and say which step they are."""
-        if not self.main:
-            return {}
+        """Put the kept weights back into the LoRA (every process: its copy or shard) and say which step they are."""
         keep = self.best is not None and (self.tripped or self.gcfg.keep_best)
         if keep:
             with torch.no_grad():
                 for k, p in self.params.items():
                     p.copy_(self.best[2][k])
+        if not self.main:
+            return {}
         kept = self.best[1] if keep else self.last
         info = {"tripped": self.tripped, f"kept_{self.unit}": kept, "kept_reward": self.best[0] if keep else None}
         how = "best passing" if keep else "last"

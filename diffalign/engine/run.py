@@ -21,10 +21,10 @@ gradient_checkpointing, xformers, keep_checkpoints, validate_every, tensorboard,
 Sharding: an accelerate config with FSDP2 (configs/accelerate/fsdp.yaml) shards the denoiser per block right after its
 adapters are added (diffalign.engine.sharding); the parameters, the optimizer state, the forwards (reference and
 named adapters included) and the step are then the same code on DTensors, and checkpoints and the LoRA file are
-gathered once and written by rank 0 in the usual formats. The held-out evaluation and the curve points are drawn by
-every process, a share each, and scored by the main process (`Run.generate`). Generation on the main process alone
-(the guards, validation images, DRAGON's FD evaluation) would stall the other processes' all-gathers, so a sharded
-run refuses those keys. DeepSpeed is refused with one line: for LoRA on a frozen base ZeRO-2 shards only the gradients
+gathered once and written by rank 0 in the usual formats. Every image drawn outside the rounds (the held-out
+evaluation and DRAGON's FD on it, the curve points, the guards' checks, validation images) is drawn by every process,
+a share each, and scored by the main process (`Run.generate`): generation on the main process alone would stall the
+other processes' all-gathers. 8-bit AdamW and a quantized base are refused (their tensors are not DTensors). DeepSpeed is refused with one line: for LoRA on a frozen base ZeRO-2 shards only the gradients
 and the optimizer state, a few MB, and ZeRO-3 would need its own checkpoint and reference paths; FSDP2 shards the
 frozen base, which is what does not fit.
 """
@@ -245,7 +245,14 @@ class Run:
             if self.start == 0:
                 self.curves.point(0, self.accelerator)  # the LoRA is zero: the base model
         self.guard = GuardRun.build(
-            cfg.guards, self.family, scorer, self.named_params, self.out, self.accelerator, unit=self.unit
+            cfg.guards,
+            self.family,
+            scorer,
+            self.named_params,
+            self.out,
+            self.accelerator,
+            unit=self.unit,
+            generate=self.generate if self.sharded else None,
         )
         if self.guard:
             self.guard.start(self.path, self.saved)
@@ -280,9 +287,9 @@ class Run:
         params, optimizer = self.ckpt_params, self.optimizer
         if self.sharded:
             params, optimizer = full_tensors(params), full_optimizer_state(optimizer)
+        guard_state, guard_tensors = self.guard.checkpoint_parts() if self.guard else ({}, {})
         if not self.main:
             return
-        guard_state, guard_tensors = self.guard.checkpoint_parts() if self.guard else ({}, {})
         save_checkpoint(
             self.out / "checkpoints", n, params, optimizer, self.lr_scheduler, {},
             {**extra, "grad_scaler": scaler_state(self.accelerator), **self.counts, **guard_state},
@@ -308,7 +315,8 @@ class Run:
     # ---- outputs ------------------------------------------------------------------------------------------------
     def finish(self, metadata: dict, summary: dict, plot: tuple = (), extra_eval: Callable | None = None) -> dict:
         """The LoRA (the guards' kept weights when one tripped), summary.json, the curves and the held-out base vs
-        aligned evaluation. `plot`: plot_curves' (keys, unit) for the log; `extra_eval(family)` -> more results."""
+        aligned evaluation. `plot`: plot_curves' (keys, unit) for the log; `extra_eval(family, pairs)` -> more results
+        (`pairs`: the evaluation's images when a sharded run drew them, else None)."""
         self.close_loop()
         accelerator, cfg = self.accelerator, self.cfg
         accelerator.wait_for_everyone()
@@ -330,7 +338,7 @@ class Run:
         if cfg.eval.prompts:
             summary["eval"] = evaluate_base_vs_lora(self.family, cfg.eval, self.out / "eval", pairs=pairs)
             if extra_eval:
-                summary.update(extra_eval(self.family))
+                summary.update(extra_eval(self.family, pairs))
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
 
@@ -362,19 +370,12 @@ class Run:
 
 
 def check_shardable(cfg, opt) -> None:
-    """Under FSDP2 every process must run the same forwards: refuse what generates on the main process alone (the
-    others would wait in the all-gathers) and what cannot hold DTensors (8-bit AdamW, a quantized base)."""
-    exemplars = getattr(getattr(cfg, "reward", None), "exemplars", None)  # on-line DRAGON's FD evaluation
-    main_only = {  # the held-out evaluation and curves are drawn by every process (generate_shared)
-        "eval.prompts with reward.exemplars (the FD evaluation)": exemplars and cfg.eval.prompts,
-        "guards.every": cfg.guards.every,
-        "train.validation_prompts": opt.validate_every and getattr(opt, "validation_prompts", []),  # train only
-        "train.adam_8bit": opt.adam_8bit,
-        "model.quantize": cfg.model.quantize != "none",
+    """Under FSDP2 every parameter is a DTensor: refuse what cannot hold one (bitsandbytes' 8-bit AdamW state, a
+    quantized base's packed weights), in one line."""
+    unshardable = {
+        "train.adam_8bit": (opt.adam_8bit, "bitsandbytes' 8-bit state is not sharded; plain AdamW's state is"),
+        "model.quantize": (cfg.model.quantize != "none", "quantized weights cannot be DTensors; shard the bf16 base"),
     }
-    for key, on in main_only.items():
+    for key, (on, why) in unshardable.items():
         if on:
-            raise DiffalignError(
-                f"{key}: not available with FSDP2 sharding (the main process alone would run the sharded model, or "
-                "its tensors cannot be sharded); unset it, and compare the saved LoRA with `diffalign compare`"
-            )
+            raise DiffalignError(f"{key}: not available with FSDP2 sharding ({why})")

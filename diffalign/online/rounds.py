@@ -170,7 +170,8 @@ def set_fd(scorer, images) -> float:
     return float(frechet_distance(mu, cov, scorer.exemplars.mu, scorer.exemplars.cov))
 
 
-def eval_fd(family, ecfg, scorer) -> dict[str, float]:
-    """FD to the exemplars of base and aligned images on the held-out prompts (same seeds)."""
-    _, base, aligned = generate_pair_sets(family, read_eval_prompts(ecfg), ecfg)
+def eval_fd(family, ecfg, scorer, pairs: tuple | None = None) -> dict[str, float]:
+    """FD to the exemplars of base and aligned images on the held-out prompts (same seeds); `pairs`: the
+    evaluation's (prompts, base, aligned) when already drawn (a sharded run draws them on every process)."""
+    _, base, aligned = pairs or generate_pair_sets(family, read_eval_prompts(ecfg), ecfg)
     return {"base": set_fd(scorer, base), "aligned": set_fd(scorer, aligned), "images": len(base)}
