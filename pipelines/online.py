@@ -116,8 +116,11 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
     labels = read_labels(cfg.pairing.labels_file) if cfg.pairing.labels_file else None
     experts = None
     if source.experts:
-        if family.num_frames is not None:
-            raise DiffalignError(f"objective {name}: its experts are images, and {family.name} samples videos")
+        if family.num_frames not in (None, 1):  # a one-frame video is an image (how Wan trains on images)
+            raise DiffalignError(
+                f"objective {name}: its experts are images, and {family.name} samples {family.num_frames}-frame "
+                "videos; set model.num_frames=1 (one-frame videos, the experts' shape)"
+            )
         expert_scorer = load_scorer(oc.expert_scorer) if oc.expert_scorer else None
         pixels, captions = preference_winners(
             data_source(oc.experts), family.resolution, oc.max_experts, expert_scorer

@@ -182,13 +182,27 @@ def test_dpo_through_the_cli_then_wan_pipeline_load_lora_weights_reproduces_our_
     torch.testing.assert_close(ours, tuned, rtol=1e-5, atol=1e-5)
 
 
-def test_dro_on_video_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
-    """DRO's experts are preference-data images (one frame) and its negatives the policy's videos: refused."""
+def test_dro_on_wan_trains_on_one_frame_videos_and_refuses_longer_ones(tmp_path, monkeypatch, capsys):
+    """DRO's experts are preference-data images: on Wan they are one-frame videos (as Wan trains on images), so a
+    round with model.num_frames=1 runs, its negatives one-frame videos too (at init the hinge is -m, as on images);
+    5-frame negatives are refused in one line that names the fix."""
     monkeypatch.chdir(REPO)
-    args = ["online", f"model.path={TINY}", f"model.resolution={PX}", f"model.num_frames={FRAMES}", "eval.prompts="]
-    assert main([*args, "objective.name=dro", "sampling.guidance=1.0", f"train.output_dir={tmp_path}"]) == 2
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of a cat\nred dog\n")
+    experts = write_parquet(tmp_path / "prefs.parquet", make_rows(4))
+    args = ["online", f"model.path={TINY}", f"model.resolution={PX}", "model.dtype=float32", "eval.prompts=",
+            "objective.name=dro", "sampling.guidance=1.0", f"online.experts={experts}", "online.rounds=1",
+            "sampling.prompts_per_round=2", "sampling.images_per_prompt=2", "sampling.steps=3", "train.batch_size=2",
+            "train.steps_per_round=1", "train.mixed_precision=no", "reward.scorer=toy_aesthetic", "reward.monitor=[]",
+            "train.tensorboard=false", "guards.every=0", f"sampling.prompts={prompts}"]  # fmt: skip
+    assert main([*args, f"model.num_frames={FRAMES}", f"train.output_dir={tmp_path / 'five'}"]) == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
-    assert len(lines) == 1 and "experts are images" in lines[0]
+    assert len(lines) == 1 and "experts are images" in lines[0] and "model.num_frames=1" in lines[0]
+    out = tmp_path / "one"
+    assert main([*args, "model.num_frames=1", f"train.output_dir={out}"]) == 0
+    row = json.loads((out / "rounds.jsonl").read_text().splitlines()[0])
+    assert math.isclose(row["train/loss"], 0.001, rel_tol=1e-3) and row["skipped_steps"] == 0
+    assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
 
 
 def test_lora_on_the_two_expert_folder_is_refused_in_one_line(pairs_file, tmp_path, capsys):
