@@ -165,7 +165,7 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
             reward_wait = time.time() - t_score
             by_group = rewards.view(sc.prompts_per_round, g)  # (N,) -> (P, G)
             first, second = source.rows(by_group, cfg, labels, r, pool_index)
-            rnd = Round(r, traj, prompts, first, second, experts, text)
+            rnd = Round(r, traj, prompts, first, second, experts, text, sampler.grid)
             sums, n_rows = {}, len(first)
             trains = n_rows >= tc.grad_accum * world and not (stepwise and traj.num_steps == 0)  # MixGRPO's last
             for s in range(tc.steps_per_round if trains else 0):  # window is empty: that round trains nothing

@@ -240,7 +240,26 @@ ONLINE = {  # objective -> its overrides on top of a one-round tiny run
 @pytest.mark.parametrize("objective", list(ONLINE))
 def test_online_round_on_zimage_turbo_through_the_cli(tmp_path, monkeypatch, objective):
     """`diffalign online` on the tiny Z-Image with the Turbo recipes (no CFG, few steps): GRPO (SDE sampling with
-    log-probs) and NFT; a finite first round and the LoRA saved in Z-Image's format."""
+    log-probs) and NFT; a finite first round and the LoRA saved in Z-Image's format. NFT (objective.timesteps:
+    sampler) trains at t drawn from the round's own 6-step grid only."""
+    from diffalign.sources import nft
+
+    seen = {"t": [], "grid": None}
+    if objective == "nft":
+        x0_scale = nft.x0_scale
+
+        def recorded(schedule, t):
+            seen["t"] += t.tolist()
+            return x0_scale(schedule, t)
+
+        inputs = nft.NFT.inputs
+
+        def with_grid(self, ctx, batch, device):
+            seen["grid"] = batch["round"].grid.tolist()
+            return inputs(self, ctx, batch, device)
+
+        monkeypatch.setattr(nft, "x0_scale", recorded)
+        monkeypatch.setattr(nft.NFT, "inputs", with_grid)
     monkeypatch.chdir(REPO)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a photo of a cat\nred dog\n")
@@ -255,6 +274,9 @@ def test_online_round_on_zimage_turbo_through_the_cli(tmp_path, monkeypatch, obj
     assert math.isfinite(row["train/loss"]) and row["skipped_steps"] == 0
     with safe_open(str(out / "lora" / "pytorch_lora_weights.safetensors"), "pt") as f:
         assert any(k.startswith("transformer.layers.") for k in f.keys())
+    if objective == "nft":
+        assert len(seen["grid"]) == 6 and len(seen["t"]) == 2  # 6 sampling steps; a batch of 2 rows
+        assert all(t in seen["grid"] for t in seen["t"])
 
 
 def test_int8_base_under_the_lora_and_adapters_off_is_the_quantized_base():

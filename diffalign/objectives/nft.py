@@ -66,6 +66,12 @@ class DiffusionNFT(Objective):
     old_decay: Annotated[str, OneOf(OLD_DECAY)] = "linear"
     """Old-policy EMA decay d(step) (θ_old ← d θ_old + (1 − d) θ after each round): linear = min(0.001 step, 0.5)
     (official type 1), delayed = 0 for 75 steps, then min(0.0075 (step − 75), 0.999) (type 2, OCR)."""
+    timesteps: Annotated[str, OneOf("schedule", "sampler")] = "schedule"
+    """Where each visit's t comes from (one keyed draw per visit): schedule = uniform over the training schedule
+    (flow: the shifted σ), the same marginal as the official code's on SD3.5; sampler = uniform over the round's
+    sampling grid (`sampling.steps` t), the official code's own choice (it trains each sample at 9 of its 10 sampler
+    σ), and what a step-distilled base (Z-Image-Turbo, distilled FLUX.2-klein) needs: it predicts the flow only on its
+    grid."""
     negate_advantages: bool = False
     """For sign tests only: train on −A, i.e. towards low reward."""
 

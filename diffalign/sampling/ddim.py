@@ -196,6 +196,11 @@ class DDIMSampler:
         )  # fmt: skip
 
     @property
+    def grid(self) -> torch.Tensor:
+        """(S,) t of every step (long, the training schedule's t), on the CPU."""
+        return self.scheduler.timesteps.cpu().long()
+
+    @property
     def recorded_steps(self) -> int:
         """Steps a trajectory records with the default window."""
         start, end = resolve_window(self.window, self.scheduler.num_inference_steps)

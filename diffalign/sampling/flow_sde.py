@@ -92,6 +92,11 @@ class FlowSDESampler:
     def eta(self) -> float:
         return self.noise_level
 
+    @property
+    def grid(self) -> torch.Tensor:
+        """(S,) t of every step, in the training schedule's units (sigma * T), on the CPU."""
+        return self.timesteps.cpu()
+
     def resolve(self, window) -> tuple[int, int]:
         return resolve_window(window, len(self.timesteps))
 

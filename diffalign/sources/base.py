@@ -127,6 +127,7 @@ class Round:
     second: torch.Tensor | None  # (R,) losers, desirable flags, expert indices (DRO), advantages; GRPO: rewards (P, G)
     experts: tuple[torch.Tensor, list[str]] | None = None  # DRO: expert x0 (M, C, h, w) and captions
     text: EncodedPrompts | None = None  # the prompts' conditioning, encoded once when the round was sampled
+    grid: torch.Tensor | None = None  # (S,) the sampler's t of every step (NFT's objective.timesteps: sampler)
 
 
 class Source:
@@ -189,6 +190,17 @@ def keyed_draws(ctx: StepContext, x0: torch.Tensor, rnd: Round, step: int, rows:
         for i, r in enumerate(rows.tolist())
     ]  # N x ((1,), (1, C, h, w))
     return torch.cat([d[0] for d in draws]), torch.cat([d[1] for d in draws])
+
+
+def keyed_grid_draws(
+    ctx: StepContext, x0: torch.Tensor, rnd: Round, step: int, rows: torch.Tensor, grid: torch.Tensor
+):
+    """Each row's t drawn uniformly from `grid` (S,) and its eps, from the generator keyed on (seed, round, optimizer
+    step, row): (N,), (N, C, h, w)."""
+    gens = [pair_generator(ctx.seed, rnd.index, step, r) for r in rows.tolist()]
+    at = torch.cat([torch.randint(len(grid), (1,), generator=g) for g in gens])  # (N,)
+    eps = torch.cat([torch.randn((1, *x0.shape[1:]), generator=g) for g in gens])  # (N, C, h, w)
+    return grid[at].to(x0.device), eps.to(x0.device)
 
 
 def batch_baseline(ctx: StepContext, err: torch.Tensor, ref_err: torch.Tensor) -> torch.Tensor | None:
