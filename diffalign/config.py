@@ -74,6 +74,10 @@ class ModelConfig:
     recipe uses 128; the CLIP-only families refuse it."""
     num_frames: Annotated[int, NON_NEGATIVE] = 0
     """Video families (wan): frames per sampled video, 4k + 1 (5 -> 2 latent frames); 0 = the family's (Wan 81)."""
+    expert: Annotated[str, OneOf("high", "low", allow_empty=True)] = ""
+    """Wan 2.2 A14B (two experts): the one the LoRA trains, high (`transformer`, the steps with t >= the boundary)
+    or low (`transformer_2`); the other runs frozen on its own steps, and training draws t in the chosen expert's
+    range only. "" = a one-transformer folder (required there)."""
 
 
 @dataclass

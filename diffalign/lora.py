@@ -49,6 +49,7 @@ WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 LORA_KEY_PAIRS = [(".lora.down.weight", ".lora.up.weight"), (".lora_A.weight", ".lora_B.weight")]
 METADATA_KEY = "diffalign"  # our own metadata (run config, base model, ...) as one JSON string
 FAMILY_METADATA_KEY = "diffalign_family"  # the family name of the base the LoRA was trained on
+EXPERT_METADATA_KEY = "diffalign_expert"  # Wan 2.2 A14B: the expert it trained ("high" / "low"); absent otherwise
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers' key for the packed adapter config ("unet.r", ...)
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")  # diffusers' test for a kohya file
 
@@ -172,6 +173,8 @@ def save_lora(family, out_dir, metadata: dict | None = None, adapter_name: str =
         tensors = {key: f.get_tensor(key) for key in f.keys()}
         file_metadata = dict(f.metadata())
     file_metadata[FAMILY_METADATA_KEY] = family.name
+    if family.expert:
+        file_metadata[EXPERT_METADATA_KEY] = family.expert
     if metadata:
         file_metadata[METADATA_KEY] = json.dumps(metadata, sort_keys=True, default=str)
     save_file(tensors, str(path), metadata=file_metadata)
@@ -273,9 +276,23 @@ def check_lora_family(family, file) -> None:
         raise LoraError(f"{file}: a {made_for} LoRA cannot load onto a {family.name} base model")
 
 
-def _load_adapter(family, path, adapter_name: str) -> None:
+def lora_expert(file) -> str:
+    """The expert a LoRA file was trained on (a Wan 2.2 A14B run's "high" / "low"), "" for the others."""
+    with safe_open(str(file), framework="pt") as f:
+        return (f.metadata() or {}).get(EXPERT_METADATA_KEY, "")
+
+
+def _load_adapter(family, path, adapter_name: str):
+    """Load the file into its module (`family.lora_module`: the denoiser, or a two-expert family's expert);
+    returns that module."""
     file = _lora_file(path)
     check_lora_family(family, file)
+    module = family.lora_module(lora_expert(file))
+    if module is not family.denoiser:  # a Wan 2.2 low-noise LoRA: diffusers' files, into transformer_2
+        check_lora_matches(module, file, family.lora_prefix)
+        module.load_lora_adapter(str(file.parent), weight_name=file.name, prefix=family.lora_prefix,
+                                 adapter_name=adapter_name)  # fmt: skip
+        return module
     if is_kohya(file) and family.name == "flux":
         with safe_open(str(file), framework="pt") as f:
             weights, alphas = lora_flux.from_kohya({k: f.get_tensor(k) for k in f.keys()}, str(file))
@@ -283,24 +300,25 @@ def _load_adapter(family, path, adapter_name: str) -> None:
         family.denoiser.load_lora_adapter(
             weights, prefix="transformer", network_alphas=alphas, adapter_name=adapter_name
         )
-        return
+        return family.denoiser
     if is_kohya(file):
         if family.lora_prefix != "unet":
             raise LoraError(f"{file}: kohya-format LoRAs load into UNet families (sd, sdxl), not '{family.name}'")
         weights, alphas = read_kohya(file, family.denoiser.config)
         check_lora_matches(family.denoiser, file, "unet", {k: v.shape for k, v in weights.items()})
         family.denoiser.load_lora_adapter(weights, prefix="unet", network_alphas=alphas, adapter_name=adapter_name)
-        return
+        return family.denoiser
     check_lora_matches(family.denoiser, file, family.lora_prefix)
     family.denoiser.load_lora_adapter(
         str(file.parent), weight_name=file.name, prefix=family.lora_prefix, adapter_name=adapter_name
     )
+    return family.denoiser
 
 
 def load_lora(family, path, adapter_name: str = "default", scale: float = 1.0) -> str:
-    """Load a LoRA (diffusers folder or file, or a kohya file) into `family.denoiser` as the only active adapter."""
-    _load_adapter(family, path, adapter_name)
-    family.denoiser.set_adapters([adapter_name], weights=[scale])
+    """Load a LoRA (diffusers folder or file, or a kohya file) into `family.denoiser` (a Wan 2.2 expert LoRA: its
+    expert) as the only active adapter there."""
+    _load_adapter(family, path, adapter_name).set_adapters([adapter_name], weights=[scale])
     return adapter_name
 
 
@@ -311,12 +329,17 @@ def load_lora_many(family, loras: list[tuple[str, float]], fuse: bool = False) -
     base model, so a LoRA added afterwards trains on top of it and `reference_mode` gives the fused model.
     """
     names = [f"lora_{i}" for i in range(len(loras))]
-    for name, (path, _) in zip(names, loras):
-        _load_adapter(family, path, name)
-    family.denoiser.set_adapters(names, weights=[float(scale) for _, scale in loras])
-    if fuse:
-        family.denoiser.fuse_lora(adapter_names=names)
-        family.denoiser.delete_adapters(names)
+    into = {}  # module -> its (names, scales): a Wan 2.2 high- and low-noise LoRA go to their own experts
+    for name, (path, scale) in zip(names, loras):
+        module = _load_adapter(family, path, name)
+        into.setdefault(module, ([], []))
+        into[module][0].append(name)
+        into[module][1].append(float(scale))
+    for module, (own, scales) in into.items():
+        module.set_adapters(own, weights=scales)
+        if fuse:
+            module.fuse_lora(adapter_names=own)
+            module.delete_adapters(own)
     return names
 
 

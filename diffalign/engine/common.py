@@ -93,6 +93,8 @@ def load_model(
                 f"model.num_frames={mcfg.num_frames}: needs a video family and 4k + 1 frames (family '{family.name}')"
             )
         family.num_frames = mcfg.num_frames
+    if mcfg.expert:
+        family.choose_expert(mcfg.expert)
     if lora is not None:
         family.check_trainable()
         check_target_modules(family, lora_targets(family, lora.preset, lora.target_modules))

@@ -119,7 +119,9 @@ class Run:
         if family is None:
             family = load_model(cfg.model, load_encoders=load_encoders, lora=cfg.lora, device=self.device)
             family.set_resolution(cfg.model.resolution or family.resolution)  # FLUX: the shift depends on the size
-            (family if whole_family else family.denoiser).to(self.device)
+            for module in (family,) if whole_family else family.denoising_modules():
+                module.to(self.device)
+            self.restrict_timesteps(family)
         if family.num_frames is not None and cfg.eval.prompts:
             raise DiffalignError(f"eval.prompts: the {family.name} videos are not evaluated yet; set eval.prompts=")
         if opt.gradient_checkpointing:
@@ -151,6 +153,23 @@ class Run:
             self.shard(family.shard_blocks)
         self.family = family
         return family
+
+    def restrict_timesteps(self, family) -> None:
+        """A two-expert family's trained expert denoises part of the schedule only: the estimator's t range
+        (`estimator.t_min` / `t_max`) is narrowed to it, so every training draw reaches the LoRA."""
+        span = family.expert_timesteps()
+        if span is None:
+            return
+        est = self.cfg.estimator
+        lo, hi = max(est.t_min, span[0]), min(est.t_max or span[1], span[1])
+        if lo >= hi:
+            raise DiffalignError(
+                f"estimator.t_min/t_max [{est.t_min}, {est.t_max}) miss the {family.expert} expert's timesteps "
+                f"[{span[0]}, {span[1]})"
+            )
+        est.t_min, est.t_max = lo, hi
+        if self.main:
+            print(f"{family.name}: training the {family.expert}-noise expert at t in [{lo}, {hi})")
 
     def shard(self, blocks: tuple[str, ...]) -> None:
         """FSDP2: shard the denoiser per block, then re-read the parameters (now DTensors) the optimizer, the
@@ -316,7 +335,7 @@ class Run:
     def finish(self, metadata: dict, summary: dict, plot: tuple = (), extra_eval: Callable | None = None) -> dict:
         """The LoRA (the guards' kept weights when one tripped), summary.json, the curves and the held-out base vs
         aligned evaluation. `plot`: plot_curves' (keys, unit) for the log; `extra_eval(family, pairs)` -> more results
-        (`pairs`: the evaluation's images when a sharded run drew them, else None)."""
+        (`pairs`: the evaluation's images, drawn once for both)."""
         self.close_loop()
         accelerator, cfg = self.accelerator, self.cfg
         accelerator.wait_for_everyone()
@@ -336,6 +355,8 @@ class Run:
         if self.curves:
             plot_curves(self.curves.path, self.log_path, self.out / "eval" / "curves.png", self.curves.label, *plot)
         if cfg.eval.prompts:
+            if extra_eval and pairs is None:  # drawn once for both (DRAGON's FD scores the same images)
+                pairs = generate_pair_sets(self.family, read_eval_prompts(cfg.eval), cfg.eval)
             summary["eval"] = evaluate_base_vs_lora(self.family, cfg.eval, self.out / "eval", pairs=pairs)
             if extra_eval:
                 summary.update(extra_eval(self.family, pairs))

@@ -82,7 +82,26 @@ class Family:
     sets it); None for the CLIP-only families (77 tokens, fixed)."""
     num_frames: int | None = None
     """Video families: pixel frames of a sampled video (4k + 1, `model.num_frames` sets it); None for images."""
+    expert: str = ""
+    """Two-expert families (Wan 2.2 A14B): the expert `denoiser` is ("high" / "low"), chosen by `choose_expert`;
+    "" for every other family."""
     _empty: dict[str, torch.Tensor] | None = None  # encode_empty's kept copy
+
+    def choose_expert(self, expert: str) -> None:
+        """Train the LoRA on `expert` of a two-expert family; a one-line error for the others."""
+        raise DiffalignError(f"model.expert: family '{self.name}' has one denoiser (only Wan 2.2 A14B has experts)")
+
+    def expert_timesteps(self) -> tuple[int, int] | None:
+        """[t_min, t_max) of the training timesteps the trained expert denoises (None: all of them)."""
+        return None
+
+    def denoising_modules(self) -> tuple[torch.nn.Module, ...]:
+        """Every module `denoise` runs: the denoiser, and a two-expert family's frozen partner."""
+        return (self.denoiser,)
+
+    def lora_module(self, expert: str) -> torch.nn.Module:
+        """The module a LoRA file trained on `expert` ("" for most) loads into: the denoiser."""
+        return self.denoiser
 
     def encode_empty(self) -> dict[str, torch.Tensor]:
         """The "" prompt's conditioning (1, ...), CFG's unconditional one: `encode_prompts([""])`, run once and kept

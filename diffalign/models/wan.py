@@ -18,10 +18,13 @@ Every Wan quirk lives here (diffusers 0.42 `pipelines/wan/pipeline_wan.py`, cite
   FlowMatchEulerDiscreteScheduler with the same shift (the flow SDE sampler needs Euler steps; `generate` keeps the
   pipeline's own UniPC);
 - Wan 2.2 A14B: `transformer` (high noise) runs the steps with t >= boundary_ratio * 1000 and `transformer_2` (low
-  noise) the rest (l. 586, 597-603); `denoise` and the samplers switch the same way, row by row. Training a LoRA is
-  refused on a two-expert folder: diffalign's Run puts one LoRA (and its reference / old adapters, checkpoint and
-  file) on one denoiser, and the two 14B experts are separate networks for separate noise ranges, which the peers
-  also train one at a time (Flow-Factory `target_components: transformer | transformer_2`).
+  noise) the rest (l. 586, 597-603); `denoise` and the samplers switch the same way, row by row. A LoRA trains one
+  expert (`model.expert: high | low`), as the peers do (Flow-Factory `target_components: transformer |
+  transformer_2`; DiffSynth-Studio's `--min/max_timestep_boundary`): that expert is the family's `denoiser` (its
+  LoRA, reference and old adapters, checkpoint and file), the other runs frozen on its own steps, and the training
+  timesteps are narrowed to the trained expert's range (`expert_timesteps`), so every draw reaches the LoRA. The file
+  records the expert (`diffalign_expert`); a low-noise LoRA loads into `transformer_2` (diffusers:
+  `load_lora_weights(..., load_into_transformer_2=True)`), and two expert LoRAs load together for generation.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipe
 
 from diffalign.errors import DiffalignError
 from diffalign.likelihood import Schedule
+
+EXPERTS = ("high", "low")  # Wan 2.2 A14B: `transformer` (t >= boundary), `transformer_2` (the rest)
 from diffalign.models.base import Family
 from diffalign.models.sd import _one_line, check_components
 
@@ -106,11 +111,38 @@ class WanFamily(Family):
         return cls(pipe, vae_config, dtype)
 
     def check_trainable(self) -> None:
-        if self.experts:
+        if self.experts and not self.expert:
             raise DiffalignError(
-                f"{self.name}: a Wan 2.2 two-expert folder (transformer + transformer_2) has no single denoiser to "
-                "put one LoRA on; train one expert at a time from a folder holding only that expert (as Flow-Factory)"
+                f"{self.name}: a Wan 2.2 two-expert folder (transformer + transformer_2): set model.expert=high or "
+                "low, the expert the LoRA trains (one at a time, as Flow-Factory)"
             )
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        """{"high": transformer, "low": transformer_2} of a two-expert folder."""
+        return {"high": self.pipe.transformer, "low": self.pipe.transformer_2}
+
+    def choose_expert(self, expert: str) -> None:
+        if not self.experts:
+            raise DiffalignError(f"model.expert={expert}: this Wan folder has one transformer (no transformer_2)")
+        self.expert, self.denoiser = expert, self.modules()[expert]
+
+    def expert_timesteps(self) -> tuple[int, int] | None:
+        """Training indices whose model timestep (sigma * 1000) is on the trained expert's side of the boundary."""
+        if not self.expert:
+            return None
+        t = torch.arange(self.schedule.num_train_timesteps)
+        high = (self.schedule.model_timestep(t) >= self.boundary).nonzero().flatten()  # a contiguous run of t
+        lo, hi = int(high.min()), int(high.max()) + 1
+        if self.expert == "high":
+            return lo, hi
+        return (0, lo) if lo > 0 else (hi, self.schedule.num_train_timesteps)
+
+    def denoising_modules(self) -> tuple[torch.nn.Module, ...]:
+        return tuple(self.modules().values()) if self.experts else (self.denoiser,)
+
+    def lora_module(self, expert: str) -> torch.nn.Module:
+        """A two-expert folder: the expert the file was trained on ("" = high, the `transformer`)."""
+        return self.modules()[expert or "high"] if self.experts else self.denoiser
 
     def set_resolution(self, resolution: int) -> None:
         """The square size of on-line samples (the shift does not depend on it)."""
@@ -168,7 +200,7 @@ class WanFamily(Family):
         Wan 2.2: rows with scheduler timestep >= the boundary go to `transformer`, the others to `transformer_2`."""
         timestep = self.schedule.model_timestep(t).to(xt.device)  # (N,) sigma * 1000
         embeds = cond["prompt_embeds"].to(self.dtype)
-        high = self.denoiser if module is None else module
+        trained = self.denoiser if module is None else module
 
         def run(net, rows):
             return net(
@@ -179,10 +211,11 @@ class WanFamily(Family):
             )[0]
 
         if self.boundary is None:
-            return run(high, slice(None))
+            return run(trained, slice(None))
+        nets = {**self.modules(), self.expert or "high": trained}  # the trained expert through `module`
         is_high = timestep >= self.boundary  # (N,) bool
         out = torch.empty(xt.shape, dtype=self.dtype, device=xt.device)
-        for net, rows in ((high, is_high), (self.pipe.transformer_2, ~is_high)):
+        for net, rows in ((nets["high"], is_high), (nets["low"], ~is_high)):
             if rows.any():
                 out[rows] = run(net, rows)
         return out
