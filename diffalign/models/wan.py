@@ -34,8 +34,6 @@ from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipe
 
 from diffalign.errors import DiffalignError
 from diffalign.likelihood import Schedule
-
-EXPERTS = ("high", "low")  # Wan 2.2 A14B: `transformer` (t >= boundary), `transformer_2` (the rest)
 from diffalign.models.base import Family
 from diffalign.models.sd import _one_line, check_components
 
