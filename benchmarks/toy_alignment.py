@@ -102,6 +102,10 @@ ONLINE: dict[str, list[str]] = {
         "sampling.sde_window_shift_every=2",
     ],
     "nocfg_flow": ["configs/toy_flow_grpo.yaml", "sampling.guidance=1.0"],
+    # MixGRPO's window with a third of the lr: GRPO averages its loss over the trained steps, so training 3 of 10 puts
+    # about 3x the gradient on each
+    "mixgrpo_flow_lr": ["configs/toy_flow_grpo.yaml", "sampling.sde_window_size=3", "sampling.sde_window_range=[0,9]",
+                        "sampling.sde_window_shift_every=2", "train.lr=1e-3"],
     # the same methods on the DDPM toy (DDIM-eta steps; CPS is a flow sampler): toy_grpo's sizes, sampler and lr 1e-3
     # for the policy-ratio methods; DGPO and AWM train on ODE rounds, their own configs on the DDPM toy
     "grpo_guard": ["configs/toy_grpo.yaml", "objective.name=grpo_guard", "objective.clip_range=2e-6",
