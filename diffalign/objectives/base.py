@@ -19,6 +19,9 @@ class Objective:
     xt_source: ClassVar[str] = "noise"
     """Where x_t comes from: a key of diffalign.inversion.XT_SOURCES, or "trajectory" / "predictions" for the
     on-line sources that bring their own (a dataclass field on the objectives that let the user choose)."""
+    timesteps: ClassVar[str] = "schedule"
+    """Forward-noising sources (nft, awm): where each visit's t comes from, "schedule" (the training schedule) or
+    "sampler" (the round's sampling grid); a dataclass field on the objectives that let the user choose (NFT)."""
     sources: ClassVar[tuple[str, ...]] = ()
     """What it learns from: keys of diffalign.sources.SOURCES, the first one of a program is the one it uses."""
     own_kl: ClassVar[str] = ""
