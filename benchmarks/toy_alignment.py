@@ -106,8 +106,6 @@ ONLINE: dict[str, list[str]] = {
     # about 3x the gradient on each
     "mixgrpo_flow_lr": ["configs/toy_flow_grpo.yaml", "sampling.sde_window_size=3", "sampling.sde_window_range=[0,9]",
                         "sampling.sde_window_shift_every=2", "train.lr=1e-3"],
-    # GRPO-Guard at a third of the lr: its shipped toy lr 3e-3 moves the shapes past the guard in round 1
-    "grpo_guard_flow_lr": ["configs/toy_grpo_guard.yaml", "train.lr=1e-3"],
     # the same methods on the DDPM toy (DDIM-eta steps; CPS is a flow sampler): toy_grpo's sizes, sampler and lr 1e-3
     # for the policy-ratio methods; DGPO and AWM train on ODE rounds, their own configs on the DDPM toy
     "grpo_guard": ["configs/toy_grpo.yaml", "objective.name=grpo_guard", "objective.clip_range=2e-6",
