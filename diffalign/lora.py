@@ -287,12 +287,6 @@ def _load_adapter(family, path, adapter_name: str):
     returns that module."""
     file = _lora_file(path)
     check_lora_family(family, file)
-    module = family.lora_module(lora_expert(file))
-    if module is not family.denoiser:  # a Wan 2.2 low-noise LoRA: diffusers' files, into transformer_2
-        check_lora_matches(module, file, family.lora_prefix)
-        module.load_lora_adapter(str(file.parent), weight_name=file.name, prefix=family.lora_prefix,
-                                 adapter_name=adapter_name)  # fmt: skip
-        return module
     if is_kohya(file) and family.name == "flux":
         with safe_open(str(file), framework="pt") as f:
             weights, alphas = lora_flux.from_kohya({k: f.get_tensor(k) for k in f.keys()}, str(file))
@@ -308,11 +302,12 @@ def _load_adapter(family, path, adapter_name: str):
         check_lora_matches(family.denoiser, file, "unet", {k: v.shape for k, v in weights.items()})
         family.denoiser.load_lora_adapter(weights, prefix="unet", network_alphas=alphas, adapter_name=adapter_name)
         return family.denoiser
-    check_lora_matches(family.denoiser, file, family.lora_prefix)
-    family.denoiser.load_lora_adapter(
+    module = family.lora_module(lora_expert(file))  # the denoiser, or the expert a Wan 2.2 LoRA was trained on
+    check_lora_matches(module, file, family.lora_prefix)
+    module.load_lora_adapter(
         str(file.parent), weight_name=file.name, prefix=family.lora_prefix, adapter_name=adapter_name
     )
-    return family.denoiser
+    return module
 
 
 def load_lora(family, path, adapter_name: str = "default", scale: float = 1.0) -> str:

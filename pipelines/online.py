@@ -236,9 +236,7 @@ def run(config: str | None = None, overrides: list[str] | tuple = (), resume: st
         run.close_loop()
 
     # ---- outputs ----------------------------------------------------------------------------------------------
-    extra_eval = (
-        (lambda fam, pairs: {"eval_fd": eval_fd(fam, cfg.eval, scorer, pairs)}) if cfg.reward.exemplars else None
-    )
+    extra_eval = (lambda fam, pairs: {"eval_fd": eval_fd(scorer, pairs)}) if cfg.reward.exemplars else None
     summary = run.finish({"objective": name, "online": True}, {"rounds": oc.rounds}, (ROUND_KEYS, "round"), extra_eval)
     if main and "eval_fd" in summary:
         fd = summary["eval_fd"]

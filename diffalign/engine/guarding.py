@@ -129,9 +129,8 @@ class GuardRun:
     def checkpoint_parts(self) -> tuple[dict, dict]:
         """({"guards": state} for the checkpoint's state.json, {"guards_best": weights} for its tensors), on the main
         process. Every process calls it: a sharded copy is gathered first (a collective)."""
-        if not self.main and self.generate is None:
-            return {}, {}
-        tensors = {"guards_best": full_tensors(self.best[2])} if self.best is not None else {}
+        gathers = self.best is not None and (self.main or self.generate is not None)  # sharded: every process
+        tensors = {"guards_best": full_tensors(self.best[2])} if gathers else {}
         if not self.main:
             return {}, {}
         best = None if self.best is None else [self.best[0], self.best[1]]

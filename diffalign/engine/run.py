@@ -24,8 +24,8 @@ named adapters included) and the step are then the same code on DTensors, and ch
 gathered once and written by rank 0 in the usual formats. Every image drawn outside the rounds (the held-out
 evaluation and DRAGON's FD on it, the curve points, the guards' checks, validation images) is drawn by every process,
 a share each, and scored by the main process (`Run.generate`): generation on the main process alone would stall the
-other processes' all-gathers. 8-bit AdamW and a quantized base are refused (their tensors are not DTensors). DeepSpeed is refused with one line: for LoRA on a frozen base ZeRO-2 shards only the gradients
-and the optimizer state, a few MB, and ZeRO-3 would need its own checkpoint and reference paths; FSDP2 shards the
+other processes' all-gathers. 8-bit AdamW and a quantized base are refused (their tensors are not DTensors).
+DeepSpeed is refused with one line: for LoRA on a frozen base ZeRO-2 shards only the gradients and the optimizer state, a few MB, and ZeRO-3 would need its own checkpoint and reference paths; FSDP2 shards the
 frozen base, which is what does not fit.
 """
 
@@ -355,7 +355,7 @@ class Run:
         if self.curves:
             plot_curves(self.curves.path, self.log_path, self.out / "eval" / "curves.png", self.curves.label, *plot)
         if cfg.eval.prompts:
-            if extra_eval and pairs is None:  # drawn once for both (DRAGON's FD scores the same images)
+            if pairs is None:  # drawn once: the report and an extra evaluation (DRAGON's FD) score the same images
                 pairs = generate_pair_sets(self.family, read_eval_prompts(cfg.eval), cfg.eval)
             summary["eval"] = evaluate_base_vs_lora(self.family, cfg.eval, self.out / "eval", pairs=pairs)
             if extra_eval:

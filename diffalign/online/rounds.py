@@ -21,7 +21,6 @@ import numpy as np
 import torch
 from accelerate.utils import broadcast_object_list, gather_object
 
-from diffalign.engine.evaluate import generate_pair_sets, read_eval_prompts
 from diffalign.errors import DiffalignError
 from diffalign.online.exemplars import ToyStatsEncoder, toy_vivid_exemplars
 from diffalign.paths import TOY_HELDOUT
@@ -170,8 +169,8 @@ def set_fd(scorer, images) -> float:
     return float(frechet_distance(mu, cov, scorer.exemplars.mu, scorer.exemplars.cov))
 
 
-def eval_fd(family, ecfg, scorer, pairs: tuple | None = None) -> dict[str, float]:
-    """FD to the exemplars of base and aligned images on the held-out prompts (same seeds); `pairs`: the
-    evaluation's (prompts, base, aligned) when already drawn (a sharded run draws them on every process)."""
-    _, base, aligned = pairs or generate_pair_sets(family, read_eval_prompts(ecfg), ecfg)
+def eval_fd(scorer, pairs: tuple) -> dict[str, float]:
+    """FD to the exemplars of the base and aligned images of the held-out evaluation, `pairs` = its (prompts, base,
+    aligned) as `generate_pair_sets` drew them (same seeds for both)."""
+    _, base, aligned = pairs
     return {"base": set_fd(scorer, base), "aligned": set_fd(scorer, aligned), "images": len(base)}
