@@ -242,6 +242,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument(
         "--work", default="", help="keep the children's logs, configs and outputs here (default: a temp dir)"
     )
+    p.add_argument(
+        "--compile",
+        default="",
+        choices=["", "blocks", "model"],
+        help="a third side: diffalign with train.compile=this (its compile falls in the left-out epoch)",
+    )
     p.add_argument("--json", default="", help="results file (default benchmarks/results/online_peer.json)")
     args = p.parse_args(argv)
     skip, epochs = (0, 1) if args.smoke else (1, args.epochs)
@@ -270,6 +276,10 @@ def main(argv: list[str] | None = None) -> dict:
             overrides.append("train.checkpoint_every=1")
         sides["diffalign"] = Child("diffalign", [sys.executable, "-c", program, *overrides], env, REPO,
                                    work / "diffalign.log")  # fmt: skip
+        if args.compile:
+            compiled = [o.replace(str(work / "diffalign"), str(work / "compiled")) for o in overrides]
+            sides["compiled"] = Child("compiled", [sys.executable, "-c", program, *compiled, f"train.compile={args.compile}"],
+                                      env, REPO, work / "compiled.log")  # fmt: skip
         times = {name: [] for name in sides}
         try:
             for e in range(skip + epochs):  # interleaved: flow_grpo's epoch e, then diffalign's
@@ -283,7 +293,8 @@ def main(argv: list[str] | None = None) -> dict:
                 if child.proc.poll() is None:
                     child.stop()
     out = {"settings": {"flow_grpo_commit": PEER_COMMIT, "epochs": epochs, "left_out": skip, "threads": args.threads,
-                        "omp_wait_policy": args.omp_wait_policy, "smoke": args.smoke},
+                        "omp_wait_policy": args.omp_wait_policy, "smoke": args.smoke,
+                        "compile": args.compile},
            "machine": machine(), "seconds": times,
            "median_s": {name: statistics.median(t) for name, t in times.items()}}  # fmt: skip
     med = out["median_s"]
@@ -291,6 +302,9 @@ def main(argv: list[str] | None = None) -> dict:
     if "flow_grpo" in med:
         out["ratio"] = med["diffalign"] / med["flow_grpo"]
         print(f"diffalign / flow_grpo = {out['ratio']:.2f}")
+        if "compiled" in med:
+            out["ratio_compiled"] = med["compiled"] / med["flow_grpo"]
+            print(f"diffalign train.compile={args.compile} / flow_grpo = {out['ratio_compiled']:.2f}")
     return write_results(out, args.json, "online_peer.json")
 
 

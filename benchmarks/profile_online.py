@@ -88,7 +88,9 @@ def report_python(name: str, seconds: float, prof: cProfile.Profile, rows: int) 
     print(f"\n=== {name}: one round {seconds:.2f} s (cProfile)")
     stats = pstats.Stats(prof).sort_stats("cumulative")
     stats.print_stats(rows)
-    stats.print_callers(r"method 'item'|method 'tolist'|method 'nonzero'|encode_prompts|get_parameter_dtype")
+    stats.print_callers(
+        r"method 'item'|method 'tolist'|method 'nonzero'|encode_prompts|get_parameter_dtype|get_parameter_device"
+    )
     return {"seconds": seconds}
 
 
@@ -98,6 +100,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--rows", type=int, default=30, help="ops in each table")
     p.add_argument("--python", action="store_true", help="cProfile instead: Python time and who reads the host")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument(
+        "--compile", default="none", help="train.compile: none, blocks, model (round 1, not profiled, compiles)"
+    )
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -110,6 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
             overrides = diffalign_overrides(work, prompts, 2)  # rounds = 3: warm-up, profiled, stop
             if name == "nft":  # its own objective keys; the later keys win
                 overrides = [o for o in overrides if not o.startswith("objective.")] + NFT
+            overrides.append(f"train.compile={args.compile}")
             seconds, prof = profile_round(overrides, args.python)
             out[name] = (report_python if args.python else report)(name, seconds, prof, args.rows)
     return out

@@ -188,6 +188,10 @@ class OptimConfig:
     """Recompute activations in the backward pass to save memory."""
     xformers: bool = False
     """Use xformers attention (GPU only; SDPA is the default)."""
+    compile: Annotated[str, OneOf("none", "blocks", "model")] = "none"
+    """torch.compile the denoiser in place (diffalign/engine/compiling.py): none, blocks (each repeated block:
+    the shortest compile) or model (the whole forward: the longest compile). The first steps pay for compiling (tens
+    of seconds on a CPU, minutes for a big model), the later ones run faster."""
     keep_checkpoints: Annotated[int, AT_LEAST_1] = 2
     """How many checkpoints to keep."""
     validate_every: Annotated[int, NON_NEGATIVE] = 50

@@ -232,8 +232,8 @@ def test_fsdp_online_equals_one_process(tmp_path, objective):
 
 
 def test_sharded_run_refuses_what_cannot_be_sharded_and_fsdp1(monkeypatch, tmp_path, capsys):
-    """What cannot hold DTensors (8-bit AdamW's state, a quantized base) is refused with one line, before any
-    model; FSDP1 too."""
+    """What cannot hold DTensors (8-bit AdamW's state, a quantized base) or is not tested sharded (train.compile)
+    is refused with one line, before any model; FSDP1 too."""
     from diffalign.engine.sharding import fsdp_requested
     from diffalign.errors import DiffalignError
 
@@ -248,3 +248,5 @@ def test_sharded_run_refuses_what_cannot_be_sharded_and_fsdp1(monkeypatch, tmp_p
     assert "train.adam_8bit: not available with FSDP2" in capsys.readouterr().err
     assert main([*args, f"train.output_dir={tmp_path / 'run2'}", "model.quantize=int8"]) == 2
     assert "model.quantize: not available with FSDP2" in capsys.readouterr().err
+    assert main([*args, f"train.output_dir={tmp_path / 'run3'}", "train.compile=blocks"]) == 2
+    assert "train.compile: not available with FSDP2" in capsys.readouterr().err

@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 from diffalign.checkpoint import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
 from diffalign.config import save_config, to_dict
 from diffalign.engine.common import load_model
+from diffalign.engine.compiling import COMPILE
 from diffalign.engine.curves import Curves, plot_curves
 from diffalign.engine.evaluate import evaluate_base_vs_lora, generate_pair_sets, read_eval_prompts
 from diffalign.engine.guarding import GuardRun
@@ -151,6 +152,11 @@ class Run:
             self.ckpt_params.update(self.old_params)
         if self.sharded:
             self.shard(family.shard_blocks)
+        if opt.compile != "none":  # after sharding: the compiled code then includes FSDP2's gathers
+            count = COMPILE[opt.compile](denoiser, family.shard_blocks)
+            self.accelerator.print(
+                f"train.compile={opt.compile}: {count} module(s) of the denoiser compile at first use"
+            )
         self.family = family
         return family
 
@@ -392,10 +398,11 @@ class Run:
 
 def check_shardable(cfg, opt) -> None:
     """Under FSDP2 every parameter is a DTensor: refuse what cannot hold one (bitsandbytes' 8-bit AdamW state, a
-    quantized base's packed weights), in one line."""
+    quantized base's packed weights), and what is not tested sharded yet (compiled blocks), in one line."""
     unshardable = {
         "train.adam_8bit": (opt.adam_8bit, "bitsandbytes' 8-bit state is not sharded; plain AdamW's state is"),
         "model.quantize": (cfg.model.quantize != "none", "quantized weights cannot be DTensors; shard the bf16 base"),
+        "train.compile": (opt.compile != "none", "compiled blocks are not tested sharded yet; compile unsharded runs"),
     }
     for key, (on, why) in unshardable.items():
         if on:

@@ -46,7 +46,7 @@ from diffalign.sampling.flow_sde import FlowCPSSampler, FlowSDESampler, cps_step
 
 def ddim_sampler(family, steps: int, eta: float, window) -> DDIMSampler:
     scheduler = inference_scheduler(family, eta)
-    scheduler.set_timesteps(steps, device=family.denoiser.device)
+    scheduler.set_timesteps(steps, device=family.device)
     return DDIMSampler(scheduler, eta, tuple(window) if window else (0, -1))
 
 

@@ -122,7 +122,7 @@ def sample_trajectories(
     if len(prompts) != len(seeds):
         raise ValueError(f"sample: {len(prompts)} prompts but {len(seeds)} seeds")
     scheduler = scheduler or inference_scheduler(family, eta)
-    device = family.denoiser.device
+    device = family.device
     cond = encode_guided(family, prompts, guidance) if cond is None else cond
     scheduler.set_timesteps(steps, device=device)
     x = initial_noise(seeds, family.latent_shape(height, width)).to(device)  # (N, C, h, w)
@@ -172,7 +172,7 @@ def sample(
     traj = sample_trajectories(
         family, prompts, seeds, steps, guidance, 0.0, 0, height, width, scheduler, keep_trajectory=False
     )
-    return traj.x0.to(family.denoiser.device)
+    return traj.x0.to(family.device)
 
 
 @dataclass

@@ -149,7 +149,7 @@ class FlowSDESampler:
         if len(prompts) != len(seeds):
             raise ValueError(f"sample: {len(prompts)} prompts but {len(seeds)} seeds")
         start, end = self.resolve(window or self.window)
-        device = family.denoiser.device
+        device = family.device
         cond = encode_guided(family, prompts, guidance) if cond is None else cond
         x = initial_noise(seeds, family.latent_shape(height, width)).to(device)  # (N, C, [f,] h, w), sigma_0 = 1
         gen = torch.Generator().manual_seed(int(noise_seed))
@@ -205,4 +205,4 @@ def sample_flow(family, prompts, seeds, steps: int = 20, guidance: float = 1.0, 
     the family's own pipeline samples `steps` steps with (one grid for generation, evaluation and on-line rounds)."""
     sampler = FlowSDESampler.for_family(family, steps, 0.0)
     traj = sampler.sample(family, prompts, seeds, guidance, keep_trajectory=False, height=height, width=width)
-    return traj.x0.to(family.denoiser.device)
+    return traj.x0.to(family.device)

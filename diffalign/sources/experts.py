@@ -32,7 +32,7 @@ def dro_inputs(
     (2B, ...) = [caption rows; the same rows] conditions both halves."""
     if traj.predictions is None:
         raise ValueError("dro_inputs: the trajectory has no stored predictions (sample with keep_predictions=True)")
-    device = family.denoiser.device
+    device = family.device
     b = len(idx_p)
     t = traj.timesteps[k].expand(2 * b).to(device)  # (2B,) the expert is noised to the policy sample's t
     x0_e, eps = expert_x0.to(device), eps.to(device)  # (B, C, h, w)

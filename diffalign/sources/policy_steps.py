@@ -26,7 +26,7 @@ def grpo_inputs(family, denoise: Denoise, sampler, traj: Trajectory, cond: dict,
     """
     if traj.log_probs is None:
         raise ValueError("grpo_inputs: the trajectory has no log-probs (sample with eta / noise level > 0)")
-    device = family.denoiser.device
+    device = family.device
     xt, x_next = traj.latents[k][idx].to(device), traj.latents[k + 1][idx].to(device)  # (B, C, h, w)
     t = traj.timesteps[k]
     policy = Through(family, denoise)

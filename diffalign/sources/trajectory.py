@@ -34,7 +34,7 @@ def d3po_inputs(
     `sampler` is the one the round was sampled with (diffalign.sampling: DDIM-eta or flow SDE); its `log_prob` is
     the step density the sampler drew from, its `mean_std` that density's mean and std.
     """
-    device = family.denoiser.device
+    device = family.device
     idx = torch.cat([idx_w, idx_l])  # (2B,) stacked [w; l]
     xt = traj.latents[k][idx].to(device)  # (2B, C, h, w)
     x_prev = traj.latents[k + 1][idx].to(device)
