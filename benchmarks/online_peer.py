@@ -179,15 +179,15 @@ def diffalign_overrides(work: Path, prompts: Path, epochs: int) -> list[str]:
     ]  # fmt: skip
 
 
-def patched_trainer(checkout: Path, work: Path) -> Path:
-    """train_sd3.py with the PATCHES applied and the gate and reward defined above its imports."""
-    source = (checkout / "scripts/train_sd3.py").read_text()
-    for what, old, new in PATCHES:
+def patched_trainer(checkout: Path, work: Path, script: str = "scripts/train_sd3.py", patches: list = PATCHES,
+                    expected: str = f"flow_grpo {PEER_COMMIT[:7]}") -> Path:  # fmt: skip
+    """The peer's trainer `script` with `patches` applied and the gate and reward defined above its imports."""
+    source = (checkout / script).read_text()
+    for what, old, new in patches:
         if source.count(old) != 1:
-            raise SystemExit(f"patch '{what}': its passage is not in {checkout}/scripts/train_sd3.py once "
-                             f"(expected flow_grpo {PEER_COMMIT[:7]})")  # fmt: skip
+            raise SystemExit(f"patch '{what}': its passage is not in {checkout}/{script} once (expected {expected})")
         source = source.replace(old, new)
-    target = work / "train_sd3_bench.py"
+    target = work / (Path(script).stem + "_bench.py")
     target.write_text(GATE + SATURATION + source)
     return target
 
@@ -230,6 +230,24 @@ def child_env(args) -> dict:
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
     return env
+
+
+def race(sides: dict[str, Child], skip: int, epochs: int) -> dict[str, list[float]]:
+    """Interleaved epochs (the peer's epoch e, then each diffalign side's), the first `skip` left out; the children
+    are stopped at the end, or on an error."""
+    times = {name: [] for name in sides}
+    try:
+        for e in range(skip + epochs):
+            for name, child in sides.items():
+                seconds = child.epoch()
+                print(f"epoch {e} {name:13s} {seconds:7.2f} s" + ("  (left out)" if e < skip else ""), flush=True)
+                if e >= skip:
+                    times[name].append(seconds)
+    finally:
+        for child in sides.values():
+            if child.proc.poll() is None:
+                child.stop()
+    return times
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -280,18 +298,7 @@ def main(argv: list[str] | None = None) -> dict:
             compiled = [o.replace(str(work / "diffalign"), str(work / "compiled")) for o in overrides]
             sides["compiled"] = Child("compiled", [sys.executable, "-c", program, *compiled, f"train.compile={args.compile}"],
                                       env, REPO, work / "compiled.log")  # fmt: skip
-        times = {name: [] for name in sides}
-        try:
-            for e in range(skip + epochs):  # interleaved: flow_grpo's epoch e, then diffalign's
-                for name, child in sides.items():
-                    seconds = child.epoch()
-                    print(f"epoch {e} {name:10s} {seconds:7.2f} s" + ("  (left out)" if e < skip else ""), flush=True)
-                    if e >= skip:
-                        times[name].append(seconds)
-        finally:
-            for child in sides.values():
-                if child.proc.poll() is None:
-                    child.stop()
+        times = race(sides, skip, epochs)
     out = {"settings": {"flow_grpo_commit": PEER_COMMIT, "epochs": epochs, "left_out": skip, "threads": args.threads,
                         "omp_wait_policy": args.omp_wait_policy, "smoke": args.smoke,
                         "compile": args.compile},

@@ -169,3 +169,24 @@ def test_profile_online_nft():
     done = subprocess.run([*cmd, "--rows", "5"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     assert "=== nft: one round" in done.stdout and "Self CPU time total" in done.stdout
+
+
+def test_online_peer_nft_sides_are_valid_configs(tmp_path):
+    """benchmarks/online_peer_nft.py (its peer, DiffusionNFT's trainer, is not here): diffalign's side is a valid NFT
+    config with the matched keys, and every patch names a passage and its replacement."""
+    import importlib.util
+
+    from diffalign.pipelines.online import build_objective, source_of
+
+    from diffalign.config import OnlineConfig, load_config
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("online_peer_nft", REPO / "benchmarks" / "online_peer_nft.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    cfg = load_config(OnlineConfig, None, bench.nft_overrides(tmp_path, tmp_path / "prompts.txt", 3))
+    source_of(cfg, "online")  # the source's checks, as the program runs them before loading the model
+    assert build_objective(cfg.objective).timesteps == "sampler" and cfg.sampling.guidance == 1.0
+    # 48 visits an epoch, as the peer's 16 samples x 3 of their 4 timesteps
+    assert cfg.train.steps_per_round * cfg.train.batch_size * cfg.train.grad_accum == 48 == 16 * 3
+    assert all(old and new and old != new for _, old, new in bench.PATCHES)
