@@ -124,7 +124,6 @@ def get_config():
     config.per_prompt_stat_tracking = True
     config.sample.num_steps = 4
     config.sample.eval_num_steps = 4
-    config.sample.guidance_scale = 4.5
     config.sample.noise_level = 0.7
     config.sample.train_batch_size = 8
     config.sample.num_image_per_prompt = 4
@@ -132,17 +131,24 @@ def get_config():
     config.sample.test_batch_size = 4
     config.sample.global_std = True
     config.train.batch_size = 8
-    config.train.gradient_accumulation_steps = 1
     config.train.timestep_fraction = 0.99
     config.train.learning_rate = 3e-4
     config.train.adam_weight_decay = 1e-4
     config.train.max_grad_norm = 1.0
-    config.train.clip_range = 1e-4
     config.train.adv_clip_max = 5
+    config.train.ema = False
+{method}
+    return config
+"""
+"""The peers' shared config (flow_grpo's config/base.py, DiffusionNFT's own copy of it); `method`: the lines of the
+method's own keys (GRPO_KEYS here, online_peer_nft.NFT_KEYS)."""
+
+GRPO_KEYS = """
+    config.sample.guidance_scale = 4.5
+    config.train.gradient_accumulation_steps = 1
+    config.train.clip_range = 1e-4
     config.train.beta = 0.0
     config.train.cfg = True
-    config.train.ema = False
-    return config
 """
 
 # diffalign's child: the `diffalign online` program, its round loop gated in front of plan_round.
@@ -232,6 +238,42 @@ def child_env(args) -> dict:
     return env
 
 
+def add_diffalign_sides(sides: dict, work: Path, overrides: list[str], env: dict, compile_mode: str) -> None:
+    """diffalign's side, and with `compile_mode` a third one: the same overrides plus train.compile=compile_mode."""
+    program = DIFFALIGN.format(gate=GATE)
+    sides["diffalign"] = Child("diffalign", [sys.executable, "-c", program, *overrides], env, REPO,
+                               work / "diffalign.log")  # fmt: skip
+    if compile_mode:
+        compiled = [o.replace(str(work / "diffalign"), str(work / "compiled")) for o in overrides]
+        cmd = [sys.executable, "-c", program, *compiled, f"train.compile={compile_mode}"]
+        sides["compiled"] = Child("compiled", cmd, env, REPO, work / "compiled.log")
+
+
+def summary(times: dict[str, list[float]], peer: str, settings: dict, args) -> dict:
+    """The results record: settings, machine, seconds, medians, and diffalign's ratios to `peer` (when it ran);
+    the medians and ratios are printed."""
+    from bench_io import machine
+
+    med = {name: statistics.median(t) for name, t in times.items()}
+    settings = {**settings, "threads": args.threads, "omp_wait_policy": args.omp_wait_policy, "compile": args.compile}
+    out = {"settings": settings, "machine": machine(), "seconds": times, "median_s": med}
+    print(" ".join(f"{name} median {s:.2f} s/epoch" for name, s in med.items()))
+    if peer in med:
+        out["ratio"] = med["diffalign"] / med[peer]
+        print(f"diffalign / {peer} = {out['ratio']:.2f}")
+        if "compiled" in med:
+            out["ratio_compiled"] = med["compiled"] / med[peer]
+            print(f"diffalign train.compile={args.compile} / {peer} = {out['ratio_compiled']:.2f}")
+    return out
+
+
+def write_prompts(work: Path) -> None:
+    """The peers' dataset folder under `work`: PROMPTS as train.txt (and test.txt, which their evaluation reads)."""
+    (work / "dataset").mkdir(parents=True, exist_ok=True)
+    for split in ("train", "test"):
+        (work / "dataset" / f"{split}.txt").write_text("\n".join(PROMPTS) + "\n")
+
+
 def race(sides: dict[str, Child], skip: int, epochs: int) -> dict[str, list[float]]:
     """Interleaved epochs (the peer's epoch e, then each diffalign side's), the first `skip` left out; the children
     are stopped at the end, or on an error."""
@@ -270,49 +312,29 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     skip, epochs = (0, 1) if args.smoke else (1, args.epochs)
 
-    from bench_io import machine, write_results
+    from bench_io import write_results
 
     with tempfile.TemporaryDirectory(prefix="online_peer_") as tmp:
         work = Path(args.work or tmp)
-        (work / "dataset").mkdir(parents=True, exist_ok=True)
-        for split in ("train", "test"):
-            (work / "dataset" / f"{split}.txt").write_text("\n".join(PROMPTS) + "\n")
+        write_prompts(work)
         env = child_env(args)
         sides = {}
         if args.flow_grpo:
             checkout = Path(args.flow_grpo).resolve()
             config = work / "bench_config.py"
             config.write_text(CONFIG.format(base=str(checkout / "config/base.py"), logdir=str(work / "flow_grpo"),
-                                            dataset=str(work / "dataset"), model=str(MODEL)))  # fmt: skip
+                                            dataset=str(work / "dataset"), model=str(MODEL), method=GRPO_KEYS))  # fmt: skip
             trainer = patched_trainer(checkout, work)
             peer_env = {**env, "PYTHONPATH": os.pathsep.join([str(checkout), env.get("PYTHONPATH", "")])}
             sides["flow_grpo"] = Child("flow_grpo", [sys.executable, str(trainer), f"--config={config}"], peer_env,
                                        checkout, work / "flow_grpo.log")  # fmt: skip
-        program = DIFFALIGN.format(gate=GATE)
         overrides = diffalign_overrides(work, work / "dataset/train.txt", skip + epochs)
         if args.smoke:  # a check, not a figure: keep the round's checkpoint (the smoke test reads its modules)
             overrides.append("train.checkpoint_every=1")
-        sides["diffalign"] = Child("diffalign", [sys.executable, "-c", program, *overrides], env, REPO,
-                                   work / "diffalign.log")  # fmt: skip
-        if args.compile:
-            compiled = [o.replace(str(work / "diffalign"), str(work / "compiled")) for o in overrides]
-            sides["compiled"] = Child("compiled", [sys.executable, "-c", program, *compiled, f"train.compile={args.compile}"],
-                                      env, REPO, work / "compiled.log")  # fmt: skip
+        add_diffalign_sides(sides, work, overrides, env, args.compile)
         times = race(sides, skip, epochs)
-    out = {"settings": {"flow_grpo_commit": PEER_COMMIT, "epochs": epochs, "left_out": skip, "threads": args.threads,
-                        "omp_wait_policy": args.omp_wait_policy, "smoke": args.smoke,
-                        "compile": args.compile},
-           "machine": machine(), "seconds": times,
-           "median_s": {name: statistics.median(t) for name, t in times.items()}}  # fmt: skip
-    med = out["median_s"]
-    print(" ".join(f"{name} median {s:.2f} s/epoch" for name, s in med.items()))
-    if "flow_grpo" in med:
-        out["ratio"] = med["diffalign"] / med["flow_grpo"]
-        print(f"diffalign / flow_grpo = {out['ratio']:.2f}")
-        if "compiled" in med:
-            out["ratio_compiled"] = med["compiled"] / med["flow_grpo"]
-            print(f"diffalign train.compile={args.compile} / flow_grpo = {out['ratio_compiled']:.2f}")
-    return write_results(out, args.json, "online_peer.json")
+    settings = {"flow_grpo_commit": PEER_COMMIT, "epochs": epochs, "left_out": skip, "smoke": args.smoke}
+    return write_results(summary(times, "flow_grpo", settings, args), args.json, "online_peer.json")
 
 
 if __name__ == "__main__":

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import socket
-import statistics
 import sys
 import tempfile
 import time
@@ -46,7 +45,18 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from online_peer import DIFFALIGN, GATE, MODEL, PROMPTS, Child, child_env, diffalign_overrides, patched_trainer, race  # noqa: E402
+from online_peer import (  # noqa: E402
+    CONFIG,
+    MODEL,
+    Child,
+    add_diffalign_sides,
+    child_env,
+    diffalign_overrides,
+    patched_trainer,
+    race,
+    summary,
+    write_prompts,
+)
 
 PEER_COMMIT = "24af5554898d85e93efa492f42b5e9cdf4156e9b"
 SCRIPT = "scripts/train_nft_sd3.py"
@@ -76,53 +86,17 @@ PATCHES = [  # (what, the official passage, its replacement)
     ),
 ]
 
-CONFIG = """
-import importlib.util
-spec = importlib.util.spec_from_file_location("base", {base!r})
-base = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(base)
-
-def get_config():
-    config = base.get_config()  # then config/nft.py's _get_config keys, at this benchmark's sizes
-    config.seed = 42
-    config.logdir = {logdir!r}
-    config.save_dir = {logdir!r}
-    config.save_freq = 10**9
-    config.eval_freq = 10**9
-    config.mixed_precision = "no"
-    config.allow_tf32 = False
-    config.use_lora = True
-    config.dataset = {dataset!r}
-    config.resolution = 64
-    config.pretrained.model = {model!r}
-    config.prompt_fn = "general_ocr"
-    config.reward_fn = {{"saturation": 1.0}}
-    config.per_prompt_stat_tracking = True
-    config.sample.num_steps = 4
-    config.sample.eval_num_steps = 4
+NFT_KEYS = """
     config.sample.guidance_scale = 1.0
-    config.sample.noise_level = 0.7
     config.sample.deterministic = True
     config.sample.solver = "flow"
-    config.sample.train_batch_size = 8
-    config.sample.num_image_per_prompt = 4
-    config.sample.num_batches_per_epoch = 2
-    config.sample.test_batch_size = 4
-    config.sample.global_std = True
-    config.train.batch_size = 8
     config.train.gradient_accumulation_steps = 2
-    config.train.timestep_fraction = 0.99
-    config.train.learning_rate = 3e-4
-    config.train.adam_weight_decay = 1e-4
-    config.train.max_grad_norm = 1.0
-    config.train.adv_clip_max = 5
     config.train.beta = 1e-4
-    config.train.ema = False
     config.train.adv_mode = "all"
     config.beta = 1.0
     config.decay_type = 1
-    return config
 """
+"""config/nft.py's `_get_config` keys, at this benchmark's sizes (after online_peer's CONFIG, the shared ones)."""
 
 NFT = [  # configs/sd3_nft.yaml's method keys at this benchmark's sizes (the later keys win)
     "objective.name=nft", "objective.beta=1.0", "objective.kl_weight=1e-4", "objective.adv_clip=5.0",
@@ -151,44 +125,27 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--work", default="", help="keep the children's logs, configs and outputs here")
     p.add_argument("--json", default="", help="results file (default benchmarks/results/online_peer_nft.json)")
     args = p.parse_args(argv)
-    from bench_io import machine, write_results
+    from bench_io import write_results
 
     with tempfile.TemporaryDirectory(prefix="online_peer_nft_") as tmp:
         work = Path(args.work or tmp)
-        (work / "dataset").mkdir(parents=True, exist_ok=True)
-        for split in ("train", "test"):
-            (work / "dataset" / f"{split}.txt").write_text("\n".join(PROMPTS) + "\n")
+        write_prompts(work)
         env = child_env(args)
         checkout = Path(args.diffusion_nft).resolve()
         config = work / "bench_config.py"
         config.write_text(CONFIG.format(base=str(checkout / "config/base.py"), logdir=str(work / "peer"),
-                                        dataset=str(work / "dataset"), model=str(MODEL)))  # fmt: skip
+                                        dataset=str(work / "dataset"), model=str(MODEL), method=NFT_KEYS))  # fmt: skip
         trainer = patched_trainer(checkout, work, SCRIPT, PATCHES, f"DiffusionNFT {PEER_COMMIT[:7]}")
         ddp = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
                "MASTER_PORT": str(free_port())}  # fmt: skip
         peer_env = {**env, **ddp, "PYTHONPATH": str(checkout)}
         sides = {"diffusion_nft": Child("diffusion_nft", [sys.executable, str(trainer), f"--config={config}"],
                                         peer_env, checkout, work / "peer.log")}  # fmt: skip
-        program = DIFFALIGN.format(gate=GATE)
         overrides = nft_overrides(work, work / "dataset/train.txt", 1 + args.epochs)
-        sides["diffalign"] = Child("diffalign", [sys.executable, "-c", program, *overrides], env, REPO,
-                                   work / "diffalign.log")  # fmt: skip
-        if args.compile:
-            compiled = [o.replace(str(work / "diffalign"), str(work / "compiled")) for o in overrides]
-            sides["compiled"] = Child("compiled", [sys.executable, "-c", program, *compiled,
-                                                   f"train.compile={args.compile}"], env, REPO, work / "compiled.log")  # fmt: skip
+        add_diffalign_sides(sides, work, overrides, env, args.compile)
         times = race(sides, 1, args.epochs)
-    med = {name: statistics.median(t) for name, t in times.items()}
-    out = {"settings": {"diffusion_nft_commit": PEER_COMMIT, "epochs": args.epochs, "left_out": 1,
-                        "threads": args.threads, "omp_wait_policy": args.omp_wait_policy, "compile": args.compile},
-           "machine": machine(), "seconds": times, "median_s": med}  # fmt: skip
-    print(" ".join(f"{name} median {s:.2f} s/epoch" for name, s in med.items()))
-    out["ratio"] = med["diffalign"] / med["diffusion_nft"]
-    print(f"diffalign / diffusion_nft = {out['ratio']:.2f}")
-    if "compiled" in med:
-        out["ratio_compiled"] = med["compiled"] / med["diffusion_nft"]
-        print(f"diffalign train.compile={args.compile} / diffusion_nft = {out['ratio_compiled']:.2f}")
-    return write_results(out, args.json, "online_peer_nft.json")
+    settings = {"diffusion_nft_commit": PEER_COMMIT, "epochs": args.epochs, "left_out": 1}
+    return write_results(summary(times, "diffusion_nft", settings, args), args.json, "online_peer_nft.json")
 
 
 if __name__ == "__main__":
