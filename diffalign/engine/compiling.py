@@ -5,7 +5,7 @@
   by) gets `module.compile()`. Blocks of one class and configuration share a graph, so a 57-block FLUX compiles a
   few graphs, not 57: the shortest compile.
 - "model": `denoiser.compile()`, one graph over the whole forward: the longest compile, and the fewest graph
-  boundaries (on the tiny SD3 on a CPU its backward is 20% faster than the blocks' one).
+  boundaries (on the tiny SD3 on a CPU its forward + backward ran 10-20% faster than the blocks' in two runs).
 
 Either way the modules and their parameter names stay as they are (no `_orig_mod.` prefix), so adapters are added,
 switched (the reference, "ref", "old"), saved and loaded as without it. Each distinct situation compiles on first use:
