@@ -274,6 +274,15 @@ def write_prompts(work: Path) -> None:
         (work / "dataset" / f"{split}.txt").write_text("\n".join(PROMPTS) + "\n")
 
 
+def write_peer_config(work: Path, checkout: Path, logdir: str, method: str) -> Path:
+    """The peer's config file under `work`: CONFIG over the checkout's config/base.py, logging to work/logdir, with
+    the method's own keys."""
+    config = work / "bench_config.py"
+    config.write_text(CONFIG.format(base=str(checkout / "config/base.py"), logdir=str(work / logdir),
+                                    dataset=str(work / "dataset"), model=str(MODEL), method=method))  # fmt: skip
+    return config
+
+
 def race(sides: dict[str, Child], skip: int, epochs: int) -> dict[str, list[float]]:
     """Interleaved epochs (the peer's epoch e, then each diffalign side's), the first `skip` left out; the children
     are stopped at the end, or on an error."""
@@ -321,9 +330,7 @@ def main(argv: list[str] | None = None) -> dict:
         sides = {}
         if args.flow_grpo:
             checkout = Path(args.flow_grpo).resolve()
-            config = work / "bench_config.py"
-            config.write_text(CONFIG.format(base=str(checkout / "config/base.py"), logdir=str(work / "flow_grpo"),
-                                            dataset=str(work / "dataset"), model=str(MODEL), method=GRPO_KEYS))  # fmt: skip
+            config = write_peer_config(work, checkout, "flow_grpo", GRPO_KEYS)
             trainer = patched_trainer(checkout, work)
             peer_env = {**env, "PYTHONPATH": os.pathsep.join([str(checkout), env.get("PYTHONPATH", "")])}
             sides["flow_grpo"] = Child("flow_grpo", [sys.executable, str(trainer), f"--config={config}"], peer_env,

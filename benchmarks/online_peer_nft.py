@@ -1,5 +1,5 @@
-"""Seconds per DiffusionNFT epoch: the official DiffusionNFT trainer against `diffalign online objective=nft`, same tiny
-SD3, interleaved (online_peer.py's method, whose machinery this script reuses).
+"""Seconds per DiffusionNFT epoch: the official DiffusionNFT trainer against `diffalign online objective=nft`, same
+tiny SD3, interleaved (online_peer.py's method, whose machinery this script reuses).
 
     git clone https://github.com/NVlabs/DiffusionNFT /path/DiffusionNFT && git -C /path/DiffusionNFT checkout 24af555
     python benchmarks/online_peer_nft.py --diffusion-nft /path/DiffusionNFT --epochs 12 [--compile model]
@@ -46,8 +46,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from online_peer import (  # noqa: E402
-    CONFIG,
-    MODEL,
     Child,
     add_diffalign_sides,
     child_env,
@@ -55,6 +53,7 @@ from online_peer import (  # noqa: E402
     patched_trainer,
     race,
     summary,
+    write_peer_config,
     write_prompts,
 )
 
@@ -69,7 +68,8 @@ PATCHES = [  # (what, the official passage, its replacement)
     ),
     (
         "cpu: process group",
-        '    dist.init_process_group("nccl", rank=rank, world_size=world_size)\n    torch.cuda.set_device(lock_rank)\n',
+        '    dist.init_process_group("nccl", rank=rank, world_size=world_size)\n'
+        "    torch.cuda.set_device(lock_rank)\n",
         '    dist.init_process_group("gloo", rank=rank, world_size=world_size)\n',
     ),
     ("cpu: device", '    device = torch.device(f"cuda:{local_rank}")\n', '    device = torch.device("cpu")\n'),
@@ -132,9 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
         write_prompts(work)
         env = child_env(args)
         checkout = Path(args.diffusion_nft).resolve()
-        config = work / "bench_config.py"
-        config.write_text(CONFIG.format(base=str(checkout / "config/base.py"), logdir=str(work / "peer"),
-                                        dataset=str(work / "dataset"), model=str(MODEL), method=NFT_KEYS))  # fmt: skip
+        config = write_peer_config(work, checkout, "peer", NFT_KEYS)
         trainer = patched_trainer(checkout, work, SCRIPT, PATCHES, f"DiffusionNFT {PEER_COMMIT[:7]}")
         ddp = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
                "MASTER_PORT": str(free_port())}  # fmt: skip

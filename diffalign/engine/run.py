@@ -25,8 +25,9 @@ gathered once and written by rank 0 in the usual formats. Every image drawn outs
 evaluation and DRAGON's FD on it, the curve points, the guards' checks, validation images) is drawn by every process,
 a share each, and scored by the main process (`Run.generate`): generation on the main process alone would stall the
 other processes' all-gathers. 8-bit AdamW and a quantized base are refused (their tensors are not DTensors).
-DeepSpeed is refused with one line: for LoRA on a frozen base ZeRO-2 shards only the gradients and the optimizer state, a few MB, and ZeRO-3 would need its own checkpoint and reference paths; FSDP2 shards the
-frozen base, which is what does not fit.
+DeepSpeed is refused with one line: for LoRA on a frozen base ZeRO-2 shards only the gradients and the optimizer
+state, a few MB, and ZeRO-3 would need its own checkpoint and reference paths; FSDP2 shards the frozen base, which is
+what does not fit. `train.compile` is refused too, until compiled sharded blocks are tested.
 """
 
 from __future__ import annotations

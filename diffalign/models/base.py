@@ -60,7 +60,7 @@ def use_xformers(family) -> None:
             f"{family.name}: xformers attention needs the xformers package (pip install 'diffalign[xformers]' on a "
             "CUDA machine); set xformers=false to use SDPA"
         )
-    if family.denoiser.device.type != "cuda":
+    if family.device.type != "cuda":
         raise DiffalignError(f"{family.name}: xformers attention needs the model on a CUDA device (move it first)")
     family.denoiser.enable_xformers_memory_efficient_attention()
 
@@ -148,8 +148,9 @@ class Family:
 
     @property
     def device(self) -> torch.device:
-        """The denoiser's device, read from its first parameter (diffusers' `denoiser.device` first walks every module
-        for group-offloading hooks: ~2 ms a call on the tiny SD3 with LoRA, at every sampling chunk and training step)."""
+        """The denoiser's device, read from its first parameter (diffusers' `denoiser.device` first walks every
+        module for group-offloading hooks: ~2 ms a call on the tiny SD3 with LoRA, at every sampling chunk and training
+        step)."""
         return next(self.denoiser.parameters()).device
 
     def to(self, device) -> Family:
